@@ -1,0 +1,3 @@
+"""plad_jax: preference-based distillation of language models in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,35 @@
+"""Install plad_jax: `pip install -e .[test]` for development, `.[tf]` for the tf.data pipeline."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.4.35",
+    "flax>=0.12",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "transformers>=4.46",
+    "datasets>=3.0",
+    "safetensors>=0.4.5",
+    "sentencepiece>=0.2",
+    "tokenizers>=0.20",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    # torch pinned to the release whose CPU wheel the test machines carry; pip resolves the local
+    # `2.13.0+cpu` build from the configured find-links instead of a multi-GB CUDA download.
+    "test": ["pytest>=8", "torch==2.13.0"],
+    "tf": ["tensorflow-text>=2.16"],
+}
+
+setup(
+    name="plad_jax",
+    version="0.1.0",
+    description="Preference-based distillation of language models (PLaD, PbKD) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["plad_jax", "plad_jax.*", "configs", "configs.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
