@@ -1,0 +1,105 @@
+"""`LanguageModel`: the one interface the rest of plad_jax sees a model through.
+
+It holds a family's NNX graph definition and its params (an `nnx.State` whose leaves carry logical
+axis names) and exposes pure functions of `params` for training and sampling:
+
+    apply(params, prompt_ids, prompt_mask, response_ids, response_mask) -> (logits, hidden)
+    prefill(params, prompt_ids, prompt_mask, max_new_tokens) -> (next_logits [B, V], cache)
+    decode(params, tokens [B], cache) -> (next_logits [B, V], cache)
+
+plus the eager conveniences `logits(...)` (jitted, on the model's own params) and
+`save_pretrained(path)`. To bring another model stack, implement a family module with the same
+`score` / `prefill` / `decode` methods and a weight table (see README, "Bring your own model").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from plad_jax import sharding as shd
+
+
+def cast_floats(tree, dtype):
+    """Cast floating leaves of `tree` to `dtype` (bf16 compute over fp32 master params)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class LanguageModel:
+    """A causal or encoder-decoder LM with HF import/export. See the module docstring."""
+
+    def __init__(self, model_type: str, config, graphdef, params, hf_config: dict, *,
+                 compute_dtype=jnp.float32, mesh=None):
+        self.model_type = model_type
+        self.config = config
+        self.graphdef = graphdef
+        self.params = params
+        self.hf_config = dict(hf_config)
+        self.compute_dtype = jnp.dtype(compute_dtype)
+        self.mesh = mesh
+        self._logits_jit = jax.jit(lambda p, *batch: self.apply(p, *batch)[0])
+
+    # -- facts the sampler and the pipeline need ------------------------------------------------
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.hf_config.get("is_encoder_decoder", False)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.config.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.config.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.params))
+
+    def with_params(self, params) -> "LanguageModel":
+        """The same model with other params (e.g. after training)."""
+        return LanguageModel(self.model_type, self.config, self.graphdef, params, self.hf_config,
+                             compute_dtype=self.compute_dtype, mesh=self.mesh)
+
+    # -- pure functions of params (jit/grad them freely) ---------------------------------------
+    def _module(self, params):
+        return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype))
+
+    def apply(self, params, prompt_ids, prompt_mask, response_ids, response_mask):
+        """(logits [B, R, V] fp32, response hidden states [B, R, D]); see `logits`."""
+        return self._module(params).score(prompt_ids, prompt_mask, response_ids, response_mask,
+                                          dtype=self.compute_dtype)
+
+    def prefill(self, params, prompt_ids, prompt_mask, max_new_tokens: int):
+        """Encode the prompt; next-token logits [B, V] and a cache for `max_new_tokens` more."""
+        return self._module(params).prefill(prompt_ids, prompt_mask, max_new_tokens, dtype=self.compute_dtype)
+
+    def decode(self, params, tokens, cache):
+        """Feed one token per row; its next-token logits [B, V] and the updated cache."""
+        return self._module(params).decode(tokens, cache, dtype=self.compute_dtype)
+
+    # -- eager conveniences ---------------------------------------------------------------------
+    def logits(self, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
+        """Next-token logits [B, R, V] (fp32) for every response position.
+
+        All four arrays are right-padded int arrays ([B, P] and [B, R]), mask 1 = real token. Row b,
+        column t is the distribution for response_ids[b, t] given the prompt and
+        response_ids[b, :t]. Padding never changes a real position's value.
+        """
+        batch = [jnp.asarray(a, jnp.int32) for a in (prompt_ids, prompt_mask, response_ids, response_mask)]
+        batch = shd.shard_batch(self.mesh, *batch)
+        return self._logits_jit(self.params, *batch)
+
+    def save_pretrained(self, path: str, *, max_shard_bytes: int = 5 * 1024**3):
+        """Write `config.json` + safetensors that `transformers` loads with equal logits."""
+        from plad_jax.models import hf
+        hf.save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    def __repr__(self):
+        return (f"LanguageModel({self.model_type}, params={self.num_params():,}, "
+                f"compute_dtype={self.compute_dtype.name}, mesh={None if self.mesh is None else dict(self.mesh.shape)})")

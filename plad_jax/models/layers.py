@@ -1,0 +1,122 @@
+"""Building blocks shared by the model families: parameters with logical axes, norms, attention.
+
+Every parameter is an `nnx.Param` whose `axes` metadata names its logical axes (`embed`, `mlp`,
+`heads`, `kv`, `vocab`, `norm`, ...). `plad_jax.sharding` maps those names to mesh axes; a model
+never sees the mesh.
+
+Kernels are stored `[in, out]` (HF linear weights are `[out, in]`), with attention projections kept
+two-dimensional (`[embed, heads * head_dim]`) so HF import is a transpose and nothing else, and a
+tensor-parallel split of the flattened heads axis falls on head boundaries whenever the tensor axis
+divides the number of heads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def param(rngs: nnx.Rngs, shape, axes, init="normal", std=0.02) -> nnx.Param:
+    """A parameter of `shape` with logical `axes`; `init` is 'normal', 'ones' or 'zeros'."""
+    if init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel `[in, out]` with logical axes `axes`."""
+
+    def __init__(self, d_in, d_out, axes, *, rngs, bias=False):
+        self.kernel = param(rngs, (d_in, d_out), axes)
+        self.bias = param(rngs, (d_out,), axes[1:], init="zeros") if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table `[num, features]`, rows on logical axis `vocab`."""
+
+    def __init__(self, num, features, *, rngs, axes=("vocab", "embed"), std=0.02):
+        self.embedding = param(rngs, (num, features), axes, std=std)
+
+    def __call__(self, ids, dtype):
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+    def attend(self, x):
+        """Project hidden states onto the table (tied output layer), fp32 logits."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in fp32 (LLaMA, T5 layer norm without mean or bias)."""
+
+    def __init__(self, features, *, rngs, eps=1e-6):
+        self.scale = param(rngs, (features,), ("norm",), init="ones")
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Standard LayerNorm with scale and bias, in fp32 (GPT-Neo)."""
+
+    def __init__(self, features, *, rngs, eps=1e-5):
+        self.scale = param(rngs, (features,), ("norm",), init="ones")
+        self.bias = param(rngs, (features,), ("norm",), init="zeros")
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def attention(q, k, v, mask, *, scale, bias=None):
+    """Softmax attention with grouped key/value heads, scores and softmax in fp32.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] with
+    heads % kv_heads == 0 (MHA, GQA and MQA alike); mask: bool, broadcastable to
+    [batch, heads, q_len, kv_len], True = may attend; bias: optional additive, broadcastable to the
+    same shape. A query with no visible key (a padding row) gets a finite uniform average, never NaN.
+    Returns [batch, q_len, heads, head_dim].
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, h, t, k.shape[1])
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = probs.reshape(b, kv_heads, h // kv_heads, t, k.shape[1])
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def positions_from_mask(mask):
+    """Position of each token counting only real tokens: cumsum(mask) - 1, clipped at 0. [B, T]."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_real_index(mask):
+    """Index of the last real token of each row (0 for an empty row). [B]."""
+    idx = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+    return jnp.max(jnp.where(mask.astype(bool), idx, 0), axis=-1)

@@ -1,0 +1,303 @@
+"""LLaMA-class decoder: RoPE (default, linear, LLaMA-3 scaling), RMSNorm, SwiGLU, MHA/GQA/MQA.
+
+Covers HF `model_type` llama (LLaMA-1/2/3), mistral (sliding window) and qwen2 (q/k/v bias,
+optional sliding window). Prompt and response are one sequence; positions count real tokens only
+(`cumsum(mask) - 1`), and padded keys are masked, so padding never changes a real position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from plad_jax.models.layers import (Embed, Linear, RMSNorm, attention, last_real_index,
+                                    positions_from_mask)
+from plad_jax.models.spec import WeightSpec
+
+ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu, "relu": jax.nn.relu}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # sorted (key, value) pairs of HF rope parameters, hashable for jit
+    attention_bias: bool = False  # bias on q/k/v (LLaMA `attention_bias`, always on for Qwen2)
+    o_proj_bias: bool = False  # LLaMA's `attention_bias` also covers o_proj; Qwen2's does not
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    layer_windows: tuple = ()  # per layer: None (full causal) or sliding window length
+    eos_token_id: tuple = ()
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        heads = hf["num_attention_heads"]
+        layers = hf["num_hidden_layers"]
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"config.json: rope_type '{rope_type}' is not supported (supported: {', '.join(ROPE_TYPES)})")
+        act = hf.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"config.json: hidden_act '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=layers, num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if k != "type")),
+            attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+            o_proj_bias=bool(hf.get("attention_bias", False)) and hf.get("model_type") == "llama",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hidden_act=act, layer_windows=_layer_windows(hf, layers),
+            eos_token_id=_as_tuple(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+            bos_token_id=hf.get("bos_token_id"),
+        )
+
+
+def _as_tuple(x):
+    if x is None:
+        return ()
+    return tuple(x) if isinstance(x, (list, tuple)) else (int(x),)
+
+
+def _layer_windows(hf: dict, num_layers: int) -> tuple:
+    """Sliding-window length per layer (None = full attention), as HF's mask functions apply it."""
+    window = hf.get("sliding_window")
+    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    types = hf.get("layer_types")
+    if types is None:
+        if hf.get("model_type") == "qwen2":
+            start = hf.get("max_window_layers", num_layers)
+            types = ["sliding_attention" if window and i >= start else "full_attention" for i in range(num_layers)]
+        else:
+            types = ["sliding_attention" if window else "full_attention"] * num_layers
+    return tuple(window if t == "sliding_attention" and window else None for t in types)
+
+
+def rope_frequencies(config: LlamaConfig) -> jnp.ndarray:
+    """Inverse frequencies [head_dim // 2] after the configured RoPE scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    rope = dict(config.rope_scaling)
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (HF layout). x: [B, T, H, D]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, window, *, rngs):
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = Linear(d, h * hd, ("embed", "heads"), rngs=rngs, bias=config.attention_bias)
+        self.k_proj = Linear(d, kv * hd, ("embed", "kv"), rngs=rngs, bias=config.attention_bias)
+        self.v_proj = Linear(d, kv * hd, ("embed", "kv"), rngs=rngs, bias=config.attention_bias)
+        self.o_proj = Linear(h * hd, d, ("heads", "embed"), rngs=rngs, bias=config.o_proj_bias)
+        self.shape = (h, kv, hd)
+        self.window = window
+
+    def project(self, x, positions, inv_freq):
+        h, kv, hd = self.shape
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(b, t, kv, hd), positions, inv_freq)
+        return q, k, self.v_proj(x).reshape(b, t, kv, hd)
+
+    def visible(self, q_pos, k_pos, k_mask):
+        """[B, 1, T, S] keys a query may see: real keys, not in its future, inside the window."""
+        delta = q_pos[:, :, None] - k_pos[:, None, :]
+        ok = (delta >= 0) & k_mask[:, None, :].astype(bool)
+        if self.window is not None:
+            ok &= delta < self.window
+        return ok[:, None]
+
+    def __call__(self, x, positions, mask, inv_freq):
+        q, k, v = self.project(x, positions, inv_freq)
+        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+        vis = self.visible(positions, positions, mask) & causal
+        out = attention(q, k, v, vis, scale=self.shape[2] ** -0.5)
+        return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1)), (k, v)
+
+    def decode(self, x, positions, cache, inv_freq):
+        """One new token per row against the cache. x: [B, 1, D]; positions: [B, 1]."""
+        q, k, v = self.project(x, positions, inv_freq)
+        index = cache["index"]
+        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+        vis = self.visible(positions, cache["key_pos"], cache["key_mask"])
+        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), vis, scale=self.shape[2] ** -0.5)
+        return self.o_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs):
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), rngs=rngs, bias=bias)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), rngs=rngs, bias=bias)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), rngs=rngs, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: LlamaConfig, window, *, rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, rngs=rngs, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, window, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, rngs=rngs, eps=config.rms_norm_eps)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, inv_freq, cache=None):
+        if cache is None:
+            attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq)
+        else:
+            attn, kv = self.self_attn.decode(self.input_layernorm(x), positions, cache, inv_freq)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LlamaModel(nnx.Module):
+    """Decoder-only LM. `score` for training/scoring; `prefill` + `decode` for the sampler."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs)
+        self.layers = nnx.List([Block(config, w, rngs=rngs) for w in _windows(config)])
+        self.norm = RMSNorm(config.hidden_size, rngs=rngs, eps=config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs)
+
+    def _logits(self, h):
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(h)
+        return jnp.einsum("...d,dv->...v", h, self.lm_head.kernel[...].astype(h.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _trunk(self, ids, positions, mask, dtype):
+        x = self.embed_tokens(ids, dtype)
+        inv_freq = rope_frequencies(self.config)
+        kvs = []
+        for layer in self.layers:
+            x, kv = layer(x, positions, mask, inv_freq)
+            kvs.append(kv)
+        return self.norm(x), kvs
+
+    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32):
+        """Logits [B, R, V] (fp32) for each response token, and response hidden states [B, R, D].
+
+        Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
+        response_ids[b, :t]; hidden[b, t] is the final-layer state at response_ids[b, t].
+        """
+        ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        hidden, _ = self._trunk(ids, positions_from_mask(mask), mask, dtype)
+        p, r = prompt_ids.shape[1], response_ids.shape[1]
+        t = jnp.arange(r)[None, :]
+        source = jnp.where(t == 0, last_real_index(prompt_mask)[:, None], p + t - 1)  # [B, R]
+        predictors = jnp.take_along_axis(hidden, source[..., None], axis=1)
+        return self._logits(predictors), hidden[:, p:]
+
+    def prefill(self, prompt_ids, prompt_mask, max_new_tokens, dtype=jnp.float32):
+        """Run the prompt, return next-token logits [B, V] and a cache with room for the rest."""
+        b, p = prompt_ids.shape
+        positions = positions_from_mask(prompt_mask)
+        hidden, kvs = self._trunk(prompt_ids, positions, prompt_mask, dtype)
+        last = last_real_index(prompt_mask)
+        logits = self._logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+        pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+        cache = {
+            "k": jnp.stack([jnp.pad(k, pad) for k, _ in kvs]),  # [L, B, S, KV, Dh]
+            "v": jnp.stack([jnp.pad(v, pad) for _, v in kvs]),
+            "key_mask": jnp.pad(prompt_mask.astype(bool), ((0, 0), (0, max_new_tokens))),  # [B, S]
+            "key_pos": jnp.pad(positions, ((0, 0), (0, max_new_tokens))),
+            "next_pos": jnp.sum(prompt_mask.astype(jnp.int32), axis=1),  # [B]
+            "index": jnp.asarray(p, jnp.int32),
+        }
+        return logits, cache
+
+    def decode(self, tokens, cache, dtype=jnp.float32):
+        """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""
+        positions = cache["next_pos"][:, None]
+        index = cache["index"]
+        key_mask = jax.lax.dynamic_update_slice_in_dim(
+            cache["key_mask"], jnp.ones((tokens.shape[0], 1), bool), index, 1)
+        key_pos = jax.lax.dynamic_update_slice_in_dim(cache["key_pos"], positions, index, 1)
+        x = self.embed_tokens(tokens[:, None], dtype)
+        inv_freq = rope_frequencies(self.config)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "index": index,
+                           "key_mask": key_mask, "key_pos": key_pos}
+            x, (k, v) = layer(x, positions, None, inv_freq, cache=layer_cache)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self._logits(self.norm(x)[:, 0])
+        cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "key_mask": key_mask,
+                 "key_pos": key_pos, "next_pos": cache["next_pos"] + 1, "index": index + 1}
+        return logits, cache
+
+
+def _windows(config):
+    return config.layer_windows or (None,) * config.num_layers
+
+
+def weight_specs(config: LlamaConfig) -> list[WeightSpec]:
+    """HF tensor name -> our parameter path; linear kernels are stored transposed."""
+    specs = [WeightSpec("model.embed_tokens.weight", ("embed_tokens", "embedding")),
+             WeightSpec("model.norm.weight", ("norm", "scale"))]
+    if not config.tie_word_embeddings:
+        specs.append(WeightSpec("lm_head.weight", ("lm_head", "kernel"), transpose=True))
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}", ("layers", i)
+        specs += [WeightSpec(f"{hf}.input_layernorm.weight", ours + ("input_layernorm", "scale")),
+                  WeightSpec(f"{hf}.post_attention_layernorm.weight", ours + ("post_attention_layernorm", "scale"))]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            specs.append(WeightSpec(f"{hf}.self_attn.{name}.weight", ours + ("self_attn", name, "kernel"), transpose=True))
+            if (config.o_proj_bias if name == "o_proj" else config.attention_bias):
+                specs.append(WeightSpec(f"{hf}.self_attn.{name}.bias", ours + ("self_attn", name, "bias")))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            specs.append(WeightSpec(f"{hf}.mlp.{name}.weight", ours + ("mlp", name, "kernel"), transpose=True))
+            if config.mlp_bias:
+                specs.append(WeightSpec(f"{hf}.mlp.{name}.bias", ours + ("mlp", name, "bias")))
+    return specs

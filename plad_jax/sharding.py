@@ -1,0 +1,126 @@
+"""Device mesh and logical-axis sharding rules.
+
+The mesh has three axes, in this order: `data` (pure data parallel), `fsdp` (data parallel with
+parameters sharded), `tensor` (tensor/model parallel). One axis may be -1: it takes whatever the
+device count leaves. Models name the logical axes of their parameters (`embed`, `mlp`, `heads`,
+`kv`, `vocab`, `norm`, ...); `LOGICAL_RULES` maps those names to mesh axes. For each dimension, the
+first rule for its name whose mesh axes are still unused by the tensor and whose size divides the
+dimension is taken; otherwise that dimension is replicated. This is the MaxText convention; with
+the default table:
+
+    embedding [vocab, embed]  -> rows over fsdp, columns over tensor
+    lm_head   [embed, vocab]  -> rows over fsdp, columns over tensor
+    q/k/v     [embed, heads]  -> (fsdp, tensor);   o_proj [heads, embed] -> (tensor, fsdp)
+    mlp up    [embed, mlp]    -> (fsdp, tensor);   down   [mlp, embed]   -> (tensor, fsdp)
+    norms, relative-position tables: replicated
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", ("fsdp",)),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("embed", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Sizes of the (data, fsdp, tensor) mesh axes; one may be -1 (fill with what is left)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh {tuple(sizes)}: at most one axis may be -1")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh {tuple(sizes)}: axis sizes must be positive or -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh {tuple(sizes)}: {num_devices} devices are not divisible by {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} are available; "
+                             "make data*fsdp*tensor equal the device count or set one axis to -1")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig | tuple = MeshConfig(), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    if isinstance(config, tuple):
+        config = MeshConfig(*config)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    try:
+        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices).reshape(shape)  # CPU or unusual topologies: plain row-major order
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=LOGICAL_RULES) -> P:
+    """PartitionSpec for a tensor of `shape` whose dimensions carry logical names `axes`."""
+    used, spec = set(), []
+    for name, dim in zip(axes, shape):
+        choice = None
+        for rule_name, mesh_axes in rules:
+            if rule_name != name or used.intersection(mesh_axes):
+                continue
+            size = math.prod(mesh.shape[a] for a in mesh_axes)
+            if dim % size == 0:
+                choice = mesh_axes
+                break
+        if choice is not None and math.prod(mesh.shape[a] for a in choice) > 1:
+            used.update(choice)
+            spec.append(choice[0] if len(choice) == 1 else choice)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.State:
+    """The NamedSharding of every parameter in `state`, from its `axes` metadata."""
+
+    def one(var):
+        axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
+        return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dimension over data and fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(mesh: Mesh | None, *arrays):
+    """Place host arrays on the mesh, batch-sharded when the batch divides data*fsdp, else replicated."""
+    if mesh is None:
+        return arrays
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = []
+    for a in arrays:
+        sharding = batch_sharding(mesh, a.ndim) if a.shape[0] % split == 0 else NamedSharding(mesh, P())
+        out.append(jax.device_put(a, sharding))
+    return tuple(out)
