@@ -23,6 +23,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -73,7 +74,7 @@ def make_mesh(config: MeshConfig | tuple = MeshConfig(), devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = config.shape(len(devices))
     try:
-        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (AssertionError, ValueError, NotImplementedError):
         grid = np.asarray(devices).reshape(shape)  # CPU or unusual topologies: plain row-major order
     return Mesh(grid, MESH_AXES)
