@@ -35,7 +35,7 @@ F32 = jnp.float32
 
 
 def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """`sum(x * mask) / max(sum(mask), 1)` over all axes, in float32.
+    """`sum(x * mask) / max(sum(mask), 1)` over all axes, in float32 (`mask` has x's shape).
 
     Masked-out entries are dropped with `where`, so NaN/inf there never leaks into the result.
     """
@@ -218,7 +218,7 @@ def ngram_span_score(
        `P_n = mean_{c in cand spans} max_{r in ref spans} cos(c, r)` (precision),
        `F_n = 2 P_n R_n / (P_n + R_n)`, and `F_n = 0` when either side has no n-gram span or
        `P_n + R_n <= 0` (undefined or meaningless harmonic mean).
-    Identical candidate and reference with at least `max_n` tokens score exactly `max_n`.
+    Identical candidate and reference with at least `max_n` tokens score `max_n`, the maximum.
     The score is a margin, not a training signal: it is computed under `stop_gradient`.
     Padding (any values at masked positions, any padded length) does not change it.
 
@@ -229,7 +229,7 @@ def ngram_span_score(
       ref_mask: [B, Tr] 1 = real token.
       max_n: largest span length N.
     Returns:
-      [B] float32 scores in [0, max_n].
+      [B] float32 scores, at most `max_n`.
     """
     cand = _unit_tokens(jax.lax.stop_gradient(cand_hidden), cand_mask)  # [B, Tc, D]
     ref = _unit_tokens(jax.lax.stop_gradient(ref_hidden), ref_mask)  # [B, Tr, D]
@@ -310,7 +310,9 @@ def kd_forward_kl(
     return _token_mean(_kl(log_p, log_q) * temperature**2, mask)
 
 
-def tvd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, Metrics]:
+def tvd_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, Metrics]:
     """f-distill total variation distance: masked token mean of `0.5 * sum_v |p(v) - q(v)|`.
 
     `p` = teacher softmax, `q` = student softmax, both [B, T, V]; mask [B, T].
@@ -320,7 +322,9 @@ def tvd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Arr
     return _token_mean(0.5 * jnp.sum(jnp.abs(p - q), axis=-1), mask)
 
 
-def js_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, Metrics]:
+def js_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, Metrics]:
     """f-distill Jensen-Shannon: masked token mean of `0.5 KL(p || m) + 0.5 KL(q || m)`.
 
     `p` = teacher softmax, `q` = student softmax, `m = (p + q) / 2` (taken in log space:
