@@ -97,6 +97,9 @@ class WeightFiles:
     def file_of(self, name: str) -> str:
         return self.single if self.where is None else self.where.get(name, os.path.join("<index>", INDEX))
 
+    def has(self, name: str) -> bool:
+        return self.handle(name) is not None
+
     def handle(self, name: str) -> SafetensorsFile | None:
         path = self.file_of(name)
         if not os.path.isfile(path):
@@ -141,6 +144,9 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
     hf_config = read_hf_config(model_dir)
     model_type = hf_config.get("model_type")
     module, config_cls, model_cls = family(model_type)
+    files = WeightFiles(model_dir)
+    if hasattr(module, "reconcile_hf_config"):  # config.json alone is ambiguous for this family (T5 lm_head)
+        hf_config = module.reconcile_hf_config(hf_config, files.has)
     try:
         config = config_cls.from_hf(hf_config)
     except KeyError as e:
@@ -150,7 +156,6 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shardings = shd.param_shardings(state, mesh) if mesh is not None else None
-    files = WeightFiles(model_dir)
     variables = dict(nnx.to_flat_state(state))
     target_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     for spec in module.weight_specs(config):
