@@ -41,6 +41,19 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
 )
 
+# Activations: batch over (data, fsdp), feature axes that a tensor-parallel matmul produces over
+# `tensor`, the residual stream (`embed`) replicated. Models pin their activations to these
+# layouts (`plad_jax.models.layers.constrain`) so the partitioner never invents a layout that
+# shards the residual stream over fsdp while the batch is on fsdp too (which costs collectives
+# and, on XLA:CPU, has produced rows in the wrong order).
+ACTIVATION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("heads", ("tensor",)),
+    ("kv", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+)
+
 
 @dataclasses.dataclass
 class MeshConfig:

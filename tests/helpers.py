@@ -47,3 +47,20 @@ def max_abs_diff_real(ours, ref, rm):
     """Largest |ours - ref| over real response positions."""
     real = rm.astype(bool)
     return float(np.max(np.abs(np.asarray(ours)[real] - ref[real])))
+
+
+@torch.no_grad()
+def randomize_weights(model, seed, std=0.2):
+    """Redraw every weight: N(0, std) matrices, N(0, std/2) vectors, norm scales around 1.
+
+    transformers' default init (std 0.02) makes attention nearly uniform, so a wrong attention
+    scale, window or position would hide under the parity tolerance; these weights expose it.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        if p.ndim == 1 and ("norm" in name or ".ln_" in name) and name.endswith("weight"):
+            p.copy_(1.0 + std * noise)
+        else:
+            p.copy_((std if p.ndim >= 2 else std / 2) * noise)
+    return model

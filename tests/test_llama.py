@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from plad_jax.models import from_pretrained
-from tests.helpers import PROMPT_LENS, RESPONSE_LENS, max_abs_diff_real, padded_batch, reference_logits
+from tests.helpers import (PROMPT_LENS, RESPONSE_LENS, max_abs_diff_real, padded_batch, randomize_weights,
+                           reference_logits)
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -32,7 +33,7 @@ def build(name, tmp_path_factory):
     config_cls, model_cls, extra = CASES[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**BASE, **extra)
-    model = getattr(transformers, model_cls)(config).eval()
+    model = randomize_weights(getattr(transformers, model_cls)(config).eval(), seed=sorted(CASES).index(name))
     path = str(tmp_path_factory.mktemp(name))
     model.save_pretrained(path)
     return model, path
@@ -85,5 +86,7 @@ def test_bf16_compute_with_fp32_params(tmp_path_factory):
     batch = padded_batch(0, VOCAB, PROMPT_LENS, RESPONSE_LENS)
     ours = lm.logits(*batch)
     assert ours.dtype == jnp.float32
-    # bf16 activations: close to the fp32 reference, not equal to it.
-    assert max_abs_diff_real(ours, reference_logits(model, *batch), batch[3]) < 5e-2
+    # bf16 activations: within 5% of the largest logit of the fp32 reference, not equal to it.
+    ref = reference_logits(model, *batch)
+    err = max_abs_diff_real(ours, ref, batch[3])
+    assert 1e-4 < err < 0.05 * np.nanmax(np.abs(ref))

@@ -160,12 +160,9 @@ def test_bf16_prefill_decode_stay_close(checkpoint, batch, ours_logits):
 
 @pytest.fixture(scope="module")
 def sharded_v1_1(checkpoint, batch):
-    """(lm, logits, hidden) of v1_1 loaded onto a (1, 2, 4) mesh and scored by `apply` under jit.
-
-    Not (2, 2, 2): with one row per batch shard, XLA CPU (jax 0.10.2) swaps rows of
-    `embedding_gather + x @ W_out` when W_out's output dim is fsdp-sharded (any family, not T5's).
-    """
-    lm = from_pretrained(checkpoint("v1_1")[0], mesh=shd.make_mesh((1, 2, 4)))
+    """(lm, logits, hidden) of v1_1 loaded onto a (2, 2, 2) mesh (one row per batch shard) and
+    scored by `apply` under jit."""
+    lm = from_pretrained(checkpoint("v1_1")[0], mesh=shd.make_mesh((2, 2, 2)))
     logits, hidden = jax.jit(lm.apply)(lm.params, *shd.shard_batch(lm.mesh, *map(jnp.asarray, batch)))
     return lm, np.asarray(logits), np.asarray(hidden)
 

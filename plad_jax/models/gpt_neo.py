@@ -150,7 +150,7 @@ class GPTNeoModel(nnx.Module):
     def __init__(self, config: GPTNeoConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.wte = Embed(config.vocab_size, config.hidden_size, rngs=rngs)
-        self.wpe = Embed(config.max_position_embeddings, config.hidden_size, rngs=rngs, axes=("positions", "embed"))
+        self.wpe = Embed(config.max_position_embeddings, config.hidden_size, rngs=rngs, axes=("positions", None))
         self.h = nnx.List([Block(config, w, rngs=rngs) for w in _windows(config)])
         self.ln_f = LayerNorm(config.hidden_size, rngs=rngs, eps=config.layer_norm_epsilon)
         if not config.tie_word_embeddings:
@@ -159,8 +159,7 @@ class GPTNeoModel(nnx.Module):
     def _logits(self, h):
         if self.config.tie_word_embeddings:
             return self.wte.attend(h)
-        return jnp.einsum("...d,dv->...v", h, self.lm_head.kernel[...].astype(h.dtype),
-                          preferred_element_type=jnp.float32)
+        return self.lm_head.logits(h)
 
     def _embed(self, ids, positions, dtype):
         return self.wte(ids, dtype) + self.wpe(positions, dtype)

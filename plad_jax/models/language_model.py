@@ -14,9 +14,12 @@ plus the eager conveniences `logits(...)` (jitted, on the model's own params) an
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import use_abstract_mesh
 
 from plad_jax import sharding as shd
 
@@ -67,21 +70,24 @@ class LanguageModel:
                              compute_dtype=self.compute_dtype, mesh=self.mesh)
 
     # -- pure functions of params (jit/grad them freely) ---------------------------------------
-    def _module(self, params):
-        return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype))
+    def _call(self, method: str, params, *args):
+        """Run a module method on `params`, with the model's mesh active for activation layouts."""
+        module = nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype))
+        context = contextlib.nullcontext() if self.mesh is None else use_abstract_mesh(self.mesh.abstract_mesh)
+        with context:
+            return getattr(module, method)(*args, dtype=self.compute_dtype)
 
     def apply(self, params, prompt_ids, prompt_mask, response_ids, response_mask):
         """(logits [B, R, V] fp32, response hidden states [B, R, D]); see `logits`."""
-        return self._module(params).score(prompt_ids, prompt_mask, response_ids, response_mask,
-                                          dtype=self.compute_dtype)
+        return self._call("score", params, prompt_ids, prompt_mask, response_ids, response_mask)
 
     def prefill(self, params, prompt_ids, prompt_mask, max_new_tokens: int):
         """Encode the prompt; next-token logits [B, V] and a cache for `max_new_tokens` more."""
-        return self._module(params).prefill(prompt_ids, prompt_mask, max_new_tokens, dtype=self.compute_dtype)
+        return self._call("prefill", params, prompt_ids, prompt_mask, max_new_tokens)
 
     def decode(self, params, tokens, cache):
         """Feed one token per row; its next-token logits [B, V] and the updated cache."""
-        return self._module(params).decode(tokens, cache, dtype=self.compute_dtype)
+        return self._call("decode", params, tokens, cache)
 
     # -- eager conveniences ---------------------------------------------------------------------
     def logits(self, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from plad_jax.sharding import ACTIVATION_RULES, logical_to_spec
+
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -30,18 +32,42 @@ def param(rngs: nnx.Rngs, shape, axes, init="normal", std=0.02) -> nnx.Param:
     return nnx.Param(value, axes=tuple(axes))
 
 
+def constrain(x, axes):
+    """Pin an activation's layout by logical axis names when a mesh is active, else return x.
+
+    `LanguageModel` activates its mesh (as an abstract mesh) around every model call, so models
+    name axes and never see the mesh. `axes` has one name (or None) per dimension of x.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, ACTIVATION_RULES))
+
+
+def activation_axes(x, feature_axis=None):
+    """(batch, None..., feature_axis): the layout of a [B, ..., F] activation."""
+    return ("batch",) + (None,) * (x.ndim - 2) + (feature_axis,)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel `[in, out]` with logical axes `axes`."""
 
     def __init__(self, d_in, d_out, axes, *, rngs, bias=False):
         self.kernel = param(rngs, (d_in, d_out), axes)
         self.bias = param(rngs, (d_out,), axes[1:], init="zeros") if bias else None
+        self.out_axis = axes[1]
 
     def __call__(self, x):
-        y = x @ self.kernel[...].astype(x.dtype)
+        axes = activation_axes(x, self.out_axis)
+        y = constrain(x @ self.kernel[...].astype(x.dtype), axes)
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            y = constrain(y + self.bias[...].astype(x.dtype), axes)
         return y
+
+    def logits(self, x):
+        """fp32 output-layer logits x @ kernel (an untied lm_head)."""
+        y = jnp.einsum("...d,dv->...v", x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return constrain(y, activation_axes(y, "vocab"))
 
 
 class Embed(nnx.Module):
@@ -51,12 +77,18 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, (num, features), axes, std=std)
 
     def __call__(self, ids, dtype):
-        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+        out = jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+        return constrain(out, activation_axes(out))
 
     def attend(self, x):
-        """Project hidden states onto the table (tied output layer), fp32 logits."""
-        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        """Project hidden states onto the table (tied output layer), fp32 logits.
+
+        The table is first laid out like an lm_head (rows over `tensor`, features whole): with its
+        rows on fsdp, the product would put the vocabulary on the axis the batch already uses.
+        """
+        table = constrain(self.embedding[...].astype(x.dtype), ("vocab", None))
+        y = jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+        return constrain(y, activation_axes(y, "vocab"))
 
 
 class RMSNorm(nnx.Module):

@@ -211,8 +211,7 @@ class LlamaModel(nnx.Module):
     def _logits(self, h):
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(h)
-        return jnp.einsum("...d,dv->...v", h, self.lm_head.kernel[...].astype(h.dtype),
-                          preferred_element_type=jnp.float32)
+        return self.lm_head.logits(h)
 
     def _trunk(self, ids, positions, mask, dtype):
         x = self.embed_tokens(ids, dtype)

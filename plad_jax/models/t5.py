@@ -247,8 +247,7 @@ class T5Model(nnx.Module):
             h = h * (self.config.d_model ** -0.5)
         if self.config.tie_word_embeddings:
             return self.shared.attend(h)
-        return jnp.einsum("...d,dv->...v", h, self.lm_head.kernel[...].astype(h.dtype),
-                          preferred_element_type=jnp.float32)
+        return self.lm_head.logits(h)
 
     def encode(self, prompt_ids, prompt_mask, dtype=jnp.float32):
         """Final encoder states [B, P, D]; padded prompt keys are masked."""

@@ -1,0 +1,145 @@
+"""Distillation objectives: each method as a `loss_fn(params, frozen, batch, rng)` for `train.py`.
+
+`losses.py` holds the math on arrays; this file wires it to models. Batches are dicts of right-
+padded int arrays:
+
+    prompt_ids, prompt_mask              [B, P]  every method
+    response_ids, response_mask          [B, R]  sft, seqkd (teacher samples), kd (targets),
+                                                 fdistill_* (teacher and student samples mixed),
+                                                 minillm (student samples, resampled each epoch)
+    pos_ids, pos_mask, neg_ids, neg_mask [B, R]  plad_*, dpo, slic: y+ (teacher), y- (student)
+    ref_ids, ref_mask                    [B, F]  plad_margin: the reference text the scores use
+
+Frozen models run in `frozen_fn`, before and outside the gradient: teacher logits for kd,
+fdistill and minillm, reference log-probs for dpo. `combine(params, frozen)` turns the trainable
+leaves into the student's full params (identity for full fine-tuning; base + adapters for LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from plad_jax import losses
+from plad_jax.models.language_model import LanguageModel
+
+METHODS = ("sft", "seqkd", "kd", "fdistill_tvd", "fdistill_js", "minillm", "dpo", "slic",
+           "plad_rank", "plad_margin")
+PAIR_METHODS = ("dpo", "slic", "plad_rank", "plad_margin")
+TEACHER_LOGIT_METHODS = ("kd", "fdistill_tvd", "fdistill_js", "minillm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    method: str = "plad_rank"
+    score: str = "mean"  # sequence log-prob: "mean" (length-normalised) or "sum"
+    beta: float = 1.0  # PLaD margin / margin scale; DPO and SLiC beta
+    alpha: float = 0.0  # weight of the CE regulariser on y+ (SLiC-style), PLaD and DPO
+    kd_temperature: float = 1.0
+    label_smoothing: float = 0.0  # DPO
+    span_max_n: int = 4  # PLaD margin score: n-grams 1..N
+
+
+def full_params(params, frozen):
+    """`combine` for full fine-tuning: the trainable params are the student."""
+    return params
+
+
+def _response_logits(lm, params, batch, ids="response_ids", mask="response_mask"):
+    logits, hidden = lm.apply(params, batch["prompt_ids"], batch["prompt_mask"], batch[ids], batch[mask])
+    return logits, hidden
+
+
+def _pair_forward(lm, params, batch):
+    """Student logits and hidden states of y+ and y- in one forward over a 2B batch."""
+    r = max(batch["pos_ids"].shape[1], batch["neg_ids"].shape[1])
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, r - x.shape[1])))
+    prompt = jnp.concatenate([batch["prompt_ids"]] * 2)
+    prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
+    ids = jnp.concatenate([pad(batch["pos_ids"]), pad(batch["neg_ids"])])
+    mask = jnp.concatenate([pad(batch["pos_mask"]), pad(batch["neg_mask"])])
+    logits, hidden = lm.apply(params, prompt, prompt_mask, ids, mask)
+    b = batch["pos_ids"].shape[0]
+    return (logits[:b], hidden[:b], ids[:b], mask[:b]), (logits[b:], hidden[b:], ids[b:], mask[b:])
+
+
+def _seq_logp(logits, ids, mask, score):
+    return losses.sequence_logprobs(losses.token_logprobs(logits, ids), mask, score)
+
+
+def _with_ce(loss, metrics, cfg, logits, ids, mask):
+    """Add `alpha * CE(y+)` (the SLiC-style regulariser) when alpha > 0."""
+    if cfg.alpha <= 0:
+        return loss, metrics
+    ce, ce_metrics = losses.sft_loss(logits, ids, mask)
+    return loss + cfg.alpha * ce, {**metrics, "ce_pos": ce_metrics["loss"]}
+
+
+def make_objective(cfg: ObjectiveConfig, student: LanguageModel, *, teacher: LanguageModel | None = None,
+                   combine=full_params):
+    """(loss_fn, frozen_fn) for `train.make_train_step`; `frozen` carries "teacher" / "reference"."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method '{cfg.method}' (choose from {', '.join(METHODS)})")
+    if cfg.method in TEACHER_LOGIT_METHODS and teacher is None:
+        raise ValueError(f"method '{cfg.method}' needs a teacher with the student's vocabulary")
+    if teacher is not None and cfg.method in TEACHER_LOGIT_METHODS and teacher.vocab_size != student.vocab_size:
+        raise ValueError(f"method '{cfg.method}' compares token distributions: teacher vocabulary "
+                         f"{teacher.vocab_size} != student vocabulary {student.vocab_size}")
+    method = cfg.method
+
+    def frozen_fn(frozen, batch):
+        if method in TEACHER_LOGIT_METHODS:
+            logits, _ = _response_logits(teacher, frozen["teacher"], batch)
+            return {"teacher_logits": logits}
+        if method == "dpo":
+            pos, neg = _pair_forward(student, frozen["reference"], batch)
+            return {"ref_pos": _seq_logp(pos[0], pos[2], pos[3], "sum"),
+                    "ref_neg": _seq_logp(neg[0], neg[2], neg[3], "sum")}
+        return {}
+
+    def loss_fn(params, frozen, batch, rng):
+        student_params = combine(params, frozen)
+        if method in ("sft", "seqkd"):
+            logits, _ = _response_logits(student, student_params, batch)
+            return losses.sft_loss(logits, batch["response_ids"], batch["response_mask"])
+        if method in TEACHER_LOGIT_METHODS:
+            logits, _ = _response_logits(student, student_params, batch)
+            mask, teacher_logits = batch["response_mask"], batch["teacher_logits"]
+            if method == "kd":
+                return losses.kd_forward_kl(logits, teacher_logits, mask, cfg.kd_temperature)
+            if method == "fdistill_tvd":
+                return losses.tvd_loss(logits, teacher_logits, mask)
+            if method == "fdistill_js":
+                return losses.js_loss(logits, teacher_logits, mask)
+            return losses.reverse_kl_loss(logits, teacher_logits, mask)
+        return _pair_loss(cfg, student, student_params, batch)
+
+    return loss_fn, (frozen_fn if method in TEACHER_LOGIT_METHODS + ("dpo",) else None)
+
+
+def _pair_loss(cfg, student, params, batch):
+    (lp, hp, ip, mp), (ln, hn, i_n, mn) = _pair_forward(student, params, batch)
+    if cfg.method == "dpo":
+        loss, metrics = losses.dpo_loss(_seq_logp(lp, ip, mp, "sum"), _seq_logp(ln, i_n, mn, "sum"),
+                                        batch["ref_pos"], batch["ref_neg"], cfg.beta, cfg.label_smoothing)
+        return _with_ce(loss, metrics, cfg, lp, ip, mp)
+    logp_pos, logp_neg = _seq_logp(lp, ip, mp, cfg.score), _seq_logp(ln, i_n, mn, cfg.score)
+    if cfg.method == "slic":
+        loss, metrics = losses.hinge_loss(logp_pos, logp_neg, cfg.beta)
+    elif cfg.method == "plad_rank":
+        loss, metrics = losses.rank_calibration(logp_pos, logp_neg, cfg.beta)
+    else:
+        _, ref_hidden = student.apply(params, batch["prompt_ids"], batch["prompt_mask"],
+                                      batch["ref_ids"], batch["ref_mask"])
+        score = lambda h, m: losses.ngram_span_score(h, m, ref_hidden, batch["ref_mask"], cfg.span_max_n)
+        loss, metrics = losses.margin_calibration(logp_pos, logp_neg, score(hp, mp), score(hn, mn), cfg.beta)
+    return _with_ce(loss, metrics, cfg, lp, ip, mp)
+
+
+def sequence_logprobs(lm: LanguageModel, params, prompt_ids, prompt_mask, response_ids, response_mask,
+                      score: str = "sum") -> jax.Array:
+    """[B] sequence log-probs of responses under `lm` (for pairs, evaluation and PbKD)."""
+    logits, _ = lm.apply(params, prompt_ids, prompt_mask, response_ids, response_mask)
+    return _seq_logp(logits, response_ids, response_mask, score)

@@ -1,0 +1,110 @@
+"""Train step: schedule, exact gradient accumulation, NaN guard, objectives, sharded equality."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from plad_jax import losses, objectives, sharding as shd
+from plad_jax.models import from_pretrained
+from plad_jax.train import (NonFiniteLossError, OptimizerConfig, TrainState, check_finite,
+                            learning_rate_schedule, make_optimizer, make_train_step, reduce_metrics)
+from tests.helpers import padded_batch
+
+VOCAB = 64
+LENS_P, LENS_R = (6, 3, 5, 2, 6, 4, 1, 5), (4, 2, 5, 1, 3, 5, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    path = str(tmp_path_factory.mktemp("llama"))
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def sft_batch(seed=0):
+    pi, pm, ri, rm = padded_batch(seed, VOCAB, LENS_P, LENS_R)
+    return {"prompt_ids": pi, "prompt_mask": pm, "response_ids": ri, "response_mask": rm}
+
+
+def pair_batch(seed=0):
+    pi, pm, yp, mp = padded_batch(seed, VOCAB, LENS_P, LENS_R)
+    _, _, yn, mn = padded_batch(seed + 1, VOCAB, LENS_P, LENS_R[::-1])
+    return {"prompt_ids": pi, "prompt_mask": pm, "pos_ids": yp, "pos_mask": mp, "neg_ids": yn, "neg_mask": mn}
+
+
+def test_schedule_warmup_then_linear_decay():
+    lr = learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=4, total_steps=12))
+    expected = {0: 0.0, 2: 5e-4, 4: 1e-3, 8: 5e-4, 12: 0.0}
+    for step, value in expected.items():
+        assert float(lr(step)) == pytest.approx(value, abs=1e-9), step
+
+
+def run_steps(lm, method, n=3, mesh=None, grad_accum=1, batch_fn=sft_batch):
+    cfg = objectives.ObjectiveConfig(method=method, beta=0.5)
+    loss_fn, frozen_fn = objectives.make_objective(cfg, lm)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
+    state = TrainState.create(lm.params, optimizer)
+    step = make_train_step(loss_fn, optimizer, grad_accum=grad_accum, frozen_fn=frozen_fn)
+    losses_seen = []
+    for i in range(n):
+        batch = {k: jnp.asarray(v) for k, v in batch_fn(i).items()}
+        if mesh is not None:
+            batch = dict(zip(batch, shd.shard_batch(mesh, *batch.values())))
+        state, metrics = step(state, batch, {})
+        check_finite(metrics, i)
+        losses_seen.append(reduce_metrics(metrics)["loss"])
+    return np.array(losses_seen), jax.tree.map(np.asarray, state.params)
+
+
+def test_grad_accumulation_equals_one_big_batch(model_dir):
+    lm = from_pretrained(model_dir)
+    loss1, params1 = run_steps(lm, "sft", n=2)
+    loss2, params2 = run_steps(from_pretrained(model_dir), "sft", n=2, grad_accum=4)
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params2)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_sft_loss_decreases_and_matches_direct_loss(model_dir):
+    lm = from_pretrained(model_dir)
+    batch = sft_batch(0)
+    logits = lm.logits(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
+    direct, _ = losses.sft_loss(logits, batch["response_ids"], batch["response_mask"])
+    seen, _ = run_steps(lm, "sft", n=6, batch_fn=lambda i: sft_batch(0))
+    assert seen[0] == pytest.approx(float(direct), rel=1e-6)
+    assert seen[-1] < seen[0]
+
+
+def test_nan_loss_leaves_state_untouched():
+    params = {"w": jnp.ones(3)}
+    optimizer = optax.sgd(0.1)
+
+    def loss_fn(p, frozen, batch, rng):
+        loss = jnp.sum(p["w"] * batch["x"])
+        return loss, {"loss": (loss, jnp.float32(1.0))}
+
+    step = make_train_step(loss_fn, optimizer, donate=False)
+    state = TrainState.create(params, optimizer)
+    state, metrics = step(state, {"x": jnp.array([1.0, jnp.nan, 0.0])}, {})
+    np.testing.assert_array_equal(state.params["w"], np.ones(3))
+    assert int(state.step) == 0
+    with pytest.raises(NonFiniteLossError, match="step 7: loss or gradient is NaN/Inf"):
+        check_finite(metrics, 7)
+
+
+@pytest.mark.parametrize("method,batch_fn", [("sft", sft_batch), ("plad_rank", pair_batch)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_steps_equal_single_device(model_dir, method, batch_fn, mesh_shape):
+    ref_losses, ref_params = run_steps(from_pretrained(model_dir), method, batch_fn=batch_fn)
+    mesh = shd.make_mesh(mesh_shape)
+    got_losses, got_params = run_steps(from_pretrained(model_dir, mesh=mesh), method, mesh=mesh, batch_fn=batch_fn)
+    np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
