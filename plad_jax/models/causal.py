@@ -22,10 +22,6 @@ import jax.numpy as jnp
 
 from plad_jax.models.layers import last_real_index, positions_from_mask
 
-# HF activation names (ACT2FN) -> jax. gelu_new / gelu_pytorch_tanh are the tanh approximation.
-ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu, "relu": jax.nn.relu}
-
 
 def visible_keys(q_pos, k_pos, k_mask, window=None):
     """[B, 1, T, S] bool: real keys, not in the query's future, less than `window` positions back.

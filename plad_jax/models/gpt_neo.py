@@ -15,10 +15,11 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.causal import (ACTIVATIONS, CacheStep, causal_visible, init_cache,
+from plad_jax.models.causal import (CacheStep, causal_visible, init_cache,
                                     join_prompt_response, last_prompt_state, split_response,
                                     visible_keys, write_kv)
-from plad_jax.models.layers import Embed, LayerNorm, Linear, attention, positions_from_mask
+from plad_jax.models.layers import (ACTIVATIONS, Embed, LayerNorm, Linear, attention, positions_from_mask,
+                                    token_ids)
 from plad_jax.models.spec import WeightSpec
 
 ATTENTION_TYPES = ("global", "local")
@@ -64,15 +65,10 @@ class GPTNeoConfig:
             attention_layers=_attention_layers(hf.get("attention_types"), layers, window),
             activation_function=act, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            eos_token_id=_as_tuple(hf.get("eos_token_id", 50256)), pad_token_id=hf.get("pad_token_id"),
+            eos_token_id=token_ids(hf.get("eos_token_id", 50256)), pad_token_id=hf.get("pad_token_id"),
             bos_token_id=hf.get("bos_token_id", 50256),
         )
 
-
-def _as_tuple(x):
-    if x is None:
-        return ()
-    return tuple(x) if isinstance(x, (list, tuple)) else (int(x),)
 
 
 def _attention_layers(attention_types, num_layers: int, window: int) -> tuple:

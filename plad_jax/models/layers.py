@@ -20,6 +20,18 @@ from plad_jax.sharding import ACTIVATION_RULES, logical_to_spec
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# HF activation names (ACT2FN) -> jax. gelu_new / gelu_pytorch_tanh are the tanh approximation.
+ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
+
+
+def token_ids(x) -> tuple[int, ...]:
+    """A config.json token id field (None, an int or a list) as a tuple of ints."""
+    if x is None:
+        return ()
+    return tuple(int(i) for i in x) if isinstance(x, (list, tuple)) else (int(x),)
+
 
 def param(rngs: nnx.Rngs, shape, axes, init="normal", std=0.02) -> nnx.Param:
     """A parameter of `shape` with logical `axes`; `init` is 'normal', 'ones' or 'zeros'."""

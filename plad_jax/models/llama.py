@@ -10,16 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.layers import (Embed, Linear, RMSNorm, attention, last_real_index,
-                                    positions_from_mask)
+from plad_jax.models.causal import (CacheStep, causal_visible, init_cache, join_prompt_response,
+                                    last_prompt_state, split_response, visible_keys, write_kv)
+from plad_jax.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, attention, positions_from_mask, token_ids
 from plad_jax.models.spec import WeightSpec
-
-ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu, "relu": jax.nn.relu}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -69,15 +66,10 @@ class LlamaConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             hidden_act=act, layer_windows=_layer_windows(hf, layers),
-            eos_token_id=_as_tuple(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+            eos_token_id=token_ids(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
             bos_token_id=hf.get("bos_token_id"),
         )
 
-
-def _as_tuple(x):
-    if x is None:
-        return ()
-    return tuple(x) if isinstance(x, (list, tuple)) else (int(x),)
 
 
 def _layer_windows(hf: dict, num_layers: int) -> tuple:
@@ -143,28 +135,16 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, kv, hd), positions, inv_freq)
         return q, k, self.v_proj(x).reshape(b, t, kv, hd)
 
-    def visible(self, q_pos, k_pos, k_mask):
-        """[B, 1, T, S] keys a query may see: real keys, not in its future, inside the window."""
-        delta = q_pos[:, :, None] - k_pos[:, None, :]
-        ok = (delta >= 0) & k_mask[:, None, :].astype(bool)
-        if self.window is not None:
-            ok &= delta < self.window
-        return ok[:, None]
-
     def __call__(self, x, positions, mask, inv_freq):
         q, k, v = self.project(x, positions, inv_freq)
-        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
-        vis = self.visible(positions, positions, mask) & causal
-        out = attention(q, k, v, vis, scale=self.shape[2] ** -0.5)
+        out = attention(q, k, v, causal_visible(positions, mask, self.window), scale=self.shape[2] ** -0.5)
         return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1)), (k, v)
 
     def decode(self, x, positions, cache, inv_freq):
         """One new token per row against the cache. x: [B, 1, D]; positions: [B, 1]."""
         q, k, v = self.project(x, positions, inv_freq)
-        index = cache["index"]
-        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
-        vis = self.visible(positions, cache["key_pos"], cache["key_mask"])
+        keys, values = write_kv(cache, k, v)
+        vis = visible_keys(positions, cache["key_pos"], cache["key_mask"], self.window)
         out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), vis, scale=self.shape[2] ** -0.5)
         return self.o_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
 
@@ -209,9 +189,7 @@ class LlamaModel(nnx.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs)
 
     def _logits(self, h):
-        if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(h)
-        return self.lm_head.logits(h)
+        return self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head.logits(h)
 
     def _trunk(self, ids, positions, mask, dtype):
         x = self.embed_tokens(ids, dtype)
@@ -228,53 +206,28 @@ class LlamaModel(nnx.Module):
         Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
         response_ids[b, :t]; hidden[b, t] is the final-layer state at response_ids[b, t].
         """
-        ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
-        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-        hidden, _ = self._trunk(ids, positions_from_mask(mask), mask, dtype)
-        p, r = prompt_ids.shape[1], response_ids.shape[1]
-        t = jnp.arange(r)[None, :]
-        source = jnp.where(t == 0, last_real_index(prompt_mask)[:, None], p + t - 1)  # [B, R]
-        predictors = jnp.take_along_axis(hidden, source[..., None], axis=1)
-        return self._logits(predictors), hidden[:, p:]
+        ids, mask, positions = join_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+        hidden, _ = self._trunk(ids, positions, mask, dtype)
+        predictors, response_hidden = split_response(hidden, prompt_mask, response_ids.shape[1])
+        return self._logits(predictors), response_hidden
 
     def prefill(self, prompt_ids, prompt_mask, max_new_tokens, dtype=jnp.float32):
         """Run the prompt, return next-token logits [B, V] and a cache with room for the rest."""
-        b, p = prompt_ids.shape
         positions = positions_from_mask(prompt_mask)
         hidden, kvs = self._trunk(prompt_ids, positions, prompt_mask, dtype)
-        last = last_real_index(prompt_mask)
-        logits = self._logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
-        pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
-        cache = {
-            "k": jnp.stack([jnp.pad(k, pad) for k, _ in kvs]),  # [L, B, S, KV, Dh]
-            "v": jnp.stack([jnp.pad(v, pad) for _, v in kvs]),
-            "key_mask": jnp.pad(prompt_mask.astype(bool), ((0, 0), (0, max_new_tokens))),  # [B, S]
-            "key_pos": jnp.pad(positions, ((0, 0), (0, max_new_tokens))),
-            "next_pos": jnp.sum(prompt_mask.astype(jnp.int32), axis=1),  # [B]
-            "index": jnp.asarray(p, jnp.int32),
-        }
-        return logits, cache
+        logits = self._logits(last_prompt_state(hidden, prompt_mask))
+        return logits, init_cache(kvs, prompt_mask, positions, max_new_tokens)
 
     def decode(self, tokens, cache, dtype=jnp.float32):
         """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""
-        positions = cache["next_pos"][:, None]
-        index = cache["index"]
-        key_mask = jax.lax.dynamic_update_slice_in_dim(
-            cache["key_mask"], jnp.ones((tokens.shape[0], 1), bool), index, 1)
-        key_pos = jax.lax.dynamic_update_slice_in_dim(cache["key_pos"], positions, index, 1)
+        step = CacheStep.open(cache)
         x = self.embed_tokens(tokens[:, None], dtype)
         inv_freq = rope_frequencies(self.config)
-        new_k, new_v = [], []
+        kvs = []
         for i, layer in enumerate(self.layers):
-            layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "index": index,
-                           "key_mask": key_mask, "key_pos": key_pos}
-            x, (k, v) = layer(x, positions, None, inv_freq, cache=layer_cache)
-            new_k.append(k)
-            new_v.append(v)
-        logits = self._logits(self.norm(x)[:, 0])
-        cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "key_mask": key_mask,
-                 "key_pos": key_pos, "next_pos": cache["next_pos"] + 1, "index": index + 1}
-        return logits, cache
+            x, kv = layer(x, step.positions, None, inv_freq, cache=step.layer(cache, i))
+            kvs.append(kv)
+        return self._logits(self.norm(x)[:, 0]), step.close(cache, kvs)
 
 
 def _windows(config):

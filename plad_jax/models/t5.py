@@ -31,13 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.layers import Embed, Linear, RMSNorm, attention
+from plad_jax.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, attention, token_ids
 from plad_jax.models.spec import WeightSpec
 
-# HF activation names (ACT2FN) -> jax. gelu_new / gelu_pytorch_tanh are the tanh approximation.
-ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu, "silu": jax.nn.silu,
-               "swish": jax.nn.silu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +88,7 @@ class T5Config:
             relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
             layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), feed_forward_proj=proj,
             tie_word_embeddings=tied, scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", tied)),
-            eos_token_id=_as_tuple(hf.get("eos_token_id", 1)), pad_token_id=hf.get("pad_token_id", 0),
+            eos_token_id=token_ids(hf.get("eos_token_id", 1)), pad_token_id=hf.get("pad_token_id", 0),
             decoder_start_token_id=int(start),
         )
 
@@ -112,11 +108,6 @@ def reconcile_hf_config(hf: dict, has_tensor) -> dict:
     hf["is_encoder_decoder"] = True
     return hf
 
-
-def _as_tuple(x):
-    if x is None:
-        return ()
-    return tuple(int(i) for i in x) if isinstance(x, (list, tuple)) else (int(x),)
 
 
 def relative_position_bucket(relative_position, *, bidirectional, num_buckets, max_distance):
