@@ -169,6 +169,30 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
                          compute_dtype=compute_dtype or dtype, mesh=mesh)
 
 
+def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, compute_dtype=None) -> LanguageModel:
+    """A freshly initialised model of the architecture described by HF config.json fields.
+
+    Parameters are created inside one jit whose outputs are laid out by the sharding rules, so a
+    large model is born sharded. `save_pretrained` then writes a directory transformers loads.
+    """
+    model_type = hf_config.get("model_type")
+    _, config_cls, model_cls = family(model_type)
+    try:
+        config = config_cls.from_hf(hf_config)
+    except KeyError as e:
+        raise CheckpointError(f"model init: missing field {e} for model_type '{model_type}'") from None
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(seed))))
+    shardings = shd.param_shardings(abstract, mesh) if mesh is not None else None
+
+    def create():
+        state = nnx.state(model_cls(config, rngs=nnx.Rngs(seed)))
+        return jax.tree.map(lambda x: x.astype(dtype), state)
+
+    params = jax.jit(create, out_shardings=shardings)()
+    return LanguageModel(model_type, config, graphdef, params, dict(hf_config),
+                         compute_dtype=compute_dtype or dtype, mesh=mesh)
+
+
 def _to_host(x) -> np.ndarray:
     if not x.is_fully_addressable:
         from jax.experimental import multihost_utils
