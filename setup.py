@@ -12,6 +12,9 @@ CORE = [
     "sentencepiece>=0.2",
     "tokenizers>=0.20",
     "numpy>=1.26",
+    "pyarrow>=14",  # pair shards (plad_jax.pairs)
+    "rouge-score>=0.1.2",  # ROUGE-1/2/L and the offline scorer (plad_jax.rewards, plad_jax.evaluate)
+    "matplotlib>=3.7",  # report plots, Agg canvas only (plad_jax.evaluate)
 ]
 
 EXTRAS = {
