@@ -47,12 +47,11 @@ def full_params(params, frozen):
     return params
 
 
-def _response_logits(lm, params, batch, ids="response_ids", mask="response_mask"):
-    logits, hidden = lm.apply(params, batch["prompt_ids"], batch["prompt_mask"], batch[ids], batch[mask])
-    return logits, hidden
+def _response_logits(lm, params, batch, ids="response_ids", mask="response_mask", rng=None):
+    return lm.apply(params, batch["prompt_ids"], batch["prompt_mask"], batch[ids], batch[mask], rng=rng)
 
 
-def _pair_forward(lm, params, batch):
+def _pair_forward(lm, params, batch, rng=None):
     """Student logits and hidden states of y+ and y- in one forward over a 2B batch."""
     r = max(batch["pos_ids"].shape[1], batch["neg_ids"].shape[1])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, r - x.shape[1])))
@@ -60,7 +59,7 @@ def _pair_forward(lm, params, batch):
     prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
     ids = jnp.concatenate([pad(batch["pos_ids"]), pad(batch["neg_ids"])])
     mask = jnp.concatenate([pad(batch["pos_mask"]), pad(batch["neg_mask"])])
-    logits, hidden = lm.apply(params, prompt, prompt_mask, ids, mask)
+    logits, hidden = lm.apply(params, prompt, prompt_mask, ids, mask, rng=rng)
     b = batch["pos_ids"].shape[0]
     return (logits[:b], hidden[:b], ids[:b], mask[:b]), (logits[b:], hidden[b:], ids[b:], mask[b:])
 
@@ -102,10 +101,10 @@ def make_objective(cfg: ObjectiveConfig, student: LanguageModel, *, teacher: Lan
     def loss_fn(params, frozen, batch, rng):
         student_params = combine(params, frozen)
         if method in ("sft", "seqkd"):
-            logits, _ = _response_logits(student, student_params, batch)
+            logits, _ = _response_logits(student, student_params, batch, rng=rng)
             return losses.sft_loss(logits, batch["response_ids"], batch["response_mask"])
         if method in TEACHER_LOGIT_METHODS:
-            logits, _ = _response_logits(student, student_params, batch)
+            logits, _ = _response_logits(student, student_params, batch, rng=rng)
             mask, teacher_logits = batch["response_mask"], batch["teacher_logits"]
             if method == "kd":
                 return losses.kd_forward_kl(logits, teacher_logits, mask, cfg.kd_temperature)
@@ -114,13 +113,13 @@ def make_objective(cfg: ObjectiveConfig, student: LanguageModel, *, teacher: Lan
             if method == "fdistill_js":
                 return losses.js_loss(logits, teacher_logits, mask)
             return losses.reverse_kl_loss(logits, teacher_logits, mask)
-        return _pair_loss(cfg, student, student_params, batch)
+        return _pair_loss(cfg, student, student_params, batch, rng)
 
     return loss_fn, (frozen_fn if method in TEACHER_LOGIT_METHODS + ("dpo",) else None)
 
 
-def _pair_loss(cfg, student, params, batch):
-    (lp, hp, ip, mp), (ln, hn, i_n, mn) = _pair_forward(student, params, batch)
+def _pair_loss(cfg, student, params, batch, rng=None):
+    (lp, hp, ip, mp), (ln, hn, i_n, mn) = _pair_forward(student, params, batch, rng)
     if cfg.method == "dpo":
         loss, metrics = losses.dpo_loss(_seq_logp(lp, ip, mp, "sum"), _seq_logp(ln, i_n, mn, "sum"),
                                         batch["ref_pos"], batch["ref_neg"], cfg.beta, cfg.label_smoothing)

@@ -3,7 +3,7 @@
 It holds a family's NNX graph definition and its params (an `nnx.State` whose leaves carry logical
 axis names) and exposes pure functions of `params` for training and sampling:
 
-    apply(params, prompt_ids, prompt_mask, response_ids, response_mask) -> (logits, hidden)
+    apply(params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None) -> (logits, hidden)
     prefill(params, prompt_ids, prompt_mask, max_new_tokens) -> (next_logits [B, V], cache)
     decode(params, tokens [B], cache) -> (next_logits [B, V], cache)
 
@@ -70,16 +70,25 @@ class LanguageModel:
                              compute_dtype=self.compute_dtype, mesh=self.mesh)
 
     # -- pure functions of params (jit/grad them freely) ---------------------------------------
-    def _call(self, method: str, params, *args):
+    def _module(self, params, rng=None):
+        """The family module on `params`, cast to the compute dtype. `rng` is for subclasses whose
+        layers draw train-time randomness (LoRA dropout, `models.lora`); a plain model ignores it."""
+        return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype))
+
+    def _call(self, method: str, params, *args, rng=None):
         """Run a module method on `params`, with the model's mesh active for activation layouts."""
-        module = nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype))
+        module = self._module(params, rng)
         context = contextlib.nullcontext() if self.mesh is None else use_abstract_mesh(self.mesh.abstract_mesh)
         with context:
             return getattr(module, method)(*args, dtype=self.compute_dtype)
 
-    def apply(self, params, prompt_ids, prompt_mask, response_ids, response_mask):
-        """(logits [B, R, V] fp32, response hidden states [B, R, D]); see `logits`."""
-        return self._call("score", params, prompt_ids, prompt_mask, response_ids, response_mask)
+    def apply(self, params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None):
+        """(logits [B, R, V] fp32, response hidden states [B, R, D]); see `logits`.
+
+        rng: a PRNG key for train-time randomness (LoRA dropout); None (scoring, evaluation) is
+        deterministic. Models without stochastic layers ignore it.
+        """
+        return self._call("score", params, prompt_ids, prompt_mask, response_ids, response_mask, rng=rng)
 
     def prefill(self, params, prompt_ids, prompt_mask, max_new_tokens: int):
         """Encode the prompt; next-token logits [B, V] and a cache for `max_new_tokens` more."""
