@@ -262,9 +262,16 @@ def _run(args) -> int:
         if warning:
             print(f"{PROG}: {warning}", file=sys.stderr)
 
+    import logging
+    logging.basicConfig(level=logging.INFO if _process_index(distributed) == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from plad_jax import stages as pipeline
+    from plad_jax.train import NonFiniteLossError
 
-    pipeline.run(config, run_dir, stages)
+    try:
+        pipeline.run(config, run_dir, stages)
+    except NonFiniteLossError as e:  # a diverged run: the message names the last good checkpoint
+        return _fail(str(e), code=1)
     return 0
 
 

@@ -1,0 +1,352 @@
+"""The five stages of a run, each a function of (context, stage directory) -> summary metrics.
+
+    sft_teacher  base teacher, D0      -> sft_teacher/params/ (HF safetensors), best on validation
+    sft_student  base student, D0      -> sft_student/params/
+    sample       both SFT models, D    -> sample/pairs-*.parquet (teacher sample preferred)
+    distill      SFT student, pairs    -> distill/params/ (the distilled student)
+    eval         all three, test split -> eval/metrics.json, report.md, *.png
+
+A stage whose `DONE` marker exists is skipped; `DONE` is written last, with the stage's summary.
+Inside a stage, training resumes from its Orbax checkpoints (`loop.train_loop`), so a killed run
+restarts where it stopped. Hand-offs between stages are HF directories (`save_pretrained`), which
+transformers loads too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from plad_jax import checkpointing as ckpt
+from plad_jax import data, evaluate, objectives, pairs, rewards, sampler
+from plad_jax import sharding as shd
+from plad_jax.config import Config, ConfigError, check_shared_vocabulary, to_dict
+from plad_jax.loop import train_loop
+from plad_jax.models import from_pretrained, init_model
+from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, state_shardings
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("sft_teacher", "sft_student", "sample", "distill", "eval")
+
+
+class Context:
+    """What every stage reads: the config, the run directory, the mesh, data and tokenizers (lazily)."""
+
+    def __init__(self, config: Config, run_dir: str):
+        self.config = config
+        self.run_dir = run_dir
+        self.mesh = shd.make_mesh(config.mesh)
+        self._splits = None
+        self._tokenizers = {}
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    @property
+    def splits(self) -> data.Splits:
+        if self._splits is None:
+            d = self.config.data
+            self._splits = data.load_splits(
+                d.task, d.path or None, prompt_field=d.prompt_field, response_field=d.response_field,
+                hub_data_dir=d.hub_data_dir, seed=d.split_seed, test_size=d.test_size,
+                validation_size=d.validation_size, max_d0=d.max_d0, max_d=d.max_d,
+                max_validation=d.max_validation, max_test=d.max_test)
+            logger.info("data %s: D0 %d, D %d, validation %d, test %d", d.task, len(self._splits.d0),
+                        len(self._splits.d), len(self._splits.validation), len(self._splits.test))
+        return self._splits
+
+    def tokenizer(self, role: str):
+        if role not in self._tokenizers:
+            from transformers import AutoTokenizer
+            model = getattr(self.config, role)
+            source = model.tokenizer or model.path
+            if not source:  # a model built from scratch on the demo task: the task's own tokenizer
+                texts = data.demo_tokenizer_texts(self.splits.d0 + self.splits.d)
+                source = data.build_demo_tokenizer(self.path("tokenizer"), texts)
+            self._tokenizers[role] = AutoTokenizer.from_pretrained(source)
+        return self._tokenizers[role]
+
+    def base_model(self, role: str):
+        """The role's starting weights: a local/hub HF model, or a fresh init from config fields."""
+        model = getattr(self.config, role)
+        kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, mesh=self.mesh)
+        if model.path:
+            return from_pretrained(model.path, **kwargs)
+        tok = self.tokenizer(role)
+        fields = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                  "pad_token_id": tok.pad_token_id, **model.init}
+        return init_model(fields, seed=self.config.seed + (role == "student"), **kwargs)
+
+    def stage_model(self, stage: str, role: str):
+        model = getattr(self.config, role)
+        return from_pretrained(self.path(stage, "params"), dtype=model.dtype,
+                               compute_dtype=model.compute_dtype, mesh=self.mesh)
+
+    def encode(self, role: str, prompts, responses):
+        d = self.config.data
+        return data.encode_texts(self.tokenizer(role), prompts, responses, d.max_prompt_tokens,
+                                 d.max_response_tokens)
+
+
+# -- running stages -------------------------------------------------------------------------------
+
+def run(config: Config, run_dir: str, stages=STAGES):
+    """Run the selected stages in pipeline order, skipping those already DONE."""
+    ctx = Context(config, run_dir)
+    for name in STAGES:
+        if name not in stages:
+            continue
+        done = ctx.path(name, "DONE")
+        if os.path.exists(done):
+            logger.info("stage %s: already done, skipped (%s)", name, done)
+            continue
+        logger.info("stage %s: start", name)
+        os.makedirs(ctx.path(name), exist_ok=True)
+        summary = STAGE_FUNCTIONS[name](ctx, ctx.path(name))
+        if jax.process_index() == 0:
+            _write_json(done, summary)
+        logger.info("stage %s: done %s", name, json.dumps(summary))
+
+
+def _write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
+def _config_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectives.ObjectiveConfig,
+                batch_fn, num_examples: int, *, teacher=None, reference=None, tag: str = ""):
+    """Train `lm` with `objective` on `batch_fn(rows) -> batch`; returns (trained lm, summary)."""
+    steps_per_epoch = max(num_examples // train_cfg.batch_size, 1)
+    total = steps_per_epoch * train_cfg.epochs
+    if train_cfg.max_steps:
+        total = min(total, train_cfg.max_steps)
+    optimizer = make_optimizer(OptimizerConfig(
+        learning_rate=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps, total_steps=total,
+        weight_decay=train_cfg.weight_decay, max_grad_norm=train_cfg.max_grad_norm))
+    loss_fn, frozen_fn = objectives.make_objective(objective, lm, teacher=teacher)
+    frozen = {}
+    if teacher is not None and frozen_fn is not None:
+        frozen["teacher"] = teacher.params
+    if reference is not None:
+        frozen["reference"] = reference
+    state = TrainState.create(lm.params, optimizer, seed=ctx.config.seed)
+    step = make_train_step(loss_fn, optimizer, grad_accum=train_cfg.grad_accum, frozen_fn=frozen_fn,
+                           state_shardings=state_shardings(state))
+    seed = ctx.config.seed
+
+    def batches(epoch: int, index: int):
+        order = data.epoch_order(num_examples, shuffle_seed=seed, epoch=epoch)
+        rows = order[index * train_cfg.batch_size:(index + 1) * train_cfg.batch_size]
+        batch = batch_fn(rows)
+        return dict(zip(batch, shd.shard_batch(ctx.mesh, *batch.values())))
+
+    curve = []
+    manager = ckpt.open_manager(os.path.join(stage_dir, f"checkpoints{tag}"),
+                                ckpt.CheckpointConfig(every_steps=train_cfg.checkpoint_every, keep=train_cfg.keep))
+    state = train_loop(step, state, batches, frozen, total_steps=total, steps_per_epoch=steps_per_epoch,
+                       manager=manager, log_every=train_cfg.log_every,
+                       on_metrics=lambda s, m: curve.append((s, m["loss"])),
+                       config_hash=_config_hash(to_dict(train_cfg), dataclasses.asdict(objective), tag))
+    manager.close()
+    if jax.process_index() == 0 and curve:
+        with open(os.path.join(stage_dir, f"curve{tag}.json"), "w", encoding="utf-8") as f:
+            json.dump(curve, f)
+    return lm.with_params(state.params), {"steps": total, "final_loss": curve[-1][1] if curve else None}
+
+
+def sft_batches(encoded: data.EncodedExamples, batch_size: int):
+    def batch_fn(rows):
+        b = data.make_batch(encoded, rows, num_rows=batch_size)
+        return {k: b[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
+    return batch_fn
+
+
+def pair_batches(pos: data.EncodedExamples, neg: data.EncodedExamples, batch_size: int, ref=None):
+    """Batches of (prompt, y+, y-) [+ reference] from encodings that share their prompts."""
+    def batch_fn(rows):
+        p, n = data.make_batch(pos, rows, num_rows=batch_size), data.make_batch(neg, rows, num_rows=batch_size)
+        batch = {"prompt_ids": p["prompt_ids"], "prompt_mask": p["prompt_mask"], "pos_ids": p["response_ids"],
+                 "pos_mask": p["response_mask"], "neg_ids": n["response_ids"], "neg_mask": n["response_mask"]}
+        if ref is not None:
+            r = data.make_batch(ref, rows, num_rows=batch_size)
+            batch.update(ref_ids=r["response_ids"], ref_mask=r["response_mask"])
+        return batch
+    return batch_fn
+
+
+# -- sampling -----------------------------------------------------------------------------------------
+
+def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_new_tokens, seed):
+    """(texts, token id lists, sequence log-probs) of one sample per prompt, batched by length."""
+    cfg = ctx.config.sample
+    tok = ctx.tokenizer(role)
+    encoded = ctx.encode(role, prompts, [""] * len(prompts))
+    order = np.argsort([-len(p) for p in encoded.prompts], kind="stable")
+    texts, ids, logps = [None] * len(prompts), [None] * len(prompts), np.zeros(len(prompts), np.float32)
+    for start in range(0, len(order), cfg.batch_size):
+        rows = order[start:start + cfg.batch_size]
+        b = data.make_batch(encoded, rows)
+        gen = sampler.generate(lm, b["prompt_ids"], b["prompt_mask"], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                               seed=seed + start, pad_batch_to=cfg.batch_size)
+        for i, row in enumerate(rows):
+            n = int(gen.mask[i].sum())
+            new = [int(t) for t in gen.tokens[i, :n] if int(t) not in lm.eos_token_ids]
+            ids[row], logps[row] = new, float(gen.logprobs[i, :n].sum())
+            texts[row] = tok.decode(new, skip_special_tokens=True)
+    return texts, ids, logps
+
+
+# -- the stages ---------------------------------------------------------------------------------------
+
+def _sft_stage(role: str):
+    def stage(ctx: Context, stage_dir: str):
+        lm = ctx.base_model(role)
+        train_cfg = getattr(ctx.config, f"sft_{role}")
+        d0 = ctx.splits.d0
+        encoded = ctx.encode(role, [e.prompt for e in d0], [e.response for e in d0])
+        logger.info("sft_%s: %d examples, %d prompts cut to %d tokens", role, len(d0), encoded.num_prompts_cut,
+                    ctx.config.data.max_prompt_tokens)
+        lm, summary = train_model(ctx, lm, stage_dir, train_cfg, objectives.ObjectiveConfig(method="sft"),
+                                  sft_batches(encoded, train_cfg.batch_size), len(d0))
+        if train_cfg.select_best and ctx.splits.validation:
+            summary["validation_win_rate"] = _validation_win_rate(ctx, lm, role, train_cfg.validation_examples)
+        lm.save_pretrained(os.path.join(stage_dir, "params"))
+        return summary
+    return stage
+
+
+def _validation_win_rate(ctx: Context, lm, role: str, n: int) -> float:
+    """Greedy win rate against the validation targets (the paper's teacher model selection)."""
+    examples = ctx.splits.validation[:n]
+    prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
+    texts, _, _ = sample_responses(ctx, lm, role, prompts, temperature=0.0,
+                                   max_new_tokens=ctx.config.eval.max_new_tokens, seed=ctx.config.seed)
+    scorer = _scorer(ctx, ctx.config.eval)
+    return rewards.win_rate(scorer.score(prompts, texts, refs), scorer.score(prompts, refs, refs))
+
+
+def _scorer(ctx: Context, cfg):
+    return rewards.make_scorer(cfg.scorer, cfg.reward_model, cfg.batch_size)
+
+
+def sample_stage(ctx: Context, stage_dir: str):
+    teacher, student = ctx.stage_model("sft_teacher", "teacher"), ctx.stage_model("sft_student", "student")
+    examples = ctx.splits.d[jax.process_index()::jax.process_count()]
+    prompts = [e.prompt for e in examples]
+    cfg, seed = ctx.config.sample, ctx.config.seed
+    t_texts, t_ids, t_logp = sample_responses(ctx, teacher, "teacher", prompts, temperature=cfg.temperature,
+                                              max_new_tokens=cfg.max_new_tokens, seed=seed)
+    s_texts, s_ids, s_logp = sample_responses(ctx, student, "student", prompts, temperature=cfg.temperature,
+                                              max_new_tokens=cfg.max_new_tokens, seed=seed + 1)
+    rows = [dict(prompt=e.prompt, reference=e.response, teacher=t, student=s, chosen="teacher",
+                 teacher_ids=ti, student_ids=si, teacher_logp=float(tl), student_logp=float(sl))
+            for e, t, s, ti, si, tl, sl in zip(examples, t_texts, s_texts, t_ids, s_ids, t_logp, s_logp)]
+    stats = {}
+    if ctx.config.pairs.real_ratio > 0:
+        rows, stats = pairs.relabel(rows, _scorer(ctx, ctx.config.pairs), ctx.config.pairs.real_ratio, seed)
+    pairs.write_pairs(stage_dir, rows, jax.process_index())
+    return {"pairs": len(rows), **stats}
+
+
+def distill_stage(ctx: Context, stage_dir: str):
+    cfg = ctx.config.distill
+    student = ctx.stage_model("sft_student", "student")
+    teacher = None
+    if cfg.method in objectives.TEACHER_LOGIT_METHODS:
+        check_shared_vocabulary(ctx.config, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
+        teacher = ctx.stage_model("sft_teacher", "teacher")
+    rows = pairs.read_pairs(ctx.path("sample"))
+    summary = {}
+    for round_ in range(cfg.rounds):
+        if round_ > 0:  # iterative PLaD: new student samples from the student distilled so far
+            texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows],
+                                           temperature=ctx.config.sample.temperature,
+                                           max_new_tokens=ctx.config.sample.max_new_tokens,
+                                           seed=ctx.config.seed + 100 * round_)
+            rows = [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
+        batch_fn, n = _distill_batches(ctx, cfg, rows)
+        reference = student.params if cfg.method == "dpo" else None
+        objective = objectives.ObjectiveConfig(
+            method=cfg.method, score=cfg.score, beta=cfg.beta, alpha=cfg.alpha, kd_temperature=cfg.kd_temperature,
+            label_smoothing=cfg.label_smoothing, span_max_n=cfg.span_max_n)
+        student, summary = train_model(ctx, student, stage_dir, cfg, objective, batch_fn, n, teacher=teacher,
+                                       reference=reference, tag="" if cfg.rounds == 1 else f"-round{round_}")
+    student.save_pretrained(os.path.join(stage_dir, "params"))
+    return {"method": cfg.method, "rounds": cfg.rounds, **summary}
+
+
+def _distill_batches(ctx: Context, cfg, rows):
+    """The student's batches for `cfg.method` from the pairs (texts re-tokenized by the student)."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = [r[r["chosen"]] for r in rows]
+    rejected = [r["student" if r["chosen"] == "teacher" else "teacher"] for r in rows]
+    method, bs = cfg.method, cfg.batch_size
+    if method in objectives.PAIR_METHODS:
+        ref = None
+        if method == "plad_margin":
+            refs = [r["reference"] or r["prompt"] if cfg.span_reference == "target" else r["prompt"] for r in rows]
+            ref = ctx.encode("student", prompts, refs)
+        return pair_batches(ctx.encode("student", prompts, chosen), ctx.encode("student", prompts, rejected),
+                            bs, ref), len(rows)
+    if method in ("seqkd",):
+        return sft_batches(ctx.encode("student", prompts, [r["teacher"] for r in rows]), bs), len(rows)
+    if method in ("sft", "kd"):  # teacher-forced on the human targets of D
+        return sft_batches(ctx.encode("student", prompts, [r["reference"] for r in rows]), bs), len(rows)
+    if method in ("fdistill_tvd", "fdistill_js"):  # a mix of teacher- and student-sampled sequences
+        mixed = ctx.encode("student", prompts + prompts, [r["teacher"] for r in rows] + [r["student"] for r in rows])
+        return sft_batches(mixed, bs), 2 * len(rows)
+    if method == "minillm":  # on-policy student samples
+        return sft_batches(ctx.encode("student", prompts, [r["student"] for r in rows]), bs), len(rows)
+    raise ConfigError(f"distill.method '{method}' has no data recipe")
+
+
+def eval_stage(ctx: Context, stage_dir: str):
+    cfg = ctx.config.eval
+    examples = ctx.splits.test[:cfg.num_examples] if cfg.num_examples else ctx.splits.test
+    prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
+    responses = {}
+    for name, stage, role in (("teacher", "sft_teacher", "teacher"), ("initial student", "sft_student", "student"),
+                              ("distilled student", "distill", "student")):
+        lm = ctx.stage_model(stage, role)
+        responses[name], _, _ = sample_responses(ctx, lm, role, prompts, temperature=cfg.temperature,
+                                                 max_new_tokens=cfg.max_new_tokens, seed=ctx.config.seed)
+    scorer = _scorer(ctx, cfg)
+    metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer)
+    rows = pairs.read_pairs(ctx.path("sample"))
+    metrics["teacher_student_win_rate"] = evaluate.teacher_student_win_rate(
+        [r["teacher"] for r in rows], [r["student"] for r in rows], [r["prompt"] for r in rows], scorer,
+        references=[r["reference"] for r in rows])
+    curves = {}
+    for stage in ("sft_teacher", "sft_student", "distill"):
+        path = ctx.path(stage, "curve.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                curves[stage] = [tuple(x) for x in json.load(f)]
+    evaluate.write_report(stage_dir, metrics, curves, process_index=jax.process_index())
+    return {name: {"win_rate": m.get("win_rate"), "mean_score": m.get("mean_score")}
+            for name, m in metrics.get("models", {}).items()}
+
+
+STAGE_FUNCTIONS = {
+    "sft_teacher": _sft_stage("teacher"),
+    "sft_student": _sft_stage("student"),
+    "sample": sample_stage,
+    "distill": distill_stage,
+    "eval": eval_stage,
+}
