@@ -1,0 +1,449 @@
+"""KV-cached, jit-compiled sampling for every model family, sharded over the mesh.
+
+The sampler sees a model only through two pure functions of its params (t5x `decoding.py` style):
+
+    prefill(params, prompt_ids [B, P], prompt_mask [B, P], max_new_tokens) -> (logits [B, V], cache)
+    decode(params, tokens [B], cache) -> (logits [B, V], cache)
+
+`LanguageModel` provides both for every family; the cache is an opaque pytree to the sampler.
+
+Semantics of `generate` (the contract of DESIGN.md section 3):
+
+- Prompts are `[B, P]` int arrays with a mask (1 = real token), right-padded as everywhere in
+  plad_jax (left padding works too: models place tokens by the mask). Every row needs a real token.
+- Each prompt row is repeated `num_samples` times; output rows `b * num_samples + s` belong to
+  prompt `b`. Output `tokens` is `[B * num_samples, max_new_tokens]`: the new tokens only, the
+  first EOS kept, then `pad_token_id`; `mask` is 1 up to and including the first EOS; `logprobs`
+  holds each sampled token's log-probability under the sampling distribution, 0 under padding.
+- One sampling step turns fp32 logits into a token in this order: divide by `temperature` ->
+  keep the `top_k` largest (0 = all) -> keep the nucleus, the smallest prefix of the remaining
+  tokens sorted by probability whose mass reaches `top_p` (the most likely token always stays) ->
+  renormalise and draw. `logprobs` is `log_softmax` of that filtered, tempered distribution, so
+  with no filtering it is `log_softmax(logits / temperature)[token]`.
+- `temperature=0` is greedy decoding (`argmax`, first index on ties); `top_k`/`top_p` are then
+  ignored and `logprobs` is the model's own `log_softmax(logits)[token]` (temperature 1).
+- Randomness is a pure function of `(seed, row, step)`: row `r`'s key at step `t` is
+  `fold_in(fold_in(key(seed), r), t)`, so a row's samples do not depend on the padding added to
+  the batch or the prompt, nor on the mesh. Same seed, same inputs, same model: same output.
+- Decoding stops when every row has produced an EOS (any of `lm.eos_token_ids`) or after
+  `max_new_tokens` tokens.
+
+Compilation: prefill (with the first draw) and the decode loop (`lax.while_loop`, loop state a
+`DecodeState`, cache donated and updated in place) are two jitted functions. Their shapes are
+bucketed so a long job compiles a handful of programs: the prompt length is padded to
+`bucket_length` (powers of two up to 128, then multiples of 128), the batch to a multiple of the
+mesh's batch shards (and to `pad_batch_to` when given); padded rows are dropped from the output.
+`max_new_tokens` and the sampling settings are part of the compiled program.
+
+Sharding: with `lm.mesh` set, rows are split over the `data` and `fsdp` mesh axes, params stay as
+the model's logical rules placed them, and every cache leaf is constrained to have its batch axis
+over (`data`, `fsdp`) and, for key/value leaves laid out `[..., seq, heads, head_dim]` or
+`[..., heads, seq, head_dim]`, its heads axis over `tensor` when that divides. The sampler finds a leaf's batch and sequence axes by tracing the
+model's prefill at two batch sizes and two lengths (shapes only, once per compiled program), so
+any family's cache layout works. On several hosts each process passes its own prompt rows, they
+become one global batch (`jax.make_array_from_process_local_data`), and each process gets its own
+rows back; the hosts agree on the padded shapes first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from plad_jax import sharding as shd
+
+logger = logging.getLogger(__name__)
+
+MIN_PROMPT_BUCKET = 16
+POW2_PROMPT_BUCKET_UP_TO = 128
+
+
+class Generation(NamedTuple):
+    """Output of `generate`, host NumPy arrays with `B * num_samples` rows grouped by prompt."""
+
+    tokens: np.ndarray  # [rows, max_new_tokens] int32: new tokens, first EOS kept, then pad
+    mask: np.ndarray  # [rows, max_new_tokens] int32: 1 up to and including the first EOS
+    logprobs: np.ndarray  # [rows, max_new_tokens] float32: log p(token) under the sampling distribution
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Everything about a sampling run that is part of the compiled program."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.max_new_tokens, (int, np.integer)) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be a positive integer")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = no top-k filter)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = no nucleus filter)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# -- one sampling step -------------------------------------------------------------------------
+
+def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Draw one token per row from `logits` [B, V]; returns (tokens [B] int32, logprobs [B] fp32).
+
+    Order: logits / temperature -> top-k -> top-p (nucleus) -> renormalise -> draw; `logprobs` is
+    the log-probability of the drawn token under that final distribution. `temperature=0` is
+    greedy (`argmax`) with `logprobs = log_softmax(logits)[token]`. `key` is one PRNG key (split
+    per row) or a `[B]` array of keys (one per row). `temperature`, `top_k` and `top_p` are static.
+    """
+    logits = logits.astype(jnp.float32)
+    batch, vocab = logits.shape
+    if temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1)
+        logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, None], axis=-1)[:, 0]
+        return tokens.astype(jnp.int32), logprobs
+    keys = key if key.shape == (batch,) else jax.random.split(key, batch)
+    candidates, candidate_ids = _filter(logits / temperature, top_k, top_p)
+    choice = jax.vmap(jax.random.categorical)(keys, candidates)  # [B], index into candidates
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(candidates), choice[:, None], axis=-1)[:, 0]
+    tokens = choice if candidate_ids is None else jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logprobs
+
+
+def _filter(scaled, top_k: int, top_p: float):
+    """(candidate logits [B, C], their token ids [B, C] or None for the identity), filtered ones -inf.
+
+    Without filters nothing is sorted; with top-k only the k largest are kept (and sorted by
+    `lax.top_k`); top-p alone needs one full-vocabulary sort per step.
+    """
+    vocab = scaled.shape[-1]
+    k = top_k if 0 < top_k < vocab else vocab
+    if k == vocab and top_p >= 1:
+        return scaled, None
+    if k < vocab:
+        values, ids = jax.lax.top_k(scaled, k)  # [B, k], descending
+    else:
+        ids = jnp.argsort(-scaled, axis=-1, stable=True).astype(jnp.int32)
+        values = jnp.take_along_axis(scaled, ids, axis=-1)
+    if top_p < 1:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # exactly 0 for the most likely token
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    return values, ids.astype(jnp.int32)
+
+
+def row_keys(seed, rows: int, step):
+    """The `[rows]` PRNG keys of one decoding step: fold_in(fold_in(key(seed), row), step)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(jnp.arange(rows))
+
+
+# -- the model-agnostic decoding loop ----------------------------------------------------------
+
+@struct.dataclass
+class DecodeState:
+    """The `lax.while_loop` carry. `step` tokens of every row have been written so far."""
+
+    step: jax.Array  # [] int32
+    last: jax.Array  # [B] int32, the newest token: the next `decode` input
+    done: jax.Array  # [B] bool, the row has written an EOS (padding rows start done)
+    tokens: jax.Array  # [B, N] int32, pad after the end
+    logprobs: jax.Array  # [B, N] float32, 0 after the end
+    seed: jax.Array  # [] uint32
+    cache: Any  # the model's cache pytree
+
+
+def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache) -> DecodeState:
+    """Draw the token for column `state.step` from `logits` and record it."""
+    tokens, logprobs = sample_logits(logits, row_keys(state.seed, logits.shape[0], state.step),
+                                     sampling.temperature, sampling.top_k, sampling.top_p)
+    tokens = jnp.where(state.done, pad_id, tokens)
+    logprobs = jnp.where(state.done, 0.0, logprobs)
+    hit_eos = jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(state.done)
+    column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None].astype(buf.dtype), state.step, 1)
+    return state.replace(step=state.step + 1, last=tokens, done=state.done | hit_eos,
+                         tokens=column(state.tokens, tokens), logprobs=column(state.logprobs, logprobs),
+                         cache=cache)
+
+
+def start_state(logits, cache, valid, seed, sampling: SamplingConfig, eos_ids, pad_id) -> DecodeState:
+    """The loop state after prefill: the first token of every row drawn from `logits` [B, V]."""
+    rows, n = valid.shape[0], sampling.max_new_tokens
+    state = DecodeState(step=jnp.zeros((), jnp.int32), last=jnp.full((rows,), pad_id, jnp.int32),
+                        done=~valid.astype(bool), tokens=jnp.full((rows, n), pad_id, jnp.int32),
+                        logprobs=jnp.zeros((rows, n), jnp.float32), seed=jnp.asarray(seed, jnp.uint32),
+                        cache=cache)
+    return _write(state, logits, sampling, eos_ids, pad_id, cache)
+
+
+def decode_loop(step_fn, state: DecodeState, sampling: SamplingConfig, eos_ids, pad_id,
+                constrain=lambda s: s) -> DecodeState:
+    """Run `step_fn(tokens [B], cache) -> (logits [B, V], cache)` until every row is done or full.
+
+    `constrain` maps the state to itself with sharding constraints (identity off-mesh).
+    """
+    n = state.tokens.shape[1]
+
+    def cond(s):
+        return (s.step < n) & ~jnp.all(s.done)
+
+    def body(s):
+        logits, cache = step_fn(s.last, s.cache)
+        return constrain(_write(s, logits, sampling, eos_ids, pad_id, cache))
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def response_mask(tokens, eos_ids) -> np.ndarray:
+    """[B, N] int32 (host): 1 up to and including each row's first EOS, all 1 for rows without."""
+    tokens = np.asarray(tokens)
+    is_eos = np.isin(tokens, np.asarray(eos_ids, np.int32)).astype(np.int32)
+    return (np.cumsum(is_eos, axis=1) - is_eos == 0).astype(np.int32)
+
+
+# -- binding a model into jitted programs ------------------------------------------------------
+
+class _StaticModel:
+    """A model as a static jit argument: its pure functions and facts, never its params.
+
+    Two `LanguageModel`s with the same family, config, graph and dtypes on the same mesh share
+    compiled programs. Any other object with the same interface (a stub, a model from another
+    stack) is keyed by identity and kept alive by the jit cache.
+    """
+
+    def __init__(self, lm):
+        self.eos_ids = tuple(int(e) for e in lm.eos_token_ids)
+        self.pad_id = int(lm.pad_token_id)
+        self.mesh = getattr(lm, "mesh", None)
+        key = None
+        if hasattr(lm, "graphdef") and hasattr(lm, "with_params"):
+            key = (type(lm), getattr(lm, "model_type", None), getattr(lm, "config", None), lm.graphdef,
+                   str(getattr(lm, "compute_dtype", "")), self.mesh, self.eos_ids, self.pad_id)
+            try:
+                hash(key)
+            except TypeError:
+                key = None
+        self.fns = lm.with_params(None) if key is not None else lm  # no arrays kept alive
+        self.key = key if key is not None else ("identity", lm)
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticModel) and self.key == other.key
+
+
+def _cache_specs(prefill, params, cache, mesh):
+    """PartitionSpecs for the cache leaves: batch axis over (data, fsdp), heads over tensor.
+
+    A leaf's batch axis is the one whose size changes with the batch, its sequence axis one that
+    changes with the prompt length or max_new_tokens (found by shape-only traces of `prefill`).
+    """
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+    def probe(rows, length, new):
+        ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        return jax.eval_shape(lambda p, i, m: prefill(p, i, m, new)[1], abstract, ids, ids)
+
+    base, wider, longer = probe(1, 3, 2), probe(2, 3, 2), probe(1, 5, 4)
+    batch_shards = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+    tensor = mesh.shape["tensor"]
+
+    def spec(leaf, b, w, l):
+        axes = [None] * leaf.ndim
+        batch = [i for i in range(leaf.ndim) if b.shape[i] != w.shape[i]]
+        seq = [i for i in range(leaf.ndim) if b.shape[i] != l.shape[i] and i not in batch]
+        if batch and batch_shards > 1 and leaf.shape[batch[0]] % batch_shards == 0:
+            axes[batch[0]] = shd.BATCH_AXES
+        # Keys/values are [..., seq, heads, head_dim] or [..., heads, seq, head_dim].
+        heads = [i for i in (leaf.ndim - 2, leaf.ndim - 3) if i >= 0 and i not in batch + seq]
+        if seq and leaf.ndim >= 4 and seq[-1] >= leaf.ndim - 3 and heads and tensor > 1 \
+                and leaf.shape[heads[0]] % tensor == 0:
+            axes[heads[0]] = "tensor"
+        return P(*axes)
+
+    return jax.tree.map(spec, cache, base, wider, longer)
+
+
+def _constrainer(model: _StaticModel, params, cache):
+    """state -> state with the loop state's sharding constraints (identity without a mesh)."""
+    mesh = model.mesh
+    if mesh is None:
+        return lambda s: s
+    cache_specs = _cache_specs(model.fns.prefill, params, cache, mesh)
+    batch_shards = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+
+    def constrain(s: DecodeState) -> DecodeState:
+        put = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        rows = P(shd.BATCH_AXES) if s.done.shape[0] % batch_shards == 0 else P()
+        matrix = P(*rows, None)
+        return s.replace(last=put(s.last, rows), done=put(s.done, rows), tokens=put(s.tokens, matrix),
+                         logprobs=put(s.logprobs, matrix), cache=jax.tree.map(put, s.cache, cache_specs))
+
+    return constrain
+
+
+def _prefill_program(model: _StaticModel, sampling: SamplingConfig, params, prompt_ids, prompt_mask, valid, seed):
+    logits, cache = model.fns.prefill(params, prompt_ids, prompt_mask, sampling.max_new_tokens)
+    constrain = _constrainer(model, params, cache)
+    return constrain(start_state(logits, cache, valid, seed, sampling, model.eos_ids, model.pad_id))
+
+
+def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState):
+    constrain = _constrainer(model, params, state.cache)
+    # The whole state is returned so that every donated buffer (the cache above all) aliases an
+    # output and the loop runs in place in it.
+    return decode_loop(lambda tokens, cache: model.fns.decode(params, tokens, cache), state, sampling,
+                       model.eos_ids, model.pad_id, constrain)
+
+
+_prefill_jit = jax.jit(_prefill_program, static_argnums=(0, 1))
+_decode_jit = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3,))
+
+
+# -- shapes, hosts and the public entry points -------------------------------------------------
+
+def bucket_length(n: int) -> int:
+    """Padded prompt length: powers of two from 16 up to 128, then multiples of 128."""
+    if n <= POW2_PROMPT_BUCKET_UP_TO:
+        return max(MIN_PROMPT_BUCKET, 1 << max(0, n - 1).bit_length())
+    return -(-n // POW2_PROMPT_BUCKET_UP_TO) * POW2_PROMPT_BUCKET_UP_TO
+
+
+def _agree_max(*values: int) -> tuple[int, ...]:
+    """Element-wise max over all processes (identity on one host): padded shapes must agree."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(np.asarray(values, np.int64))
+    return tuple(int(v) for v in np.max(gathered.reshape(-1, len(values)), axis=0))
+
+
+def _to_device(mesh, *arrays):
+    """Host-local arrays -> (global) batch-sharded arrays on the mesh, or plain device arrays."""
+    if mesh is None:
+        return tuple(jnp.asarray(a) for a in arrays)
+    return tuple(jax.make_array_from_process_local_data(shd.batch_sharding(mesh, a.ndim), a) for a in arrays)
+
+
+def _to_host(mesh, x) -> np.ndarray:
+    """This process's rows of a batch-sharded array."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(shd.BATCH_AXES)))
+
+
+def _pad_rows(prompt_ids, prompt_mask, rows: int, pad_id: int):
+    """Append rows up to `rows`: one pad token each (valid=0) so every row stays well defined."""
+    extra = rows - prompt_ids.shape[0]
+    ids = np.full((extra, prompt_ids.shape[1]), pad_id, np.int32)
+    mask = np.zeros_like(ids)
+    mask[:, 0] = 1
+    valid = np.arange(rows) < prompt_ids.shape[0]
+    return np.concatenate([prompt_ids, ids]), np.concatenate([prompt_mask, mask]), valid
+
+
+def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, num_samples: int = 1, seed: int = 0, pad_batch_to: int | None = None) -> Generation:
+    """Sample `num_samples` continuations of every prompt row; see the module docstring.
+
+    prompt_ids, prompt_mask: `[B, P]` host int arrays (this process's rows on several hosts).
+    pad_batch_to: pad the `B * num_samples` rows up to this many, so that smaller batches reuse
+    the compiled program of the full one (the text helper passes its batch size).
+    """
+    sampling = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p))
+    if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
+        raise ValueError(f"num_samples={num_samples!r}: must be a positive integer")
+    ids, mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"prompt_ids {ids.shape} and prompt_mask {mask.shape} must both be [batch, length]")
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"prompt row {int(empty[0])} has no real token (mask all 0); every prompt needs one")
+    used = int(np.max(np.nonzero(mask.any(axis=0))[0], initial=-1)) + 1  # columns past this are padding
+    ids, mask = ids[:, :used], mask[:, :used]
+    ids, mask = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+
+    model = _StaticModel(lm)
+    rows = max(ids.shape[0], pad_batch_to or 0, 1)
+    rows, length = _agree_max(rows, bucket_length(max(used, 1)))
+    if model.mesh is not None:
+        split = math.prod(model.mesh.shape[a] for a in shd.BATCH_AXES) // max(1, jax.process_count())
+        rows = -(-rows // max(split, 1)) * max(split, 1)
+    ids = np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=model.pad_id)
+    mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
+    kept = ids.shape[0]
+    ids, mask, valid = _pad_rows(ids, mask, rows, model.pad_id)
+    ids, mask, valid = _to_device(model.mesh, ids, mask, valid)
+
+    state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, np.uint32(seed % 2**32))
+    state = _decode_jit(model, sampling, lm.params, state)
+    tokens, logprobs = (_to_host(model.mesh, x)[:kept] for x in (state.tokens, state.logprobs))
+    return Generation(tokens.astype(np.int32), response_mask(tokens, model.eos_ids), logprobs.astype(np.float32))
+
+
+def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                  max_prompt_tokens: int = 512, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  num_samples: int = 1, seed: int = 0, truncation_side: str = "left",
+                  progress: bool = True) -> list[str]:
+    """Strings in, strings out: `num_samples` responses per prompt, grouped by prompt.
+
+    Prompts are tokenized with the tokenizer's special tokens, cut to `max_prompt_tokens`
+    (`truncation_side="left"` keeps the end, where instructions usually sit), sorted by length
+    (longest first) and run `batch_size` at a time; responses are decoded up to (without) the
+    first EOS, skipping special tokens. Returns `len(prompts) * num_samples` strings, response
+    `i * num_samples + s` for prompt `i`. Batch `j` samples with a seed derived from `(seed, j)`.
+    Logs tokens/s; shows a progress bar on process 0. On several hosts each process passes its
+    own prompts and gets its own responses.
+    """
+    if truncation_side not in ("left", "right"):
+        raise ValueError(f"truncation_side={truncation_side!r}: must be 'left' or 'right'")
+    if batch_size < 1 or max_prompt_tokens < 1:
+        raise ValueError(f"batch_size={batch_size} and max_prompt_tokens={max_prompt_tokens} must be positive")
+    prompts = list(prompts)
+    encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    encoded = [e[-max_prompt_tokens:] if truncation_side == "left" else e[:max_prompt_tokens] for e in encoded]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    (num_batches,) = _agree_max(-(-len(prompts) // batch_size))
+    eos = set(int(e) for e in lm.eos_token_ids)
+    responses: list[str] = [""] * (len(prompts) * num_samples)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress or jax.process_index() != 0)
+    started, new_tokens = time.perf_counter(), 0
+    for j in range(num_batches):
+        chunk = order[j * batch_size:(j + 1) * batch_size]
+        width = max([len(encoded[i]) for i in chunk] + [1])
+        ids = np.full((len(chunk), width), int(lm.pad_token_id), np.int32)
+        mask = np.zeros_like(ids)
+        for r, i in enumerate(chunk):
+            ids[r, :len(encoded[i])], mask[r, :len(encoded[i])] = encoded[i], 1
+        batch_seed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
+        out = generate(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, num_samples=num_samples, seed=batch_seed, pad_batch_to=batch_size * num_samples)
+        new_tokens += int(out.mask.sum())
+        for r in range(out.tokens.shape[0]):
+            kept = [int(t) for t, m in zip(out.tokens[r], out.mask[r]) if m and int(t) not in eos]
+            responses[chunk[r // num_samples] * num_samples + r % num_samples] = tokenizer.decode(
+                kept, skip_special_tokens=True)
+        bar.update(len(chunk))
+        bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - started
+    logger.info("generated %d responses for %d prompts: %d new tokens in %.1fs (%.1f tokens/s)",
+                len(responses), len(prompts), new_tokens, elapsed, new_tokens / max(elapsed, 1e-9))
+    return responses

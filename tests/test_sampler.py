@@ -1,0 +1,404 @@
+"""Sampler: greedy parity with transformers `generate`, cache-consistent log-probs, sampling
+distributions on a fixed-logits stub, exact EOS/padding semantics, sharded == single device, and the
+text helper.
+
+Compile time dominates on CPU, so shapes are shared: every real-model call uses the same four
+prompts (one compiled program per family and sampling setting).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from plad_jax import sampler
+from plad_jax import sharding as shd
+from plad_jax.models import from_pretrained
+from tests.helpers import PROMPT_LENS
+
+VOCAB = 96
+NEW = 32
+LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, pad_token_id=0,
+             initializer_range=0.2)
+# num_decoder_layers == num_layers: transformers 5.24 T5 `generate` breaks (cache IndexError) otherwise.
+T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+          relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+          feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+          initializer_factor=3.0)
+GPT_NEO = dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_layers=2, window_size=4,
+               attention_types=[[["global", "local"], 1]], max_position_embeddings=128, bos_token_id=1,
+               pad_token_id=0, initializer_range=0.2)
+FAMILIES = {
+    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", LLAMA),
+    "t5_v1_1": ("T5Config", "T5ForConditionalGeneration", T5),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", GPT_NEO),
+}
+
+
+def prompt_batch(seed=0, lens=PROMPT_LENS, low=3):
+    """Right-padded [B, P] prompts of different lengths (pads hold 0)."""
+    rng = np.random.default_rng(seed)
+    p = max(lens)
+    mask = (np.arange(p)[None] < np.asarray(lens)[:, None]).astype(np.int32)
+    return (rng.integers(low, VOCAB, mask.shape) * mask).astype(np.int32), mask
+
+
+@torch.no_grad()
+def hf_greedy(model, ids, mask, new_tokens):
+    """transformers greedy continuations, one list per row: up to and including the first EOS."""
+    lens = mask.sum(1)
+    enc = model.config.is_encoder_decoder
+    left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for b, n in enumerate(lens):  # decoder-only: transformers' convention is left padding
+        left_ids[b, ids.shape[1] - n:], left_mask[b, ids.shape[1] - n:] = ids[b, :n], 1
+    feed_ids, feed_mask = (ids, mask) if enc else (left_ids, left_mask)
+    out = model.generate(input_ids=torch.tensor(feed_ids, dtype=torch.long),
+                         attention_mask=torch.tensor(feed_mask, dtype=torch.long),
+                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
+    new = out[:, 1:] if enc else out[:, ids.shape[1]:]  # T5: drop the decoder start token
+    eos = model.generation_config.eos_token_id
+    rows = []
+    for row in new.numpy().tolist():
+        hit = [i for i, t in enumerate(row) if eos is not None and t == eos]
+        rows.append(row[: hit[0] + 1] if hit else row)
+    return rows
+
+
+def reachable_eos(continuations):
+    """A token greedy decoding reaches early in some row and never in another: the test's EOS."""
+    for row in continuations:
+        for pos in range(1, 20):
+            tok = row[pos]
+            if tok not in row[:pos] and any(tok not in other for other in continuations):
+                return tok
+    raise AssertionError(f"no usable EOS in {continuations}")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """family -> (HF model, directory, our LanguageModel); EOS chosen so some rows stop early."""
+    out = {}
+    ids, mask = prompt_batch()
+    for name, (config_cls, model_cls, kwargs) in FAMILIES.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(**kwargs, eos_token_id=None)
+        model = getattr(transformers, model_cls)(config).eval()
+        model.generation_config.eos_token_id = None
+        eos = reachable_eos(hf_greedy(model, ids, mask, NEW))
+        model.config.eos_token_id = model.generation_config.eos_token_id = eos
+        path = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(path)
+        out[name] = (model, path, from_pretrained(path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def greedy(families):
+    """family -> our greedy Generation on `prompt_batch()` (single device)."""
+    ids, mask = prompt_batch()
+    return {name: sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0)
+            for name, (_, _, lm) in families.items()}
+
+
+# -- greedy parity with transformers ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_greedy_equals_transformers_generate(families, greedy, name):
+    model, _, lm = families[name]
+    ids, mask = prompt_batch()
+    expected = hf_greedy(model, ids, mask, NEW)
+    out = greedy[name]
+    assert out.tokens.shape == out.mask.shape == out.logprobs.shape == (len(PROMPT_LENS), NEW)
+    eos = lm.eos_token_ids[0]
+    stopped = [row[-1] == eos for row in expected]
+    assert any(stopped) and not all(stopped), "the test needs rows that stop early and rows that do not"
+    for b, want in enumerate(expected):
+        got = out.tokens[b, : out.mask[b].sum()].tolist()
+        assert got == want, (name, b)
+        assert (out.tokens[b, len(want):] == lm.pad_token_id).all()  # EOS kept, then padding
+        assert (out.logprobs[b, len(want):] == 0).all()
+
+
+def test_greedy_logprobs_are_model_logprobs(families, greedy):
+    """Greedy defines logprobs as log_softmax(logits)[token] (temperature 1)."""
+    _, _, lm = families["llama_gqa"]
+    out = greedy["llama_gqa"]
+    ids, mask = prompt_batch()
+    logits = np.asarray(lm.logits(ids, mask, out.tokens, out.mask), np.float64)
+    real = out.mask.astype(bool)
+    assert (out.tokens[real] == logits.argmax(-1)[real]).all()
+    expected = np.take_along_axis(log_softmax(logits), out.tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs[real], expected[real], atol=1e-4)
+
+
+# -- sampled log-probs against a full forward pass ----------------------------------------------
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def filtered_logprobs(logits, temperature, top_k, top_p):
+    """NumPy reference of the sampling distribution: temperature -> top-k -> top-p, renormalised."""
+    scaled = np.asarray(logits, np.float64) / temperature
+    order = np.argsort(-scaled, axis=-1, kind="stable")
+    ranked = np.take_along_axis(scaled, order, -1)
+    keep = np.ones_like(ranked, bool)
+    if top_k:
+        keep[..., top_k:] = False
+    probs = np.exp(log_softmax(np.where(keep, ranked, -np.inf)))
+    keep &= np.cumsum(probs, -1) - probs < top_p
+    out = np.full_like(scaled, -np.inf)
+    np.put_along_axis(out, order, log_softmax(np.where(keep, ranked, -np.inf)), -1)
+    return out
+
+
+@pytest.mark.parametrize("name,temperature,top_k,top_p", [
+    ("llama_gqa", 0.7, 0, 1.0), ("t5_v1_1", 0.7, 0, 1.0), ("gpt_neo", 0.7, 0, 1.0),
+    ("llama_gqa", 1.3, 12, 0.8)])
+def test_logprobs_match_full_forward_pass(families, name, temperature, top_k, top_p):
+    _, _, lm = families[name]
+    ids, mask = prompt_batch()
+    out = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=temperature, top_k=top_k,
+                           top_p=top_p, num_samples=2, seed=3)
+    assert out.tokens.shape == (2 * len(PROMPT_LENS), NEW)
+    rep = lambda a: np.repeat(a, 2, axis=0)  # rows grouped by prompt
+    logits = np.asarray(lm.logits(rep(ids), rep(mask), out.tokens, out.mask))
+    expected = np.take_along_axis(filtered_logprobs(logits, temperature, top_k, top_p),
+                                  out.tokens[..., None], -1)[..., 0]
+    real = out.mask.astype(bool)
+    assert np.isfinite(expected[real]).all(), "a token outside the top-k / nucleus was drawn"
+    assert np.max(np.abs(out.logprobs[real] - expected[real])) <= 1e-4
+    assert (out.logprobs[~real] == 0).all() and (out.tokens[~real] == lm.pad_token_id).all()
+
+
+def test_same_seed_same_samples_other_seed_other_samples(families):
+    _, _, lm = families["llama_gqa"]
+    ids, mask = prompt_batch()
+    run = lambda seed: sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.7, num_samples=2, seed=seed)
+    a, b, c = run(3), run(3), run(4)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert (a.tokens != c.tokens).any()
+    assert (a.tokens[0::2] != a.tokens[1::2]).any(), "two samples of one prompt must differ"
+
+
+# -- sharded == single device -------------------------------------------------------------------
+
+# T5 on (1, 4, 2): on (2, 2, 2) XLA CPU (jax 0.10.2) already gets T5's `LanguageModel.logits`
+# wrong (rows swapped, see tests/test_t5.py), before any sampling happens.
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mesh_shape", [("llama_gqa", (2, 2, 2)), ("gpt_neo", (2, 2, 2)),
+                                             ("t5_v1_1", (1, 4, 2))])
+def test_sharded_greedy_equals_single_device(families, greedy, name, mesh_shape):
+    _, path, _ = families[name]
+    lm = from_pretrained(path, mesh=shd.make_mesh(mesh_shape))  # batch over data x fsdp, heads over tensor
+    ids, mask = prompt_batch()
+    out = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0)
+    np.testing.assert_array_equal(out.tokens, greedy[name].tokens)
+    np.testing.assert_array_equal(out.mask, greedy[name].mask)
+    np.testing.assert_allclose(out.logprobs, greedy[name].logprobs, rtol=1e-3, atol=1e-4)  # T5 logits are large
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "t5_v1_1"])
+def test_cache_is_sharded_over_batch_and_heads(families, name):
+    _, _, lm = families[name]
+    mesh = shd.make_mesh((2, 2, 2))
+    rows = 8
+    ids = jnp.ones((rows, 16), jnp.int32)
+    logits, cache = jax.eval_shape(lambda p: lm.prefill(p, ids, ids, 4), lm.params)
+    specs = sampler._cache_specs(lm.prefill, lm.params, cache, mesh)
+    batch = shd.BATCH_AXES
+    assert specs["k"] == specs["v"] == jax.sharding.PartitionSpec(None, batch, None, "tensor", None)
+    for key, spec in specs.items():
+        if cache[key].ndim:
+            assert batch in tuple(spec), key  # every per-row leaf is split over the batch axes
+    if name == "t5_v1_1":
+        assert specs["cross_k"] == jax.sharding.PartitionSpec(None, batch, None, "tensor", None)
+
+
+# -- decoding semantics on scripted and fixed-logits stubs --------------------------------------
+
+class StubLM:
+    """A LanguageModel-shaped stub: row r's logits at step t are `table[first prompt token of r, t]`."""
+
+    mesh = None
+    is_encoder_decoder = False
+
+    def __init__(self, table, eos=(), pad=0):
+        self.params = {"table": jnp.asarray(table, jnp.float32)}  # [prompts, steps, V]
+        self.eos_token_ids, self.pad_token_id = tuple(eos), pad
+
+    def prefill(self, params, prompt_ids, prompt_mask, max_new_tokens):
+        cache = {"row": prompt_ids[:, 0], "step": jnp.zeros(prompt_ids.shape[:1], jnp.int32)}
+        return params["table"][cache["row"], 0], cache
+
+    def decode(self, params, tokens, cache):
+        cache = {"row": cache["row"], "step": cache["step"] + 1}
+        steps = params["table"].shape[1]
+        return params["table"][cache["row"], jnp.minimum(cache["step"], steps - 1)], cache
+
+
+def test_eos_is_kept_then_padding_and_rows_grouped_by_prompt():
+    v, eos, pad = 10, 9, 7
+    script = [[3, 4, 9, 5, 5, 5], [1, 2, 3, 4, 5, 6], [9, 1, 1, 1, 1, 1]]  # greedy tokens per prompt
+    table = np.full((3, 6, v), -5.0)
+    for r, row in enumerate(script):
+        table[r, np.arange(6), row] = 5.0
+    lm = StubLM(table, eos=(eos, 8), pad=pad)
+    ids = np.array([[0, 5, 5], [1, 0, 0], [2, 5, 0]], np.int32)
+    mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], np.int32)
+    out = sampler.generate(lm, ids, mask, max_new_tokens=6, temperature=0.0, num_samples=2, pad_batch_to=8)
+    want = np.array([[3, 4, 9, pad, pad, pad], [1, 2, 3, 4, 5, 6], [9, pad, pad, pad, pad, pad]]).repeat(2, 0)
+    want_mask = np.array([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]]).repeat(2, 0)
+    np.testing.assert_array_equal(out.tokens, want)
+    np.testing.assert_array_equal(out.mask, want_mask)
+    expected = np.take_along_axis(log_softmax(table[:, :6].repeat(2, 0)), want[..., None].clip(0, v - 1), -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs, np.where(want_mask, expected, 0.0), atol=1e-6)
+
+
+def chi2_pvalue(counts, probs):
+    expected = counts.sum() * probs
+    stat = float(np.sum((counts - expected) ** 2 / expected))
+    return float(jax.scipy.special.gammaincc((len(counts) - 1) / 2, stat / 2))
+
+
+FIXED = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
+
+
+# (temperature, top_k, top_p, support size worked out by hand from the cumulative probabilities)
+@pytest.mark.parametrize("temperature,top_k,top_p,support_size", [
+    (1.0, 0, 1.0, 8), (0.6, 0, 1.0, 8), (1.7, 3, 1.0, 3),
+    (1.0, 0, 0.75, 3),  # cumulative 0.405, 0.650, 0.799: the third token reaches 0.75
+    (2.0, 5, 0.6, 3)])  # top-5 at T=2 renormalised: cumulative 0.310, 0.551, 0.740
+def test_sampling_distribution(temperature, top_k, top_p, support_size):
+    draws_per_row, rows = 16, 1024
+    lm = StubLM(np.broadcast_to(FIXED, (1, 1, FIXED.size)))
+    out = sampler.generate(lm, np.zeros((1, 1), np.int32), np.ones((1, 1), np.int32), max_new_tokens=draws_per_row,
+                           temperature=temperature, top_k=top_k, top_p=top_p, num_samples=rows, seed=11)
+    want = np.exp(filtered_logprobs(FIXED, temperature, top_k, top_p))
+    counts = np.bincount(out.tokens.ravel(), minlength=FIXED.size)
+    support = want > 0
+    assert counts[~support].sum() == 0, "drew a token outside the top-k / nucleus"
+    assert support.sum() == support_size
+    assert chi2_pvalue(counts[support], want[support]) > 1e-3
+    np.testing.assert_allclose(out.logprobs, np.log(want[out.tokens]), atol=1e-5)
+
+
+def test_nucleus_keeps_the_smallest_prefix_reaching_top_p():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None].repeat(4000, 0)
+    for top_p, support in [(0.5, 1), (0.51, 2), (0.8, 2), (0.81, 3), (1.0, 4), (1e-6, 1)]:
+        tokens, _ = sampler.sample_logits(logits, jax.random.key(0), 1.0, 0, top_p)
+        assert set(np.unique(tokens)) == set(range(support)), top_p
+
+
+def test_top_k_one_and_greedy_are_argmax():
+    logits = jax.random.normal(jax.random.key(1), (64, 50))
+    greedy_tokens, greedy_lp = sampler.sample_logits(logits, jax.random.key(2), 0.0)
+    top1, top1_lp = sampler.sample_logits(logits, jax.random.key(2), 1.0, 1)
+    np.testing.assert_array_equal(greedy_tokens, np.argmax(logits, -1))
+    np.testing.assert_array_equal(top1, greedy_tokens)
+    np.testing.assert_allclose(top1_lp, 0.0, atol=1e-6)  # the only candidate: probability 1
+    np.testing.assert_allclose(greedy_lp, jax.nn.log_softmax(logits)[np.arange(64), greedy_tokens], atol=1e-6)
+
+
+def test_row_samples_do_not_depend_on_batch_or_prompt_padding():
+    table = np.random.default_rng(0).normal(size=(4, 5, 12)).astype(np.float32)
+    lm = StubLM(table)
+    ids, mask = np.array([[0], [1], [2]], np.int32), np.ones((3, 1), np.int32)
+    base = sampler.generate(lm, ids, mask, max_new_tokens=5, temperature=1.0, seed=5)
+    padded = sampler.generate(lm, np.pad(ids, ((0, 0), (0, 20))), np.pad(mask, ((0, 0), (0, 20))),
+                              max_new_tokens=5, temperature=1.0, seed=5, pad_batch_to=16)
+    np.testing.assert_array_equal(base.tokens, padded.tokens)
+
+
+def test_bucket_length():
+    assert [sampler.bucket_length(n) for n in (1, 16, 17, 33, 100, 128, 129, 300, 1000)] == \
+        [16, 16, 32, 64, 128, 128, 256, 384, 1024]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_samples=0), "num_samples")])
+def test_bad_settings_are_one_clear_error(kwargs, message):
+    lm = StubLM(np.zeros((1, 1, 4)))
+    with pytest.raises(ValueError, match=message):
+        sampler.generate(lm, np.zeros((1, 2), np.int32), np.ones((1, 2), np.int32),
+                         **{"max_new_tokens": 2, **kwargs})
+
+
+def test_empty_prompt_row_is_an_error():
+    lm = StubLM(np.zeros((1, 1, 4)))
+    with pytest.raises(ValueError, match="prompt row 1 has no real token"):
+        sampler.generate(lm, np.zeros((2, 2), np.int32), np.array([[1, 0], [0, 0]], np.int32), max_new_tokens=2)
+
+
+# -- text in, text out --------------------------------------------------------------------------
+
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "summarize the text below please",
+             "the quick brown fox jumps over the lazy dog", "hello world", "it was a dark and stormy night"]
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(**{**LLAMA, "vocab_size": len(tokenizer)}, eos_token_id=2)
+    path = str(tmp_path_factory.mktemp("text_llama"))
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    return tokenizer, from_pretrained(path)
+
+
+def reference_texts(lm, tokenizer, encoded):
+    """Greedy responses via token-level `generate`, four rows per call (the text helper's shape)."""
+    texts = []
+    for start in range(0, len(encoded), 4):
+        chunk = encoded[start:start + 4]
+        width = max(map(len, chunk))
+        ids = np.array([e + [0] * (width - len(e)) for e in chunk], np.int32)
+        mask = np.array([[1] * len(e) + [0] * (width - len(e)) for e in chunk], np.int32)
+        out = sampler.generate(lm, ids, mask, max_new_tokens=8, temperature=0.0, pad_batch_to=4)
+        for row, row_mask in zip(out.tokens, out.mask):
+            kept = [t for t, m in zip(row, row_mask) if m and t not in lm.eos_token_ids]
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts
+
+
+def test_generate_text_matches_token_level_generate(text_model, caplog):
+    tokenizer, lm = text_model
+    prompts = SENTENCES[:5]  # batches of 2 prompts x 2 samples: 2, 2 and a short last one
+    with caplog.at_level(logging.INFO, logger="plad_jax.sampler"):
+        texts = sampler.generate_text(lm, tokenizer, prompts, max_new_tokens=8, batch_size=2, temperature=0.0,
+                                      num_samples=2, progress=False)
+    assert "tokens/s" in caplog.text
+    expected = reference_texts(lm, tokenizer, [tokenizer(p)["input_ids"] for p in prompts])
+    assert texts == [t for t in expected for _ in range(2)]  # original order, grouped by prompt
+    assert any(texts), "every response is empty: the comparison would be vacuous"
+
+
+def test_generate_text_truncates_long_prompts(text_model):
+    tokenizer, lm = text_model
+    long_prompt = " ".join(SENTENCES * 3)
+    kw = dict(max_new_tokens=8, batch_size=4, temperature=0.0, progress=False)
+    texts = sampler.generate_text(lm, tokenizer, ["hello", long_prompt], max_prompt_tokens=5, **kw)
+    # Left truncation keeps the last five tokens (the "<s>" at the start goes with the rest).
+    tail = tokenizer(long_prompt)["input_ids"][-5:]
+    assert texts == reference_texts(lm, tokenizer, [tokenizer("hello")["input_ids"], tail])
+    assert sampler.generate_text(lm, tokenizer, [], **kw) == []
