@@ -13,6 +13,10 @@ the default table:
     q/k/v     [embed, heads]  -> (fsdp, tensor);   o_proj [heads, embed] -> (tensor, fsdp)
     mlp up    [embed, mlp]    -> (fsdp, tensor);   down   [mlp, embed]   -> (tensor, fsdp)
     norms, relative-position tables: replicated
+
+Batches are sharded over (data, fsdp) on their leading axis. `shard_batch` places a whole batch
+that every process holds; `global_batch` builds the global batch from each process's own rows
+(`process_batch_rows` says which), the multi-host input path. With one process they agree.
 """
 
 from __future__ import annotations
@@ -129,12 +133,81 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def shard_batch(mesh: Mesh | None, *arrays):
-    """Place host arrays on the mesh, batch-sharded when the batch divides data*fsdp, else replicated."""
+    """Place whole-batch host arrays on the mesh: batch-sharded when the batch divides data*fsdp,
+    else replicated.
+
+    Every process passes the same, global arrays (the eager path, e.g. `LanguageModel.logits`);
+    each process copies only the rows its own devices hold. A multi-host input pipeline, where
+    each host loads only its own rows, uses `global_batch` instead.
+    """
     if mesh is None:
         return arrays
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     out = []
     for a in arrays:
         sharding = batch_sharding(mesh, a.ndim) if a.shape[0] % split == 0 else NamedSharding(mesh, P())
-        out.append(jax.device_put(a, sharding))
+        if jax.process_count() == 1:
+            out.append(jax.device_put(a, sharding))
+        else:  # only the addressable shards are read; the others live on other hosts
+            host = np.asarray(a)
+            out.append(jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index]))
     return tuple(out)
+
+
+def local_batch_shards(mesh: Mesh) -> range:
+    """The batch shards (of data*fsdp, in batch order) that this process's devices hold."""
+    fsdp, me = mesh.shape["fsdp"], jax.process_index()
+    shards = sorted({d * fsdp + f for (d, f, _), device in np.ndenumerate(mesh.devices)
+                     if device.process_index == me})
+    if not shards:
+        raise ValueError(f"process {me} has no device in the mesh {dict(mesh.shape)}")
+    if shards != list(range(shards[0], shards[-1] + 1)):
+        raise ValueError(f"process {me} holds batch shards {shards} of the mesh {dict(mesh.shape)}, which are not "
+                         "contiguous; build the mesh so that each process's devices are adjacent along data/fsdp")
+    return range(shards[0], shards[-1] + 1)
+
+
+def process_batch_rows(mesh: Mesh, global_rows: int) -> slice:
+    """The rows of a global batch of `global_rows` that this process feeds to `global_batch`.
+
+    The batch is split into data*fsdp equal shards, shard k going to the devices at mesh position
+    (k // fsdp, k % fsdp, any tensor index); a process feeds the shards its devices hold, which
+    are contiguous for meshes from `make_mesh`. With 2 processes of 4 devices on (2, 2, 2) or
+    (8, 1, 1), process 0 feeds rows [0, B/2) and process 1 rows [B/2, B); on (1, 1, 8) both feed
+    all rows. One process feeds everything.
+    """
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_rows % split:
+        raise ValueError(f"global batch of {global_rows} rows cannot be split over data*fsdp = {split} "
+                         f"devices; make the batch size a multiple of {split}")
+    shards, per_shard = local_batch_shards(mesh), global_rows // split
+    return slice(shards.start * per_shard, shards.stop * per_shard)
+
+
+def global_batch(mesh: Mesh | None, local_arrays):
+    """Assemble a global, batch-sharded jax.Array from each process's own rows (any pytree).
+
+    Every leaf is this process's slice of the global batch along axis 0: exactly the rows
+    `process_batch_rows(mesh, B)` of the global batch of B rows (the shards its devices hold;
+    processes whose devices hold the same shards pass the same rows). The global batch has
+    `rows * data*fsdp / len(local_batch_shards(mesh))` rows, sharded over (data, fsdp). With one
+    process the local batch is the global batch, and this equals `shard_batch` on a batch that
+    divides data*fsdp.
+    """
+    if mesh is None:
+        return local_arrays
+    split, shards = mesh.shape["data"] * mesh.shape["fsdp"], len(local_batch_shards(mesh))
+
+    def place(a):
+        rows = a.shape[0]
+        if rows % shards:
+            raise ValueError(f"process {jax.process_index()} passed {rows} rows, which cannot be split over the "
+                             f"{shards} batch shards its devices hold; make the per-process batch a multiple "
+                             f"of {shards}")
+        sharding = batch_sharding(mesh, a.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(a, sharding)
+        global_shape = (rows // shards * split,) + tuple(a.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, np.asarray(a), global_shape)
+
+    return jax.tree.map(place, local_arrays)
