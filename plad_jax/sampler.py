@@ -332,11 +332,20 @@ def _agree_max(*values: int) -> tuple[int, ...]:
     return tuple(int(v) for v in np.max(gathered.reshape(-1, len(values)), axis=0))
 
 
+def _local_batch_shards(mesh) -> int:
+    """How many of the data*fsdp batch shards this process's devices hold (all of them on one host)."""
+    fsdp, me = mesh.shape["fsdp"], jax.process_index()
+    return len({d * fsdp + f for (d, f, _), device in np.ndenumerate(mesh.devices) if device.process_index == me})
+
+
 def _to_device(mesh, *arrays):
-    """Host-local arrays -> (global) batch-sharded arrays on the mesh, or plain device arrays."""
+    """This process's rows -> global arrays batch-sharded over (data, fsdp), or plain device arrays."""
     if mesh is None:
         return tuple(jnp.asarray(a) for a in arrays)
-    return tuple(jax.make_array_from_process_local_data(shd.batch_sharding(mesh, a.ndim), a) for a in arrays)
+    split = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+    local = _local_batch_shards(mesh)
+    return tuple(jax.make_array_from_process_local_data(
+        shd.batch_sharding(mesh, a.ndim), a, (a.shape[0] // local * split,) + a.shape[1:]) for a in arrays)
 
 
 def _to_host(mesh, x) -> np.ndarray:
@@ -381,9 +390,9 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     model = _StaticModel(lm)
     rows = max(ids.shape[0], pad_batch_to or 0, 1)
     rows, length = _agree_max(rows, bucket_length(max(used, 1)))
-    if model.mesh is not None:
-        split = math.prod(model.mesh.shape[a] for a in shd.BATCH_AXES) // max(1, jax.process_count())
-        rows = -(-rows // max(split, 1)) * max(split, 1)
+    if model.mesh is not None:  # this process's rows must split evenly over its batch shards
+        local = _local_batch_shards(model.mesh)
+        rows = -(-rows // local) * local
     ids = np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=model.pad_id)
     mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
     kept = ids.shape[0]
