@@ -21,6 +21,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from plad_jax import checkpointing as ckpt
@@ -28,7 +29,7 @@ from plad_jax import data, evaluate, objectives, pairs, rewards, sampler
 from plad_jax import sharding as shd
 from plad_jax.config import Config, ConfigError, check_shared_vocabulary, to_dict
 from plad_jax.loop import train_loop
-from plad_jax.models import from_pretrained, init_model
+from plad_jax.models import from_pretrained, init_model, lora
 from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, state_shardings
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,14 @@ def _config_hash(*parts) -> str:
 
 # -- training ---------------------------------------------------------------------------------------
 
+def with_lora(ctx: Context, lm, role: str):
+    """The model with LoRA adapters when the role's config asks for them (exports merge them)."""
+    settings = getattr(ctx.config, role).lora
+    if settings is None:
+        return lm
+    return lora.add_lora(lm, lora.LoRAConfig(**dataclasses.asdict(settings)), seed=ctx.config.seed)
+
+
 def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectives.ObjectiveConfig,
                 batch_fn, num_examples: int, *, teacher=None, reference=None, tag: str = ""):
     """Train `lm` with `objective` on `batch_fn(rows) -> batch`; returns (trained lm, summary)."""
@@ -138,13 +147,16 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
     optimizer = make_optimizer(OptimizerConfig(
         learning_rate=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps, total_steps=total,
         weight_decay=train_cfg.weight_decay, max_grad_norm=train_cfg.max_grad_norm))
-    loss_fn, frozen_fn = objectives.make_objective(objective, lm, teacher=teacher)
-    frozen = {}
+    frozen, trainable, combine = {}, lm.params, objectives.full_params
+    if isinstance(lm, lora.LoRAModel):  # adapters train, base weights ride along frozen
+        trainable, frozen[lora.FROZEN_KEY] = lora.split_trainable(lm.params)
+        trainable, combine = jax.tree.map(jnp.copy, trainable), lora.objective_combine
+    loss_fn, frozen_fn = objectives.make_objective(objective, lm, teacher=teacher, combine=combine)
     if teacher is not None and frozen_fn is not None:
         frozen["teacher"] = teacher.params
     if reference is not None:
         frozen["reference"] = reference
-    state = TrainState.create(lm.params, optimizer, seed=ctx.config.seed)
+    state = TrainState.create(trainable, optimizer, seed=ctx.config.seed)
     step = make_train_step(loss_fn, optimizer, grad_accum=train_cfg.grad_accum, frozen_fn=frozen_fn,
                            state_shardings=state_shardings(state))
     seed = ctx.config.seed
@@ -166,7 +178,8 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
     if jax.process_index() == 0 and curve:
         with open(os.path.join(stage_dir, f"curve{tag}.json"), "w", encoding="utf-8") as f:
             json.dump(curve, f)
-    return lm.with_params(state.params), {"steps": total, "final_loss": curve[-1][1] if curve else None}
+    params = lora.combine(state.params, frozen[lora.FROZEN_KEY]) if lora.FROZEN_KEY in frozen else state.params
+    return lm.with_params(params), {"steps": total, "final_loss": curve[-1][1] if curve else None}
 
 
 def sft_batches(encoded: data.EncodedExamples, batch_size: int):
@@ -216,7 +229,7 @@ def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_n
 
 def _sft_stage(role: str):
     def stage(ctx: Context, stage_dir: str):
-        lm = ctx.base_model(role)
+        lm = with_lora(ctx, ctx.base_model(role), role)
         train_cfg = getattr(ctx.config, f"sft_{role}")
         d0 = ctx.splits.d0
         encoded = ctx.encode(role, [e.prompt for e in d0], [e.response for e in d0])
@@ -266,7 +279,7 @@ def sample_stage(ctx: Context, stage_dir: str):
 
 def distill_stage(ctx: Context, stage_dir: str):
     cfg = ctx.config.distill
-    student = ctx.stage_model("sft_student", "student")
+    student = with_lora(ctx, ctx.stage_model("sft_student", "student"), "student")
     teacher = None
     if cfg.method in objectives.TEACHER_LOGIT_METHODS:
         check_shared_vocabulary(ctx.config, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
@@ -281,7 +294,7 @@ def distill_stage(ctx: Context, stage_dir: str):
                                            seed=ctx.config.seed + 100 * round_)
             rows = [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
         batch_fn, n = _distill_batches(ctx, cfg, rows)
-        reference = student.params if cfg.method == "dpo" else None
+        reference = student.params if cfg.method == "dpo" else None  # LoRA: adapters at their start
         objective = objectives.ObjectiveConfig(
             method=cfg.method, score=cfg.score, beta=cfg.beta, alpha=cfg.alpha, kd_temperature=cfg.kd_temperature,
             label_smoothing=cfg.label_smoothing, span_max_n=cfg.span_max_n)
