@@ -38,11 +38,13 @@ mesh's batch shards (and to `pad_batch_to` when given); padded rows are dropped 
 Sharding: with `lm.mesh` set, rows are split over the `data` and `fsdp` mesh axes, params stay as
 the model's logical rules placed them, and every cache leaf is constrained to have its batch axis
 over (`data`, `fsdp`) and, for key/value leaves laid out `[..., seq, heads, head_dim]` or
-`[..., heads, seq, head_dim]`, its heads axis over `tensor` when that divides. The sampler finds a leaf's batch and sequence axes by tracing the
-model's prefill at two batch sizes and two lengths (shapes only, once per compiled program), so
-any family's cache layout works. On several hosts each process passes its own prompt rows, they
-become one global batch (`jax.make_array_from_process_local_data`), and each process gets its own
-rows back; the hosts agree on the padded shapes first.
+`[..., heads, seq, head_dim]`, its heads axis over `tensor` when that divides. The sampler finds
+a leaf's batch and sequence axes by tracing the model's prefill at two batch sizes and two
+lengths (shapes only, once per compiled program), so any family's cache layout works (tuples of
+per-layer arrays included). On several hosts each process passes its own prompt rows (a multiple
+of the batch shards its devices hold, after padding), they become one global batch
+(`jax.make_array_from_process_local_data`), each process gets its own rows back, and the hosts
+agree on the padded shapes first.
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from plad_jax import sharding as shd
 
@@ -94,10 +98,6 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = no nucleus filter)")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 # -- one sampling step -------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: 
     per row) or a `[B]` array of keys (one per row). `temperature`, `top_k` and `top_p` are static.
     """
     logits = logits.astype(jnp.float32)
-    batch, vocab = logits.shape
+    batch = logits.shape[0]
     if temperature == 0:
         tokens = jnp.argmax(logits, axis=-1)
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, None], axis=-1)[:, 0]
@@ -428,7 +428,7 @@ def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     encoded = [e[-max_prompt_tokens:] if truncation_side == "left" else e[:max_prompt_tokens] for e in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     (num_batches,) = _agree_max(-(-len(prompts) // batch_size))
-    eos = set(int(e) for e in lm.eos_token_ids)
+    eos = {int(e) for e in lm.eos_token_ids}
     responses: list[str] = [""] * (len(prompts) * num_samples)
 
     from tqdm.auto import tqdm

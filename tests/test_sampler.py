@@ -9,7 +9,6 @@ prompts (one compiled program per family and sampling setting).
 from __future__ import annotations
 
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -205,21 +204,26 @@ def test_sharded_greedy_equals_single_device(families, greedy, name):
     np.testing.assert_allclose(out.logprobs, greedy[name].logprobs, rtol=1e-3, atol=1e-4)  # T5 logits are large
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "t5_v1_1"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cache_is_sharded_over_batch_and_heads(families, name):
+    """Keys/values [(L,) B, S, heads, Dh] (stacked or one array per layer): B over (data, fsdp),
+    heads over tensor; every other per-row leaf (masks, positions) over (data, fsdp)."""
     _, _, lm = families[name]
-    mesh = shd.make_mesh((2, 2, 2))
-    rows = 8
-    ids = jnp.ones((rows, 16), jnp.int32)
-    logits, cache = jax.eval_shape(lambda p: lm.prefill(p, ids, ids, 4), lm.params)
-    specs = sampler._cache_specs(lm.prefill, lm.params, cache, mesh)
+    ids = jnp.ones((8, 16), jnp.int32)
+    _, cache = jax.eval_shape(lambda p: lm.prefill(p, ids, ids, 4), lm.params)
+    specs = sampler._cache_specs(lm.prefill, lm.params, cache, shd.make_mesh((2, 2, 2)))
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
     batch = shd.BATCH_AXES
-    assert specs["k"] == specs["v"] == jax.sharding.PartitionSpec(None, batch, None, "tensor", None)
-    for key, spec in specs.items():
-        if cache[key].ndim:
-            assert batch in tuple(spec), key  # every per-row leaf is split over the batch axes
-    if name == "t5_v1_1":
-        assert specs["cross_k"] == jax.sharding.PartitionSpec(None, batch, None, "tensor", None)
+    for key in cache:
+        leaves, leaf_specs = jax.tree.leaves(cache[key]), jax.tree.leaves(specs[key], is_leaf=is_spec)
+        assert len(leaves) == len(leaf_specs), key
+        for leaf, spec in zip(leaves, leaf_specs):
+            expected = [None] * leaf.ndim
+            if key in ("k", "v", "cross_k", "cross_v"):
+                expected[leaf.ndim - 4], expected[-2] = batch, "tensor"
+            elif leaf.ndim:
+                expected[0] = batch
+            assert spec == jax.sharding.PartitionSpec(*expected), key
 
 
 # -- decoding semantics on scripted and fixed-logits stubs --------------------------------------

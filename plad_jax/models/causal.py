@@ -6,7 +6,9 @@ Scoring runs prompt and response as one sequence, `[prompt (right-padded) | resp
 
 The KV cache is a dict with one layout for every decoder-only family:
 
-    k, v      [L, B, S, KV, Dh]  S = prompt length + max_new_tokens; slot j holds input column j
+    k, v      L-tuples of [B, S, KV, Dh]  S = prompt length + max_new_tokens; slot j holds input column j
+              (one array per layer, not one stacked array: inside the sampler's decode loop each
+              layer's buffer is then updated in place; stacking copied the whole cache every step)
     key_mask  [B, S] bool        the slot holds a real token
     key_pos   [B, S] int32       the slot's position (what windows and position embeddings see)
     next_pos  [B] int32          position of the next token fed to `decode`
@@ -70,8 +72,8 @@ def init_cache(kvs, prompt_mask, positions, max_new_tokens):
     """The cache after the prompt. kvs: per layer (k, v), each [B, P, KV, Dh]."""
     pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
     return {
-        "k": jnp.stack([jnp.pad(k, pad) for k, _ in kvs]),
-        "v": jnp.stack([jnp.pad(v, pad) for _, v in kvs]),
+        "k": tuple(jnp.pad(k, pad) for k, _ in kvs),
+        "v": tuple(jnp.pad(v, pad) for _, v in kvs),
         "key_mask": jnp.pad(prompt_mask.astype(bool), ((0, 0), (0, max_new_tokens))),
         "key_pos": jnp.pad(positions, ((0, 0), (0, max_new_tokens))),
         "next_pos": jnp.sum(prompt_mask.astype(jnp.int32), axis=1),
@@ -104,7 +106,7 @@ class CacheStep:
 
     def close(self, cache, kvs):
         """The cache after the step, from every layer's (keys, values) returned by `write_kv`."""
-        return {"k": jnp.stack([k for k, _ in kvs]), "v": jnp.stack([v for _, v in kvs]),
+        return {"k": tuple(k for k, _ in kvs), "v": tuple(v for _, v in kvs),
                 "key_mask": self.key_mask, "key_pos": self.key_pos,
                 "next_pos": cache["next_pos"] + 1, "index": self.index + 1}
 

@@ -283,10 +283,10 @@ class T5Model(nnx.Module):
         encoded = self.encode(prompt_ids, prompt_mask, dtype)
         cross = [block.cross_attn.key_values(encoded) for block in self.decoder.block]
         b, c = prompt_ids.shape[0], self.config
-        shape = (c.num_decoder_layers, b, 1 + max_new_tokens, c.num_heads, c.d_kv)
+        shape = (b, 1 + max_new_tokens, c.num_heads, c.d_kv)  # per layer: a tuple, updated in place
         cache = {
-            "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "cross_k": jnp.stack([k for k, _ in cross]), "cross_v": jnp.stack([v for _, v in cross]),
+            "k": tuple(jnp.zeros(shape, dtype) for _ in cross), "v": tuple(jnp.zeros(shape, dtype) for _ in cross),
+            "cross_k": tuple(k for k, _ in cross), "cross_v": tuple(v for _, v in cross),
             "cross_mask": prompt_mask.astype(bool),
             "index": jnp.asarray(0, jnp.int32),
         }
@@ -295,7 +295,7 @@ class T5Model(nnx.Module):
     def decode(self, tokens, cache, dtype=jnp.float32):
         """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""
         index = cache["index"]
-        slots = jnp.arange(cache["k"].shape[2])
+        slots = jnp.arange(cache["k"][0].shape[1])
         mask = (slots <= index)[None, None, None, :]  # [1, 1, 1, S]: written slots only
         bias = self.decoder.position_bias((slots - index)[None, :], dtype)  # [1, H, 1, S]
         cross_mask = cache["cross_mask"][:, None, None, :]
@@ -307,7 +307,7 @@ class T5Model(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         logits = self._logits(self.decoder.final_layer_norm(x)[:, 0])
-        cache = dict(cache, k=jnp.stack(new_k), v=jnp.stack(new_v), index=index + 1)
+        cache = dict(cache, k=tuple(new_k), v=tuple(new_v), index=index + 1)
         return logits, cache
 
 
