@@ -1,0 +1,257 @@
+"""PbKD: the identities of METHODS.md section 3, masks, chunking, the reward model, the loops end to end."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from plad_jax import losses, pbkd, pbkd_mm
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+# -- preference model, advantages, dual ascent -------------------------------------------------------
+
+def test_bradley_terry_nll_of_equal_rewards_is_log2_and_matches_numpy():
+    r = jnp.array([0.3, -2.0, 5.0])
+    loss, metrics = pbkd.bradley_terry_nll(r, r)
+    assert float(loss) == pytest.approx(math.log(2.0), rel=1e-6)
+    r_w, r_l = np.array([1.0, -0.5, 2.0, 9.0]), np.array([0.0, 0.5, -1.0, -9.0])
+    mask = np.array([1, 1, 1, 0])
+    loss, metrics = pbkd.bradley_terry_nll(jnp.asarray(r_w), jnp.asarray(r_l), jnp.asarray(mask))
+    expected = np.mean(np.log1p(np.exp(-(r_w - r_l)))[:3])
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(metrics["accuracy"][0] / metrics["accuracy"][1]) == pytest.approx(2 / 3)
+
+
+def test_bounded_reward_is_tanh_bounded():
+    raw = jnp.array([-1e6, -1.0, 0.0, 0.01, 1e6])
+    out = np.asarray(pbkd.bounded_reward(raw, 5.0))
+    np.testing.assert_allclose(out, 5.0 * np.tanh(np.array([-1e6, -1.0, 0.0, 0.01, 1e6]) / 5.0), rtol=1e-6)
+    assert np.all(np.abs(out) <= 5.0)
+
+
+def test_leave_one_out_advantages_sum_to_zero_per_prompt_and_match_definition():
+    rewards = np.random.default_rng(0).normal(size=(3, 4))
+    adv = np.asarray(pbkd.leave_one_out_advantages(jnp.asarray(rewards)))
+    np.testing.assert_allclose(adv.sum(axis=1), 0.0, atol=1e-5)
+    expected = rewards - (rewards.sum(1, keepdims=True) - rewards) / 3
+    np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-6)
+    # masked: sample 3 of prompt 0 is padding (any value), prompt 2 has one real sample (no baseline)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    garbage = np.where(mask, rewards, 1e9)
+    adv = np.asarray(pbkd.leave_one_out_advantages(jnp.asarray(garbage), jnp.asarray(mask)))
+    r0 = rewards[0, :3]
+    np.testing.assert_allclose(adv[0, :3], r0 - (r0.sum() - r0) / 2, rtol=1e-5)
+    assert adv[0, 3] == 0 and np.all(adv[2] == 0)
+    np.testing.assert_allclose((adv * mask).sum(axis=1)[:2], 0.0, atol=1e-4)
+
+
+def test_dual_ascent_moves_lambda_by_the_violation_and_clips():
+    up = pbkd.dual_ascent(1.0, nll=0.9, nll_star=0.5, alpha_lam=0.5, eps=0.1, lam_max=10.0)
+    assert float(up) == pytest.approx(1.0 + 0.5 * 0.3)
+    assert float(pbkd.dual_ascent(0.05, nll=0.5, nll_star=0.5, alpha_lam=1.0, eps=0.1, lam_max=10.0)) == 0.0
+    assert float(pbkd.dual_ascent(9.9, nll=5.0, nll_star=0.0, alpha_lam=1.0, eps=0.0, lam_max=10.0)) == 10.0
+
+
+def test_reward_model_loss_is_minus_gap_plus_lambda_nll_plus_c_r2():
+    rng = np.random.default_rng(1)
+    rt, rs, rc, rr = rng.normal(size=3), rng.normal(size=6), rng.normal(size=3), rng.normal(size=3)
+    loss, metrics = pbkd.reward_model_loss(*map(jnp.asarray, (rt, rs, rc, rr)), lam=0.7, c=0.1)
+    gap = rt.mean() - rs.mean()
+    nll = np.mean(np.log1p(np.exp(-(rc - rr))))
+    sq = np.mean(np.concatenate([rt, rs, rc, rr]) ** 2)
+    assert float(loss) == pytest.approx(-gap + 0.7 * nll + 0.1 * sq, rel=1e-5)
+    assert float(metrics["loss"][0] / metrics["loss"][1]) == pytest.approx(float(loss), rel=1e-6)
+
+
+# -- exact expectations by enumeration --------------------------------------------------------------
+
+def test_reinforce_with_loo_baseline_is_unbiased_by_enumeration():
+    """E over all k=2 sample pairs of grad(reinforce_loss) == -grad(E_q r - beta KL(q || q_ref))."""
+    rng = np.random.default_rng(2)
+    n, beta = 4, 0.3  # four possible responses, drawn with q = softmax(theta)
+    reward, logq_ref = rng.normal(size=n), np.log(softmax(rng.normal(size=n)))
+    theta = jnp.asarray(rng.normal(size=n))
+
+    def objective(th):
+        logq = jax.nn.log_softmax(th)
+        return jnp.sum(jnp.exp(logq) * (reward - beta * (logq - logq_ref)))
+
+    def expected_surrogate(th):
+        logq = jax.nn.log_softmax(th)
+        pairs = np.array(list(itertools.product(range(n), repeat=2)))  # [n^2, 2]
+        weight = jax.lax.stop_gradient(jnp.exp(logq[pairs[:, 0]] + logq[pairs[:, 1]]))
+        per_pair = jax.vmap(lambda p: pbkd.reinforce_loss(logq[p][None], jnp.asarray(reward)[p][None],
+                                                          jnp.asarray(logq_ref)[p][None], beta)[0])(pairs)
+        return jnp.sum(weight * per_pair)
+
+    got = jax.jit(jax.grad(expected_surrogate))(theta)
+    np.testing.assert_allclose(got, -jax.grad(objective)(theta), rtol=1e-5, atol=1e-6)
+
+
+VOCAB3, LEN2 = 3, 2
+
+
+def _enumerable_example(seed=3):
+    """Root and child-state logits of a teacher, a student and a Q table; vocabulary 3, length 2."""
+    rng = np.random.default_rng(seed)
+    tables = {name: (rng.normal(size=VOCAB3), rng.normal(size=(VOCAB3, VOCAB3))) for name in ("p", "q", "Q")}
+    seqs = np.array(list(itertools.product(range(VOCAB3), repeat=LEN2)))  # [9, 2]
+    return tables, seqs
+
+
+def _per_sequence(table, seqs):
+    """[9, 2, V]: the table's row for s_1 (root) and s_2 (after y_1) of every sequence."""
+    root, child = table
+    return np.stack([np.broadcast_to(root, (len(seqs), VOCAB3)), child[seqs[:, 0]]], axis=1)
+
+
+def _brute_force_rewards(tables, seqs):
+    """NumPy: sequence probabilities under p and q, and R(y) = sum_h Q(s_h, y_h) - E_p Q(s_h, .)."""
+    def prob(name):
+        root, child = softmax(tables[name][0]), softmax(tables[name][1])
+        return root[seqs[:, 0]] * child[seqs[:, 0], seqs[:, 1]]
+
+    p_root, p_child = softmax(tables["p"][0]), softmax(tables["p"][1])
+    q_root, q_child = tables["Q"]
+    v_root, v_child = p_root @ q_root, np.sum(p_child * q_child, axis=1)  # E_p Q at each state
+    reward = q_root[seqs[:, 0]] - v_root + q_child[seqs[:, 0], seqs[:, 1]] - v_child[seqs[:, 0]]
+    return prob("p"), prob("q"), reward
+
+
+def test_mm_gap_equals_performance_difference_by_brute_force():
+    tables, seqs = _enumerable_example()
+    p_seq, q_seq, reward = _brute_force_rewards(tables, seqs)
+    logits = {k: jnp.asarray(_per_sequence(v, seqs)) for k, v in tables.items()}
+    mask = jnp.ones(seqs.shape, jnp.int32)
+    terms = pbkd_mm.mm_position_terms(logits["p"], logits["q"], logits["Q"], jnp.asarray(seqs))
+    j_p, j_q = float(p_seq @ reward), float(q_seq @ reward)
+    assert j_p == pytest.approx(0.0, abs=1e-12)  # sanity of the brute force: E_p R = 0 by construction
+    np.testing.assert_allclose(pbkd_mm.mm_sequence_reward(terms, mask), reward, rtol=1e-5, atol=1e-6)
+    expected_gap = float(q_seq @ np.asarray(pbkd_mm.mm_gap(terms, mask)))  # E_{y ~ q} sum_h g_h
+    assert expected_gap == pytest.approx(j_p - j_q, rel=1e-5, abs=1e-7)
+    assert abs(j_p - j_q) > 1e-2  # the example is not degenerate
+
+
+def test_mm_gap_is_zero_when_student_is_teacher():
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 7)))
+    q_values = jnp.asarray(rng.normal(size=(2, 5, 7)) * 3)
+    terms = pbkd_mm.mm_position_terms(logits, logits, q_values, jnp.zeros((2, 5), jnp.int32), chunk=2)
+    np.testing.assert_allclose(pbkd_mm.mm_gap(terms, jnp.ones((2, 5))), 0.0, atol=1e-5)
+
+
+def test_mm_student_surrogate_gradient_is_unbiased_by_enumeration():
+    """E over all pairs of k=2 student sequences of grad(mm_student_loss) == grad E_q[sum_h g_h]."""
+    tables, seqs = _enumerable_example(5)
+    _, _, reward = _brute_force_rewards(tables, seqs)  # E_q G = J(p) - J(q) = -E_q R, R fixed
+    teacher, q_values = (jnp.asarray(_per_sequence(tables[k], seqs)) for k in ("p", "Q"))
+    theta = (jnp.asarray(tables["q"][0]), jnp.asarray(tables["q"][1]))
+
+    def exact(th):
+        root, child = jax.nn.log_softmax(th[0]), jax.nn.log_softmax(th[1])
+        logq = root[seqs[:, 0]] + child[seqs[:, 0], seqs[:, 1]]
+        return -jnp.sum(jnp.exp(logq) * reward)
+
+    pairs = np.array(list(itertools.product(range(len(seqs)), repeat=2)))  # [81, 2]
+
+    def expected_surrogate(th):
+        student = jnp.stack([jnp.broadcast_to(th[0], (len(seqs), VOCAB3)), th[1][seqs[:, 0]]], axis=1)
+        terms = pbkd_mm.mm_position_terms(teacher, student, q_values, jnp.asarray(seqs))
+        logq = jnp.sum(terms.logq_taken, axis=1)
+        weight = jax.lax.stop_gradient(jnp.exp(logq[pairs[:, 0]] + logq[pairs[:, 1]]))
+
+        def one(pair):
+            picked = pbkd_mm.MMTerms(*(x[pair] for x in terms))
+            return pbkd_mm.mm_student_loss(picked, jnp.ones((2, LEN2)), k=2)[0]
+        return jnp.sum(weight * jax.vmap(one)(pairs))
+
+    got, want = jax.jit(jax.grad(expected_surrogate))(theta), jax.grad(exact)(theta)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+# -- chunking and masks --------------------------------------------------------------------------------
+
+def _random_mm_inputs(seed, b=3, t=7, v=11):
+    rng = np.random.default_rng(seed)
+    arrays = [jnp.asarray(rng.normal(size=(b, t, v)) * s) for s in (1.0, 1.0, 2.0)]
+    tokens = jnp.asarray(rng.integers(0, v, size=(b, t)))
+    mask = jnp.asarray((np.arange(t)[None] < np.array([7, 4, 1])[:b, None]).astype(np.int32))
+    return arrays, tokens, mask
+
+
+def _mm_scalar(teacher, student, q_values, tokens, mask, chunk):
+    terms = pbkd_mm.mm_position_terms(teacher, student, q_values, tokens, chunk=chunk, q_max=4.0)
+    return (jnp.sum(pbkd_mm.mm_gap(terms, mask)) + 0.3 * jnp.sum(pbkd_mm.mm_sequence_reward(terms, mask))
+            + 0.1 * jnp.sum(jnp.where(mask > 0, terms.logq_taken, 0.0)))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])  # 3 does not divide T = 7: the last block overlaps
+def test_chunked_mm_equals_unchunked_values_and_gradients(chunk):
+    (teacher, student, q_values), tokens, mask = _random_mm_inputs(6)
+    terms = jax.jit(pbkd_mm.mm_position_terms, static_argnames="chunk")
+    for a, b in zip(terms(teacher, student, q_values, tokens), terms(teacher, student, q_values, tokens, chunk=chunk)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    grad = jax.jit(jax.grad(_mm_scalar, argnums=(1, 2)), static_argnums=5)
+    for a, b in zip(grad(teacher, student, q_values, tokens, mask, None),
+                    grad(teacher, student, q_values, tokens, mask, chunk)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_projected_sources_equal_logits_and_carry_head_gradients():
+    rng = np.random.default_rng(7)
+    b, t, f, v = 2, 5, 4, 9
+    feats = [jnp.asarray(rng.normal(size=(b, t, f))) for _ in range(3)]
+    heads = [jnp.asarray(rng.normal(size=(f, v))) for _ in range(3)]
+    tokens, mask = jnp.asarray(rng.integers(0, v, size=(b, t))), jnp.ones((b, t))
+    project = lambda w, h: h @ w
+
+    def via_projection(ws, chunk):
+        srcs = [pbkd_mm.Projected(h, w, project) for h, w in zip(feats, ws)]
+        return _mm_scalar(*srcs, tokens, mask, chunk)
+
+    def via_logits(ws):
+        return _mm_scalar(*[h @ w for h, w in zip(feats, ws)], tokens, mask, None)
+
+    assert float(via_projection(heads, 2)) == pytest.approx(float(via_logits(heads)), rel=1e-5)
+    chunked_grad = jax.jit(jax.grad(via_projection), static_argnums=1)
+    for a, bb in zip(jax.jit(jax.grad(via_logits))(heads), chunked_grad(heads, 2)):
+        np.testing.assert_allclose(bb, a, rtol=1e-5, atol=1e-6)
+
+
+def test_mm_padding_never_changes_the_result():
+    (teacher, student, q_values), tokens, mask = _random_mm_inputs(8)
+    scalar = jax.jit(_mm_scalar, static_argnums=5)
+    base = scalar(teacher, student, q_values, tokens, mask, 3)
+    pad = mask == 0
+    noisy = [jnp.where(pad[..., None], 1e3 * jnp.sign(x), x) for x in (teacher, student, q_values)]
+    again = scalar(*noisy, jnp.where(pad, 5, tokens), mask, 3)
+    assert float(again) == pytest.approx(float(base), rel=1e-6)
+    wider = [jnp.pad(x, ((0, 0), (0, 5), (0, 0)), constant_values=7.0) for x in (teacher, student, q_values)]
+    longer = scalar(*wider, jnp.pad(tokens, ((0, 0), (0, 5))), jnp.pad(mask, ((0, 0), (0, 5))), 3)
+    assert float(longer) == pytest.approx(float(base), rel=1e-6)
+    samples = pbkd_mm.mm_position_terms(teacher, student, q_values, tokens, chunk=3)
+    loss, _ = pbkd_mm.mm_q_loss(samples, mask, samples, mask, samples, mask, lam=1.0, c=0.1)
+    padded_rows = pbkd_mm.MMTerms(*(jnp.concatenate([x, jnp.full_like(x, 9.0)]) for x in samples))
+    wide_mask = jnp.concatenate([mask, jnp.zeros_like(mask)])
+    loss2, _ = pbkd_mm.mm_q_loss(padded_rows, wide_mask, padded_rows, wide_mask, padded_rows, wide_mask,
+                                 lam=1.0, c=0.1)
+    assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_cheap_loss_is_ce_plus_lambda_dpo():
+    rng = np.random.default_rng(9)
+    logits, ids, mask = jnp.asarray(rng.normal(size=(2, 4, 6))), jnp.asarray(rng.integers(0, 6, (2, 4))), jnp.ones((2, 4))
+    ce, ce_metrics = losses.sft_loss(logits, ids, mask)
+    lp = [jnp.asarray(rng.normal(size=2)) for _ in range(4)]
+    loss, metrics = pbkd.cheap_loss(ce, ce_metrics, *lp, lam=0.5, beta=0.1)
+    z = (lp[0] - lp[1]) - (lp[2] - lp[3])
+    assert float(loss) == pytest.approx(float(ce) + 0.5 * float(np.mean(np.log1p(np.exp(-0.1 * np.asarray(z))))), rel=1e-5)
