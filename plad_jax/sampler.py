@@ -22,9 +22,12 @@ Semantics of `generate` (the contract of DESIGN.md section 3):
   with no filtering it is `log_softmax(logits / temperature)[token]`.
 - `temperature=0` is greedy decoding (`argmax`, first index on ties); `top_k`/`top_p` are then
   ignored and `logprobs` is the model's own `log_softmax(logits)[token]` (temperature 1).
-- Randomness is a pure function of `(seed, row, step)`: row `r`'s key at step `t` is
-  `fold_in(fold_in(key(seed), r), t)`, so a row's samples do not depend on the padding added to
-  the batch or the prompt, nor on the mesh. Same seed, same inputs, same model: same output.
+- Randomness is a pure function of `(seed, stream, step)`: a row's key at step `t` is
+  `fold_in(fold_in(key(seed), stream), t)`, where the stream of sample `s` of prompt `b` is
+  `sample_ids[b] * num_samples + s` (`sample_ids` defaults to the row index `b`). So a row's
+  samples do not depend on the padding added to the batch or the prompt, nor on the mesh; with
+  stable `sample_ids` not on the batching or the number of hosts either. Same seed, same
+  inputs, same model: same output.
 - Decoding stops when every row has produced an EOS (any of `lm.eos_token_ids`) or after
   `max_new_tokens` tokens.
 
@@ -145,10 +148,10 @@ def _filter(scaled, top_k: int, top_p: float):
     return values, ids.astype(jnp.int32)
 
 
-def row_keys(seed, rows: int, step):
-    """The `[rows]` PRNG keys of one decoding step: fold_in(fold_in(key(seed), row), step)."""
+def row_keys(seed, row_ids, step):
+    """The `[B]` PRNG keys of one decoding step: fold_in(fold_in(key(seed), row_id), step)."""
     base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(jnp.arange(rows))
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(row_ids)
 
 
 # -- the model-agnostic decoding loop ----------------------------------------------------------
@@ -163,12 +166,13 @@ class DecodeState:
     tokens: jax.Array  # [B, N] int32, pad after the end
     logprobs: jax.Array  # [B, N] float32, 0 after the end
     seed: jax.Array  # [] uint32
+    row_ids: jax.Array  # [B] uint32, the random stream of each row (see `generate`'s sample_ids)
     cache: Any  # the model's cache pytree
 
 
 def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache) -> DecodeState:
     """Draw the token for column `state.step` from `logits` and record it."""
-    tokens, logprobs = sample_logits(logits, row_keys(state.seed, logits.shape[0], state.step),
+    tokens, logprobs = sample_logits(logits, row_keys(state.seed, state.row_ids, state.step),
                                      sampling.temperature, sampling.top_k, sampling.top_p)
     tokens = jnp.where(state.done, pad_id, tokens)
     logprobs = jnp.where(state.done, 0.0, logprobs)
@@ -179,13 +183,13 @@ def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id
                          cache=cache)
 
 
-def start_state(logits, cache, valid, seed, sampling: SamplingConfig, eos_ids, pad_id) -> DecodeState:
+def start_state(logits, cache, valid, row_ids, seed, sampling: SamplingConfig, eos_ids, pad_id) -> DecodeState:
     """The loop state after prefill: the first token of every row drawn from `logits` [B, V]."""
     rows, n = valid.shape[0], sampling.max_new_tokens
     state = DecodeState(step=jnp.zeros((), jnp.int32), last=jnp.full((rows,), pad_id, jnp.int32),
                         done=~valid.astype(bool), tokens=jnp.full((rows, n), pad_id, jnp.int32),
                         logprobs=jnp.zeros((rows, n), jnp.float32), seed=jnp.asarray(seed, jnp.uint32),
-                        cache=cache)
+                        row_ids=row_ids.astype(jnp.uint32), cache=cache)
     return _write(state, logits, sampling, eos_ids, pad_id, cache)
 
 
@@ -290,16 +294,18 @@ def _constrainer(model: _StaticModel, params, cache):
         put = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
         rows = P(shd.BATCH_AXES) if s.done.shape[0] % batch_shards == 0 else P()
         matrix = P(*rows, None)
-        return s.replace(last=put(s.last, rows), done=put(s.done, rows), tokens=put(s.tokens, matrix),
+        return s.replace(last=put(s.last, rows), done=put(s.done, rows), row_ids=put(s.row_ids, rows),
+                         tokens=put(s.tokens, matrix),
                          logprobs=put(s.logprobs, matrix), cache=jax.tree.map(put, s.cache, cache_specs))
 
     return constrain
 
 
-def _prefill_program(model: _StaticModel, sampling: SamplingConfig, params, prompt_ids, prompt_mask, valid, seed):
+def _prefill_program(model: _StaticModel, sampling: SamplingConfig, params, prompt_ids, prompt_mask, valid, row_ids,
+                     seed):
     logits, cache = model.fns.prefill(params, prompt_ids, prompt_mask, sampling.max_new_tokens)
     constrain = _constrainer(model, params, cache)
-    return constrain(start_state(logits, cache, valid, seed, sampling, model.eos_ids, model.pad_id))
+    return constrain(start_state(logits, cache, valid, row_ids, seed, sampling, model.eos_ids, model.pad_id))
 
 
 def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState):
@@ -367,12 +373,17 @@ def _pad_rows(prompt_ids, prompt_mask, rows: int, pad_id: int):
 
 
 def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, num_samples: int = 1, seed: int = 0, pad_batch_to: int | None = None) -> Generation:
+             top_p: float = 1.0, num_samples: int = 1, seed: int = 0, pad_batch_to: int | None = None,
+             sample_ids=None) -> Generation:
     """Sample `num_samples` continuations of every prompt row; see the module docstring.
 
     prompt_ids, prompt_mask: `[B, P]` host int arrays (this process's rows on several hosts).
     pad_batch_to: pad the `B * num_samples` rows up to this many, so that smaller batches reuse
     the compiled program of the full one (the text helper passes its batch size).
+    sample_ids: `[B]` non-negative ints, one per prompt row (default `0..B-1`): sample `s` of
+    prompt `b` draws from random stream `sample_ids[b] * num_samples + s`. Giving every prompt a
+    stable id (its index in the dataset) makes its samples independent of how prompts are
+    batched, padded or spread over hosts.
     """
     sampling = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p))
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
@@ -386,6 +397,10 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     used = int(np.max(np.nonzero(mask.any(axis=0))[0], initial=-1)) + 1  # columns past this are padding
     ids, mask = ids[:, :used], mask[:, :used]
     ids, mask = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+    sample_ids = np.arange(len(prompt_ids)) if sample_ids is None else np.asarray(sample_ids, np.int64)
+    if sample_ids.shape != (len(prompt_ids),) or (sample_ids < 0).any():
+        raise ValueError(f"sample_ids must be [batch] non-negative ints, got shape {sample_ids.shape}")
+    streams = ((sample_ids[:, None] * num_samples + np.arange(num_samples)).reshape(-1) % 2**32).astype(np.uint32)
 
     model = _StaticModel(lm)
     rows = max(ids.shape[0], pad_batch_to or 0, 1)
@@ -397,12 +412,75 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
     kept = ids.shape[0]
     ids, mask, valid = _pad_rows(ids, mask, rows, model.pad_id)
-    ids, mask, valid = _to_device(model.mesh, ids, mask, valid)
+    streams = np.pad(streams, (0, rows - kept))
+    ids, mask, valid, streams = _to_device(model.mesh, ids, mask, valid, streams)
 
-    state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, np.uint32(seed % 2**32))
+    state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, streams, np.uint32(seed % 2**32))
     state = _decode_jit(model, sampling, lm.params, state)
     tokens, logprobs = (_to_host(model.mesh, x)[:kept] for x in (state.tokens, state.logprobs))
     return Generation(tokens.astype(np.int32), response_mask(tokens, model.eos_ids), logprobs.astype(np.float32))
+
+
+@dataclasses.dataclass
+class Sampled:
+    """One response per row of `generate_many`: its new token ids without EOS and padding, and the
+    sum of their log-probs under the sampling distribution (EOS included)."""
+
+    ids: list[int]
+    logprob: float
+
+
+def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+                  seed: int = 0, sample_ids: Sequence[int] | None = None, progress: bool = True,
+                  desc: str = "generate") -> list[Sampled]:
+    """Any number of tokenized prompts, batched: `num_samples` responses per prompt, grouped by prompt
+    (`Sampled` `i * num_samples + s` for prompt `i`).
+
+    Prompts are sorted by length (longest first) and run `batch_size` at a time, every batch padded
+    to `batch_size` rows so a job compiles one shape per prompt-length bucket. Prompt `i` samples
+    from its own random stream, `sample_ids[i]` (default `i`; see `generate`): pass each prompt's
+    index in the dataset and its samples are the same whatever the batch size or the number of
+    hosts. Logs tokens/s; shows a progress bar on process 0. On
+    several hosts each process passes its own prompts (any number) and gets its own responses;
+    the processes agree on the number of batches, so all run the same collectives.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    prompts = [list(p) for p in prompts]
+    sample_ids = list(range(len(prompts))) if sample_ids is None else [int(i) for i in sample_ids]
+    if len(sample_ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample_ids")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    (num_batches,) = _agree_max(-(-len(prompts) // batch_size))
+    eos = {int(e) for e in lm.eos_token_ids}
+    out: list[Sampled | None] = [None] * (len(prompts) * num_samples)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(prompts), unit="prompt", desc=desc, disable=not progress or jax.process_index() != 0)
+    started, new_tokens = time.perf_counter(), 0
+    for j in range(num_batches):
+        chunk = order[j * batch_size:(j + 1) * batch_size]
+        width = max([len(prompts[i]) for i in chunk] + [1])
+        ids = np.full((len(chunk), width), int(lm.pad_token_id), np.int32)
+        mask = np.zeros_like(ids)
+        for r, i in enumerate(chunk):
+            ids[r, :len(prompts[i])], mask[r, :len(prompts[i])] = prompts[i], 1
+        gen = generate(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, num_samples=num_samples, seed=seed, pad_batch_to=batch_size * num_samples,
+                       sample_ids=[sample_ids[i] for i in chunk])
+        new_tokens += int(gen.mask.sum())
+        for r in range(gen.tokens.shape[0]):
+            kept = [int(t) for t, m in zip(gen.tokens[r], gen.mask[r]) if m and int(t) not in eos]
+            out[chunk[r // num_samples] * num_samples + r % num_samples] = Sampled(
+                kept, float(gen.logprobs[r][gen.mask[r] > 0].sum()))
+        bar.update(len(chunk))
+        bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - started
+    logger.info("%s: %d responses for %d prompts, %d new tokens in %.1fs (%.1f tokens/s)", desc, len(out),
+                len(prompts), new_tokens, elapsed, new_tokens / max(elapsed, 1e-9))
+    return out
 
 
 def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
@@ -411,48 +489,19 @@ def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                   progress: bool = True) -> list[str]:
     """Strings in, strings out: `num_samples` responses per prompt, grouped by prompt.
 
-    Prompts are tokenized with the tokenizer's special tokens, cut to `max_prompt_tokens`
-    (`truncation_side="left"` keeps the end, where instructions usually sit), sorted by length
-    (longest first) and run `batch_size` at a time; responses are decoded up to (without) the
-    first EOS, skipping special tokens. Returns `len(prompts) * num_samples` strings, response
-    `i * num_samples + s` for prompt `i`. Batch `j` samples with a seed derived from `(seed, j)`.
-    Logs tokens/s; shows a progress bar on process 0. On several hosts each process passes its
-    own prompts and gets its own responses.
+    Prompts are tokenized with the tokenizer's special tokens and cut to `max_prompt_tokens`
+    (`truncation_side="left"` keeps the end, where instructions usually sit); `generate_many` runs
+    them; responses are decoded up to (without) the first EOS, skipping special tokens. Returns
+    `len(prompts) * num_samples` strings, response `i * num_samples + s` for prompt `i`.
     """
     if truncation_side not in ("left", "right"):
         raise ValueError(f"truncation_side={truncation_side!r}: must be 'left' or 'right'")
-    if batch_size < 1 or max_prompt_tokens < 1:
-        raise ValueError(f"batch_size={batch_size} and max_prompt_tokens={max_prompt_tokens} must be positive")
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be positive")
     prompts = list(prompts)
     encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
     encoded = [e[-max_prompt_tokens:] if truncation_side == "left" else e[:max_prompt_tokens] for e in encoded]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    (num_batches,) = _agree_max(-(-len(prompts) // batch_size))
-    eos = {int(e) for e in lm.eos_token_ids}
-    responses: list[str] = [""] * (len(prompts) * num_samples)
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress or jax.process_index() != 0)
-    started, new_tokens = time.perf_counter(), 0
-    for j in range(num_batches):
-        chunk = order[j * batch_size:(j + 1) * batch_size]
-        width = max([len(encoded[i]) for i in chunk] + [1])
-        ids = np.full((len(chunk), width), int(lm.pad_token_id), np.int32)
-        mask = np.zeros_like(ids)
-        for r, i in enumerate(chunk):
-            ids[r, :len(encoded[i])], mask[r, :len(encoded[i])] = encoded[i], 1
-        batch_seed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
-        out = generate(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, num_samples=num_samples, seed=batch_seed, pad_batch_to=batch_size * num_samples)
-        new_tokens += int(out.mask.sum())
-        for r in range(out.tokens.shape[0]):
-            kept = [int(t) for t, m in zip(out.tokens[r], out.mask[r]) if m and int(t) not in eos]
-            responses[chunk[r // num_samples] * num_samples + r % num_samples] = tokenizer.decode(
-                kept, skip_special_tokens=True)
-        bar.update(len(chunk))
-        bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
-    bar.close()
-    elapsed = time.perf_counter() - started
-    logger.info("generated %d responses for %d prompts: %d new tokens in %.1fs (%.1f tokens/s)",
-                len(responses), len(prompts), new_tokens, elapsed, new_tokens / max(elapsed, 1e-9))
-    return responses
+    sampled = generate_many(lm, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+                            seed=seed, progress=progress)
+    return [tokenizer.decode(s.ids, skip_special_tokens=True) for s in sampled]
