@@ -13,6 +13,9 @@ Rows are plain dicts with these keys (`PAIR_SCHEMA` gives the Parquet types):
     teacher_logp, student_logp   float32 sequence log-prob under the sampler, or None
     score_teacher, score_student float32 scores from `relabel`'s scorer, or None when not scored
     relabelled               True when `relabel` scored the pair (whether or not it swapped)
+    index                    int64 position of the prompt in the distillation split, or None:
+                             `read_pairs` returns rows in this order, so the pairs are the same
+                             list whatever number of processes sampled them
 
 Teacher and student may use different tokenizers, so training never uses `teacher_ids`: the
 student re-tokenizes the texts (`preference_texts`). The ids and log-probs are kept for analysis
@@ -49,11 +52,13 @@ PAIR_SCHEMA = pa.schema([
     ("score_teacher", pa.float32()),
     ("score_student", pa.float32()),
     ("relabelled", pa.bool_()),
+    ("index", pa.int64()),
 ])
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
 REQUIRED = ("prompt", "teacher", "student")
 DEFAULTS = {"reference": "", "chosen": "teacher", "teacher_ids": [], "student_ids": [], "teacher_logp": None,
-            "student_logp": None, "score_teacher": None, "score_student": None, "relabelled": False}
+            "student_logp": None, "score_teacher": None, "score_student": None, "relabelled": False,
+            "index": None}
 CHOICES = ("teacher", "student")
 SHARD_PATTERN = re.compile(r"pairs-(\d{5})\.parquet")
 
@@ -96,6 +101,7 @@ def _complete(row: dict) -> dict:
     for key in ("teacher_logp", "student_logp", "score_teacher", "score_student"):
         out[key] = None if out[key] is None else float(out[key])
     out["relabelled"] = bool(out["relabelled"])
+    out["index"] = None if out["index"] is None else int(out["index"])
     return out
 
 
@@ -141,10 +147,13 @@ def shard_paths(stage_dir) -> list[epath.Path]:
 
 
 def read_pairs(stage_dir) -> list[dict]:
-    """All rows of all shards: shard by shard in process order, rows in the order written."""
+    """All rows of all shards: by `index` when every row has one (the split's order, however many
+    processes wrote the shards), else shard by shard in process order, rows in the order written."""
     rows = []
     for path in shard_paths(stage_dir):
         rows.extend(_read_shard(path))
+    if rows and all(r["index"] is not None for r in rows):
+        rows.sort(key=lambda r: r["index"])
     return rows
 
 
@@ -154,6 +163,8 @@ def _read_shard(path: epath.Path) -> list[dict]:
     except (OSError, pa.ArrowException) as e:
         raise PairsError(f"pair shard {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                          f"delete it and rerun the sample stage") from None
+    if "index" not in table.column_names:  # shards written before the column existed
+        table = table.append_column("index", pa.nulls(table.num_rows, pa.int64()))
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
     if missing:
         raise PairsError(f"pair shard {path} lacks the columns {', '.join(missing)}; it was not written by "
@@ -168,11 +179,15 @@ def _read_shard(path: epath.Path) -> list[dict]:
 
 # -- real-preference relabelling -----------------------------------------------------------------
 
-def relabel(pairs: Sequence[dict], scorer, real_ratio: float, seed: int) -> tuple[list[dict], dict]:
+def relabel(pairs: Sequence[dict], scorer, real_ratio: float, seed: int, *,
+            population: int | None = None) -> tuple[list[dict], dict]:
     """Score a `real_ratio` share of pairs with `scorer` and prefer the student where it scores higher.
 
-    The share is `round(real_ratio * len(pairs))` pairs drawn without replacement by `seed`
-    (the same pairs and seed pick the same rows). A scored pair gets `score_teacher`,
+    The share is `round(real_ratio * population)` pair positions drawn without replacement by
+    `seed` from `range(population)` (the same pairs and seed pick the same rows). By default the
+    population is these pairs and a pair's position is its place in `pairs`; a process holding
+    only its shard of the pairs passes the total count as `population` and rows whose `index` is
+    the position, so every process draws the same global choice. A scored pair gets `score_teacher`,
     `score_student`, `relabelled = True`, and `chosen = "student"` only when the student's score is
     strictly higher (a tie keeps the teacher, PLaD's default). Pairs without references are
     scored with `references=None`, so a scorer that needs them says so. The input is not modified.
@@ -182,8 +197,14 @@ def relabel(pairs: Sequence[dict], scorer, real_ratio: float, seed: int) -> tupl
     if not 0 <= real_ratio <= 1:
         raise ValueError(f"real_ratio must be in [0, 1], got {real_ratio}")
     rows = [dict(p) for p in pairs]
-    count = round(real_ratio * len(rows))
-    picked = np.sort(np.random.default_rng(seed).choice(len(rows), size=count, replace=False))
+    if population is None:
+        population, positions = len(rows), range(len(rows))
+    else:
+        positions = [r["index"] for r in rows]
+    drawn = set(np.random.default_rng(seed).choice(population, size=round(real_ratio * population),
+                                                   replace=False).tolist())
+    picked = [i for i, position in enumerate(positions) if position in drawn]
+    count = len(picked)
     stats = {"pairs": len(rows), "scored": count, "swapped": 0}
     if count == 0:
         return rows, stats

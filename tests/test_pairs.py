@@ -25,7 +25,7 @@ def _rows(process, n):
             "teacher": f"teacher says {i}", "student": f"student says {i}", "chosen": "teacher",
             "teacher_ids": list(range(i + 1)), "student_ids": [7] * (i % 3),
             "teacher_logp": None if i == 1 else -1.25 * i, "student_logp": -0.5 - i,
-            "score_teacher": None, "score_student": None, "relabelled": False})
+            "score_teacher": None, "score_student": None, "relabelled": False, "index": None})
     return rows
 
 
@@ -40,6 +40,21 @@ def test_round_trip_two_shards_in_process_order(tmp_path):
     assert tuple(schema.names) == PAIR_COLUMNS
     assert schema.field("teacher_ids").type.value_type == pa.int32()
     assert schema.field("teacher_logp").type == pa.float32() and schema.field("relabelled").type == pa.bool_()
+
+
+def test_rows_with_an_index_read_back_in_split_order_whatever_the_shards(tmp_path):
+    rows = [{**r, "index": i} for i, r in enumerate(_rows(0, 5))]
+    write_pairs(tmp_path / "one", rows, 0)
+    write_pairs(tmp_path / "two", rows[0::2], 0)  # two processes, every other prompt each
+    write_pairs(tmp_path / "two", rows[1::2], 1)
+    assert read_pairs(tmp_path / "one") == read_pairs(tmp_path / "two") == rows
+
+
+def test_shards_without_the_index_column_still_read(tmp_path):
+    rows = _rows(0, 2)
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "index"} for r in rows])
+    pq.write_table(table, tmp_path / "pairs-00000.parquet")
+    assert read_pairs(tmp_path) == rows
 
 
 def test_defaults_and_float32_storage(tmp_path):
@@ -130,6 +145,15 @@ def test_relabel_share_is_seeded():
     assert picked != [i for i, r in enumerate(rows_c) if r["relabelled"]]
     assert stats_a["swapped"] == sum(i > 10 for i in picked)
     assert all((r["chosen"] == "student") == (r["relabelled"] and i > 10) for i, r in enumerate(rows_a))
+
+
+def test_relabel_over_process_shards_picks_the_same_pairs_as_one_process():
+    pairs = [{**p, "index": i} for i, p in enumerate(_scored_pairs(40))]
+    whole, _ = relabel(pairs, StubScorer(), real_ratio=0.3, seed=3)
+    shards = [relabel(pairs[k::3], StubScorer(), real_ratio=0.3, seed=3, population=40)[0] for k in range(3)]
+    merged = sorted((r for shard in shards for r in shard), key=lambda r: r["index"])
+    assert merged == whole
+    assert sum(r["relabelled"] for r in merged) == 12
 
 
 def test_relabel_passes_references_and_prompts():
