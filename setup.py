@@ -15,6 +15,8 @@ CORE = [
     "pyarrow>=14",  # pair shards (plad_jax.pairs)
     "rouge-score>=0.1.2",  # ROUGE-1/2/L and the offline scorer (plad_jax.rewards, plad_jax.evaluate)
     "matplotlib>=3.7",  # report plots, Agg canvas only (plad_jax.evaluate)
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (plad_jax.stages)
+    "tqdm>=4.60",  # progress bars (plad_jax.loop, plad_jax.sampler)
 ]
 
 EXTRAS = {

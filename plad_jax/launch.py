@@ -28,8 +28,10 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import urllib.parse
 
 PROG = "plad_jax.launch"
 
@@ -123,6 +125,31 @@ def initialize_distributed() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hugging Face hub
+
+
+def hub_reachable(environ=os.environ, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT, default huggingface.co) opens."""
+    url = urllib.parse.urlparse(environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def prefer_local_files(environ=os.environ) -> bool:
+    """Set HF_HUB_OFFLINE=1 when the hub cannot be reached, so that every hub lookup (models,
+    tokenizers, datasets) answers from the local cache at once instead of retrying for minutes.
+    Must run before huggingface_hub is imported; returns True when it switched to offline."""
+    if environ.get("HF_HUB_OFFLINE") or environ.get("HF_DATASETS_OFFLINE") or hub_reachable(environ):
+        return False
+    environ["HF_HUB_OFFLINE"] = "1"
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # Run directory
 
 
@@ -163,6 +190,23 @@ def write_run_config(config, run_dir: str) -> str | None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return warning
+
+
+def check_run_dir(run_dir: str):
+    """UserError unless `run_dir` exists and is writable or can be created (local paths; a
+    `gs://` run directory is checked when config.json is written)."""
+    from plad_jax.config import UserError
+
+    if "://" in run_dir:
+        return
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot write the run directory {run_dir} ({existing} is a file); pass a writable --run-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run directory {run_dir} ({existing}: permission denied); "
+                        "pass a writable --run-dir")
 
 
 def _stamp() -> str:
@@ -251,25 +295,30 @@ def _is_user_error(e: Exception) -> bool:
 
 def _run(args) -> int:
     distributed = initialize_distributed()  # before anything touches a JAX backend
+    prefer_local_files()  # before anything imports huggingface_hub
 
     from plad_jax import config as cfg
 
     stages = cfg.parse_stages(args.stages)
     config = cfg.resolve(args.config, args.overrides, run_dir=args.run_dir)
     run_dir = config.run_dir
-    if _process_index(distributed) == 0:
-        warning = write_run_config(config, run_dir)
-        if warning:
-            print(f"{PROG}: {warning}", file=sys.stderr)
+    check_run_dir(run_dir)
+
+    def record_config():  # once the inputs are known to be there: a failed start changes nothing
+        if _process_index(distributed) == 0:
+            warning = write_run_config(config, run_dir)
+            if warning:
+                print(f"{PROG}: {warning}", file=sys.stderr)
 
     import logging
-    logging.basicConfig(level=logging.INFO if _process_index(distributed) == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Our progress at INFO on process 0; the libraries (absl/Orbax, JAX, the hub) only at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("plad_jax").setLevel(logging.INFO if _process_index(distributed) == 0 else logging.WARNING)
     from plad_jax import stages as pipeline
     from plad_jax.train import NonFiniteLossError
 
     try:
-        pipeline.run(config, run_dir, stages)
+        pipeline.run(config, run_dir, stages, on_start=record_config)
     except NonFiniteLossError as e:  # a diverged run: the message names the last good checkpoint
         return _fail(str(e), code=1)
     return 0

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
 
 from plad_jax import checkpointing as ckpt
 from plad_jax.train import NonFiniteLossError, check_finite, reduce_metrics
@@ -30,14 +31,18 @@ BatchFn = Callable[[int, int], Any]  # (epoch, index within epoch) -> batch, the
 
 def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: int, steps_per_epoch: int,
                manager: ocp.CheckpointManager | None = None, log_every: int = 0,
-               on_metrics: Callable[[int, dict], None] | None = None, config_hash: str | None = None):
+               on_metrics: Callable[[int, dict], None] | None = None, config_hash: str | None = None,
+               on_checkpoint: Callable[[int, Any], None] | None = None, progress: str | None = None):
     """Train `state` to `total_steps` with `step_fn(state, batch, frozen) -> (state, metrics)`.
 
     With a `manager` (see `checkpointing.open_manager`), first resume from its newest readable
     checkpoint (state, data position and rng; restored onto the shardings of `state`), then save
     on its schedule and always at `total_steps`, and wait for pending saves before returning or
     raising. Every `log_every` steps `on_metrics(step, means over the window)` is called and a line
-    is logged. Returns the final state.
+    is logged. `on_checkpoint(step, state)` runs after every save, and once more for the step a
+    run resumes from (so a kill between a save and its callback loses nothing): it must be
+    idempotent per step, e.g. record a validation score keyed by step. `progress`: a label for a
+    tqdm bar on process 0 (shown on a terminal only). Returns the final state.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
@@ -49,7 +54,11 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
             state, position = restored
             logger.info("resumed from step %d (epoch %d, batch %d) in %s", int(state.step), position.epoch,
                         position.index, manager.directory)
+            if on_checkpoint is not None:
+                on_checkpoint(int(state.step), state)
     window = _MetricWindow()
+    bar = tqdm(total=total_steps, initial=int(state.step), unit="step", desc=progress,
+               disable=True if progress is None or jax.process_index() != 0 else None)
     unchecked = None  # (step, position of its batch, metrics) of the last step not yet checked
     try:
         for step in range(int(state.step) + 1, total_steps + 1):
@@ -59,11 +68,14 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
             unchecked = (step, position, metrics)
             position = position.advance(steps_per_epoch)
             window.add(metrics)
+            bar.update(1)
             if manager is not None and (step == total_steps or manager.should_save(step)):
                 _check(unchecked, manager)
                 unchecked = None
                 ckpt.save(manager, step, state, position, metrics=_finite_metrics(metrics),
                           config_hash=config_hash, force=True)
+                if on_checkpoint is not None:
+                    on_checkpoint(step, state)
             if log_every and (step % log_every == 0 or step == total_steps):
                 _check(unchecked, manager)
                 unchecked = None
@@ -71,6 +83,7 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
                 window = _MetricWindow()
         _check(unchecked, manager)
     finally:
+        bar.close()
         if manager is not None:
             ckpt.wait(manager)
     return state

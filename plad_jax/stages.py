@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from plad_jax import data, evaluate, objectives, pairs, rewards, sampler
 from plad_jax import sharding as shd
 from plad_jax.config import Config, ConfigError, check_shared_vocabulary, to_dict
 from plad_jax.loop import train_loop
-from plad_jax.models import from_pretrained, init_model, lora
+from plad_jax.models import from_pretrained, hf, init_model, lora
 from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, state_shardings
 
 logger = logging.getLogger(__name__)
@@ -98,9 +99,17 @@ class Context:
 
 # -- running stages -------------------------------------------------------------------------------
 
-def run(config: Config, run_dir: str, stages=STAGES):
-    """Run the selected stages in pipeline order, skipping those already DONE."""
+def run(config: Config, run_dir: str, stages=STAGES, *, on_start=None):
+    """Run the selected stages in pipeline order, skipping those already DONE.
+
+    The inputs of the pending stages are checked first (`check_inputs`); `on_start()` runs after
+    that check and before any stage (the CLI records config.json there), so input that cannot
+    work changes nothing in the run directory."""
     ctx = Context(config, run_dir)
+    pending = [name for name in STAGES if name in stages and not os.path.exists(ctx.path(name, "DONE"))]
+    check_inputs(ctx, pending)
+    if on_start is not None:
+        on_start()
     for name in STAGES:
         if name not in stages:
             continue
@@ -113,7 +122,55 @@ def run(config: Config, run_dir: str, stages=STAGES):
         summary = STAGE_FUNCTIONS[name](ctx, ctx.path(name))
         if jax.process_index() == 0:
             _write_json(done, summary)
+        _barrier(f"stage {name} done")  # no process reads a stage's output before every process wrote it
         logger.info("stage %s: done %s", name, json.dumps(summary))
+
+
+def _barrier(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def check_inputs(ctx: Context, pending) -> None:
+    """Before any work: every model and dataset the pending stages read is on this machine or
+    reachable. All that is missing goes into one ConfigError line with the `--set` that fixes it,
+    so a run without network fails in seconds, not after hours of teacher SFT."""
+    cfg, missing = ctx.config, []
+    wanted = [(f"{role}.path", getattr(cfg, role).path) for role, stage in
+              (("teacher", "sft_teacher"), ("student", "sft_student")) if stage in pending]
+    wanted += [(f"{role}.tokenizer", getattr(cfg, role).tokenizer) for role in ("teacher", "student")
+               if getattr(cfg, role).tokenizer and pending]
+    if "eval" in pending and cfg.eval.scorer == "reward_model":
+        wanted.append(("eval.reward_model", cfg.eval.reward_model))
+    if "sample" in pending and cfg.pairs.real_ratio > 0 and cfg.pairs.scorer == "reward_model":
+        wanted.append(("pairs.reward_model", cfg.pairs.reward_model))
+    for key, source in dict.fromkeys(wanted):
+        if source and not hf.is_available(source):
+            missing.append((key, source))
+    data_problem = None
+    if pending:
+        try:
+            ctx.splits  # noqa: B018 - loads (and caches) the task's data, or says what is wrong
+        except data.DataError as e:
+            if not missing:
+                raise
+            data_problem = str(e)
+    if not missing:
+        if "distill" in pending and cfg.distill.method in objectives.TEACHER_LOGIT_METHODS:
+            check_shared_vocabulary(cfg, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
+        return
+    names = ", ".join(f"{key} '{source}'" for key, source in missing)
+    fix = " ".join(f"--set {key}={_local_hint(key, source)}" for key, source in missing)
+    extra = "; also --set eval.scorer=rouge scores offline" if any(k.endswith("reward_model") for k, _ in missing) else ""
+    data_hint = f"; and the data: {data_problem}" if data_problem else ""
+    raise ConfigError(f"missing weights: {names} {'is' if len(missing) == 1 else 'are'} neither a local directory "
+                      f"nor reachable on the Hugging Face hub; download {'it' if len(missing) == 1 else 'them'} "
+                      f"(config.json, safetensors, tokenizer files) and point at the local copies: {fix}{extra}{data_hint}")
+
+
+def _local_hint(key: str, source: str) -> str:
+    return "/models/" + source.rstrip("/").rpartition("/")[2] if "/" in source else f"/models/{key.split('.')[0]}"
 
 
 def _write_json(path: str, obj):
@@ -137,9 +194,56 @@ def with_lora(ctx: Context, lm, role: str):
     return lora.add_lora(lm, lora.LoRAConfig(**dataclasses.asdict(settings)), seed=ctx.config.seed)
 
 
+class BestCheckpoint:
+    """`on_checkpoint` hook of the training loop: scores the model at every checkpoint with
+    `score_fn(lm) -> float` (higher is better) and keeps the best one as an HF directory.
+
+    `<stage>/selection.json` maps step -> score; `<stage>/best/` holds the best model so far. Both
+    survive a restart: a step already scored is not scored again, and the best directory is
+    replaced only by a complete one (written beside it, then renamed)."""
+
+    def __init__(self, stage_dir: str, model_at, score_fn):
+        self.record_path = os.path.join(stage_dir, "selection.json")
+        self.best_dir = os.path.join(stage_dir, "best")
+        self.model_at, self.score_fn = model_at, score_fn
+        self.scores = {}
+        if os.path.exists(self.record_path):
+            with open(self.record_path, encoding="utf-8") as f:
+                self.scores = {int(k): v for k, v in json.load(f).items()}
+
+    @property
+    def best_step(self) -> int | None:  # ties go to the earlier step
+        return max(sorted(self.scores), key=self.scores.get) if self.scores else None
+
+    def __call__(self, step: int, state):
+        if step in self.scores:
+            return
+        lm = self.model_at(state.params)
+        score = float(self.score_fn(lm))
+        logger.info("step %d: validation score %.4f (best so far %s)", step, score,
+                    "none" if self.best_step is None else f"{self.scores[self.best_step]:.4f} at step {self.best_step}")
+        if self.best_step is None or score > self.scores[self.best_step]:
+            tmp = self.best_dir + ".tmp"
+            lm.save_pretrained(tmp)
+            if jax.process_index() == 0:
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+                os.replace(tmp, self.best_dir)
+        self.scores[step] = score
+        if jax.process_index() == 0:
+            _write_json(self.record_path, {str(k): v for k, v in sorted(self.scores.items())})
+
+    def summary(self) -> dict:
+        return {"best_step": self.best_step, "validation_score": self.scores.get(self.best_step),
+                "validation_by_step": {str(k): v for k, v in sorted(self.scores.items())}}
+
+
 def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectives.ObjectiveConfig,
-                batch_fn, num_examples: int, *, teacher=None, reference=None, tag: str = ""):
-    """Train `lm` with `objective` on `batch_fn(rows) -> batch`; returns (trained lm, summary)."""
+                batch_fn, num_examples: int, *, role: str = "student", teacher=None, reference=None, tag: str = "",
+                select=None):
+    """Train `lm` with `objective` on `batch_fn(rows) -> batch`; returns (trained lm, summary).
+
+    select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint and the
+    best one (not the last) is returned, read back from `<stage>/best/`."""
     steps_per_epoch = max(num_examples // train_cfg.batch_size, 1)
     total = steps_per_epoch * train_cfg.epochs
     if train_cfg.max_steps:
@@ -167,19 +271,47 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
         batch = batch_fn(rows)
         return dict(zip(batch, shd.shard_batch(ctx.mesh, *batch.values())))
 
-    curve = []
+    to_full = (lambda p: lora.combine(p, frozen[lora.FROZEN_KEY])) if lora.FROZEN_KEY in frozen else (lambda p: p)
+    selector = BestCheckpoint(stage_dir, lambda p: lm.with_params(to_full(p)), select) if select else None
+    curve, board = [], _board(ctx, os.path.basename(stage_dir) + tag)
+
+    def on_metrics(step, means):
+        curve.append((step, means["loss"]))
+        if board is not None:
+            for name, value in means.items():
+                board.add_scalar(f"train/{name}", value, step)
+
     manager = ckpt.open_manager(os.path.join(stage_dir, f"checkpoints{tag}"),
                                 ckpt.CheckpointConfig(every_steps=train_cfg.checkpoint_every, keep=train_cfg.keep))
     state = train_loop(step, state, batches, frozen, total_steps=total, steps_per_epoch=steps_per_epoch,
                        manager=manager, log_every=train_cfg.log_every,
-                       on_metrics=lambda s, m: curve.append((s, m["loss"])),
-                       config_hash=_config_hash(to_dict(train_cfg), dataclasses.asdict(objective), tag))
+                       on_metrics=on_metrics, progress=os.path.basename(stage_dir) + tag,
+                       config_hash=_config_hash(to_dict(train_cfg), dataclasses.asdict(objective), tag),
+                       on_checkpoint=selector)
     manager.close()
+    if board is not None:
+        if selector is not None:
+            for step, score in sorted(selector.scores.items()):
+                board.add_scalar("validation/score", score, step)
+        board.close()
     if jax.process_index() == 0 and curve:
         with open(os.path.join(stage_dir, f"curve{tag}.json"), "w", encoding="utf-8") as f:
             json.dump(curve, f)
-    params = lora.combine(state.params, frozen[lora.FROZEN_KEY]) if lora.FROZEN_KEY in frozen else state.params
-    return lm.with_params(params), {"steps": total, "final_loss": curve[-1][1] if curve else None}
+    summary = {"steps": total, "final_loss": curve[-1][1] if curve else None}
+    if selector is not None:
+        summary.update(selector.summary())
+        model = getattr(ctx.config, role)
+        return from_pretrained(selector.best_dir, dtype=model.dtype, compute_dtype=model.compute_dtype,
+                               mesh=ctx.mesh), summary
+    return lm.with_params(to_full(state.params)), summary
+
+
+def _board(ctx: Context, name: str):
+    """A TensorBoard writer for `<run>/tb/<name>` on process 0 (None elsewhere)."""
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(ctx.path("tb", name), flush_secs=30)
 
 
 def sft_batches(encoded: data.EncodedExamples, batch_size: int):
@@ -204,25 +336,20 @@ def pair_batches(pos: data.EncodedExamples, neg: data.EncodedExamples, batch_siz
 
 # -- sampling -----------------------------------------------------------------------------------------
 
-def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_new_tokens, seed):
-    """(texts, token id lists, sequence log-probs) of one sample per prompt, batched by length."""
+def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_new_tokens, seed, desc="sample",
+                     sample_ids=None):
+    """(texts, token id lists, sequence log-probs) of one sample per prompt (`sampler.generate_many`:
+    batched by length, progress bar, tokens/s in the log). Prompts are encoded as for training.
+    sample_ids: each prompt's index in its split, so that its sample is the same on any number
+    of hosts (default: position in `prompts`)."""
     cfg = ctx.config.sample
     tok = ctx.tokenizer(role)
     encoded = ctx.encode(role, prompts, [""] * len(prompts))
-    order = np.argsort([-len(p) for p in encoded.prompts], kind="stable")
-    texts, ids, logps = [None] * len(prompts), [None] * len(prompts), np.zeros(len(prompts), np.float32)
-    for start in range(0, len(order), cfg.batch_size):
-        rows = order[start:start + cfg.batch_size]
-        b = data.make_batch(encoded, rows)
-        gen = sampler.generate(lm, b["prompt_ids"], b["prompt_mask"], max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               seed=seed + start, pad_batch_to=cfg.batch_size)
-        for i, row in enumerate(rows):
-            n = int(gen.mask[i].sum())
-            new = [int(t) for t in gen.tokens[i, :n] if int(t) not in lm.eos_token_ids]
-            ids[row], logps[row] = new, float(gen.logprobs[i, :n].sum())
-            texts[row] = tok.decode(new, skip_special_tokens=True)
-    return texts, ids, logps
+    sampled = sampler.generate_many(lm, encoded.prompts, max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
+                                    temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed,
+                                    sample_ids=sample_ids, desc=f"{desc} ({role})")
+    texts = [tok.decode(s.ids, skip_special_tokens=True) for s in sampled]
+    return texts, [s.ids for s in sampled], np.array([s.logprob for s in sampled], np.float32)
 
 
 # -- the stages ---------------------------------------------------------------------------------------
@@ -235,23 +362,30 @@ def _sft_stage(role: str):
         encoded = ctx.encode(role, [e.prompt for e in d0], [e.response for e in d0])
         logger.info("sft_%s: %d examples, %d prompts cut to %d tokens", role, len(d0), encoded.num_prompts_cut,
                     ctx.config.data.max_prompt_tokens)
-        lm, summary = train_model(ctx, lm, stage_dir, train_cfg, objectives.ObjectiveConfig(method="sft"),
-                                  sft_batches(encoded, train_cfg.batch_size), len(d0))
+        select = None
         if train_cfg.select_best and ctx.splits.validation:
-            summary["validation_win_rate"] = _validation_win_rate(ctx, lm, role, train_cfg.validation_examples)
+            select = lambda model: validation_score(ctx, model, role, train_cfg.validation_examples)  # noqa: E731
+        lm, summary = train_model(ctx, lm, stage_dir, train_cfg, objectives.ObjectiveConfig(method="sft"),
+                                  sft_batches(encoded, train_cfg.batch_size), len(d0), role=role, select=select)
         lm.save_pretrained(os.path.join(stage_dir, "params"))
-        return summary
+        return {**summary, "examples": len(d0), "prompts_cut": encoded.num_prompts_cut}
     return stage
 
 
-def _validation_win_rate(ctx: Context, lm, role: str, n: int) -> float:
-    """Greedy win rate against the validation targets (the paper's teacher model selection)."""
+def validation_score(ctx: Context, lm, role: str, n: int) -> float:
+    """The paper's model selection on validation, greedy decoding, scored with `eval.scorer`: the win
+    rate against the targets, or, for a scorer that measures closeness to the target (ROUGE-L),
+    the mean score (a win rate against the target itself would always be 0)."""
     examples = ctx.splits.validation[:n]
     prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
     texts, _, _ = sample_responses(ctx, lm, role, prompts, temperature=0.0,
-                                   max_new_tokens=ctx.config.eval.max_new_tokens, seed=ctx.config.seed)
+                                   max_new_tokens=ctx.config.eval.max_new_tokens, seed=ctx.config.seed,
+                                   desc="validation")
     scorer = _scorer(ctx, ctx.config.eval)
-    return rewards.win_rate(scorer.score(prompts, texts, refs), scorer.score(prompts, refs, refs))
+    scores = scorer.score(prompts, texts, refs)
+    if rewards.is_reference_based(scorer):
+        return float(np.mean(scores))
+    return rewards.win_rate(scores, scorer.score(prompts, refs, refs))
 
 
 def _scorer(ctx: Context, cfg):
@@ -259,22 +393,28 @@ def _scorer(ctx: Context, cfg):
 
 
 def sample_stage(ctx: Context, stage_dir: str):
+    """One teacher and one student sample per prompt of D. Each process samples every
+    `process_count`-th prompt; a prompt's samples depend only on its index in D and the seed, so
+    the pairs are the same on any number of processes."""
     teacher, student = ctx.stage_model("sft_teacher", "teacher"), ctx.stage_model("sft_student", "student")
-    examples = ctx.splits.d[jax.process_index()::jax.process_count()]
+    everything = ctx.splits.d
+    indices = list(range(jax.process_index(), len(everything), jax.process_count()))
+    examples = [everything[i] for i in indices]
     prompts = [e.prompt for e in examples]
     cfg, seed = ctx.config.sample, ctx.config.seed
-    t_texts, t_ids, t_logp = sample_responses(ctx, teacher, "teacher", prompts, temperature=cfg.temperature,
-                                              max_new_tokens=cfg.max_new_tokens, seed=seed)
-    s_texts, s_ids, s_logp = sample_responses(ctx, student, "student", prompts, temperature=cfg.temperature,
-                                              max_new_tokens=cfg.max_new_tokens, seed=seed + 1)
-    rows = [dict(prompt=e.prompt, reference=e.response, teacher=t, student=s, chosen="teacher",
+    common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, sample_ids=indices)
+    t_texts, t_ids, t_logp = sample_responses(ctx, teacher, "teacher", prompts, seed=seed, **common)
+    s_texts, s_ids, s_logp = sample_responses(ctx, student, "student", prompts, seed=seed + 1, **common)
+    rows = [dict(prompt=e.prompt, reference=e.response, teacher=t, student=s, chosen="teacher", index=i,
                  teacher_ids=ti, student_ids=si, teacher_logp=float(tl), student_logp=float(sl))
-            for e, t, s, ti, si, tl, sl in zip(examples, t_texts, s_texts, t_ids, s_ids, t_logp, s_logp)]
+            for i, e, t, s, ti, si, tl, sl in zip(indices, examples, t_texts, s_texts, t_ids, s_ids, t_logp, s_logp)]
     stats = {}
     if ctx.config.pairs.real_ratio > 0:
-        rows, stats = pairs.relabel(rows, _scorer(ctx, ctx.config.pairs), ctx.config.pairs.real_ratio, seed)
+        rows, stats = pairs.relabel(rows, _scorer(ctx, ctx.config.pairs), ctx.config.pairs.real_ratio, seed,
+                                    population=len(everything))
+        stats = {k: v for k, v in stats.items() if k != "pairs"}  # this process's counts
     pairs.write_pairs(stage_dir, rows, jax.process_index())
-    return {"pairs": len(rows), **stats}
+    return {"pairs": len(everything), **stats}
 
 
 def distill_stage(ctx: Context, stage_dir: str):
@@ -288,13 +428,16 @@ def distill_stage(ctx: Context, stage_dir: str):
     summary = {}
     for round_ in range(cfg.rounds):
         if round_ > 0:  # iterative PLaD: new student samples from the student distilled so far
-            texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows],
+            ids = [r["index"] if r["index"] is not None else i for i, r in enumerate(rows)]
+            texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
                                            temperature=ctx.config.sample.temperature,
                                            max_new_tokens=ctx.config.sample.max_new_tokens,
-                                           seed=ctx.config.seed + 100 * round_)
+                                           seed=ctx.config.seed + 100 * round_, desc=f"round {round_}")
             rows = [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
         batch_fn, n = _distill_batches(ctx, cfg, rows)
-        reference = student.params if cfg.method == "dpo" else None  # LoRA: adapters at their start
+        # DPO's frozen reference is the student as it starts (LoRA: adapters at their start). A copy:
+        # the train step donates the trainable params, which must not be the reference's buffers.
+        reference = jax.tree.map(jnp.copy, student.params) if cfg.method == "dpo" else None
         objective = objectives.ObjectiveConfig(
             method=cfg.method, score=cfg.score, beta=cfg.beta, alpha=cfg.alpha, kd_temperature=cfg.kd_temperature,
             label_smoothing=cfg.label_smoothing, span_max_n=cfg.span_max_n)
@@ -338,7 +481,8 @@ def eval_stage(ctx: Context, stage_dir: str):
                               ("distilled student", "distill", "student")):
         lm = ctx.stage_model(stage, role)
         responses[name], _, _ = sample_responses(ctx, lm, role, prompts, temperature=cfg.temperature,
-                                                 max_new_tokens=cfg.max_new_tokens, seed=ctx.config.seed)
+                                                 max_new_tokens=cfg.max_new_tokens, seed=ctx.config.seed,
+                                                 desc=f"eval {name}")
     scorer = _scorer(ctx, cfg)
     metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer)
     rows = pairs.read_pairs(ctx.path("sample"))

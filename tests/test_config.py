@@ -426,7 +426,12 @@ def test_bad_distributed_environment_is_a_usage_error():
 def fake_stages(monkeypatch):
     calls = []
     module = types.ModuleType("plad_jax.stages")
-    module.run = lambda config, run_dir, stages: calls.append((config, run_dir, stages))
+
+    def run(config, run_dir, stages, on_start=None):  # the real one calls on_start once inputs are checked
+        on_start()
+        calls.append((config, run_dir, stages))
+
+    module.run = run
     import plad_jax
     monkeypatch.setitem(sys.modules, "plad_jax.stages", module)
     monkeypatch.setattr(plad_jax, "stages", module, raising=False)
@@ -471,17 +476,18 @@ def test_user_errors_from_the_stages_are_one_line_and_exit_2(tmp_path, fake_stag
     error = {"checkpoint": CheckpointError("/m: no config.json"), "data": DataError("x.jsonl has\nno rows")}.get(
         error, error)
 
-    def boom(config, run_dir, stages):
+    def boom(config, run_dir, stages, on_start=None):
         raise error
 
     sys.modules["plad_jax.stages"].run = boom
     assert launch.main(["--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("plad_jax.launch: error: ") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a run that cannot start writes nothing, not even config.json
 
 
 def test_bugs_keep_their_traceback(tmp_path, fake_stages):
-    def bug(config, run_dir, stages):
+    def bug(config, run_dir, stages, on_start=None):
         raise ZeroDivisionError("a bug")
 
     sys.modules["plad_jax.stages"].run = bug

@@ -61,6 +61,21 @@ def resolve_model_dir(path_or_id: str) -> str:
                               f"({type(e).__name__}); pass a local directory with config.json and safetensors") from None
 
 
+def is_available(path_or_id: str) -> bool:
+    """True for a local directory, a `gs://` path, or a hub id whose config.json is cached or can
+    be fetched now (only that small file: a cheap check before a run commits to hours of work)."""
+    if os.path.isdir(path_or_id) or "://" in path_or_id:
+        return True
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        return False
+    try:
+        from huggingface_hub import hf_hub_download
+        hf_hub_download(path_or_id, "config.json")
+        return True
+    except Exception:  # noqa: BLE001 - offline, unknown, gated: not available, whatever the cause
+        return False
+
+
 def read_hf_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
