@@ -4,14 +4,15 @@
 # hosts by itself on TPU VMs (plad_jax.launch calls jax.distributed.initialize()).
 #
 #   launch/tpu_pod.sh NAME ZONE ACCELERATOR [plad_jax.launch flags ...]
-#   launch/tpu_pod.sh plad-v4 us-central2-b v4-64 --config tldr_t5 --run-dir gs://my-bucket/runs/tldr_t5 \
-#       --set teacher.path=gs://my-bucket/models/t5-v1_1-xxl --set student.path=gs://my-bucket/models/t5-v1_1-large
+#   launch/tpu_pod.sh plad-v4 us-central2-b v4-64 --config tldr_t5 --run-dir /mnt/shared/runs/tldr_t5 \
+#       --set teacher.path=/mnt/shared/models/t5-v1_1-xxl --set student.path=/mnt/shared/models/t5-v1_1-large
 #
 # Environment: PROJECT (gcloud project; default: the configured one), RUNTIME (TPU software
 # version, default tpu-ubuntu2204-base), REPO (git URL of plad_jax to install, default: this
 # checkout is copied to every worker), SPOT=1 for a spot slice, KEEP=1 to keep the VM afterwards.
-# The run directory must be shared by all workers (gs://...): stages resume from it after a
-# preemption, so rerunning this script with the same arguments continues the run.
+# Paths must be visible on every worker (a Filestore/NFS or Cloud Storage FUSE mount, set up with
+# SETUP="commands run on all workers first"); the run directory is where stages resume from after
+# a preemption, so rerunning this script with the same arguments continues the run.
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
@@ -43,6 +44,7 @@ else
   on_all "rm -rf ~/plad_jax && mkdir -p ~/plad_jax && tar -C ~/plad_jax -xzf /tmp/plad_jax.tgz"
 fi
 on_all "cd ~/plad_jax && python3 -m pip install -q -U pip && python3 -m pip install -q 'jax[tpu]' -e ."
+[ -n "${SETUP:-}" ] && on_all "$SETUP"
 
 args=$(printf ' %q' "$@")
 status=0

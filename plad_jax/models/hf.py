@@ -62,9 +62,9 @@ def resolve_model_dir(path_or_id: str) -> str:
 
 
 def is_available(path_or_id: str) -> bool:
-    """True for a local directory, a `gs://` path, or a hub id whose config.json is cached or can
-    be fetched now (only that small file: a cheap check before a run commits to hours of work)."""
-    if os.path.isdir(path_or_id) or "://" in path_or_id:
+    """True for a local directory, or a hub id whose config.json is cached or can be fetched now
+    (only that small file: a cheap check before a run commits to hours of work)."""
+    if os.path.isdir(path_or_id):
         return True
     if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
         return False
