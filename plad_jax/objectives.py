@@ -9,10 +9,17 @@ padded int arrays:
                                                  minillm (student samples, resampled each epoch)
     pos_ids, pos_mask, neg_ids, neg_mask [B, R]  plad_*, dpo, slic: y+ (teacher), y- (student)
     ref_ids, ref_mask                    [B, F]  plad_margin: the reference text the scores use
+    response_ids + pos_* + neg_*                 pbkd_cheap: teacher samples (CE) and the pairs (DPO)
 
 Frozen models run in `frozen_fn`, before and outside the gradient: teacher logits for kd,
 fdistill and minillm, reference log-probs for dpo. `combine(params, frozen)` turns the trainable
 leaves into the student's full params (identity for full fine-tuning; base + adapters for LoRA).
+
+PbKD (`PBKD_METHODS`, our reconstruction of arXiv 2505.18952): only `pbkd_cheap` (CE on teacher
+samples + lam * DPO) is one loss over one model and so an objective here. `pbkd_offline`,
+`pbkd_online` and `pbkd_mm` alternate two players (reward model or Q-network, and the student) with
+fresh student samples each step; their per-player losses are in `plad_jax.pbkd_objectives` and the
+loop in `plad_jax.pbkd_loop.run_pbkd`.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from plad_jax import losses
+from plad_jax import losses, pbkd_objectives
 from plad_jax.models.language_model import LanguageModel
+from plad_jax.pbkd_config import PBKD_METHODS
 
 METHODS = ("sft", "seqkd", "kd", "fdistill_tvd", "fdistill_js", "minillm", "dpo", "slic",
-           "plad_rank", "plad_margin")
+           "plad_rank", "plad_margin") + PBKD_METHODS
 PAIR_METHODS = ("dpo", "slic", "plad_rank", "plad_margin")
 TEACHER_LOGIT_METHODS = ("kd", "fdistill_tvd", "fdistill_js", "minillm")
 
@@ -40,6 +48,7 @@ class ObjectiveConfig:
     kd_temperature: float = 1.0
     label_smoothing: float = 0.0  # DPO
     span_max_n: int = 4  # PLaD margin score: n-grams 1..N
+    lam: float = 1.0  # pbkd_cheap: weight of DPO next to CE on teacher samples (beta = DPO beta)
 
 
 def full_params(params, frozen):
@@ -87,6 +96,11 @@ def make_objective(cfg: ObjectiveConfig, student: LanguageModel, *, teacher: Lan
         raise ValueError(f"method '{cfg.method}' compares token distributions: teacher vocabulary "
                          f"{teacher.vocab_size} != student vocabulary {student.vocab_size}")
     method = cfg.method
+    if method == "pbkd_cheap":
+        return pbkd_objectives.cheap_objective(student, lam=cfg.lam, beta=cfg.beta, combine=combine)
+    if method in PBKD_METHODS:
+        raise ValueError(f"method '{method}' alternates a reward model and the student with fresh samples; "
+                         f"run it with plad_jax.pbkd_loop.run_pbkd (per-player losses: plad_jax.pbkd_objectives)")
 
     def frozen_fn(frozen, batch):
         if method in TEACHER_LOGIT_METHODS:

@@ -1,0 +1,106 @@
+"""PbKD's preference set, round by round: prompt chunks, fresh student samples, labels, storage, batches.
+
+Offline PbKD (and `pbkd_mm`, `pbkd_cheap`) has one round whose set is every given pair row. Online
+PbKD cuts the rows into T contiguous chunks: round 0 keeps chunk 0's stored student samples (the
+initial student drew them), round t >= 1 replaces chunk t's student samples by fresh ones from the
+current student and labels them against the chunk's teacher samples; the set of round t is chunks
+0..t. Labels come from the scorer, or are the stored / pseudo labels (teacher preferred) without
+one (`plad_jax.preferences`).
+
+Each round's labelled rows are written once to `<workdir>/rounds/round-<t>/pairs-00000.parquet`
+(`pairs.write_pairs`, atomic) and read back on resume, so a restarted run trains on exactly the
+samples and labels it had, without sampling or scoring again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from plad_jax import data, pairs, preferences, sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """A preference set in the student's tokens, rows aligned: prompt + teacher sample, chosen, rejected."""
+
+    teacher: data.EncodedExamples
+    chosen: data.EncodedExamples
+    rejected: data.EncodedExamples
+
+    def __len__(self) -> int:
+        return len(self.teacher)
+
+
+def chunk_bounds(num_rows: int, rounds: int) -> list[tuple[int, int]]:
+    """`[begin, end)` of each round's chunk of rows: contiguous, sizes differing by at most one."""
+    edges = np.linspace(0, num_rows, rounds + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def round_sizes(num_rows: int, rounds: int) -> list[int]:
+    """Size of the preference set in each round (it grows by one chunk per round)."""
+    return [end for _, end in chunk_bounds(num_rows, rounds)]
+
+
+def round_dir(workdir: str, round_: int) -> str:
+    return os.path.join(workdir, "rounds", f"round-{round_}")
+
+
+def fresh_student_rows(rows, student, tokenizer, *, max_new_tokens: int, temperature: float, batch_size: int,
+                       max_prompt_tokens: int, seed: int) -> list[dict]:
+    """`rows` with their student samples replaced by new ones from `student` (labels reset to teacher)."""
+    texts = sampler.generate_text(student, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                                  temperature=temperature, seed=seed, progress=False)
+    return [{**r, "student": t, "chosen": "teacher", "student_ids": [], "student_logp": None,
+             "score_teacher": None, "score_student": None, "relabelled": False} for r, t in zip(rows, texts)]
+
+
+def round_rows(workdir: str, round_: int, make_rows, scorer, seed: int) -> tuple[list[dict], dict]:
+    """The labelled rows of round `round_`'s chunk: read if stored, else `make_rows()`, labelled, stored.
+
+    Returns `(rows, stats)`; stats (`pairs`, `swapped`, ...) are recounted when read back.
+    """
+    directory = round_dir(workdir, round_)
+    try:
+        rows = pairs.read_pairs(directory)
+        return rows, {"pairs": len(rows), "swapped": sum(r["chosen"] == "student" for r in rows), "resumed": True}
+    except pairs.PairsError:
+        pass
+    rows, stats = preferences.label_pairs(make_rows(), scorer, seed=seed + round_)
+    pairs.write_pairs(directory, rows, 0)
+    return rows, stats
+
+
+def encode(tokenizer, rows, max_prompt_tokens: int, max_response_tokens: int) -> Encoding:
+    """The student-token encoding of a labelled preference set."""
+    teacher = data.encode_texts(tokenizer, [r["prompt"] for r in rows], [r["teacher"] for r in rows],
+                                max_prompt_tokens, max_response_tokens)
+    chosen, rejected = preferences.encode_preferences(tokenizer, preferences.preference_rows(rows),
+                                                      max_prompt_tokens, max_response_tokens)
+    return Encoding(teacher, chosen, rejected)
+
+
+def batch_rows(num_rows: int, batch_size: int, seed: int, index: int) -> np.ndarray:
+    """Row indices of batch `index`: a shuffled stream of epochs read `batch_size` at a time.
+
+    Always a full batch (it runs into the next epoch's order, so the set may be smaller than a
+    batch); a pure function of its arguments, so a resumed run reads the same batches.
+    """
+    positions = np.arange(index * batch_size, (index + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, num_rows)
+    orders = {e: data.epoch_order(num_rows, shuffle_seed=seed, epoch=int(e)) for e in np.unique(epochs)}
+    return np.array([orders[e][o] for e, o in zip(epochs, offsets)], np.int64)
+
+
+def make_batch(encoding: Encoding, rows) -> dict[str, np.ndarray]:
+    """Host batch of prompts, teacher samples and the preference pair of each row (keys of
+    `plad_jax.pbkd_objectives`; `response_*` repeat the teacher samples for `pbkd_cheap`)."""
+    t = data.make_batch(encoding.teacher, rows)
+    c, r = data.make_batch(encoding.chosen, rows), data.make_batch(encoding.rejected, rows)
+    return {"prompt_ids": t["prompt_ids"], "prompt_mask": t["prompt_mask"],
+            "teacher_ids": t["response_ids"], "teacher_mask": t["response_mask"],
+            "pos_ids": c["response_ids"], "pos_mask": c["response_mask"],
+            "neg_ids": r["response_ids"], "neg_mask": r["response_mask"]}
