@@ -510,7 +510,8 @@ def test_sentencepiece_reference_gives_the_transformers_ids(demo_tokenizer_dir, 
 
 
 def test_tf_pipeline_yields_the_numpy_batches(demo_tokenizer_dir, demo_examples):
-    pytest.importorskip("tensorflow_text")
+    if not os.environ.get("CI"):  # CI installs the tf extra: there a missing tensorflow-text fails
+        pytest.importorskip("tensorflow_text")
     tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
     with open(os.path.join(demo_tokenizer_dir, demo.SP_MODEL_FILE), "rb") as f:
         model = f.read()
