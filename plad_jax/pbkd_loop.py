@@ -25,7 +25,8 @@ round trains, so a run killed anywhere, mid-round included, resumes where it sto
 `train` is the distillation `TrainConfig` (duck-typed: batch_size, epochs, max_steps,
 learning_rate, warmup_steps, weight_decay, max_grad_norm, grad_accum, checkpoint_every, keep,
 log_every): the student's optimizer and the schedule. Written beside the checkpoints: `curve.json`
-(step, student loss) and the final adversary (`reward_model/` via `reward_model.save`, or `q_network/`).
+(step, student loss) and the final adversary: `reward_model/` (`reward_model.save` with the student's
+tokenizer, so `reward_model.load_scorer(<workdir>/reward_model)` is a scorer) or `q_network/`.
 """
 from __future__ import annotations
 
@@ -461,4 +462,5 @@ class _Game:
         if run.method == "pbkd_mm":
             self.adversary.with_params(params).save_pretrained(os.path.join(run.workdir, "q_network"))
         else:
-            reward_model.save(self.adversary.with_params(params), os.path.join(run.workdir, "reward_model"))
+            reward_model.save(self.adversary.with_params(params), os.path.join(run.workdir, "reward_model"),
+                              tokenizer=run.tokenizer)

@@ -11,8 +11,9 @@ reads the student's samples without re-tokenizing), or any checkpoint of a suppo
 Params are one pytree `{"backbone": nnx.State, "head": {"w": [D], "b": []}}`, trained like any
 model here (`bt_loss_fn` with `train.make_train_step`). On disk (`save` / `load`): the backbone as
 a Hugging Face directory (`save_pretrained`, config.json + safetensors) and the head beside it in
-`reward_head.safetensors` (`head.w`, `head.b`, `r_max`); no pickle anywhere.
-`as_scorer` wraps it as a `plad_jax.rewards.JaxRewardModel` for evaluation and pair relabelling.
+`reward_head.safetensors` (`head.w`, `head.b`, `r_max`), and optionally its tokenizer; no pickle
+anywhere. `as_scorer` wraps it as a `plad_jax.rewards.JaxRewardModel` for evaluation and pair
+relabelling; `load_scorer(path)` does both from a saved directory.
 """
 from __future__ import annotations
 
@@ -130,11 +131,14 @@ def bt_loss_fn(rm: RewardModel, c: float = 0.0):
 
 # -- disk ------------------------------------------------------------------------------------------
 
-def save(rm: RewardModel, path: str):
-    """Write the backbone as an HF directory at `path` and the head as `path/reward_head.safetensors`."""
+def save(rm: RewardModel, path: str, tokenizer=None):
+    """Write the backbone as an HF directory at `path`, the head as `path/reward_head.safetensors`,
+    and the tokenizer beside them when given (then `load_scorer(path)` needs nothing else)."""
     rm.backbone.save_pretrained(path)
     if jax.process_index() != 0:
         return
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     tensors = {"head.w": np.asarray(rm.head["w"], np.float32), "head.b": np.asarray(rm.head["b"], np.float32),
                "r_max": np.asarray(rm.r_max, np.float32)}
     write_safetensors(os.path.join(path, HEAD_FILE), tensors)
@@ -178,3 +182,20 @@ def as_scorer(rm: RewardModel, tokenizer, *, max_prompt_tokens: int, max_respons
         return np.asarray(score(params, *arrays))[:len(prompts)]
 
     return rewards.JaxRewardModel(reward_fn, batch_size=batch_size, name=name)
+
+
+def load_scorer(path: str, tokenizer=None, *, max_prompt_tokens: int = 512, max_response_tokens: int = 128,
+                batch_size: int = 32, mesh=None):
+    """`as_scorer(load(path))`: a saved reward model as a `plad_jax.rewards` scorer.
+
+    tokenizer: the one its backbone reads; None loads the tokenizer saved beside it (`save(...,
+    tokenizer=...)`, which `pbkd_loop.run_pbkd` does for its final reward model).
+    """
+    if tokenizer is None:
+        if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            raise CheckpointError(f"{path}: no tokenizer saved beside this reward model; pass the tokenizer its "
+                                  f"backbone reads")
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return as_scorer(load(path, mesh=mesh), tokenizer, max_prompt_tokens=max_prompt_tokens,
+                     max_response_tokens=max_response_tokens, batch_size=batch_size, name=f"jax_reward_model:{path}")

@@ -435,7 +435,8 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
     if method == "pbkd_offline":
         assert summary["steps"] == 6 and 0.0 <= summary["lam"] and summary["nll_star"] > 0
         from plad_jax import reward_model
-        reward_model.load(str(tmp_path / "reward_model"))
+        scorer = reward_model.load_scorer(str(tmp_path / "reward_model"), max_prompt_tokens=8, max_response_tokens=6)
+        assert np.all(np.abs(scorer.score(PROMPTS[:2], ["good", "bad"])) <= LOOP_CFG.get("r_max", 5.0))
     if method == "pbkd_mm":
         assert summary["steps"] == 2 and (tmp_path / "q_network" / "config.json").exists()
 
