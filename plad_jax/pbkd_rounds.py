@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import numpy as np
 
 from plad_jax import data, pairs, preferences, sampler
@@ -70,7 +71,8 @@ def round_rows(workdir: str, round_: int, make_rows, scorer, seed: int) -> tuple
     except pairs.PairsError:
         pass
     rows, stats = preferences.label_pairs(make_rows(), scorer, seed=seed + round_)
-    pairs.write_pairs(directory, rows, 0)
+    if jax.process_index() == 0:  # every process holds the same rows; one writes them
+        pairs.write_pairs(directory, rows, 0)
     return rows, stats
 
 
@@ -96,8 +98,9 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, index: int) -> np.ndar
 
 
 def make_batch(encoding: Encoding, rows) -> dict[str, np.ndarray]:
-    """Host batch of prompts, teacher samples and the preference pair of each row (keys of
-    `plad_jax.pbkd_objectives`; `response_*` repeat the teacher samples for `pbkd_cheap`)."""
+    """Host batch of the prompts, teacher samples and preference pair of `rows` (the keys of
+    `plad_jax.pbkd_objectives`; the loop adds the student samples, or for `pbkd_cheap` names the
+    teacher samples `response_*`)."""
     t = data.make_batch(encoding.teacher, rows)
     c, r = data.make_batch(encoding.chosen, rows), data.make_batch(encoding.rejected, rows)
     return {"prompt_ids": t["prompt_ids"], "prompt_mask": t["prompt_mask"],
