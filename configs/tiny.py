@@ -8,6 +8,7 @@ Tests point it at what they built:
 
 from plad_jax.config import (Config, DataConfig, DistillConfig, EvalConfig, ModelConfig,
                              PairsConfig, SampleConfig, TrainConfig)
+from plad_jax.pbkd_config import PbKDConfig
 
 
 def _train(**kw) -> TrainConfig:
@@ -28,5 +29,6 @@ def config() -> Config:
         pairs=PairsConfig(scorer="rouge", reward_model="", batch_size=4),
         distill=DistillConfig(batch_size=4, learning_rate=1e-3, max_steps=2, checkpoint_every=1, keep=1,
                               log_every=1),
+        pbkd=PbKDConfig(num_samples=2, max_new_tokens=8, rm_warmup_steps=2, rounds=2, mm_chunk=4),
         eval=EvalConfig(scorer="rouge", reward_model="", num_examples=4, max_new_tokens=8, batch_size=4),
     )

@@ -11,6 +11,7 @@
       sample         SampleConfig(temperature 0.7, top_k, top_p, max_new_tokens, batch_size)
       pairs          PairsConfig(real_ratio, scorer, reward_model)
       distill        DistillConfig(TrainConfig + method, score, beta, alpha, rounds, ...)
+      pbkd           PbKDConfig(k samples, KL weight, lambda and its dual ascent, RM, rounds, ...)
       eval           EvalConfig(scorer, reward_model, num_examples, max_new_tokens, ...)
 
 Defaults are the paper's (PLaD, Sec. 5.1): learning rate 1e-4 with a linear schedule, batch 8,
@@ -41,6 +42,10 @@ from typing import Any, Literal
 
 from plad_jax.data.tasks import FILE_TASKS, TASKS
 from plad_jax.objectives import METHODS, PAIR_METHODS, TEACHER_LOGIT_METHODS
+from plad_jax.pbkd_config import PBKD_METHODS, PbKDConfig
+
+# Methods that compare teacher and student token distributions, so need one vocabulary.
+SHARED_VOCAB_METHODS = TEACHER_LOGIT_METHODS + ("pbkd_mm",)
 from plad_jax.sharding import MeshConfig
 
 # Each choice list lives in one place: tasks next to their loaders, distillation methods next to
@@ -257,6 +262,7 @@ class Config:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    pbkd: PbKDConfig = dataclasses.field(default_factory=PbKDConfig)  # distill.method=pbkd_* (plad_jax.pbkd_loop)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def resolved_run_dir(self) -> str:
@@ -553,6 +559,11 @@ def validate(config: Config) -> Config:
     _validate_sample(config.sample)
     _validate_pairs(config.pairs, config.distill.method)
     _validate_distill(config.distill)
+    if config.distill.method in PBKD_METHODS:
+        try:
+            config.pbkd.validate(config.distill.method)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _validate_eval(config.eval)
     return config
 
@@ -632,8 +643,9 @@ def _validate_pairs(p: PairsConfig, method: str):
     _need(0 <= p.real_ratio <= 1, f"pairs.real_ratio must be in [0, 1], got {p.real_ratio}")
     _need(p.batch_size >= 1, f"pairs.batch_size must be >= 1, got {p.batch_size}")
     if p.real_ratio > 0:
-        _need(method in PAIR_METHODS, f"pairs.real_ratio={p.real_ratio} relabels preference pairs, which "
-                                      f"distill.method={method} does not use (pair methods: {', '.join(PAIR_METHODS)})")
+        users = PAIR_METHODS + PBKD_METHODS
+        _need(method in users, f"pairs.real_ratio={p.real_ratio} relabels preference pairs, which "
+                               f"distill.method={method} does not use (methods that do: {', '.join(users)})")
         if p.scorer in MODEL_SCORERS:
             _need(bool(p.reward_model), f"pairs.scorer={p.scorer} needs pairs.reward_model (a model directory or hub id)")
 
@@ -666,7 +678,7 @@ def check_shared_vocabulary(config: Config, teacher_tokenizer, student_tokenizer
     """At load time (stages): methods that compare teacher and student token distributions need
     one vocabulary. Tokenizers are anything with `get_vocab() -> {token: id}` (transformers')."""
     method = config.distill.method
-    if method not in TEACHER_LOGIT_METHODS:
+    if method not in SHARED_VOCAB_METHODS:
         return
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if teacher_vocab != student_vocab:
@@ -674,7 +686,7 @@ def check_shared_vocabulary(config: Config, teacher_tokenizer, student_tokenizer
             f"distill.method={method} compares teacher and student token distributions, but their tokenizers "
             f"differ ({config.teacher.tokenizer_path or 'teacher'}: {len(teacher_vocab)} tokens, "
             f"{config.student.tokenizer_path or 'student'}: {len(student_vocab)} tokens); use one tokenizer "
-            f"family or a text-level method ({', '.join(m for m in METHODS if m not in TEACHER_LOGIT_METHODS)})")
+            f"family or a text-level method ({', '.join(m for m in METHODS if m not in SHARED_VOCAB_METHODS)})")
 
 
 def parse_stages(text: str | None) -> tuple[str, ...]:

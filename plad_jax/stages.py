@@ -28,9 +28,11 @@ import numpy as np
 from plad_jax import checkpointing as ckpt
 from plad_jax import data, evaluate, objectives, pairs, rewards, sampler
 from plad_jax import sharding as shd
-from plad_jax.config import Config, ConfigError, check_shared_vocabulary, to_dict
+from plad_jax.config import SHARED_VOCAB_METHODS, Config, ConfigError, check_shared_vocabulary, to_dict
 from plad_jax.loop import train_loop
 from plad_jax.models import from_pretrained, hf, init_model, lora
+from plad_jax.pbkd_config import PBKD_METHODS
+from plad_jax.pbkd_loop import run_pbkd
 from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, state_shardings
 
 logger = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ def check_inputs(ctx: Context, pending) -> None:
                 raise
             data_problem = str(e)
     if not missing:
-        if "distill" in pending and cfg.distill.method in objectives.TEACHER_LOGIT_METHODS:
+        if "distill" in pending and cfg.distill.method in SHARED_VOCAB_METHODS:
             check_shared_vocabulary(cfg, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
         return
     names = ", ".join(f"{key} '{source}'" for key, source in missing)
@@ -421,10 +423,12 @@ def distill_stage(ctx: Context, stage_dir: str):
     cfg = ctx.config.distill
     student = with_lora(ctx, ctx.stage_model("sft_student", "student"), "student")
     teacher = None
-    if cfg.method in objectives.TEACHER_LOGIT_METHODS:
+    if cfg.method in SHARED_VOCAB_METHODS:
         check_shared_vocabulary(ctx.config, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
         teacher = ctx.stage_model("sft_teacher", "teacher")
     rows = pairs.read_pairs(ctx.path("sample"))
+    if cfg.method in PBKD_METHODS:
+        return pbkd_distill(ctx, stage_dir, student, teacher, rows)
     summary = {}
     for round_ in range(cfg.rounds):
         if round_ > 0:  # iterative PLaD: new student samples from the student distilled so far
@@ -445,6 +449,20 @@ def distill_stage(ctx: Context, stage_dir: str):
                                        reference=reference, tag="" if cfg.rounds == 1 else f"-round{round_}")
     student.save_pretrained(os.path.join(stage_dir, "params"))
     return {"method": cfg.method, "rounds": cfg.rounds, **summary}
+
+
+def pbkd_distill(ctx: Context, stage_dir: str, student, teacher, rows):
+    """PbKD (`plad_jax.pbkd_loop.run_pbkd`): the pairs are its offline preference data, labelled
+    teacher > student unless `pairs.real_ratio` had a scorer relabel them; `pbkd_online` labels its
+    fresh pairs with that scorer too (pseudo-labels when real_ratio is 0)."""
+    cfg, d = ctx.config.distill, ctx.config.data
+    scorer = _scorer(ctx, ctx.config.pairs) if ctx.config.pairs.real_ratio > 0 else None
+    student, summary = run_pbkd(cfg.method, student, rows, ctx.config.pbkd, cfg, stage_dir,
+                                tokenizer=ctx.tokenizer("student"), max_prompt_tokens=d.max_prompt_tokens,
+                                max_response_tokens=d.max_response_tokens, teacher=teacher, scorer=scorer,
+                                seed=ctx.config.seed)
+    student.save_pretrained(os.path.join(stage_dir, "params"))
+    return {"method": cfg.method, **summary}
 
 
 def _distill_batches(ctx: Context, cfg, rows):
@@ -484,7 +502,7 @@ def eval_stage(ctx: Context, stage_dir: str):
                                                  max_new_tokens=cfg.max_new_tokens, seed=ctx.config.seed,
                                                  desc=f"eval {name}")
     scorer = _scorer(ctx, cfg)
-    metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer)
+    metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer, teacher="teacher")
     rows = pairs.read_pairs(ctx.path("sample"))
     metrics["teacher_student_win_rate"] = evaluate.teacher_student_win_rate(
         [r["teacher"] for r in rows], [r["student"] for r in rows], [r["prompt"] for r in rows], scorer,

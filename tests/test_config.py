@@ -105,7 +105,8 @@ def test_distill_objective_fields_convert_to_objective_config():
     from plad_jax.objectives import ObjectiveConfig
 
     d = C.DistillConfig(method="plad_margin", score="sum", beta=0.5, alpha=0.1, kd_temperature=2.0)
-    objective = ObjectiveConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(ObjectiveConfig)})
+    shared = [f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "lam"]  # lam: pbkd.lam_init
+    objective = ObjectiveConfig(**{name: getattr(d, name) for name in shared})
     assert (objective.method, objective.score, objective.beta, objective.alpha) == ("plad_margin", "sum", 0.5, 0.1)
 
 
