@@ -9,6 +9,7 @@ against the references (no reward model offline).
 
 from plad_jax.config import (Config, DataConfig, DistillConfig, EvalConfig, ModelConfig,
                              PairsConfig, SampleConfig, TrainConfig)
+from plad_jax.pbkd_config import PbKDConfig
 
 
 def _llama(hidden: int, layers: int, heads: int) -> dict:
@@ -34,6 +35,7 @@ def config() -> Config:
         # student to near-empty answers within two epochs.
         distill=DistillConfig(method="plad_rank", epochs=2, batch_size=32, learning_rate=1e-4,
                               checkpoint_every=25),
+        pbkd=PbKDConfig(max_new_tokens=24, rm_warmup_steps=20, rm_learning_rate=1e-3, rounds=2),  # pbkd_*
         eval=EvalConfig(scorer="rouge", reward_model="", num_examples=128, max_new_tokens=24,
                         batch_size=64),
     )

@@ -219,7 +219,8 @@ class JaxRewardModel:
 def make_scorer(kind: str, path: str = "", batch_size: int = 32, *, device: str = "cpu",
                 reward_fn: RewardFn | None = None) -> Scorer:
     """The scorer a config names: `rouge`, `reward_model` (a transformers model at `path`), or
-    `jax_reward_model` (the `reward_fn` callable; there is no loader from `path` for it yet)."""
+    `jax_reward_model`: the `reward_fn` callable when given, else the plad_jax reward model saved
+    at `path` (`plad_jax.reward_model.save`; PbKD writes one to `distill/reward_model/`)."""
     if kind == "rouge":
         return RougeScorer()
     if kind == "reward_model":
@@ -228,7 +229,10 @@ def make_scorer(kind: str, path: str = "", batch_size: int = 32, *, device: str 
         return HFRewardModel(path, batch_size=batch_size, device=device)
     if kind == "jax_reward_model":
         if reward_fn is None:
-            raise UserError(f"the jax_reward_model scorer needs a reward function (prompts, responses) -> scores "
-                            f"passed as reward_fn; {path!r} cannot be loaded on its own")
+            if not path:
+                raise UserError("the jax_reward_model scorer needs a saved plad_jax reward model directory "
+                                "(e.g. runs/NAME/distill/reward_model of a PbKD run)")
+            from plad_jax import reward_model
+            return reward_model.load_scorer(path, batch_size=batch_size)
         return JaxRewardModel(reward_fn, batch_size=batch_size, name=f"jax_reward_model:{path}" if path else "jax_reward_model")
     raise UserError(f"unknown scorer {kind!r}; choose one of {', '.join(SCORER_KINDS)}")

@@ -437,6 +437,10 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
         from plad_jax import reward_model
         scorer = reward_model.load_scorer(str(tmp_path / "reward_model"), max_prompt_tokens=8, max_response_tokens=6)
         assert np.all(np.abs(scorer.score(PROMPTS[:2], ["good", "bad"])) <= LOOP_CFG.get("r_max", 5.0))
+        from plad_jax.rewards import make_scorer  # eval.scorer=jax_reward_model with this directory
+        by_config = make_scorer("jax_reward_model", str(tmp_path / "reward_model"), 4)
+        np.testing.assert_allclose(by_config.score(PROMPTS[:2], ["good", "bad"]),
+                                   scorer.score(PROMPTS[:2], ["good", "bad"]), rtol=1e-6)
     if method == "pbkd_mm":
         assert summary["steps"] == 2 and (tmp_path / "q_network" / "config.json").exists()
 

@@ -133,7 +133,10 @@ def test_make_scorer(tiny_reward_model):
     assert isinstance(scorer, HFRewardModel) and scorer.batch_size == 3
     jax_scorer = make_scorer("jax_reward_model", "rm", 4, reward_fn=lambda p, r: np.ones(len(p)))
     np.testing.assert_array_equal(jax_scorer.score(["a"], ["b"]), [1.0])
-    with pytest.raises(UserError, match="reward_fn"):
-        make_scorer("jax_reward_model", "rm")
+    with pytest.raises(UserError, match="saved plad_jax reward model"):
+        make_scorer("jax_reward_model", "")
+    from plad_jax.models import CheckpointError
+    with pytest.raises(CheckpointError, match="not a saved plad_jax reward model"):
+        make_scorer("jax_reward_model", str(tiny_reward_model))  # a transformers RM is not ours
     with pytest.raises(UserError, match="unknown scorer 'bleu'"):
         make_scorer("bleu")
