@@ -457,7 +457,9 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
     out: list[Sampled | None] = [None] * (len(prompts) * num_samples)
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(prompts), unit="prompt", desc=desc, disable=not progress or jax.process_index() != 0)
+    # On a terminal only (disable=None): a log file gets the one tokens/s line below, not bar redraws.
+    bar = tqdm(total=len(prompts), unit="prompt", desc=desc,
+               disable=True if not progress or jax.process_index() != 0 else None)
     started, new_tokens = time.perf_counter(), 0
     for j in range(num_batches):
         chunk = order[j * batch_size:(j + 1) * batch_size]
