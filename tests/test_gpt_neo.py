@@ -135,7 +135,7 @@ def test_prefill_then_teacher_forced_decode_equals_logits(variant, models, score
     pi, pm, ri, _ = (jnp.asarray(a) for a in batch)
     logits, cache = jax.jit(lm.prefill, static_argnums=3)(lm.params, pi, pm, ri.shape[1])
     assert len(cache["k"]) == lm.config.num_layers
-    assert cache["k"][0].shape == (pi.shape[0], pi.shape[1] + ri.shape[1], 4, 8)
+    assert cache["k"][0].shape == (pi.shape[0], 4, pi.shape[1] + ri.shape[1], 8)
     decode = jax.jit(lm.decode, donate_argnums=2)
     steps = [logits]
     for t in range(ri.shape[1] - 1):

@@ -206,7 +206,7 @@ def test_sharded_greedy_equals_single_device(families, greedy, name):
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cache_is_sharded_over_batch_and_heads(families, name):
-    """Keys/values [(L,) B, S, heads, Dh] (stacked or one array per layer): B over (data, fsdp),
+    """Keys/values [(L,) B, heads, S, Dh] (stacked or one array per layer): B over (data, fsdp),
     heads over tensor; every other per-row leaf (masks, positions) over (data, fsdp)."""
     _, _, lm = families[name]
     ids = jnp.ones((8, 16), jnp.int32)
@@ -220,10 +220,28 @@ def test_cache_is_sharded_over_batch_and_heads(families, name):
         for leaf, spec in zip(leaves, leaf_specs):
             expected = [None] * leaf.ndim
             if key in ("k", "v", "cross_k", "cross_v"):
-                expected[leaf.ndim - 4], expected[-2] = batch, "tensor"
+                expected[leaf.ndim - 4], expected[-3] = batch, "tensor"
             elif leaf.ndim:
                 expected[0] = batch
             assert spec == jax.sharding.PartitionSpec(*expected), key
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_attention_over_cache_prefixes_changes_nothing(families, greedy, name, monkeypatch):
+    """With 8-slot blocks the decode steps read cache prefixes of 8, 16, ... slots (the test caches
+    are shorter than the default block): same tokens as transformers (via `greedy`), same logprobs."""
+    from plad_jax.models import layers
+    _, path, _ = families[name]
+    monkeypatch.setattr(layers, "CACHE_BLOCK", 8)
+    lm = from_pretrained(path)
+    ids, mask = prompt_batch()
+    jax.clear_caches()  # retrace: the compiled programs are shared by every model of this family
+    try:
+        out = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0)
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(out.tokens, greedy[name].tokens)
+    np.testing.assert_allclose(out.logprobs, greedy[name].logprobs, rtol=1e-5, atol=1e-5)
 
 
 # -- decoding semantics on scripted and fixed-logits stubs --------------------------------------

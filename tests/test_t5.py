@@ -144,9 +144,9 @@ def test_prefill_decode_match_logits(checkpoint, batch, ours_logits):
     logits, cache = _teacher_forced(lm, pi, pm, ri)
     c = lm.config
     assert len(cache["k"]) == c.num_decoder_layers
-    assert cache["k"][0].shape == (pi.shape[0], 1 + ri.shape[1], c.num_heads, c.d_kv)
+    assert cache["k"][0].shape == (pi.shape[0], c.num_heads, 1 + ri.shape[1], c.d_kv)
     assert len(cache["cross_k"]) == c.num_decoder_layers
-    assert cache["cross_k"][0].shape == pi.shape + (c.num_heads, c.d_kv)
+    assert cache["cross_k"][0].shape == (pi.shape[0], c.num_heads, pi.shape[1], c.d_kv)
     assert int(cache["index"]) == ri.shape[1]
     assert max_abs_diff_real(logits, ours_logits("v1_1"), rm) <= 1e-5
 

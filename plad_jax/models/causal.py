@@ -6,9 +6,12 @@ Scoring runs prompt and response as one sequence, `[prompt (right-padded) | resp
 
 The KV cache is a dict with one layout for every decoder-only family:
 
-    k, v      L-tuples of [B, S, KV, Dh]  S = prompt length + max_new_tokens; slot j holds input column j
+    k, v      L-tuples of [B, KV, S, Dh]  S = prompt length + max_new_tokens; slot j holds input column j
               (one array per layer, not one stacked array: inside the sampler's decode loop each
-              layer's buffer is then updated in place; stacking copied the whole cache every step)
+              layer's buffer is then updated in place; stacking copied the whole cache every step;
+              heads before slots: attention reads each (row, head)'s keys as one contiguous matrix,
+              with no transpose of the cache per step, and while the written slots fit in half the
+              cache only a prefix of whole blocks covering them, see `layers.cached_attention`)
     key_mask  [B, S] bool        the slot holds a real token
     key_pos   [B, S] int32       the slot's position (what windows and position embeddings see)
     next_pos  [B] int32          position of the next token fed to `decode`
@@ -22,7 +25,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from plad_jax.models.layers import last_real_index, positions_from_mask
+from plad_jax.models.layers import cached_attention, last_real_index, positions_from_mask, write_slot
 
 
 def visible_keys(q_pos, k_pos, k_mask, window=None):
@@ -70,10 +73,11 @@ def last_prompt_state(hidden, prompt_mask):
 
 def init_cache(kvs, prompt_mask, positions, max_new_tokens):
     """The cache after the prompt. kvs: per layer (k, v), each [B, P, KV, Dh]."""
-    pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+    pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0))
+    heads_major = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), pad)  # [B, KV, P + max_new_tokens, Dh]
     return {
-        "k": tuple(jnp.pad(k, pad) for k, _ in kvs),
-        "v": tuple(jnp.pad(v, pad) for _, v in kvs),
+        "k": tuple(heads_major(k) for k, _ in kvs),
+        "v": tuple(heads_major(v) for _, v in kvs),
         "key_mask": jnp.pad(prompt_mask.astype(bool), ((0, 0), (0, max_new_tokens))),
         "key_pos": jnp.pad(positions, ((0, 0), (0, max_new_tokens))),
         "next_pos": jnp.sum(prompt_mask.astype(jnp.int32), axis=1),
@@ -100,7 +104,7 @@ class CacheStep:
         return cls(positions, key_mask, key_pos, index)
 
     def layer(self, cache, i):
-        """Layer i's cache: its k, v [B, S, KV, Dh] and this step's key masks and slot."""
+        """Layer i's cache: its k, v [B, KV, S, Dh] and this step's key masks and slot."""
         return {"k": cache["k"][i], "v": cache["v"][i], "index": self.index,
                 "key_mask": self.key_mask, "key_pos": self.key_pos}
 
@@ -112,8 +116,10 @@ class CacheStep:
 
 
 def write_kv(layer_cache, k, v):
-    """Write the new token's k, v ([B, 1, KV, Dh]) into the layer's slot; (keys, values) [B, S, KV, Dh]."""
-    index = layer_cache["index"]
-    keys = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, 1)
-    values = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, 1)
-    return keys, values
+    """Write the new token's k, v ([B, 1, KV, Dh]) into the layer's slot; (keys, values) [B, KV, S, Dh]."""
+    return write_slot(layer_cache["k"], k, layer_cache["index"]), write_slot(layer_cache["v"], v, layer_cache["index"])
+
+
+def attend_cache(q, layer_cache, keys, values, visible, *, scale):
+    """The new token's attention over the slots written so far (the new one included)."""
+    return cached_attention(q, keys, values, layer_cache["index"] + 1, visible, scale=scale)

@@ -15,7 +15,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.causal import (CacheStep, causal_visible, init_cache,
+from plad_jax.models.causal import (CacheStep, attend_cache, causal_visible, init_cache,
                                     join_prompt_response, last_prompt_state, split_response,
                                     visible_keys, write_kv)
 from plad_jax.models.layers import (ACTIVATIONS, Embed, LayerNorm, Linear, attention, positions_from_mask,
@@ -108,7 +108,7 @@ class Attention(nnx.Module):
         q, k, v = self.project(x)
         keys, values = write_kv(cache, k, v)
         vis = visible_keys(positions, cache["key_pos"], cache["key_mask"], self.window)
-        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), vis, scale=1.0)
+        out = attend_cache(q, cache, keys, values, vis, scale=1.0)
         return self.out_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
 
 

@@ -155,6 +155,60 @@ def attention(q, k, v, mask, *, scale, bias=None):
     return out.reshape(b, t, h, d)
 
 
+CACHE_BLOCK = 64  # decode attention reads a cache prefix of whole blocks of this many slots
+
+
+def cached_attention(q, keys, values, length, mask, *, scale, bias=None, block=None):
+    """`attention` of new tokens against a KV cache laid out `[batch, kv_heads, slots, head_dim]`,
+    reading only a prefix that covers its first `length` slots.
+
+    q: [batch, q_len, heads, head_dim]; length: traced int32 scalar, every slot at or past it is
+    invisible (its `mask` is False), so leaving it out changes nothing (None: read every slot,
+    e.g. cross-attention over an encoder's cached keys); mask / bias: broadcastable to
+    [batch, heads, q_len, slots] as in `attention`. Returns [batch, q_len, heads, head_dim].
+
+    The prefix is `length` rounded up to whole `block`s (default `CACHE_BLOCK`) while that is at
+    most half the cache, else the whole cache: `lax.switch` picks among branches of static shapes,
+    so early decode steps of a long generation do not pay for the empty slots, and only the
+    attention (not the layer around it) is compiled once per branch. Past half the cache the
+    whole buffer is read, because XLA:CPU materialises a sliced operand before the product, and
+    copying a long prefix costs more than reading the empty tail (measured on the Llama bench
+    model: a 576-of-640 slot prefix 25% slower than the full 640 slots, a 256-slot one 20% faster).
+    """
+    slots, block = keys.shape[2], block or CACHE_BLOCK
+    if length is None:
+        return attend_heads_major(q, keys, values, mask, bias, scale)
+    ends = sorted({block * (i + 1) for i in range(slots // 2 // block)} | {slots})
+    cut = lambda x, n: x if x is None or x.shape[-1] == 1 else x[..., :n]
+    branches = [lambda q, k, v, m, b, n=n: attend_heads_major(q, k[:, :, :n], v[:, :, :n], cut(m, n), cut(b, n),
+                                                               scale) for n in ends]
+    if len(branches) == 1:
+        return branches[0](q, keys, values, mask, bias)
+    which = jnp.clip((jnp.asarray(length, jnp.int32) - 1) // block, 0, len(branches) - 1)
+    return jax.lax.switch(which, branches, q, keys, values, mask, bias)
+
+
+def attend_heads_major(q, k, v, mask, bias, scale):
+    """`attention` with k, v [batch, kv_heads, slots, head_dim]: both products are batched over
+    (batch, kv_heads) with the cache read in place, no transpose of it per step."""
+    b, t, h, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    q = jnp.transpose(q.reshape(b, t, kv_heads, h // kv_heads, d), (0, 2, 3, 1, 4))  # [B, KV, G, T, Dh]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, h, t, s)
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kv_heads, h // kv_heads, t, s)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(q.dtype))
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+
+
+def write_slot(buffer, x, index):
+    """`buffer` [B, KV, S, Dh] with x ([B, T, KV, Dh]) written into slots index .. index + T - 1."""
+    return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.swapaxes(x, 1, 2).astype(buffer.dtype), index, 2)
+
+
 def positions_from_mask(mask):
     """Position of each token counting only real tokens: cumsum(mask) - 1, clipped at 0. [B, T]."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

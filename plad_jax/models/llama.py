@@ -13,7 +13,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.causal import (CacheStep, causal_visible, init_cache, join_prompt_response,
+from plad_jax.models.causal import (CacheStep, attend_cache, causal_visible, init_cache, join_prompt_response,
                                     last_prompt_state, split_response, visible_keys, write_kv)
 from plad_jax.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, attention, positions_from_mask, token_ids
 from plad_jax.models.spec import WeightSpec
@@ -145,7 +145,7 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, positions, inv_freq)
         keys, values = write_kv(cache, k, v)
         vis = visible_keys(positions, cache["key_pos"], cache["key_mask"], self.window)
-        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), vis, scale=self.shape[2] ** -0.5)
+        out = attend_cache(q, cache, keys, values, vis, scale=self.shape[2] ** -0.5)
         return self.o_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
 
 

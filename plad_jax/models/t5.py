@@ -15,9 +15,12 @@ flan checkpoints carry one; transformers 5 writes none for a tied model, whateve
 
 Decode cache (a dict of arrays, static shapes):
 
-    k, v              [L, B, S, H, Dh]  decoder self-attention, S = 1 + max_new_tokens; slot j holds
-                                        decoder input j (slot 0: the start token)
-    cross_k, cross_v  [L, B, P, H, Dh]  encoder keys/values of every decoder layer, computed once
+    k, v              L-tuples of [B, H, S, Dh]  decoder self-attention, S = 1 + max_new_tokens; slot
+                                                 j holds decoder input j (slot 0: the start token)
+    cross_k, cross_v  L-tuples of [B, H, P, Dh]  encoder keys/values of every decoder layer, computed once
+
+Heads before slots, as in the decoder-only cache (`causal.py`): decode attention reads each (row,
+head)'s keys in place, and only the slots written so far (`layers.cached_attention`).
     cross_mask        [B, P] bool       real prompt tokens
     index             [] int32          slot the next token fed to `decode` is written to
 """
@@ -25,13 +28,14 @@ Decode cache (a dict of arrays, static shapes):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, attention, token_ids
+from plad_jax.models.layers import (ACTIVATIONS, Embed, Linear, RMSNorm, attention, cached_attention, token_ids,
+                                    write_slot)
 from plad_jax.models.spec import WeightSpec
 
 
@@ -151,6 +155,11 @@ class Attention(nnx.Module):
                         scale=1.0, bias=bias)
         return self.o(out.reshape(x.shape[0], x.shape[1], -1))
 
+    def cached(self, x, keys, values, length, mask, bias=None):
+        """Attention over cached keys/values [B, H, S, Dh], their first `length` slots (None: all)."""
+        out = cached_attention(self._split(self.q(x)), keys, values, length, mask, scale=1.0, bias=bias)
+        return self.o(out.reshape(x.shape[0], x.shape[1], -1))
+
 
 class MLP(nnx.Module):
     """wo(act(wi x)) (v1.0) or wo(act(wi_0 x) * wi_1 x) (gated, v1.1)."""
@@ -186,18 +195,21 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, mask, bias, cache=None, cross=None):
-        """x: [B, T, D]. cache: None, or (k, v, index) to write this step's keys into at `index`.
-        cross: None, or the encoder's (keys, values, mask). Returns (x, (keys, values))."""
+        """x: [B, T, D]. cache: None, or (k, v, index): decode, this step's keys are written into the
+        cached [B, H, S, Dh] k, v at slot `index`. cross: None, or the encoder's (keys, values, mask),
+        keys [B, P, H, Dh] (or [B, H, P, Dh] from the cache when decoding). Returns (x, (keys, values))."""
         h = self.self_attn_norm(x)
         keys, values = self.self_attn.key_values(h)
-        if cache is not None:
+        if cache is None:
+            x = x + self.self_attn(h, keys, values, mask, bias)
+        else:
             k_cache, v_cache, index = cache
-            keys = jax.lax.dynamic_update_slice_in_dim(k_cache, keys.astype(k_cache.dtype), index, 1)
-            values = jax.lax.dynamic_update_slice_in_dim(v_cache, values.astype(v_cache.dtype), index, 1)
-        x = x + self.self_attn(h, keys, values, mask, bias)
+            keys, values = write_slot(k_cache, keys, index), write_slot(v_cache, values, index)
+            x = x + self.self_attn.cached(h, keys, values, index + x.shape[1], mask, bias)
         if cross is not None:
             cross_k, cross_v, cross_mask = cross
-            x = x + self.cross_attn(self.cross_attn_norm(x), cross_k, cross_v, cross_mask)
+            attend = self.cross_attn if cache is None else functools.partial(self.cross_attn.cached, length=None)
+            x = x + attend(self.cross_attn_norm(x), cross_k, cross_v, mask=cross_mask)
         return x + self.mlp(self.mlp_norm(x)), (keys, values)
 
 
@@ -283,10 +295,11 @@ class T5Model(nnx.Module):
         encoded = self.encode(prompt_ids, prompt_mask, dtype)
         cross = [block.cross_attn.key_values(encoded) for block in self.decoder.block]
         b, c = prompt_ids.shape[0], self.config
-        shape = (b, 1 + max_new_tokens, c.num_heads, c.d_kv)  # per layer: a tuple, updated in place
+        shape = (b, c.num_heads, 1 + max_new_tokens, c.d_kv)  # per layer: a tuple, updated in place
         cache = {
             "k": tuple(jnp.zeros(shape, dtype) for _ in cross), "v": tuple(jnp.zeros(shape, dtype) for _ in cross),
-            "cross_k": tuple(k for k, _ in cross), "cross_v": tuple(v for _, v in cross),
+            "cross_k": tuple(jnp.swapaxes(k, 1, 2) for k, _ in cross),
+            "cross_v": tuple(jnp.swapaxes(v, 1, 2) for _, v in cross),
             "cross_mask": prompt_mask.astype(bool),
             "index": jnp.asarray(0, jnp.int32),
         }
@@ -295,7 +308,7 @@ class T5Model(nnx.Module):
     def decode(self, tokens, cache, dtype=jnp.float32):
         """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""
         index = cache["index"]
-        slots = jnp.arange(cache["k"][0].shape[1])
+        slots = jnp.arange(cache["k"][0].shape[2])
         mask = (slots <= index)[None, None, None, :]  # [1, 1, 1, S]: written slots only
         bias = self.decoder.position_bias((slots - index)[None, :], dtype)  # [1, H, 1, S]
         cross_mask = cache["cross_mask"][:, None, None, :]
