@@ -53,8 +53,9 @@ from plad_jax.sharding import MeshConfig
 # `from_dict` check values against.
 STAGES = ("sft_teacher", "sft_student", "sample", "distill", "eval")
 DTYPES = ("float32", "bfloat16", "float16")
-SCORERS = ("rouge", "reward_model", "jax_reward_model")
-MODEL_SCORERS = ("reward_model", "jax_reward_model")
+SCORERS = ("rouge", "reward_model", "jax_reward_model", "python")
+# Scorers that need `reward_model`: a model directory / hub id, or for `python` a `module:attr`.
+MODEL_SCORERS = ("reward_model", "jax_reward_model", "python")
 SCORES = ("mean", "sum")
 SPAN_REFERENCES = ("target", "prompt")
 DEFAULT_REWARD_MODEL = "OpenAssistant/reward-model-deberta-v3-large-v2"  # the paper's judge

@@ -13,6 +13,10 @@
   scorer needs installed.
 - `JaxRewardModel`: wraps any `(prompts, responses) -> [N] scores` callable, so a JAX reward model
   (e.g. PbKD's) plugs in without this module knowing its architecture.
+- `python`: a scorer written in Python and named by its import path `module:attr` (config
+  `reward_model`); `attr` is called with no arguments and must return an object with `score`
+  (a class such as `bench.extraction.FieldF1Scorer`, or a factory). For programmatic, exact
+  rewards (a task whose gold output is known) without a new config section.
 
 `make_scorer(kind, path, batch_size)` builds one from the config (`eval.scorer`, `pairs.scorer`);
 `win_rate(a, b)` is the share of rows where `a > b`, ties counting one half.
@@ -28,7 +32,7 @@ import numpy as np
 
 from plad_jax.config import UserError
 
-SCORER_KINDS = ("rouge", "reward_model", "jax_reward_model")
+SCORER_KINDS = ("rouge", "reward_model", "jax_reward_model", "python")
 
 
 class RewardModelError(UserError):
@@ -214,13 +218,35 @@ class JaxRewardModel:
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float64)
 
 
+# -- a scorer named by its import path --------------------------------------------------------------
+
+def python_scorer(spec: str) -> Scorer:
+    """`module:attr` imported and called with no arguments; the result must have `score`."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"the python scorer needs 'module:attr' (e.g. bench.extraction:FieldF1Scorer), got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot import the python scorer {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(factory):
+        raise UserError(f"the python scorer {spec!r} is a {type(factory).__name__}, not a class or factory to call")
+    scorer = factory()
+    if not callable(getattr(scorer, "score", None)):
+        raise UserError(f"the python scorer {spec!r} made a {type(scorer).__name__}, which has no score() method")
+    return scorer
+
+
 # -- factory -------------------------------------------------------------------------------------
 
 def make_scorer(kind: str, path: str = "", batch_size: int = 32, *, device: str = "cpu",
                 reward_fn: RewardFn | None = None) -> Scorer:
-    """The scorer a config names: `rouge`, `reward_model` (a transformers model at `path`), or
+    """The scorer a config names: `rouge`, `reward_model` (a transformers model at `path`),
     `jax_reward_model`: the `reward_fn` callable when given, else the plad_jax reward model saved
-    at `path` (`plad_jax.reward_model.save`; PbKD writes one to `distill/reward_model/`)."""
+    at `path` (`plad_jax.reward_model.save`; PbKD writes one to `distill/reward_model/`), or
+    `python`: the scorer `path` = `module:attr` makes (`python_scorer`)."""
     if kind == "rouge":
         return RougeScorer()
     if kind == "reward_model":
@@ -235,4 +261,6 @@ def make_scorer(kind: str, path: str = "", batch_size: int = 32, *, device: str 
             from plad_jax import reward_model
             return reward_model.load_scorer(path, batch_size=batch_size)
         return JaxRewardModel(reward_fn, batch_size=batch_size, name=f"jax_reward_model:{path}" if path else "jax_reward_model")
+    if kind == "python":
+        return python_scorer(path)
     raise UserError(f"unknown scorer {kind!r}; choose one of {', '.join(SCORER_KINDS)}")
