@@ -4,7 +4,7 @@
     sft_student  base student, D0      -> sft_student/params/
     sample       both SFT models, D    -> sample/pairs-*.parquet (teacher sample preferred)
     distill      SFT student, pairs    -> distill/params/ (the distilled student)
-    eval         all three, test split -> eval/metrics.json, report.md, *.png
+    eval         all three, test split -> eval/metrics.json, report.md, *.png, responses.jsonl
 
 A stage whose `DONE` marker exists is skipped; `DONE` is written last, with the stage's summary.
 Inside a stage, training resumes from its Orbax checkpoints (`loop.train_loop`), so a killed run
@@ -456,6 +456,10 @@ def pbkd_distill(ctx: Context, stage_dir: str, student, teacher, rows):
     teacher > student unless `pairs.real_ratio` had a scorer relabel them; `pbkd_online` labels its
     fresh pairs with that scorer too (pseudo-labels when real_ratio is 0)."""
     cfg, d = ctx.config.distill, ctx.config.data
+    shards = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    if jax.process_count() > 1 and cfg.batch_size % shards:  # each process feeds its own rows of a batch
+        raise ConfigError(f"distill.batch_size={cfg.batch_size} must be a multiple of the {shards} batch shards "
+                          f"(mesh data x fsdp) for PbKD on {jax.process_count()} processes")
     scorer = _scorer(ctx, ctx.config.pairs) if ctx.config.pairs.real_ratio > 0 else None
     student, summary = run_pbkd(cfg.method, student, rows, ctx.config.pbkd, cfg, stage_dir,
                                 tokenizer=ctx.tokenizer("student"), max_prompt_tokens=d.max_prompt_tokens,
@@ -514,6 +518,11 @@ def eval_stage(ctx: Context, stage_dir: str):
             with open(path, encoding="utf-8") as f:
                 curves[stage] = [tuple(x) for x in json.load(f)]
     evaluate.write_report(stage_dir, metrics, curves, process_index=jax.process_index())
+    if jax.process_index() == 0:  # every model's text per test prompt, for per-row analysis after the run
+        from etils import epath  # local or gs://, as the report
+        epath.Path(stage_dir, "responses.jsonl").write_text("".join(
+            json.dumps({"prompt": p, "reference": r, **{name: texts[i] for name, texts in responses.items()}}) + "\n"
+            for i, (p, r) in enumerate(zip(prompts, refs))))
     return {name: {"win_rate": m.get("win_rate"), "mean_score": m.get("mean_score")}
             for name, m in metrics.get("models", {}).items()}
 

@@ -75,6 +75,9 @@ def test_every_method_runs_distill_and_eval(prepared, tmp_path, paths, method):
     metrics = read_json(run_dir / "eval" / "metrics.json")
     assert set(metrics["models"]) == {"teacher", "initial student", "distilled student"}
     assert os.path.exists(run_dir / "eval" / "report.md")
+    with open(run_dir / "eval" / "responses.jsonl", encoding="utf-8") as f:  # per-prompt texts of every model
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == metrics["n"] and set(rows[0]) == {"prompt", "reference", *metrics["models"]}
 
 
 @pytest.mark.parametrize("extra", [("distill.rounds=2",), ("pairs.real_ratio=0.5", "pairs.scorer=rouge")],
