@@ -1,0 +1,439 @@
+"""Method efficacy: on tasks where the teacher is truly better, how much of the teacher-student gap
+does each distillation method close?
+
+What runs, per task and seed, in this process (`plad_jax.stages.run`, so models compile once):
+sft_teacher, sft_student and sample once (teacher and initial student built from scratch, LLaMA
+style, teacher 4x wider*deeper), then the run directory is forked per method and distill + eval run
+on the fork, so every method starts from the same initial student, pairs and seed. Methods:
+
+    sft kd seqkd fdistill_tvd fdistill_js minillm dpo plad_rank plad_margin
+    plad_iter (plad_rank, distill.rounds=2)   plad_real (plad_rank, pairs.real_ratio=0.5, the task's scorer)
+    pbkd_cheap pbkd_offline pbkd_online pbkd_mm
+
+(plad_real re-runs the sample stage on its fork: relabelling happens when the pairs are made.)
+
+Tasks:
+- `extraction` (`bench/extraction.py`): records of a few people in varied sentences; the question
+  asks two fields of one person; exact reward = F1 of the (field, value) pairs, the pipeline's
+  scorer through `eval.scorer=python` (`bench.extraction:FieldF1Scorer`). Tokenizer: the demo
+  task's SentencePiece machinery trained on this task's texts.
+- `demo` (the `demo` preset's task: stdlib docstring -> summary line, ROUGE-L).
+
+Columns (test split, greedy decoding; mean +- std over seeds):
+- WR ref: win-or-tie rate against the reference. Both rewards score the reference itself 1.0, so no
+  response can beat it; the column is the share of prompts where the response ties it (reward 1:
+  an exact match of the requested fields / of the summary).
+- reward: mean reward (field F1, or ROUGE-L F1 on demo): `eval/metrics.json` mean_score.
+- T-S WR: share of test prompts where the teacher's reward beats the model's (ties 1/2); lower =
+  closer to the teacher.
+- R-1/R-2/R-L: ROUGE F1 against the references; len: mean words.
+- gap closed: (reward(method) - reward(initial student)) / (reward(teacher) - reward(initial student)),
+  per seed, then mean +- std.
+- beyond noise: gain = reward(method) - reward(initial student) per seed; "yes" when
+  |mean gain| > 2 * std of the gain over seeds (sign shown), "no" otherwise; "n/a" with one seed.
+
+Outputs under --out: efficacy.csv (one row per task, method and seed), summary.csv (the table),
+efficacy.png (gap closed per method and task), the table printed, and the run directories.
+
+    python bench/efficacy.py --quick          # CI: tiny models, 1 seed, 5 + 2 methods (QUICK_METHODS), few steps
+    python bench/efficacy.py                  # full: 3 seeds, both tasks
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `bench.extraction` must import (it is the python scorer's module)
+    sys.path.insert(0, ROOT)
+
+from bench import extraction  # noqa: E402
+
+SCORER_SPEC = "bench.extraction:FieldF1Scorer"
+PRE = ("sft_teacher", "sft_student", "sample")
+POST = ("distill", "eval")
+METHODS = {
+    "sft": ["distill.method=sft"],
+    "kd": ["distill.method=kd"],
+    "seqkd": ["distill.method=seqkd"],
+    "fdistill_tvd": ["distill.method=fdistill_tvd"],
+    "fdistill_js": ["distill.method=fdistill_js"],
+    "minillm": ["distill.method=minillm"],
+    "dpo": ["distill.method=dpo"],
+    "plad_rank": ["distill.method=plad_rank"],
+    "plad_margin": ["distill.method=plad_margin"],
+    "plad_iter": ["distill.method=plad_rank", "distill.rounds=2"],
+    "plad_real": ["distill.method=plad_rank", "pairs.real_ratio=0.5"],
+    "pbkd_cheap": ["distill.method=pbkd_cheap"],
+    "pbkd_offline": ["distill.method=pbkd_offline"],
+    "pbkd_online": ["distill.method=pbkd_online"],
+    "pbkd_mm": ["distill.method=pbkd_mm"],
+}
+# --quick (CI): one method per kind of machinery, on tiny models for a few steps: targets (sft),
+# teacher logits (kd), pairs relabelled by the task's scorer (plad_real), PbKD. tests/test_stages.py runs every method and option on the pipeline itself.
+QUICK_METHODS = {"extraction": ("sft", "kd", "plad_real", "pbkd_cheap"), "demo": ("sft", "plad_rank")}
+RESAMPLE = {"plad_real"}  # methods whose pairs differ from the shared ones
+
+
+def _llama(hidden, layers, heads, positions):
+    return json.dumps({"model_type": "llama", "hidden_size": hidden, "intermediate_size": 4 * hidden,
+                       "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+                       "max_position_embeddings": positions, "tie_word_embeddings": True})
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """Model sizes and step counts of one mode (the same for both tasks unless a field says so)."""
+
+    teacher: tuple  # hidden, layers, heads
+    student: tuple
+    n_examples: int  # extraction examples generated (before the splits)
+    d0: int
+    d: int
+    test: int
+    validation: int
+    teacher_epochs: int
+    student_epochs: int
+    distill_epochs: int
+    distill_max_steps: int | None
+    sft_max_steps: int | None
+    batch: int
+    pbkd_rounds: int
+    pbkd_samples: int
+    pbkd_warmup: int
+    select_best: bool = True  # the teacher's best checkpoint on validation (quick: the last)
+
+
+QUICK = Size(teacher=(48, 2, 2), student=(16, 1, 1), n_examples=400, d0=96, d=32, test=24, validation=16,
+             teacher_epochs=3, student_epochs=1, distill_epochs=1, distill_max_steps=2, sft_max_steps=None,
+             batch=16, pbkd_rounds=1, pbkd_samples=2, pbkd_warmup=2,
+             select_best=False)
+FULL = Size(teacher=(128, 4, 4), student=(32, 2, 2), n_examples=4000, d0=1600, d=384, test=128, validation=64,
+            teacher_epochs=6, student_epochs=3, distill_epochs=2, distill_max_steps=None, sft_max_steps=None,
+            batch=32, pbkd_rounds=2, pbkd_samples=2, pbkd_warmup=20)
+
+
+def overrides(task: str, size: Size, seed: int, task_files: dict) -> list[str]:
+    """`--set` items of the base config (the demo preset) for this task, size and seed."""
+    t, s = size.teacher, size.student
+    sets = [f"seed={seed}",
+            f"teacher.init={_llama(*t, 256)}", f"student.init={_llama(*s, 256)}",
+            f"data.max_d0={size.d0}", f"data.max_d={size.d}", f"data.max_test={size.test}",
+            f"data.max_validation={size.validation}", f"eval.num_examples={size.test}",
+            f"sft_teacher.epochs={size.teacher_epochs}", f"sft_student.epochs={size.student_epochs}",
+            f"sft_teacher.validation_examples={size.validation}", f"distill.epochs={size.distill_epochs}",
+            f"distill.max_steps={size.distill_max_steps if size.distill_max_steps else 'none'}",
+            f"pbkd.rounds={size.pbkd_rounds}", f"pbkd.num_samples={size.pbkd_samples}",
+            f"pbkd.rm_warmup_steps={size.pbkd_warmup}", f"sft_teacher.select_best={str(size.select_best).lower()}"]
+    for section in ("sft_teacher", "sft_student", "distill"):
+        sets.append(f"{section}.batch_size={size.batch}")
+        if section != "distill" and size.sft_max_steps:
+            sets.append(f"{section}.max_steps={size.sft_max_steps}")
+    if task == "extraction":
+        sets += ["data.task=jsonl", f"data.path={task_files['data']}",
+                 f"teacher.tokenizer={task_files['tokenizer']}", f"student.tokenizer={task_files['tokenizer']}",
+                 "data.max_prompt_tokens=80", "data.max_response_tokens=16",
+                 "sample.max_new_tokens=16", "eval.max_new_tokens=16", "pbkd.max_new_tokens=16",
+                 "eval.scorer=python", f"eval.reward_model={SCORER_SPEC}",
+                 "pairs.scorer=python", f"pairs.reward_model={SCORER_SPEC}"]
+    else:  # demo: its preset's scorer (ROUGE-L) for eval and relabelling
+        sets += ["data.task=demo"]
+    return sets
+
+
+def prepare_extraction(out: str, size: Size) -> dict:
+    """The extraction data file and its tokenizer (the demo task's SentencePiece machinery)."""
+    from plad_jax.data import build_demo_tokenizer
+
+    folder = os.path.join(out, "extraction-data")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"records-{size.n_examples}.jsonl")
+    if not os.path.exists(path):
+        extraction.write_jsonl(path + ".tmp", size.n_examples, seed=1234)
+        os.replace(path + ".tmp", path)
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    texts = [t for r in rows for t in (r["prompt"], r["response"])]
+    tok = build_demo_tokenizer(os.path.join(folder, f"tokenizer-{size.n_examples}"), texts, vocab_size=600)
+    return {"data": path, "tokenizer": tok}
+
+
+def run_stages(sets, run_dir, stages):
+    from plad_jax import config as cfg
+    from plad_jax import stages as pipeline
+
+    config = cfg.resolve("demo", sets, run_dir=run_dir)
+    pipeline.run(config, run_dir, stages)
+
+
+class SamplingMemo:
+    """Reuses `plad_jax.stages.sample_responses` results for identical calls within this process.
+
+    Every fork evaluates the same teacher and initial student on the same prompts with the same
+    seed (greedy), and plad_real's fork resamples the shared pairs; those calls are pure functions of
+    (weights, prompts, settings, seed), so the bench answers repeats from memory instead of decoding
+    again. The key holds a digest of every weight, so a model that differs in one value misses."""
+
+    def __init__(self):
+        self.cache, self.hits, self.misses = {}, 0, 0
+
+    def __enter__(self):
+        from plad_jax import stages
+
+        self._stages, self._original = stages, stages.sample_responses
+        stages.sample_responses = self._sample
+        return self
+
+    def __exit__(self, *exc):
+        self._stages.sample_responses = self._original
+
+    def _sample(self, ctx, lm, role, prompts, *, temperature, max_new_tokens, seed, desc="sample", sample_ids=None):
+        import hashlib
+
+        import jax
+        import numpy as np
+
+        digest = hashlib.sha256()
+        for leaf in jax.tree.leaves(lm.params):
+            digest.update(np.asarray(leaf).tobytes())
+        cfg = ctx.config.sample
+        vocab = hashlib.sha256(json.dumps(sorted(ctx.tokenizer(role).get_vocab().items())).encode()).hexdigest()
+        key = (digest.hexdigest(), type(lm).__name__, vocab, tuple(prompts),
+               temperature, max_new_tokens, seed, None if sample_ids is None else tuple(sample_ids),
+               cfg.batch_size, cfg.top_k, cfg.top_p, ctx.config.data.max_prompt_tokens)
+        if key in self.cache:
+            self.hits += 1
+            return self.cache[key]
+        self.misses += 1
+        out = self._original(ctx, lm, role, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+                             seed=seed, desc=desc, sample_ids=sample_ids)
+        self.cache[key] = out
+        return out
+
+
+def fork(base: str, run_dir: str, resample: bool):
+    shutil.rmtree(run_dir, ignore_errors=True)
+    skip = shutil.ignore_patterns("checkpoints*", "best", "tb", *(["sample"] if resample else []))
+    shutil.copytree(base, run_dir, ignore=skip)
+
+
+def exact_match_rate(task: str, eval_dir: str, model: str) -> float:
+    """Share of test prompts where `model`'s response ties the reference (reward 1.0)."""
+    from plad_jax.rewards import RougeScorer
+
+    with open(os.path.join(eval_dir, "responses.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    scorer = extraction.FieldF1Scorer() if task == "extraction" else RougeScorer()
+    scores = scorer.score([r["prompt"] for r in rows], [r[model] for r in rows], [r["reference"] for r in rows])
+    return float((scores >= 1.0 - 1e-9).mean())
+
+
+def model_row(task, seed, method, eval_dir, model, seconds):
+    with open(os.path.join(eval_dir, "metrics.json"), encoding="utf-8") as f:
+        m = json.load(f)["models"][model]
+    return {"task": task, "seed": seed, "method": method, "wr_ref": exact_match_rate(task, eval_dir, model),
+            "reward": m["mean_score"], "ts_wr": m["ts_win_rate"], "rouge1": m["rouge1"], "rouge2": m["rouge2"],
+            "rougeL": m["rougeL"], "length": m["mean_length"], "seconds": seconds}
+
+
+def run_task_seed(task, seed, size, out, task_files, methods, log):
+    """Rows for the teacher, the initial student and every method on one task and seed."""
+    sets = overrides(task, size, seed, task_files)
+    base = os.path.join(out, "runs", task, f"seed{seed}", "base")
+    t0 = time.perf_counter()
+    # One teacher per task (trained with seed 0), copied into every seed's run: the seeds vary the
+    # student's init and SFT, the sampled pairs and distillation, i.e. what a method's gain depends on.
+    teacher_run = os.path.join(out, "runs", task, "teacher")
+    run_stages(overrides(task, size, 0, task_files), teacher_run, ("sft_teacher",))
+    for name in ("sft_teacher", "tokenizer"):
+        if os.path.isdir(os.path.join(teacher_run, name)) and not os.path.exists(os.path.join(base, name)):
+            shutil.copytree(os.path.join(teacher_run, name), os.path.join(base, name),
+                            ignore=shutil.ignore_patterns("checkpoints*", "best"))
+    run_stages(sets, base, PRE)
+    prep = time.perf_counter() - t0
+    log(f"{task} seed {seed}: shared stages {prep:.0f} s")
+    rows = []
+    for method in methods:
+        run_dir = os.path.join(out, "runs", task, f"seed{seed}", method)
+        t0 = time.perf_counter()
+        if not os.path.exists(os.path.join(run_dir, "eval", "DONE")):
+            fork(base, run_dir, method in RESAMPLE)
+            stages = (("sample",) if method in RESAMPLE else ()) + POST
+            run_stages(sets + METHODS[method], run_dir, stages)
+        seconds = time.perf_counter() - t0
+        eval_dir = os.path.join(run_dir, "eval")
+        if not rows:  # teacher and initial student: the same greedy outputs in every fork
+            rows.append(model_row(task, seed, "teacher", eval_dir, "teacher", prep))
+            rows.append(model_row(task, seed, "initial student", eval_dir, "initial student", 0.0))
+        rows.append(model_row(task, seed, method, eval_dir, "distilled student", seconds))
+        r = rows[-1]
+        log(f"{task} seed {seed} {method}: reward {r['reward']:.3f} (teacher {rows[0]['reward']:.3f}, "
+            f"initial student {rows[1]['reward']:.3f}), {seconds:.0f} s")
+        for sub in ("distill/checkpoints", "distill/checkpoints-round0", "distill/checkpoints-round1"):
+            shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)  # disk: the forks keep params only
+    return rows
+
+
+# -- summary ------------------------------------------------------------------------------------------
+
+METRICS = ("wr_ref", "reward", "ts_wr", "rouge1", "rouge2", "rougeL", "length", "gap_closed")
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarise(rows):
+    """Per (task, method): mean and std over seeds of every metric, gap closed, gain and its noise test."""
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault((r["task"], r["seed"]), {})[r["method"]] = r
+    for per_method in by_seed.values():
+        teacher, student = per_method["teacher"]["reward"], per_method["initial student"]["reward"]
+        for r in per_method.values():
+            gap = teacher - student
+            r["gap_closed"] = (r["reward"] - student) / gap if gap != 0 else float("nan")
+            r["gain"] = r["reward"] - student
+    summary = []
+    order = list(dict.fromkeys((r["task"], r["method"]) for r in rows))
+    for task, method in order:
+        group = [r for r in rows if r["task"] == task and r["method"] == method]
+        s = {"task": task, "method": method, "seeds": len(group)}
+        for key in METRICS + ("gain",):
+            s[key], s[key + "_std"] = _mean_std([r[key] for r in group])
+        if method in ("teacher", "initial student"):
+            s["beyond_noise"] = "-"
+        elif len(group) < 2:
+            s["beyond_noise"] = "n/a"
+        else:
+            s["beyond_noise"] = (("yes (+)" if s["gain"] > 0 else "yes (-)")
+                                 if abs(s["gain"]) > 2 * s["gain_std"] else "no")
+        summary.append(s)
+    return summary
+
+
+def _fmt(mean, std, pct=False, digits=3):
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if pct:
+        return f"{100 * mean:.1f}+-{100 * std:.1f}"
+    return f"{mean:.{digits}f}+-{std:.{digits}f}"
+
+
+def table(summary) -> str:
+    head = ("task", "method", "WR ref %", "reward", "T-S WR %", "R-1", "R-2", "R-L", "len", "gap closed", "beyond noise")
+    lines = []
+    for s in summary:
+        lines.append((s["task"], s["method"], _fmt(s["wr_ref"], s["wr_ref_std"], pct=True),
+                      _fmt(s["reward"], s["reward_std"]),
+                      _fmt(s["ts_wr"], s["ts_wr_std"], pct=True) if s["method"] != "teacher" else "-",
+                      _fmt(s["rouge1"], s["rouge1_std"]), _fmt(s["rouge2"], s["rouge2_std"]),
+                      _fmt(s["rougeL"], s["rougeL_std"]), _fmt(s["length"], s["length_std"], digits=1),
+                      _fmt(s["gap_closed"], s["gap_closed_std"], digits=2), s["beyond_noise"]))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def write_csv(path, rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path, summary):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 3.6 * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
+        rows = [s for s in summary if s["task"] == task and s["method"] not in ("teacher",)]
+        names = [s["method"] for s in rows]
+        means = [s["gap_closed"] if s["gap_closed"] is not None and not math.isnan(s["gap_closed"]) else 0.0
+                 for s in rows]
+        stds = [s["gap_closed_std"] or 0.0 for s in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="tab:blue")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.axhline(1, color="tab:green", linestyle="--", linewidth=0.8, label="teacher")
+        ax.set_xticks(range(len(rows)), names, rotation=40, ha="right")
+        ax.set_ylabel("share of T-S gap closed")
+        ax.set_title(f"{task}: (method - initial student) / (teacher - initial student), mean +- std over seeds")
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, 1 seed, few steps (CI)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/efficacy[-quick])")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
+    parser.add_argument("--tasks", default="extraction,demo")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: all; quick: QUICK_METHODS)")
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    out = os.path.abspath(args.out or os.path.join("runs", "efficacy-quick" if args.quick else "efficacy"))
+    seeds = range(args.seeds or (1 if args.quick else 3))
+    tasks = [t for t in args.tasks.split(",") if t]
+    chosen = [m for m in args.methods.split(",") if m] if args.methods else None
+    unknown = [m for m in chosen or () if m not in METHODS] + [t for t in tasks if t not in ("extraction", "demo")]
+    if unknown:
+        parser.error(f"unknown methods or tasks: {', '.join(unknown)}")
+    os.makedirs(out, exist_ok=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import jax
+
+    start = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
+
+    task_files = prepare_extraction(out, size) if "extraction" in tasks else {}
+    rows = []
+    with SamplingMemo() as memo:
+        for task in tasks:
+            for seed in seeds:
+                methods = chosen or (QUICK_METHODS[task] if args.quick else tuple(METHODS))
+                rows += run_task_seed(task, seed, size, out, task_files, methods, log)
+                write_csv(os.path.join(out, "efficacy.csv"), rows)  # a partial run keeps what it measured
+                memo.cache.clear()  # the next seed's models differ
+    log(f"decoding calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
+    summary = summarise(rows)
+    write_csv(os.path.join(out, "efficacy.csv"), rows)
+    write_csv(os.path.join(out, "summary.csv"), summary)
+    plot(os.path.join(out, "efficacy.png"), summary)
+    total, cpu = time.perf_counter() - start, time.process_time()
+    device = f"{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, " \
+             f"{os.cpu_count()} cores)"
+    print(f"\nmethod efficacy ({'quick' if args.quick else 'full'}): tasks {', '.join(tasks)}; seeds {len(seeds)}; "
+          f"teacher {size.teacher} vs student {size.student} (hidden, layers, heads); device {device}; "
+          f"{total / 60:.1f} min wall, {cpu / 60:.1f} min CPU (load average {os.getloadavg()[0]:.1f})")
+    print(table(summary))
+    print(f"\nwritten: {out}/summary.csv, efficacy.csv, efficacy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

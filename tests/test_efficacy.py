@@ -1,0 +1,82 @@
+"""bench/efficacy.py --quick: its methods (one per kind of machinery) on both tasks run end to end and its numbers are sane
+(finite, in range, teacher and initial student rows present); not that any method wins. Also the
+extraction task's exact reward and the `python` scorer hook that plugs it into the pipeline."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+
+import pytest
+
+from bench import efficacy, extraction
+from plad_jax import rewards
+from plad_jax.config import ConfigError, resolve
+
+
+def test_field_f1_is_exact():
+    gold = " job: baker; age: 41"
+    assert extraction.field_f1(" age: 41; job: baker", gold) == 1.0  # order does not matter
+    assert extraction.field_f1(" JOB: Baker ;age:41", gold) == 1.0  # nor case and spaces
+    assert extraction.field_f1(" job: baker", gold) == pytest.approx(2 / 3)  # P 1, R 1/2
+    assert extraction.field_f1(" job: baker; age: 42; city: Oslo", gold) == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert extraction.field_f1("baker 41", gold) == 0.0 and extraction.field_f1("", gold) == 0.0
+
+
+def test_examples_answer_from_the_record():
+    for row in extraction.make_examples(50, seed=3):
+        record, question = row["prompt"].split("\nQUESTION: give the ")
+        fields = extraction.parse_fields(row["response"])
+        name = question.split(" of ")[1].split(".")[0]
+        assert list(fields) == question.split(" of ")[0].split(" and ")
+        for value in fields.values():  # the gold value is stated in a sentence about that person
+            assert any(name in s and value.lower() in s.lower() for s in record.split(". "))
+    assert extraction.make_examples(5, seed=1) == extraction.make_examples(5, seed=1)
+    assert extraction.make_example(random.Random(0)) != extraction.make_example(random.Random(1))
+
+
+def test_python_scorer_from_the_config():
+    scorer = rewards.make_scorer("python", "bench.extraction:FieldF1Scorer")
+    assert scorer.name == "field_f1" and rewards.is_reference_based(scorer)
+    assert list(scorer.score(["p", "p"], [" a: 1; b: 2", " a: 1"], [" a: 1; b: 2"] * 2)) == pytest.approx([1.0, 2 / 3])
+    for spec in ("bench.extraction", "bench.nothing_here:X", "bench.extraction:NoSuchScorer", "bench.extraction:NAMES"):
+        with pytest.raises(rewards.UserError):
+            rewards.make_scorer("python", spec)
+    config = resolve("demo", ["eval.scorer=python", "eval.reward_model=bench.extraction:FieldF1Scorer"])
+    assert config.eval.scorer == "python"
+    with pytest.raises(ConfigError, match="eval.reward_model"):
+        resolve("demo", ["eval.scorer=python", "eval.reward_model="])
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_every_method_with_sane_numbers(tmp_path, capsys):
+    start = time.process_time()
+    assert efficacy.main(["--quick", "--out", str(tmp_path)]) == 0
+    cpu_seconds = time.process_time() - start
+    printed = capsys.readouterr().out
+    assert "method efficacy (quick)" in printed and "teacher" in printed
+    with open(tmp_path / "summary.csv", encoding="utf-8") as f:
+        summary = list(csv.DictReader(f))
+    for task in ("extraction", "demo"):
+        rows = {r["method"]: r for r in summary if r["task"] == task}
+        assert set(rows) == {"teacher", "initial student", *efficacy.QUICK_METHODS[task]}, task
+        teacher, student = float(rows["teacher"]["reward"]), float(rows["initial student"]["reward"])
+        for method, r in rows.items():
+            for key in ("wr_ref", "reward", "rouge1", "rouge2", "rougeL"):
+                assert 0.0 <= float(r[key]) <= 1.0, (task, method, key, r[key])
+            assert math.isfinite(float(r["length"])) and float(r["length"]) >= 0
+            if method != "teacher":
+                assert 0.0 <= float(r["ts_wr"]) <= 1.0, (task, method, r["ts_wr"])
+            if teacher != student:
+                assert math.isfinite(float(r["gap_closed"])), (task, method)
+        assert float(rows["teacher"]["gap_closed"] or 1.0) == pytest.approx(1.0) or teacher == student
+    with open(tmp_path / "efficacy.csv", encoding="utf-8") as f:
+        per_seed = list(csv.DictReader(f))
+    assert len(per_seed) == sum(2 + len(m) for m in efficacy.QUICK_METHODS.values())  # teacher, initial, methods; 1 seed
+    assert os.path.getsize(tmp_path / "efficacy.png") > 1000
+    # Its budget, as CPU time (all threads) so that other jobs on a shared runner do not count: under
+    # 5 minutes of CPU means under 5 minutes of wall time on 2 cores of its own. Measured: ~2 min CPU.
+    assert cpu_seconds < 300, f"--quick used {cpu_seconds:.0f} s of CPU, over its 5 minute budget"
