@@ -86,8 +86,6 @@ def run_pbkd(method: str, student, rows, cfg: PbKDConfig, train, workdir: str, *
             raise ValueError("pbkd_mm compares token distributions: it needs the teacher model, with the student's "
                              f"vocabulary (student {student.vocab_size}, teacher "
                              f"{None if teacher is None else teacher.vocab_size})")
-    if method == "pbkd_online" and jax.process_count() > 1:
-        raise ValueError("pbkd_online samples each round's pairs on one process; run it single-host for now")
     os.makedirs(workdir, exist_ok=True)
     run = _Run(method, student, rows, cfg, train, workdir, tokenizer, max_prompt_tokens, max_response_tokens,
                teacher, scorer, seed, programs)
@@ -425,10 +423,13 @@ class _Game:
     def _game_step(self, encoding, r, index, step) -> dict:
         run, cfg = self.run_, self.run_.cfg
         batch = self._batch(encoding, r, index)
+        # Each row samples from the stream of its place in the global batch: the same samples on any
+        # number of processes.
+        positions = _local(run.mesh, {"row": np.arange(run.train.batch_size)})["row"]
         generation = sampler.generate(run.student_lm(self.state["student"].params), batch["prompt_ids"],
                                       batch["prompt_mask"], max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, num_samples=cfg.num_samples,
-                                      seed=(run.seed * 1_000_003 + step) % 2**31)
+                                      seed=(run.seed * 1_000_003 + step) % 2**31, sample_ids=positions)
         batch = _place(run.mesh, {**batch, "sample_ids": generation.tokens, "sample_mask": generation.mask})
         self.state["adversary"], adv = self.adv_step(self.state["adversary"], batch, self.adversary_frozen())
         check_finite(adv, step)

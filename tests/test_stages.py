@@ -203,11 +203,13 @@ def test_tldr_t5_runs_every_stage_on_local_t5_checkpoints(tmp_path):
 
 # -- several processes ------------------------------------------------------------------------------
 
-def test_two_processes_give_the_metrics_of_one(paths, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"distill.method": "pbkd_online", "distill.batch_size": 8}],
+                         ids=["plad_rank", "pbkd_online"])
+def test_two_processes_give_the_metrics_of_one(paths, tmp_path, extra):
     """2 processes x 4 CPU devices (jax.distributed over gloo on localhost) vs 1 process x 8 devices."""
     import socket
 
-    sets = [x for item in tiny_run.tiny_overrides(paths) for x in ("--set", item)]
+    sets = [x for item in tiny_run.tiny_overrides(paths, **extra) for x in ("--set", item)]
     args = lambda run: ["-m", "plad_jax.launch", "--config", "tiny", "--run-dir", str(run), *sets]  # noqa: E731
     base = {**os.environ, "JAX_PLATFORMS": "cpu"}
     one = subprocess.run([sys.executable, *args(tmp_path / "one")], capture_output=True, text=True, timeout=900,
