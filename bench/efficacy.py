@@ -32,8 +32,9 @@ Columns (test split, greedy decoding; mean +- std over seeds):
 - beyond noise: gain = reward(method) - reward(initial student) per seed; "yes" when
   |mean gain| > 2 * std of the gain over seeds (sign shown), "no" otherwise; "n/a" with one seed.
 
-Outputs under --out: efficacy.csv (one row per task, method and seed), summary.csv (the table),
-efficacy.png (gap closed per method and task), the table printed, and the run directories.
+Outputs under --out: efficacy.csv (one row per task, method and seed; written after every seed),
+summary.csv (the table), efficacy.png (mean reward per model, gap closed per method, per task), the
+table printed, and the run directories. `--summarise` redoes the summary from efficacy.csv.
 
     python bench/efficacy.py --quick          # CI: tiny models, 1 seed, 5 + 2 methods (QUICK_METHODS), few steps
     python bench/efficacy.py                  # full: 3 seeds, both tasks
@@ -360,29 +361,61 @@ def write_csv(path, rows):
 
 
 def plot(path, summary):
+    """Per task: mean reward per model (teacher and initial student included) and the share of the
+    gap closed per method, each mean +- std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def value(s, key):
+        v = s[key]
+        return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
     tasks = list(dict.fromkeys(s["task"] for s in summary))
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 3.6 * len(tasks)), squeeze=False)
-    for ax, task in zip(axes[:, 0], tasks):
-        rows = [s for s in summary if s["task"] == task and s["method"] not in ("teacher",)]
-        names = [s["method"] for s in rows]
-        means = [s["gap_closed"] if s["gap_closed"] is not None and not math.isnan(s["gap_closed"]) else 0.0
-                 for s in rows]
-        stds = [s["gap_closed_std"] or 0.0 for s in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="tab:blue")
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.axhline(1, color="tab:green", linestyle="--", linewidth=0.8, label="teacher")
-        ax.set_xticks(range(len(rows)), names, rotation=40, ha="right")
-        ax.set_ylabel("share of T-S gap closed")
-        ax.set_title(f"{task}: (method - initial student) / (teacher - initial student), mean +- std over seeds")
-        ax.legend(loc="upper left")
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(15, 3.8 * len(tasks)), squeeze=False)
+    for (left, right), task in zip(axes, tasks):
+        rows = [s for s in summary if s["task"] == task]
+        colors = ["tab:green" if s["method"] == "teacher" else "tab:gray" if s["method"] == "initial student"
+                  else "tab:blue" for s in rows]
+        left.bar(range(len(rows)), [value(s, "reward") for s in rows], yerr=[value(s, "reward_std") for s in rows],
+                 capsize=3, color=colors)
+        left.set_xticks(range(len(rows)), [s["method"] for s in rows], rotation=45, ha="right")
+        left.set_ylabel("mean reward")
+        left.set_title(f"{task}: mean reward on test (mean +- std over seeds)")
+        methods = [s for s in rows if s["method"] not in ("teacher", "initial student")]
+        right.bar(range(len(methods)), [value(s, "gap_closed") for s in methods],
+                  yerr=[value(s, "gap_closed_std") for s in methods], capsize=3, color="tab:blue")
+        right.axhline(0, color="black", linewidth=0.8)
+        right.axhline(1, color="tab:green", linestyle="--", linewidth=0.8, label="teacher")
+        right.set_xticks(range(len(methods)), [s["method"] for s in methods], rotation=45, ha="right")
+        right.set_ylabel("share of T-S gap closed")
+        right.set_title(f"{task}: (method - initial) / (teacher - initial)")
+        right.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def read_rows(path):
+    """efficacy.csv back as rows (numbers as floats), to summarise a run (or a partial one) again."""
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("seed", "wr_ref", "reward", "ts_wr", "rouge1", "rouge2", "rougeL", "length", "seconds"):
+            r[key] = None if r.get(key) in (None, "") else (int(r[key]) if key == "seed" else float(r[key]))
+    return [{k: v for k, v in r.items() if k not in ("gap_closed", "gain")} for r in rows]
+
+
+def report(out, rows, header):
+    """Summarise, write summary.csv / efficacy.csv / efficacy.png, print the table."""
+    summary = summarise(rows)
+    write_csv(os.path.join(out, "efficacy.csv"), rows)
+    write_csv(os.path.join(out, "summary.csv"), summary)
+    plot(os.path.join(out, "efficacy.png"), summary)
+    print(header)
+    print(table(summary))
+    print(f"\nwritten: {out}/summary.csv, efficacy.csv, efficacy.png")
 
 
 def main(argv=None) -> int:
@@ -391,6 +424,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default runs/efficacy[-quick])")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
     parser.add_argument("--tasks", default="extraction,demo")
+    parser.add_argument("--summarise", action="store_true",
+                        help="only summarise --out's efficacy.csv again (a finished or partial run)")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all; quick: QUICK_METHODS)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
@@ -402,6 +437,10 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown methods or tasks: {', '.join(unknown)}")
     os.makedirs(out, exist_ok=True)
+    if args.summarise:
+        rows = read_rows(os.path.join(out, "efficacy.csv"))
+        report(out, rows, f"method efficacy from {out}/efficacy.csv: {len(rows)} rows")
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import jax
 
@@ -420,18 +459,13 @@ def main(argv=None) -> int:
                 write_csv(os.path.join(out, "efficacy.csv"), rows)  # a partial run keeps what it measured
                 memo.cache.clear()  # the next seed's models differ
     log(f"decoding calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
-    summary = summarise(rows)
-    write_csv(os.path.join(out, "efficacy.csv"), rows)
-    write_csv(os.path.join(out, "summary.csv"), summary)
-    plot(os.path.join(out, "efficacy.png"), summary)
     total, cpu = time.perf_counter() - start, time.process_time()
     device = f"{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, " \
              f"{os.cpu_count()} cores)"
-    print(f"\nmethod efficacy ({'quick' if args.quick else 'full'}): tasks {', '.join(tasks)}; seeds {len(seeds)}; "
-          f"teacher {size.teacher} vs student {size.student} (hidden, layers, heads); device {device}; "
-          f"{total / 60:.1f} min wall, {cpu / 60:.1f} min CPU (load average {os.getloadavg()[0]:.1f})")
-    print(table(summary))
-    print(f"\nwritten: {out}/summary.csv, efficacy.csv, efficacy.png")
+    report(out, rows, f"\nmethod efficacy ({'quick' if args.quick else 'full'}): tasks {', '.join(tasks)}; "
+                      f"seeds {len(seeds)}; teacher {size.teacher} vs student {size.student} (hidden, layers, heads); "
+                      f"device {device}; {total / 60:.1f} min wall, {cpu / 60:.1f} min CPU "
+                      f"(load average {os.getloadavg()[0]:.1f})")
     return 0
 
 
