@@ -3,8 +3,11 @@ does each distillation method close?
 
 What runs, per task and seed, in this process (`plad_jax.stages.run`, so models compile once):
 sft_teacher, sft_student and sample once (teacher and initial student built from scratch, LLaMA
-style, teacher 4x wider*deeper), then the run directory is forked per method and distill + eval run
-on the fork, so every method starts from the same initial student, pairs and seed. Methods:
+style; full: teacher hidden 128 x 4 layers, student 32 x 2), then the run directory is forked per
+method and distill + eval run on the fork, so every method starts from the same initial student,
+pairs and seed. The teacher is trained once per task (seed 0) and copied into every seed's run: the
+seeds vary the student's init and SFT, the pairs and distillation, which is what a method's gain
+depends on. Methods:
 
     sft kd seqkd fdistill_tvd fdistill_js minillm dpo plad_rank plad_margin
     plad_iter (plad_rank, distill.rounds=2)   plad_real (plad_rank, pairs.real_ratio=0.5, the task's scorer)

@@ -237,6 +237,8 @@ class EvalConfig:
     """Win rates vs references and teacher-vs-student, ROUGE, lengths, on the test split.
 
     num_examples: test prompts to evaluate (None = all). temperature: 0 = greedy decoding.
+    scorer `python` (also for `pairs`): reward_model is `module:attr`, a Scorer class or factory
+    (`plad_jax.rewards.python_scorer`), for programmatic rewards such as bench/extraction.py's.
     """
 
     scorer: Scorer = "reward_model"
