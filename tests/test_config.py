@@ -567,3 +567,20 @@ def test_cli_unknown_stage_and_bad_flags(cli):
 def test_cli_unwritable_run_dir(cli):
     assert_one_line_exit_2(cli["unwritable"], "cannot write the run directory")
     assert (cli["cwd"] / "file").read_text() == "keep me"
+
+
+def test_unreachable_hub_switches_to_local_files():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"HF_ENDPOINT": closed}
+    assert not launch.hub_reachable(env, timeout=1.0)
+    assert launch.prefer_local_files(env) and env["HF_HUB_OFFLINE"] == "1"
+    kept = {"HF_ENDPOINT": closed, "HF_HUB_OFFLINE": "0"}  # the user's own setting is left alone
+    assert not launch.prefer_local_files(kept) and kept["HF_HUB_OFFLINE"] == "0"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert launch.hub_reachable({"HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}"}, timeout=1.0)
