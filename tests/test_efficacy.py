@@ -80,3 +80,31 @@ def test_quick_benchmark_runs_every_method_with_sane_numbers(tmp_path, capsys):
     # Its budget, as CPU time (all threads) so that other jobs on a shared runner do not count: under
     # 5 minutes of CPU means under 5 minutes of wall time on 2 cores of its own. Measured: ~2 min CPU.
     assert cpu_seconds < 300, f"--quick used {cpu_seconds:.0f} s of CPU, over its 5 minute budget"
+
+
+def _rows(rewards_by_method):
+    """efficacy.csv-like rows: one task, the given per-seed rewards for each method."""
+    rows = []
+    for method, rewards in rewards_by_method.items():
+        for seed, reward in enumerate(rewards):
+            rows.append({"task": "t", "seed": seed, "method": method, "wr_ref": 0.0, "reward": reward, "ts_wr": 0.5,
+                         "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "length": 1.0, "seconds": 0.0})
+    return rows
+
+
+def test_summary_gap_noise_and_reproduction_check(tmp_path):
+    first = efficacy.summarise(_rows({"teacher": [0.8] * 3, "initial student": [0.2, 0.3, 0.25],
+                                      "up": [0.5, 0.6, 0.55], "flat": [0.1, 0.4, 0.25]}))
+    by = {s["method"]: s for s in first}
+    # gap closed is taken per seed, then averaged
+    assert by["up"]["gap_closed"] == pytest.approx((0.3 / 0.6 + 0.3 / 0.5 + 0.3 / 0.55) / 3)
+    assert by["up"]["gain"] == pytest.approx(0.3) and by["teacher"]["gap_closed"] == pytest.approx(1.0)
+    assert by["up"]["beyond_noise"] == "yes (+)" and by["flat"]["beyond_noise"] == "no"
+    efficacy.write_csv(tmp_path / "summary.csv", first)
+    second = efficacy.summarise(_rows({"teacher": [0.8] * 3, "initial student": [0.25] * 3,
+                                       "up": [0.56, 0.56, 0.56], "flat": [0.9, 0.9, 0.9]}))
+    text = efficacy.compare(second, tmp_path / "summary.csv")
+    lines = {line.split()[1]: line for line in text.splitlines()[2:-1] if not line.startswith("t  initial")}
+    assert lines["up"].split()[4] == "yes" and lines["flat"].split()[4] == "no"
+    # in: 4 rewards (teacher, initial student, up, flat) + 2 gaps (up, flat); within: all but flat's two
+    assert text.splitlines()[-1].startswith("4 of 6 means")
