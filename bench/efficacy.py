@@ -355,6 +355,13 @@ def _fmt(mean, std, pct=False, digits=3):
     return f"{mean:.{digits}f}+-{std:.{digits}f}"
 
 
+def _render(head, lines) -> str:
+    """Rows of cells as left-aligned columns under a header and a rule."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(out + ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines])
+
+
 def table(summary) -> str:
     head = ("task", "method", "WR ref %", "reward", "T-S WR %", "R-1", "R-2", "R-L", "len", "gap closed", "beyond noise")
     lines = []
@@ -365,10 +372,7 @@ def table(summary) -> str:
                       _fmt(s["rouge1"], s["rouge1_std"]), _fmt(s["rouge2"], s["rouge2_std"]),
                       _fmt(s["rougeL"], s["rougeL_std"]), _fmt(s["length"], s["length_std"], digits=1),
                       _fmt(s["gap_closed"], s["gap_closed_std"], digits=2), s["beyond_noise"]))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    return "\n".join(out)
+    return _render(head, lines)
 
 
 def write_csv(path, rows):
@@ -447,11 +451,7 @@ def compare(summary, other_path) -> str:
             cells += [_fmt(s[key], s[key + "_std"]), _fmt(mean, std), "yes" if ok else "no"]
         cells.append(f"{s['beyond_noise']} / {o['beyond_noise']}")
         lines.append(tuple(cells))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    out.append(f"{inside} of {total} means lie within the other run's mean +- std")
-    return "\n".join(out)
+    return _render(head, lines) + f"\n{inside} of {total} means lie within the other run's mean +- std"
 
 
 def report(out, rows, header, other=None):
