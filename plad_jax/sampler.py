@@ -37,14 +37,15 @@ bucketed so a long job compiles a handful of programs: the prompt length is padd
 `bucket_length` (powers of two up to 128, then multiples of 128), the batch to a multiple of the
 mesh's batch shards (and to `pad_batch_to` when given); padded rows are dropped from the output.
 `max_new_tokens` and the sampling settings are part of the compiled program. (The families'
-caches keep keys/values heads-major, `[B, heads, slots, head_dim]`, and a decode step attends over
-a prefix of whole blocks that covers the slots written so far while that is at most half the
-cache: see `models.layers.cached_attention`.)
+caches keep values `[B, heads, slots, head_dim]` and keys the same or, for GQA, `[B, heads,
+head_dim, slots]`, and a decode step attends over a prefix of whole blocks that covers the slots
+written so far while that is at most half the cache: see `models.layers.cached_attention`.)
 
 Sharding: with `lm.mesh` set, rows are split over the `data` and `fsdp` mesh axes, params stay as
 the model's logical rules placed them, and every cache leaf is constrained to have its batch axis
-over (`data`, `fsdp`) and, for key/value leaves laid out `[..., seq, heads, head_dim]` or
-`[..., heads, seq, head_dim]`, its heads axis over `tensor` when that divides. The sampler finds
+over (`data`, `fsdp`) and, for key/value leaves laid out `[..., seq, heads, head_dim]`,
+`[..., heads, seq, head_dim]` or `[..., heads, head_dim, seq]`, its heads axis over `tensor` when
+that divides. The sampler finds
 a leaf's batch and sequence axes by tracing the model's prefill at two batch sizes and two
 lengths (shapes only, once per compiled program), so any family's cache layout works (tuples of
 per-layer arrays included). On several hosts each process passes its own prompt rows (a multiple
@@ -275,11 +276,11 @@ def _cache_specs(prefill, params, cache, mesh):
         seq = [i for i in range(leaf.ndim) if b.shape[i] != l.shape[i] and i not in batch]
         if batch and batch_shards > 1 and leaf.shape[batch[0]] % batch_shards == 0:
             axes[batch[0]] = shd.BATCH_AXES
-        # Keys/values are [..., seq, heads, head_dim] or [..., heads, seq, head_dim].
-        heads = [i for i in (leaf.ndim - 2, leaf.ndim - 3) if i >= 0 and i not in batch + seq]
-        if seq and leaf.ndim >= 4 and seq[-1] >= leaf.ndim - 3 and heads and tensor > 1 \
-                and leaf.shape[heads[0]] % tensor == 0:
-            axes[heads[0]] = "tensor"
+        # Keys/values are [..., seq, heads, head_dim], [..., heads, seq, head_dim] or [..., heads, head_dim, seq].
+        if seq and leaf.ndim >= 4 and seq[-1] >= leaf.ndim - 3 and tensor > 1:
+            heads = leaf.ndim - 2 if seq[-1] == leaf.ndim - 3 else leaf.ndim - 3
+            if heads not in batch + seq and leaf.shape[heads] % tensor == 0:
+                axes[heads] = "tensor"
         return P(*axes)
 
     return jax.tree.map(spec, cache, base, wider, longer)

@@ -72,6 +72,11 @@ def test_prefill_decode_equals_full_pass(case):
     full = np.asarray(lm.logits(pi, pm, ri, rm))
     prefill, decode = jax.jit(lm.prefill, static_argnums=3), jax.jit(lm.decode)
     logits, cache = prefill(lm.params, jnp.asarray(pi), jnp.asarray(pm), ri.shape[1])
+    c, slots = lm.config, pi.shape[1] + ri.shape[1]
+    gqa = c.num_heads > c.num_kv_heads  # keys slots-minor when query heads share key heads
+    key_shape = (c.num_kv_heads, c.head_dim, slots) if gqa else (c.num_kv_heads, slots, c.head_dim)
+    assert cache["k"][0].shape == (pi.shape[0],) + key_shape
+    assert cache["v"][0].shape == (pi.shape[0], c.num_kv_heads, slots, c.head_dim)
     steps = [logits]
     for t in range(ri.shape[1] - 1):
         logits, cache = decode(lm.params, jnp.asarray(ri[:, t]), cache)

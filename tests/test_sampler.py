@@ -206,8 +206,8 @@ def test_sharded_greedy_equals_single_device(families, greedy, name):
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cache_is_sharded_over_batch_and_heads(families, name):
-    """Keys/values [(L,) B, heads, S, Dh] (stacked or one array per layer): B over (data, fsdp),
-    heads over tensor; every other per-row leaf (masks, positions) over (data, fsdp)."""
+    """Keys [(L,) B, heads, S, Dh] or [(L,) B, heads, Dh, S] (GQA) and values [(L,) B, heads, S, Dh]
+    (stacked or one array per layer): B over (data, fsdp), heads over tensor; every other per-row leaf (masks, positions) over (data, fsdp)."""
     _, _, lm = families[name]
     ids = jnp.ones((8, 16), jnp.int32)
     _, cache = jax.eval_shape(lambda p: lm.prefill(p, ids, ids, 4), lm.params)
@@ -224,6 +224,23 @@ def test_cache_is_sharded_over_batch_and_heads(families, name):
             elif leaf.ndim:
                 expected[0] = batch
             assert spec == jax.sharding.PartitionSpec(*expected), key
+
+
+def test_cache_specs_find_heads_in_every_key_value_layout():
+    """A model of another stack: its cache's heads axis is found whatever the order of seq, heads
+    and head_dim, for one array per layer and for layers stacked in front."""
+    def prefill(params, ids, mask, new):
+        b, s = ids.shape[0], ids.shape[1] + new
+        return None, {"seq_heads_dim": jnp.zeros((b, s, 4, 8)), "heads_seq_dim": jnp.zeros((b, 4, s, 8)),
+                      "heads_dim_seq": jnp.zeros((b, 4, 8, s)), "stacked": jnp.zeros((3, b, 4, 8, s)),
+                      "pos": jnp.zeros((b, s), jnp.int32)}
+
+    _, cache = jax.eval_shape(lambda: prefill(None, jnp.ones((8, 16)), None, 4))
+    specs = sampler._cache_specs(prefill, {}, cache, shd.make_mesh((2, 2, 2)))
+    P, batch = jax.sharding.PartitionSpec, shd.BATCH_AXES
+    assert specs == {"seq_heads_dim": P(batch, None, "tensor", None), "heads_seq_dim": P(batch, "tensor", None, None),
+                     "heads_dim_seq": P(batch, "tensor", None, None), "stacked": P(None, batch, "tensor", None, None),
+                     "pos": P(batch, None)}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

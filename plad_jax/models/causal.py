@@ -6,11 +6,14 @@ Scoring runs prompt and response as one sequence, `[prompt (right-padded) | resp
 
 The KV cache is a dict with one layout for every decoder-only family:
 
-    k, v      L-tuples of [B, KV, S, Dh]  S = prompt length + max_new_tokens; slot j holds input column j
+    k         L-tuples of [B, KV, S, Dh]  S = prompt length + max_new_tokens; slot j holds input column j;
+              [B, KV, Dh, S] (slots minor) when query heads share key heads (GQA, MQA), see
+              `layers.keys_slots_minor`
+    v         L-tuples of [B, KV, S, Dh]
               (one array per layer, not one stacked array: inside the sampler's decode loop each
               layer's buffer is then updated in place; stacking copied the whole cache every step;
-              heads before slots: attention reads each (row, head)'s keys as one contiguous matrix,
-              with no transpose of the cache per step, and while the written slots fit in half the
+              heads before slots: both products of a decode step read each (row, head)'s cache in
+              place, with no transpose of it per step, and while the written slots fit in half the
               cache only a prefix of whole blocks covering them, see `layers.cached_attention`)
     key_mask  [B, S] bool        the slot holds a real token
     key_pos   [B, S] int32       the slot's position (what windows and position embeddings see)
@@ -25,7 +28,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from plad_jax.models.layers import cached_attention, last_real_index, positions_from_mask, write_slot
+from plad_jax.models.layers import (cache_keys, cache_values, cached_attention, last_real_index, positions_from_mask,
+                                    write_slot)
 
 
 def visible_keys(q_pos, k_pos, k_mask, window=None):
@@ -71,13 +75,13 @@ def last_prompt_state(hidden, prompt_mask):
     return jnp.take_along_axis(hidden, last_real_index(prompt_mask)[:, None, None], axis=1)[:, 0]
 
 
-def init_cache(kvs, prompt_mask, positions, max_new_tokens):
-    """The cache after the prompt. kvs: per layer (k, v), each [B, P, KV, Dh]."""
-    pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0))
-    heads_major = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), pad)  # [B, KV, P + max_new_tokens, Dh]
+def init_cache(kvs, prompt_mask, positions, max_new_tokens, keys_slots_minor: bool):
+    """The cache after the prompt. kvs: per layer (k, v), each [B, P, KV, Dh]; keys_slots_minor:
+    the key layout (`layers.keys_slots_minor` of the model's heads)."""
+    room = lambda x, axis: jnp.pad(x, [(0, max_new_tokens if a == axis else 0) for a in range(x.ndim)])
     return {
-        "k": tuple(heads_major(k) for k, _ in kvs),
-        "v": tuple(heads_major(v) for _, v in kvs),
+        "k": tuple(room(cache_keys(k, keys_slots_minor), 3 if keys_slots_minor else 2) for k, _ in kvs),
+        "v": tuple(room(cache_values(v), 2) for _, v in kvs),  # [B, KV, P + max_new_tokens, Dh]
         "key_mask": jnp.pad(prompt_mask.astype(bool), ((0, 0), (0, max_new_tokens))),
         "key_pos": jnp.pad(positions, ((0, 0), (0, max_new_tokens))),
         "next_pos": jnp.sum(prompt_mask.astype(jnp.int32), axis=1),
@@ -104,7 +108,7 @@ class CacheStep:
         return cls(positions, key_mask, key_pos, index)
 
     def layer(self, cache, i):
-        """Layer i's cache: its k, v [B, KV, S, Dh] and this step's key masks and slot."""
+        """Layer i's cache: its k, v (the cache's layouts) and this step's key masks and slot."""
         return {"k": cache["k"][i], "v": cache["v"][i], "index": self.index,
                 "key_mask": self.key_mask, "key_pos": self.key_pos}
 
@@ -115,9 +119,9 @@ class CacheStep:
                 "next_pos": cache["next_pos"] + 1, "index": self.index + 1}
 
 
-def write_kv(layer_cache, k, v):
-    """Write the new token's k, v ([B, 1, KV, Dh]) into the layer's slot; (keys, values) [B, KV, S, Dh]."""
-    return write_slot(layer_cache["k"], k, layer_cache["index"]), write_slot(layer_cache["v"], v, layer_cache["index"])
+def write_kv(layer_cache, k, v, keys_slots_minor: bool):
+    """Write the new token's k, v ([B, 1, KV, Dh]) into the layer's slot; (keys, values) in the cache's layout."""
+    return write_slot(layer_cache["k"], layer_cache["v"], k, v, layer_cache["index"], keys_slots_minor)
 
 
 def attend_cache(q, layer_cache, keys, values, visible, *, scale):

@@ -106,7 +106,7 @@ class Attention(nnx.Module):
     def decode(self, x, positions, cache):
         """One new token per row against the cache. x: [B, 1, D]; positions: [B, 1]."""
         q, k, v = self.project(x)
-        keys, values = write_kv(cache, k, v)
+        keys, values = write_kv(cache, k, v, keys_slots_minor=False)  # MHA
         vis = visible_keys(positions, cache["key_pos"], cache["key_mask"], self.window)
         out = attend_cache(q, cache, keys, values, vis, scale=1.0)
         return self.out_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
@@ -184,7 +184,7 @@ class GPTNeoModel(nnx.Module):
         positions = positions_from_mask(prompt_mask)
         hidden, kvs = self._trunk(prompt_ids, positions, prompt_mask, dtype)
         logits = self._logits(last_prompt_state(hidden, prompt_mask))
-        return logits, init_cache(kvs, prompt_mask, positions, max_new_tokens)
+        return logits, init_cache(kvs, prompt_mask, positions, max_new_tokens, keys_slots_minor=False)  # MHA
 
     def decode(self, tokens, cache, dtype=jnp.float32):
         """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""

@@ -15,7 +15,8 @@ from flax import nnx
 
 from plad_jax.models.causal import (CacheStep, attend_cache, causal_visible, init_cache, join_prompt_response,
                                     last_prompt_state, split_response, visible_keys, write_kv)
-from plad_jax.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, attention, positions_from_mask, token_ids
+from plad_jax.models.layers import (ACTIVATIONS, Embed, Linear, RMSNorm, attention, keys_slots_minor,
+                                    positions_from_mask, token_ids)
 from plad_jax.models.spec import WeightSpec
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -127,6 +128,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(h * hd, d, ("heads", "embed"), rngs=rngs, bias=config.o_proj_bias)
         self.shape = (h, kv, hd)
         self.window = window
+        self.keys_slots_minor = keys_slots_minor(h, kv)
 
     def project(self, x, positions, inv_freq):
         h, kv, hd = self.shape
@@ -143,7 +145,7 @@ class Attention(nnx.Module):
     def decode(self, x, positions, cache, inv_freq):
         """One new token per row against the cache. x: [B, 1, D]; positions: [B, 1]."""
         q, k, v = self.project(x, positions, inv_freq)
-        keys, values = write_kv(cache, k, v)
+        keys, values = write_kv(cache, k, v, self.keys_slots_minor)
         vis = visible_keys(positions, cache["key_pos"], cache["key_mask"], self.window)
         out = attend_cache(q, cache, keys, values, vis, scale=self.shape[2] ** -0.5)
         return self.o_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
@@ -216,7 +218,8 @@ class LlamaModel(nnx.Module):
         positions = positions_from_mask(prompt_mask)
         hidden, kvs = self._trunk(prompt_ids, positions, prompt_mask, dtype)
         logits = self._logits(last_prompt_state(hidden, prompt_mask))
-        return logits, init_cache(kvs, prompt_mask, positions, max_new_tokens)
+        minor = keys_slots_minor(self.config.num_heads, self.config.num_kv_heads)
+        return logits, init_cache(kvs, prompt_mask, positions, max_new_tokens, minor)
 
     def decode(self, tokens, cache, dtype=jnp.float32):
         """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""

@@ -18,11 +18,12 @@ Decode cache (a dict of arrays, static shapes):
     k, v              L-tuples of [B, H, S, Dh]  decoder self-attention, S = 1 + max_new_tokens; slot
                                                  j holds decoder input j (slot 0: the start token)
     cross_k, cross_v  L-tuples of [B, H, P, Dh]  encoder keys/values of every decoder layer, computed once
-
-Heads before slots, as in the decoder-only cache (`causal.py`): decode attention reads each (row,
-head)'s keys in place, and only the slots written so far (`layers.cached_attention`).
     cross_mask        [B, P] bool       real prompt tokens
     index             [] int32          slot the next token fed to `decode` is written to
+
+Heads before slots, as in the decoder-only cache (`causal.py`; T5 is MHA, so keys are slots-major
+like values, `layers.keys_slots_minor`): decode attention reads each (row, head)'s cache in place,
+and only the slots written so far (`layers.cached_attention`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.layers import (ACTIVATIONS, Embed, Linear, RMSNorm, attention, cached_attention, token_ids,
-                                    write_slot)
+from plad_jax.models.layers import (ACTIVATIONS, Embed, Linear, RMSNorm, attention, cache_keys, cache_values,
+                                    cached_attention, token_ids, write_slot)
 from plad_jax.models.spec import WeightSpec
 
 
@@ -196,15 +197,15 @@ class Block(nnx.Module):
 
     def __call__(self, x, mask, bias, cache=None, cross=None):
         """x: [B, T, D]. cache: None, or (k, v, index): decode, this step's keys are written into the
-        cached [B, H, S, Dh] k, v at slot `index`. cross: None, or the encoder's (keys, values, mask),
-        keys [B, P, H, Dh] (or [B, H, P, Dh] from the cache when decoding). Returns (x, (keys, values))."""
+        cached k, v (the cache's layout) at slot `index`. cross: None, or the encoder's (keys, values,
+        mask), [B, P, H, Dh] (or in the cache's layout when decoding). Returns (x, (keys, values))."""
         h = self.self_attn_norm(x)
         keys, values = self.self_attn.key_values(h)
         if cache is None:
             x = x + self.self_attn(h, keys, values, mask, bias)
         else:
             k_cache, v_cache, index = cache
-            keys, values = write_slot(k_cache, keys, index), write_slot(v_cache, values, index)
+            keys, values = write_slot(k_cache, v_cache, keys, values, index, slots_minor=False)  # MHA
             x = x + self.self_attn.cached(h, keys, values, index + x.shape[1], mask, bias)
         if cross is not None:
             cross_k, cross_v, cross_mask = cross
@@ -298,8 +299,8 @@ class T5Model(nnx.Module):
         shape = (b, c.num_heads, 1 + max_new_tokens, c.d_kv)  # per layer: a tuple, updated in place
         cache = {
             "k": tuple(jnp.zeros(shape, dtype) for _ in cross), "v": tuple(jnp.zeros(shape, dtype) for _ in cross),
-            "cross_k": tuple(jnp.swapaxes(k, 1, 2) for k, _ in cross),
-            "cross_v": tuple(jnp.swapaxes(v, 1, 2) for _, v in cross),
+            "cross_k": tuple(cache_keys(k, slots_minor=False) for k, _ in cross),
+            "cross_v": tuple(cache_values(v) for _, v in cross),
             "cross_mask": prompt_mask.astype(bool),
             "index": jnp.asarray(0, jnp.int32),
         }
@@ -308,7 +309,7 @@ class T5Model(nnx.Module):
     def decode(self, tokens, cache, dtype=jnp.float32):
         """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""
         index = cache["index"]
-        slots = jnp.arange(cache["k"][0].shape[2])
+        slots = jnp.arange(cache["v"][0].shape[2])
         mask = (slots <= index)[None, None, None, :]  # [1, 1, 1, S]: written slots only
         bias = self.decoder.position_bias((slots - index)[None, :], dtype)  # [1, H, 1, S]
         cross_mask = cache["cross_mask"][:, None, None, :]
