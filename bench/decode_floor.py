@@ -8,10 +8,14 @@ per layer and the output head. This times exactly those matmuls (no attention, n
 sampling), 128 steps in one jitted `fori_loop`, and the same in PyTorch eager; and the prefill's
 matmul work (2 x layer params x batch x 128 prompt tokens) at the measured fp32 matmul peak. From
 them, the best tokens/s any implementation of the bench's run (prompt 128, 128 new tokens) can
-reach here:  batch x 128 / (prefill floor + 128 x step floor).
+reach here:  batch x 128 / (prefill floor + 128 x step floor). A second ceiling adds what every
+decode step must also do, read the keys and values of every slot written so far (129 ... 256 slots
+x layers x kv heads x head_dim x 2 x 4 bytes per row), at the best read bandwidth XLA reaches on
+this machine (a jitted sum over an array of the cache's size).
 
 Prints one table: step floor (JAX, PyTorch), copy bandwidth and the weight-read time it implies,
-matmul peak, prefill floor, and the throughput ceiling.
+matmul peak, prefill floor, XLA read bandwidth and the cache-read time per step, and the two
+throughput ceilings.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ PROMPT, NEW = 128, 128
 
 
 def shapes():
-    """(layer matrices, head) of the sampler bench's LLaMA, from its config."""
+    """(layer matrices, number of layers, head) of the sampler bench's LLaMA, from its config."""
     import transformers
 
     from bench.sampler import llama_config
@@ -33,6 +37,12 @@ def shapes():
     d, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
     layer = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
     return layer, c.num_hidden_layers, (d, c.vocab_size)
+
+
+def kv_bytes_per_slot(batch):
+    """Bytes of keys and values one cache slot holds over all layers and rows (fp32)."""
+    layer, n, _ = shapes()
+    return batch * n * 2 * layer["k"][1] * 4
 
 
 def weights(seed=0):
@@ -108,6 +118,17 @@ def matmul_peak_gflops():
     return 2 * n ** 3 / best_of(lambda: mm(a).block_until_ready()) / 1e9
 
 
+def read_gb_per_s(nbytes):
+    """GB/s of XLA streaming through `nbytes` (a jitted sum): the rate a decode step can read its cache at."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(3).standard_normal(nbytes // 4).astype(np.float32))
+    total = jax.jit(jnp.sum)
+    total(a).block_until_ready()
+    return nbytes / best_of(lambda: total(a).block_until_ready(), repeats=10) / 1e9
+
+
 def copy_gb_per_s():
     a = np.ones(64 * 2 ** 20 // 4, np.float32)
     b = np.empty_like(a)
@@ -125,12 +146,19 @@ def main(argv=None):
     bandwidth, peak = copy_gb_per_s(), matmul_peak_gflops()
     prefill_s = 2 * layer_params * args.batch * PROMPT / (peak * 1e9)
     ceiling = args.batch * NEW / (prefill_s + NEW * step_jax / 1e3)
+    per_slot = kv_bytes_per_slot(args.batch)
+    read = read_gb_per_s(per_slot * (PROMPT + NEW))
+    cache_ms = [per_slot * (PROMPT + i + 1) / (read * 1e9) * 1e3 for i in range(NEW)]  # slots written at step i
+    with_cache = args.batch * NEW / (prefill_s + (NEW * step_jax + sum(cache_ms)) / 1e3)
     print(f"decode floor, sampler-bench LLaMA ({weight_mb:.0f} MB of matmul weights), batch {args.batch}, fp32")
     print(f"  weight matmuls per decode step: JAX {step_jax:.1f} ms, PyTorch eager {step_torch:.1f} ms")
     print(f"  copy bandwidth {bandwidth:.1f} GB/s: reading the weights once takes {weight_mb / bandwidth:.1f} ms")
     print(f"  fp32 matmul peak {peak:.0f} GFLOP/s: prefill of {args.batch} x {PROMPT} tokens >= {prefill_s:.2f} s")
+    print(f"  XLA read bandwidth {read:.1f} GB/s: reading the cache takes {cache_ms[0]:.1f} ms at the first decode "
+          f"step ({PROMPT + 1} slots), {cache_ms[-1]:.1f} ms at the last ({PROMPT + NEW})")
     print(f"  ceiling for prompt {PROMPT} + {NEW} new tokens: {ceiling:.0f} tok/s "
           f"(= {args.batch} x {NEW} / (prefill floor + {NEW} x step floor); attention, cache and sampling excluded)")
+    print(f"  ceiling with the cache read as well: {with_cache:.0f} tok/s")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 For a ~30M-parameter LLaMA-class model and a comparable T5 v1.1 (random weights, built with
 transformers and loaded with `plad_jax.models.from_pretrained`), greedy decoding of a prompt of
 128 tokens into exactly 128 new tokens per row (no EOS) at batch 16 and 64: generated tokens/s
-for both libraries, and their ratio. Then plad_jax's decode time per token at 64 vs 512 new
-tokens (batch 16), `(t(N) - t(1)) / (N - 1)`, which takes prefill out.
+for both libraries, and their ratio. Then the decode time per token at 64 vs 512 new tokens
+(batch 16), `(t(N) - t(1)) / (N - 1)`, which takes prefill out, for both libraries: how much a
+step slows down as the context grows (every step reads the whole context's keys and values).
 
 Timing: wall clock, best of `--repeats` runs, the two libraries alternating run by run so a busy
 machine hurts both alike. Our first call compiles; compile time (first call minus the best run)
@@ -100,13 +101,16 @@ def throughput_row(name, model, lm, batch, repeats):
     return tokens / ours_best, tokens / theirs_best, first - ours_best
 
 
-def decode_ms_per_token(lm, batch, repeats):
+def decode_ms_per_token(model, lm, batch, repeats):
+    """(ours, theirs): ms per decode step at each of LENGTHS new tokens, prefill excluded."""
     ids, mask = prompts(batch, lm.vocab_size)
     best = {}
     for n in (1,) + LENGTHS:
         ours(lm, ids, mask, n)  # compiles
-        best[n] = min(ours(lm, ids, mask, n) for _ in range(repeats if n < 256 else 1))
-    return [(best[n] - best[1]) / (n - 1) * 1e3 for n in LENGTHS]
+        runs = repeats if n < 256 else 1
+        best[n] = (min(ours(lm, ids, mask, n) for _ in range(runs)),
+                   min(theirs(model, ids, mask, n) for _ in range(runs)))
+    return tuple([(best[n][i] - best[1][i]) / (n - 1) * 1e3 for n in LENGTHS] for i in (0, 1))
 
 
 def main(argv=None):
@@ -136,7 +140,7 @@ def main(argv=None):
         for batch in batches:
             rows.append((name, params, batch, *throughput_row(name, model, lm, batch, args.repeats)))
         if not args.no_decode:
-            decode_rows.append((name, batches[0], *decode_ms_per_token(lm, batches[0], args.repeats)))
+            decode_rows.append((name, *decode_ms_per_token(model, lm, batches[0], args.repeats)))
 
     print(f"\nsampler throughput: greedy, fp32, prompt {PROMPT}, {NEW} new tokens per row, device {device}")
     print(f"{'model':<6} {'params':>7} {'batch':>5} {'prompt':>6} {'new':>4} {'plad_jax tok/s':>15} "
@@ -145,10 +149,13 @@ def main(argv=None):
         print(f"{name:<6} {params:>7} {batch:>5} {PROMPT:>6} {NEW:>4} {ours_tps:>15.0f} {theirs_tps:>19.0f} "
               f"{ours_tps / theirs_tps:>5.2f}x {compile_s:>13.1f}")
     if decode_rows:
-        print(f"\nplad_jax decode time per token, prompt {PROMPT}, batch {batches[0]} (prefill excluded)")
-        print(f"{'model':<6} {'ms/token @64 new':>17} {'ms/token @512 new':>18} {'512/64':>7}")
-        for name, batch, short, long in decode_rows:
-            print(f"{name:<6} {short:>17.1f} {long:>18.1f} {long / short:>6.2f}x")
+        print(f"\ndecode time per token, prompt {PROMPT}, batch {batches[0]} (prefill excluded), "
+              f"ms at {LENGTHS[0]} and {LENGTHS[1]} new tokens")
+        print(f"{'model':<6} {'plad_jax @' + str(LENGTHS[0]):>13} {'@' + str(LENGTHS[1]):>6} {'growth':>7} "
+              f"{'transformers @' + str(LENGTHS[0]):>17} {'@' + str(LENGTHS[1]):>6} {'growth':>7}")
+        for name, (o_short, o_long), (t_short, t_long) in decode_rows:
+            print(f"{name:<6} {o_short:>13.1f} {o_long:>6.1f} {o_long / o_short:>6.2f}x "
+                  f"{t_short:>17.1f} {t_long:>6.1f} {t_long / t_short:>6.2f}x")
 
 
 if __name__ == "__main__":
