@@ -5,9 +5,11 @@
 joins a `jax.distributed` job on 127.0.0.1:PORT (gloo collectives on CPU; the caller sets
 XLA_FLAGS=--xla_force_host_platform_device_count=4), then for each mesh runs `sft_run`: 3 SFT
 steps of the sharded train step, this process feeding only the batch rows its own devices hold
-(and, on the first mesh, the eager `logits` on the whole batch).
-It prints one JSON line: {"process", "devices", "local_devices", "runs": {mesh: sft_run(...)}}.
-The test calls `sft_run` in-process on the 1-process 8-device mesh for the reference losses.
+(and, on the first mesh, the eager `logits` on the whole batch), and `sample_run`: the sampler on
+this process's own prompts.
+It prints one JSON line: {"process", "devices", "local_devices", "runs": {mesh: sft_run(...)},
+"samples": sample_run(...)}. The test calls both in-process on the 1-process 8-device mesh for
+the reference.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ ROWS, VOCAB = 8, 64  # global batch: one row per batch shard on (8, 1, 1), two o
 PROMPT_LENS, RESPONSE_LENS = (6, 3, 5, 2, 6, 4, 1, 5), (4, 2, 5, 1, 3, 5, 2, 4)
 MESHES = ((2, 2, 2), (8, 1, 1))
 STEPS = 3
+NEW_TOKENS = 5
+MANY_SPLIT = 5  # generate_many: process 0 gets prompts [0, 5), process 1 [5, 8): uneven batch counts
 
 
 def mesh_name(shape) -> str:
@@ -77,6 +81,36 @@ def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool =
     return out
 
 
+def sample_run(model_dir: str, mesh_shape=MESHES[0]) -> dict:
+    """The sampler with global arrays: this process passes only its own prompts and gets their samples.
+
+    `generate` on this process's rows of the step-0 prompts (greedy; and 2 samples each at
+    temperature 1 with the rows' global indices as `sample_ids`), and `generate_many` (batch 2) on
+    this process's share of the prompts, an uneven split, so the processes must agree on the
+    number of batches. On one process: every prompt, the reference.
+    """
+    import jax
+
+    from plad_jax import sampler, sharding as shd
+    from plad_jax.models import from_pretrained
+
+    lm = from_pretrained(model_dir, mesh=shd.make_mesh(tuple(mesh_shape)))
+    batch = global_sft_batch(0)
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    me, count = jax.process_index(), jax.process_count()
+    rows = np.array_split(np.arange(ROWS), count)[me]
+    greedy = sampler.generate(lm, ids[rows], mask[rows], max_new_tokens=NEW_TOKENS, temperature=0.0)
+    sampled = sampler.generate(lm, ids[rows], mask[rows], max_new_tokens=NEW_TOKENS, temperature=1.0,
+                               num_samples=2, seed=7, sample_ids=rows)
+    mine = list(range(ROWS)) if count == 1 else [list(range(MANY_SPLIT)), list(range(MANY_SPLIT, ROWS))][me]
+    prompts = [ids[i, :PROMPT_LENS[i]].tolist() for i in mine]
+    many = sampler.generate_many(lm, prompts, max_new_tokens=NEW_TOKENS, batch_size=2, temperature=1.0, seed=3,
+                                 sample_ids=mine, progress=False)
+    return {"rows": rows.tolist(), "greedy": greedy.tokens.tolist(), "greedy_logprobs": greedy.logprobs.tolist(),
+            "sampled": sampled.tokens.tolist(), "many_prompts": mine, "many": [s.ids for s in many],
+            "many_logprob": [s.logprob for s in many]}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--process-id", type=int, required=True)
@@ -94,8 +128,9 @@ def main():
                                num_processes=args.num_processes, process_id=args.process_id,
                                initialization_timeout=args.timeout)
     runs = {mesh_name(shape): sft_run(args.model_dir, shape, eager_logits=shape == MESHES[0]) for shape in MESHES}
+    samples = sample_run(args.model_dir)
     print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                      "local_devices": jax.local_device_count(), "runs": runs}), flush=True)
+                      "local_devices": jax.local_device_count(), "runs": runs, "samples": samples}), flush=True)
     jax.distributed.shutdown()
 
 

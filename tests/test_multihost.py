@@ -1,6 +1,8 @@
 """Multi-host for real: 2 processes on localhost (4 CPU devices each, `jax.distributed`, gloo
 collectives) run the sharded SFT train step, each feeding only its own batch rows, and get the
-losses of the 1-process 8-device run (`tests/multihost_worker.py` holds the shared code path)."""
+losses of the 1-process 8-device run; then the sampler, each process passing only its own prompts,
+and get the 1-process samples of those prompts (`tests/multihost_worker.py` holds the shared code
+path)."""
 
 import json
 import os
@@ -21,7 +23,7 @@ from tests import multihost_worker as worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
-TIMEOUT_S = 80  # the whole 2-process job, start to exit; a hang is killed and fails the test
+TIMEOUT_S = 120  # the whole 2-process job, start to exit; a hang is killed and fails the test
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +81,23 @@ def wait_for(procs: list[subprocess.Popen], started: float) -> list[dict]:
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
-def test_two_processes_give_the_one_process_losses(model_dir):
+@pytest.fixture(scope="module")
+def two_process_run(model_dir):
+    """(each worker's JSON, the 1-process reference: its sft runs and its samples)."""
     assert jax.process_count() == 1 and jax.device_count() == 8
     started, procs = time.monotonic(), start_processes(model_dir)
     try:  # the 1-process reference runs while the workers start up and compile
         reference = {worker.mesh_name(shape): worker.sft_run(model_dir, shape, eager_logits=shape == worker.MESHES[0])
                      for shape in worker.MESHES}
+        samples = worker.sample_run(model_dir)
     except BaseException:
         kill(procs)
         raise
-    results = wait_for(procs, started)
+    return wait_for(procs, started), reference, samples
+
+
+def test_two_processes_give_the_one_process_losses(two_process_run):
+    results, reference, _ = two_process_run
     assert [r["process"] for r in results] == list(range(NUM_PROCESSES))
     for r in results:
         assert (r["devices"], r["local_devices"]) == (8, 4)
@@ -105,6 +114,26 @@ def test_two_processes_give_the_one_process_losses(model_dir):
     assert "logits_abs_sum" in results[0]["runs"][worker.mesh_name(worker.MESHES[0])]
     assert ref["rows"] == [0, worker.ROWS]
     assert len(set(np.round(ref["loss"], 6))) == worker.STEPS  # the steps really changed the model
+
+
+def test_two_processes_sample_their_own_prompts_as_one_process_does(two_process_run):
+    results, _, ref = two_process_run
+    assert ref["rows"] == list(range(worker.ROWS)) and ref["many_prompts"] == list(range(worker.ROWS))
+    covered = []
+    for r in results:
+        got, rows = r["samples"], r["samples"]["rows"]
+        covered += rows
+        # generate: this process's rows of the global batch, greedy and sampled (2 per prompt) ...
+        assert got["greedy"] == [ref["greedy"][i] for i in rows]
+        np.testing.assert_allclose(got["greedy_logprobs"], [ref["greedy_logprobs"][i] for i in rows], atol=1e-5)
+        assert got["sampled"] == [ref["sampled"][2 * i + s] for i in rows for s in range(2)]
+        # ... and generate_many on an uneven share of the prompts (3 batches vs 2, agreed on)
+        assert got["many"] == [ref["many"][i] for i in got["many_prompts"]]
+        np.testing.assert_allclose(got["many_logprob"], [ref["many_logprob"][i] for i in got["many_prompts"]],
+                                   atol=1e-5)
+    assert sorted(covered) == list(range(worker.ROWS))
+    assert [len(r["samples"]["many_prompts"]) for r in results] == [worker.MANY_SPLIT, worker.ROWS - worker.MANY_SPLIT]
+    assert len({tuple(t) for t in ref["sampled"]}) > 1  # the samples are not all one sequence
 
 
 def test_process_batch_rows_single_process():
