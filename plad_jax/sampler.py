@@ -398,6 +398,8 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     empty = np.flatnonzero(mask.sum(axis=1) == 0)
     if empty.size:
         raise ValueError(f"prompt row {int(empty[0])} has no real token (mask all 0); every prompt needs one")
+    if hasattr(lm, "check_length"):  # a model with a position table: prompt + new tokens must fit it
+        lm.check_length(mask.sum(axis=1) + sampling.max_new_tokens, f"prompt + max_new_tokens={sampling.max_new_tokens}")
     used = int(np.max(np.nonzero(mask.any(axis=0))[0], initial=-1)) + 1  # columns past this are padding
     ids, mask = ids[:, :used], mask[:, :used]
     ids, mask = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)

@@ -82,16 +82,31 @@ class Context:
         model = getattr(self.config, role)
         kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, mesh=self.mesh)
         if model.path:
-            return from_pretrained(model.path, **kwargs)
+            return self._fits(from_pretrained(model.path, **kwargs), role)
         tok = self.tokenizer(role)
         fields = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                   "pad_token_id": tok.pad_token_id, **model.init}
-        return init_model(fields, seed=self.config.seed + (role == "student"), **kwargs)
+        return self._fits(init_model(fields, seed=self.config.seed + (role == "student"), **kwargs), role)
+
+    def _fits(self, lm, role: str):
+        """`lm`, after one clear error, before any stage work, if the longest sequence the run can
+        make is past its position table (GPT-Neo), instead of a silent clamp mid-run."""
+        c = self.config
+        longest = c.data.max_prompt_tokens + max(c.data.max_response_tokens, c.sample.max_new_tokens,
+                                                 c.eval.max_new_tokens)
+        try:
+            lm.check_length([longest])
+        except ValueError:
+            raise ValueError(f"{role}: data.max_prompt_tokens {c.data.max_prompt_tokens} + the longest response "
+                             f"(data.max_response_tokens / sample.max_new_tokens / eval.max_new_tokens) = {longest} "
+                             f"tokens exceeds the model's {lm.max_positions} positions (max_position_embeddings)"
+                             ) from None
+        return lm
 
     def stage_model(self, stage: str, role: str):
         model = getattr(self.config, role)
-        return from_pretrained(self.path(stage, "params"), dtype=model.dtype,
-                               compute_dtype=model.compute_dtype, mesh=self.mesh)
+        return self._fits(from_pretrained(self.path(stage, "params"), dtype=model.dtype,
+                                          compute_dtype=model.compute_dtype, mesh=self.mesh), role)
 
     def encode(self, role: str, prompts, responses):
         d = self.config.data

@@ -403,6 +403,21 @@ def test_empty_prompt_row_is_an_error():
         sampler.generate(lm, np.zeros((2, 2), np.int32), np.array([[1, 0], [0, 0]], np.int32), max_new_tokens=2)
 
 
+def test_prompt_plus_new_tokens_past_the_position_table_is_an_error(families):
+    """GPT-Neo's learned positions end at max_position_embeddings: no silent clamping past them."""
+    lm = families["gpt_neo"][2]
+    limit = lm.max_positions
+    ids, mask = np.full((2, limit), 5, np.int32), np.ones((2, limit), np.int32)
+    mask[0, limit - 8:] = 0  # row 0: limit - 8 real tokens, which leaves room for 8 new ones
+    assert sampler.generate(lm, ids[:1], mask[:1], max_new_tokens=8, temperature=0.0).tokens.shape == (1, 8)
+    with pytest.raises(ValueError, match=f"prompt \\+ max_new_tokens=2 of {limit + 2} tokens exceeds the {limit} "
+                                         "positions of this gpt_neo model"):
+        sampler.generate(lm, ids, mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"prompt \\+ response of {limit + 1} tokens exceeds"):
+        lm.logits(ids[1:], mask[1:], ids[1:, :1], mask[1:, :1])
+    assert families["llama_gqa"][2].max_positions is None and families["t5_v1_1"][2].max_positions is None
+
+
 # -- text in, text out --------------------------------------------------------------------------
 
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "summarize the text below please",

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from plad_jax import config as config_mod
 from plad_jax import launch, objectives, stages
 from tests import tiny_run
 
@@ -156,6 +157,27 @@ def test_bad_input_is_one_line_and_loses_nothing(prepared, tmp_path, paths, caps
     assert {k: v for k, v in after.items() if k in before} == before  # nothing rewritten or deleted
     for stage in PRE_DISTILL.split(","):
         assert os.path.exists(run_dir / stage / "DONE")
+
+
+def test_lengths_past_a_position_table_are_one_error_before_any_work(tmp_path):
+    """GPT-Neo has max_position_embeddings learned positions: a run whose prompts + responses can
+    be longer is refused when the model is loaded, naming the settings."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=64, hidden_size=16, num_heads=2, num_layers=1, attention_types=[[["global"], 1]],
+        max_position_embeddings=48)).save_pretrained(tmp_path / "neo")
+    config = config_mod.apply_overrides(config_mod.load_config("tiny"), [
+        f"student.path={tmp_path / 'neo'}", "data.max_prompt_tokens=24", "data.max_response_tokens=16",
+        "sample.max_new_tokens=16", "eval.max_new_tokens=32"])
+    ctx = stages.Context(config, str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="student: data.max_prompt_tokens 24 \\+ the longest response .* = 56 tokens "
+                                         "exceeds the model's 48 positions"):
+        ctx.base_model("student")
+    ok = stages.Context(config_mod.apply_overrides(config, ["eval.max_new_tokens=24"]), str(tmp_path / "run"))
+    assert ok.base_model("student").max_positions == 48  # 24 + 24 fits
 
 
 def test_prompts_over_the_limit_are_cut_and_counted(prepared):

@@ -18,6 +18,7 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import use_abstract_mesh
 
@@ -60,6 +61,20 @@ class LanguageModel:
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
+
+    @property
+    def max_positions(self) -> int | None:
+        """Most real tokens (prompt + response) a sequence may have: the size of a learned position
+        table (GPT-Neo); None where positions are computed (RoPE, T5's relative buckets)."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        return None if limit is None else int(limit)
+
+    def check_length(self, tokens_per_row, what: str = "sequence"):
+        """One clear error if a row of `tokens_per_row` real tokens exceeds `max_positions`."""
+        longest = int(max(tokens_per_row, default=0))
+        if self.max_positions is not None and longest > self.max_positions:
+            raise ValueError(f"{what} of {longest} tokens exceeds the {self.max_positions} positions of this "
+                             f"{self.model_type} model (max_position_embeddings); shorten it")
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.params))
@@ -106,6 +121,7 @@ class LanguageModel:
         column t is the distribution for response_ids[b, t] given the prompt and
         response_ids[b, :t]. Padding never changes a real position's value.
         """
+        self.check_length(np.sum(prompt_mask, axis=1) + np.sum(response_mask, axis=1), "prompt + response")
         batch = [jnp.asarray(a, jnp.int32) for a in (prompt_ids, prompt_mask, response_ids, response_mask)]
         batch = shd.shard_batch(self.mesh, *batch)
         return self._logits_jit(self.params, *batch)
