@@ -45,10 +45,9 @@ Sharding: with `lm.mesh` set, rows are split over the `data` and `fsdp` mesh axe
 the model's logical rules placed them, and every cache leaf is constrained to have its batch axis
 over (`data`, `fsdp`) and, for key/value leaves laid out `[..., seq, heads, head_dim]`,
 `[..., heads, seq, head_dim]` or `[..., heads, head_dim, seq]`, its heads axis over `tensor` when
-that divides. The sampler finds
-a leaf's batch and sequence axes by tracing the model's prefill at two batch sizes and two
-lengths (shapes only, once per compiled program), so any family's cache layout works (tuples of
-per-layer arrays included). On several hosts each process passes its own prompt rows (a multiple
+that divides. The sampler finds a leaf's batch and sequence axes by tracing the model's prefill at
+two batch sizes and two lengths (shapes only, once per compiled program), so any family's cache
+layout works (tuples of per-layer arrays included). On several hosts each process passes its own prompt rows (a multiple
 of the batch shards its devices hold, after padding), they become one global batch
 (`jax.make_array_from_process_local_data`), each process gets its own rows back, and the hosts
 agree on the padded shapes first.

@@ -94,13 +94,10 @@ class Context:
         c = self.config
         longest = c.data.max_prompt_tokens + max(c.data.max_response_tokens, c.sample.max_new_tokens,
                                                  c.eval.max_new_tokens)
-        try:
-            lm.check_length([longest])
-        except ValueError:
+        if lm.max_positions is not None and longest > lm.max_positions:
             raise ValueError(f"{role}: data.max_prompt_tokens {c.data.max_prompt_tokens} + the longest response "
                              f"(data.max_response_tokens / sample.max_new_tokens / eval.max_new_tokens) = {longest} "
-                             f"tokens exceeds the model's {lm.max_positions} positions (max_position_embeddings)"
-                             ) from None
+                             f"tokens exceeds the model's {lm.max_positions} positions (max_position_embeddings)")
         return lm
 
     def stage_model(self, stage: str, role: str):

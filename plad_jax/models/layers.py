@@ -215,10 +215,11 @@ def keys_slots_minor(heads: int, kv_heads: int) -> bool:
 
     A decode step's scores are (the group's query rows) x (keys). With two or more query rows per
     key head the product streams the cache best with the slots minor; with one it is a
-    matrix-vector product that reads rows of keys best. Measured on XLA:CPU, batch 16: LLaMA bench
-    (GQA 8/4), 256 slots, 8 layers, 7.3 ms (slots minor) vs 9.2 ms per step, 512 new tokens 21.7
-    vs 28.7 ms per token end to end; T5 bench (MHA), 129 slots: 4.6 (slots major) vs 5.6 ms per
-    step, 1,255 vs 1,163 tok/s end to end. t5x and MaxText likewise make the cache layout a choice.
+    matrix-vector product that reads rows of keys best. Measured on XLA:CPU, batch 16, the attention
+    alone in a jitted loop of 12 layers: LLaMA bench shapes (GQA 8/4), 256 slots, 7.3 ms (slots minor)
+    vs 9.2 ms per step; T5 bench shapes (MHA), 129 slots, 4.6 ms (slots major) vs 5.6. End to end
+    (`python -m bench.sampler`): the LLaMA's 512-token decode 28.7 -> 21.7 ms per token. t5x and
+    MaxText likewise make the cache layout a choice.
     """
     return heads > kv_heads
 
