@@ -1,13 +1,16 @@
-"""Install plad_jax: `pip install -e .[test]` for development, `.[tf]` for the tf.data pipeline."""
+"""Install plad_jax: `pip install -e ".[test,tf]" -c constraints.txt` for development (the tested
+versions), `.[tf]` for the tf.data pipeline."""
 from setuptools import find_packages, setup
 
 CORE = [
-    "jax>=0.4.35",
-    "flax>=0.12",
-    "optax>=0.2.4",
-    "orbax-checkpoint>=0.11",
-    "transformers>=4.46",
-    "datasets>=3.0",
+    # Upper bounds on the libraries whose APIs the code calls directly: a release past them is taken
+    # only after the tests pass on it (README, Dependencies). constraints.txt pins what was tested.
+    "jax>=0.4.35,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.4,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "transformers>=4.46,<6",
+    "datasets>=3.0,<6",
     "safetensors>=0.4.5",
     "sentencepiece>=0.2",
     "tokenizers>=0.20",
@@ -33,7 +36,7 @@ setup(
     description="Preference-based distillation of language models (PLaD, PbKD) in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["plad_jax", "plad_jax.*", "configs", "configs.*"]),
     install_requires=CORE,
     extras_require=EXTRAS,
