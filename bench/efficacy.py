@@ -243,7 +243,7 @@ class SamplingMemo:
 
 def fork(base: str, run_dir: str, resample: bool):
     shutil.rmtree(run_dir, ignore_errors=True)
-    skip = shutil.ignore_patterns("checkpoints*", "best", "tb", *(["sample"] if resample else []))
+    skip = shutil.ignore_patterns("checkpoints*", "tb", *(["sample"] if resample else []))
     shutil.copytree(base, run_dir, ignore=skip)
 
 
@@ -278,7 +278,7 @@ def run_task_seed(task, seed, size, out, task_files, methods, log):
     for name in ("sft_teacher", "tokenizer"):
         if os.path.isdir(os.path.join(teacher_run, name)) and not os.path.exists(os.path.join(base, name)):
             shutil.copytree(os.path.join(teacher_run, name), os.path.join(base, name),
-                            ignore=shutil.ignore_patterns("checkpoints*", "best"))
+                            ignore=shutil.ignore_patterns("checkpoints*"))
     run_stages(sets, base, PRE)
     prep = time.perf_counter() - t0
     log(f"{task} seed {seed}: shared stages {prep:.0f} s")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -62,6 +63,12 @@ def abstract_like(tree, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _path(directory) -> epath.Path:
+    """`directory` as an absolute `epath.Path` (Orbax refuses relative local paths; `gs://` is kept)."""
+    text = str(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 # -- resumable train state ----------------------------------------------------------------------
 
 def open_manager(directory, cfg: CheckpointConfig) -> ocp.CheckpointManager:
@@ -71,7 +78,7 @@ def open_manager(directory, cfg: CheckpointConfig) -> ocp.CheckpointManager:
     """
     if cfg.every_steps < 1 or cfg.keep < 1:
         raise ValueError(f"checkpoint every_steps={cfg.every_steps} and keep={cfg.keep} must both be >= 1")
-    directory = epath.Path(directory)
+    directory = _path(directory)
     if directory.exists():
         for tmp in ocp.path.step.all_temporary_paths(directory):
             logger.warning("ignoring unfinished checkpoint %s (a save interrupted before it completed)", tmp.get())
@@ -166,7 +173,7 @@ def save_params(directory, params):
     `commit_success.txt` last), so a half-written hand-off is never taken for a complete one.
     """
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(epath.Path(directory), params, force=True)
+        checkpointer.save(_path(directory), params, force=True)
         checkpointer.wait_until_finished()
 
 
@@ -175,7 +182,7 @@ def load_params(directory, abstract_params):
 
     A missing, unfinished or unreadable hand-off raises `CheckpointError` naming the path.
     """
-    path = epath.Path(directory)
+    path = _path(directory)
     if not path.exists():
         raise CheckpointError(f"{path}: no params hand-off here; run the stage that writes it first")
     if not ocp.path.step.is_path_finalized(path):

@@ -795,12 +795,43 @@ def _call_config(module, what: str) -> Config:
 
 
 def resolve(spec: str = "demo", overrides=(), *, run_dir: str | None = None) -> Config:
-    """Preset or file, then overrides, then `--run-dir`, then checks; run_dir filled in."""
+    """Preset or file, then overrides, then `--run-dir`, then checks; run_dir filled in and every
+    local path absolute (`absolute_paths`)."""
     config = apply_overrides(load_config(spec), overrides)
     if run_dir:
         config = dataclasses.replace(config, run_dir=run_dir)
     config = validate(config)
-    return dataclasses.replace(config, run_dir=config.resolved_run_dir())
+    return absolute_paths(dataclasses.replace(config, run_dir=config.resolved_run_dir()))
+
+
+# Fields that may name a local file or directory (else a hub id, `gs://` path or `module:attr`).
+PATH_FIELDS = ("data.path", "teacher.path", "teacher.tokenizer", "student.path", "student.tokenizer",
+               "pairs.reward_model", "eval.reward_model", "pbkd.rm_init")
+
+
+def absolute_paths(config: Config, cwd: str | None = None) -> Config:
+    """`config` with run_dir and every path field that exists locally made absolute against `cwd`
+    (default: the working directory), so that nothing later depends on where the run was started
+    (Orbax, for one, refuses relative paths). Hub ids and `gs://` paths are left as they are."""
+    cwd = cwd or os.getcwd()
+    config = dataclasses.replace(config, run_dir=_absolute(config.run_dir, cwd, always=True))
+    for key in PATH_FIELDS:
+        section, name = key.split(".")
+        part = getattr(config, section)
+        value = getattr(part, name)
+        if value:
+            part = dataclasses.replace(part, **{name: _absolute(value, cwd, always=False)})
+            config = dataclasses.replace(config, **{section: part})
+    return config
+
+
+def _absolute(path: str, cwd: str, *, always: bool) -> str:
+    if not path or "://" in path:
+        return path
+    local = os.path.join(cwd, os.path.expanduser(path))
+    if always or os.path.exists(local) or path.startswith((".", "~")):
+        return os.path.normpath(local)
+    return path
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

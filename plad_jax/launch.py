@@ -172,6 +172,7 @@ def write_run_config(config, run_dir: str) -> str | None:
         # New file first, then keep the old one aside, then swap: a failure at any point leaves
         # every earlier config.json where it was.
         fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json.tmp", dir=run_dir)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the run's other files follow the umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -207,6 +208,12 @@ def check_run_dir(run_dir: str):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the run directory {run_dir} ({existing}: permission denied); "
                         "pass a writable --run-dir")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _stamp() -> str:
@@ -314,6 +321,7 @@ def _run(args) -> int:
     # Our progress at INFO on process 0; the libraries (absl/Orbax, JAX, the hub) only at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("plad_jax").setLevel(logging.INFO if _process_index(distributed) == 0 else logging.WARNING)
+    logging.getLogger("plad_jax").info("run directory %s", run_dir)
     from plad_jax import stages as pipeline
     from plad_jax.train import NonFiniteLossError
 

@@ -12,7 +12,10 @@ saves the check of step k runs after step k+1 is dispatched, so the host never i
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,13 +59,15 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
                         position.index, manager.directory)
             if on_checkpoint is not None:
                 on_checkpoint(int(state.step), state)
-    window = _MetricWindow()
+    window, speed = _MetricWindow(), _Speed(int(state.step), total_steps)
     bar = tqdm(total=total_steps, initial=int(state.step), unit="step", desc=progress,
                disable=True if progress is None or jax.process_index() != 0 else None)
     unchecked = None  # (step, position of its batch, metrics) of the last step not yet checked
     try:
         for step in range(int(state.step) + 1, total_steps + 1):
-            state, metrics = step_fn(state, batches(position.epoch, position.index), frozen)
+            batch = batches(position.epoch, position.index)
+            state, metrics = step_fn(state, batch, frozen)
+            speed.add(batch)
             if unchecked is not None:  # the previous step, while this one runs
                 _check(unchecked, manager)
             unchecked = (step, position, metrics)
@@ -79,7 +84,7 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
             if log_every and (step % log_every == 0 or step == total_steps):
                 _check(unchecked, manager)
                 unchecked = None
-                _log(step, window.mean(), on_metrics)
+                _log(step, window.mean(), on_metrics, speed.report(step))
                 window = _MetricWindow()
         _check(unchecked, manager)
     finally:
@@ -87,6 +92,39 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
         if manager is not None:
             ckpt.wait(manager)
     return state
+
+
+class LossCurve:
+    """A stage's `(step, loss)` log points in `<stage>/curve<tag>.json`, rewritten as they come, so a
+    resumed run keeps the steps from before the restart (points the resumed run logs again replace
+    the old ones) and a stage whose steps all finished before a crash still knows its final loss."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.points: list[tuple[int, float]] = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                self.points = [(int(step), float(loss)) for step, loss in json.load(f)]
+
+    def add(self, step: int, loss: float, *, save: bool = True):
+        self.points = [p for p in self.points if p[0] < step] + [(int(step), float(loss))]
+        if save:
+            self.save()
+
+    def save(self):
+        if jax.process_index() == 0 and self.points:
+            _write_json(self.path, self.points)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.points[-1][1] if self.points else None
+
+
+def _write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
 
 
 def _check(unchecked, manager):
@@ -112,10 +150,39 @@ def _finite_metrics(metrics) -> dict[str, float]:
     return {k: v for k, v in reduce_metrics(metrics).items() if k != "finite"}
 
 
-def _log(step: int, means: dict, on_metrics):
-    logger.info("step %d: %s", step, " ".join(f"{k}={v:.6g}" for k, v in sorted(means.items())))
+def _log(step: int, means: dict, on_metrics, speed: str = ""):
+    logger.info("step %d: %s%s", step, " ".join(f"{k}={v:.6g}" for k, v in sorted(means.items())), speed)
     if on_metrics is not None:
         on_metrics(step, means)
+
+
+class _Speed:
+    """Steps/s, tokens/s (the batch's non-padding tokens: the sum of its `*mask` arrays, counted on
+    the device) and the ETA over each log window; the first window includes compilation and says so."""
+
+    def __init__(self, step: int, total_steps: int):
+        self.step, self.total = step, total_steps
+        self.started, self.tokens, self.first = time.perf_counter(), 0, True
+
+    def add(self, batch):
+        if isinstance(batch, dict):
+            for key, value in batch.items():
+                if str(key).endswith("mask"):
+                    self.tokens = self.tokens + jnp.sum(value, dtype=jnp.int32)
+
+    def report(self, step: int) -> str:
+        now = time.perf_counter()
+        elapsed, steps = max(now - self.started, 1e-9), step - self.step
+        text = (f" | {steps / elapsed:.3g} step/s, {int(self.tokens) / elapsed:.0f} tok/s"
+                f"{' (incl. compile)' if self.first else ''}, ETA {_duration((self.total - step) * elapsed / steps)}")
+        self.step, self.started, self.tokens, self.first = step, now, 0, False
+        return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class _MetricWindow:

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from plad_jax import checkpointing as ckpt
 from plad_jax import pbkd, pbkd_objectives as po, pbkd_rounds, reward_model, sampler
 from plad_jax import sharding as shd
-from plad_jax.loop import train_loop
+from plad_jax.loop import LossCurve, train_loop
 from plad_jax.models import from_pretrained, lora
 from plad_jax.pbkd_config import PBKD_METHODS, PbKDConfig
 from plad_jax.train import OptimizerConfig, TrainState, check_finite, make_optimizer, make_train_step, \
@@ -227,10 +227,8 @@ class _Run:
             temperature=self.cfg.temperature, batch_size=self.train.batch_size * self.cfg.num_samples,
             max_prompt_tokens=self.max_prompt, seed=self.seed + 7919 * round_)
 
-    def write_curve(self, curve):
-        if jax.process_index() == 0 and curve:
-            with open(os.path.join(self.workdir, "curve.json"), "w", encoding="utf-8") as f:
-                json.dump(curve, f)
+    def curve(self) -> LossCurve:
+        return LossCurve(os.path.join(self.workdir, "curve.json"))
 
     # -- pbkd_cheap ------------------------------------------------------------------------------
     def cheap(self):
@@ -254,13 +252,12 @@ class _Run:
             return _place(self.mesh, _local(self.mesh, {**b, "response_ids": b["teacher_ids"],
                                                         "response_mask": b["teacher_mask"]}))
 
-        curve, manager = [], self.manager()
+        curve, manager = self.curve(), self.manager()
         state = train_loop(step, state, batches, frozen, total_steps=total, steps_per_epoch=max(total, 1),
                            manager=manager, log_every=self.train.log_every,
-                           on_metrics=lambda s, m: curve.append((s, m["loss"])), config_hash=self.config_hash())
+                           on_metrics=lambda s, m: curve.add(s, m["loss"]), config_hash=self.config_hash())
         manager.close()
-        self.write_curve(curve)
-        summary = {"method": self.method, "steps": total, "final_loss": curve[-1][1] if curve else None, **stats}
+        summary = {"method": self.method, "steps": total, "final_loss": curve.final_loss, **stats}
         return self.student_lm(state.params), summary
 
     # -- the two-player game ---------------------------------------------------------------------
@@ -363,7 +360,7 @@ class _Game:
         if restored is not None:
             self.state = restored[0]
             logger.info("pbkd: resumed at step %d from %s", int(self.state["step"]), manager.directory)
-        curve, last, stats = [], {}, {}
+        curve, last, stats = run.curve(), {}, {}
         try:
             for r in range(run.rounds):
                 if int(self.state["step"]) >= self._round_end(r):
@@ -376,7 +373,7 @@ class _Game:
         finally:
             ckpt.wait(manager)
             manager.close()
-        run.write_curve(curve)
+        curve.save()
         self._save_adversary()
         summary = {"method": run.method, "rounds": run.rounds, "steps": self.phases[-1][3],
                    "student_steps": sum(self.game_steps),
@@ -397,12 +394,13 @@ class _Game:
                     self.state["nll_star"] = _replicated(self._nll(encoding), self.run_.mesh)
             else:
                 metrics = self._game_step(encoding, r, index, step)
-                curve.append((step, metrics["student_loss"]))
+                curve.add(step, metrics["student_loss"], save=False)
             self.state["step"] = _replicated(step, self.run_.mesh, jnp.int32)
             out = metrics
             if step == last_step or manager.should_save(step):
                 ckpt.save(manager, step, self.state, ckpt.DataPosition(r, index + 1), metrics=metrics,
                           config_hash=self.run_.config_hash(), force=True)
+                curve.save()
             if self.run_.train.log_every and step % self.run_.train.log_every == 0:
                 logger.info("pbkd %s round %d step %d: %s", kind, r, step,
                             " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))

@@ -29,7 +29,7 @@ from plad_jax import checkpointing as ckpt
 from plad_jax import data, evaluate, objectives, pairs, rewards, sampler
 from plad_jax import sharding as shd
 from plad_jax.config import SHARED_VOCAB_METHODS, Config, ConfigError, check_shared_vocabulary, to_dict
-from plad_jax.loop import train_loop
+from plad_jax.loop import LossCurve, train_loop
 from plad_jax.models import from_pretrained, hf, init_model, lora
 from plad_jax.pbkd_config import PBKD_METHODS
 from plad_jax.pbkd_loop import run_pbkd
@@ -212,13 +212,17 @@ class BestCheckpoint:
     """`on_checkpoint` hook of the training loop: scores the model at every checkpoint with
     `score_fn(lm) -> float` (higher is better) and keeps the best one as an HF directory.
 
-    `<stage>/selection.json` maps step -> score; `<stage>/best/` holds the best model so far. Both
-    survive a restart: a step already scored is not scored again, and the best directory is
-    replaced only by a complete one (written beside it, then renamed)."""
+    `<stage>/selection.json` maps step -> score; `<stage>/params/` holds the best model so far (the
+    stage's hand-off: one copy on disk, not a second `best/`). Both survive a restart: a step
+    already scored is not scored again, and the directory is replaced only by a complete one
+    (written beside it, then renamed)."""
 
     def __init__(self, stage_dir: str, model_at, score_fn):
         self.record_path = os.path.join(stage_dir, "selection.json")
-        self.best_dir = os.path.join(stage_dir, "best")
+        self.best_dir = os.path.join(stage_dir, "params")
+        legacy = os.path.join(stage_dir, "best")  # where earlier versions kept it
+        if os.path.isdir(legacy) and not os.path.exists(self.best_dir) and jax.process_index() == 0:
+            os.replace(legacy, self.best_dir)
         self.model_at, self.score_fn = model_at, score_fn
         self.scores = {}
         if os.path.exists(self.record_path):
@@ -252,12 +256,11 @@ class BestCheckpoint:
 
 
 def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectives.ObjectiveConfig,
-                batch_fn, num_examples: int, *, role: str = "student", teacher=None, reference=None, tag: str = "",
-                select=None):
+                batch_fn, num_examples: int, *, teacher=None, reference=None, tag: str = "", select=None):
     """Train `lm` with `objective` on `batch_fn(rows) -> batch`; returns (trained lm, summary).
 
-    select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint and the
-    best one (not the last) is returned, read back from `<stage>/best/`."""
+    select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint, the best
+    one (not the last) is written to `<stage>/params/`, and None is returned in place of the model."""
     steps_per_epoch = max(num_examples // train_cfg.batch_size, 1)
     total = steps_per_epoch * train_cfg.epochs
     if train_cfg.max_steps:
@@ -287,10 +290,11 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
 
     to_full = (lambda p: lora.combine(p, frozen[lora.FROZEN_KEY])) if lora.FROZEN_KEY in frozen else (lambda p: p)
     selector = BestCheckpoint(stage_dir, lambda p: lm.with_params(to_full(p)), select) if select else None
-    curve, board = [], _board(ctx, os.path.basename(stage_dir) + tag)
+    curve = LossCurve(os.path.join(stage_dir, f"curve{tag}.json"))
+    board = _board(ctx, os.path.basename(stage_dir) + tag)
 
     def on_metrics(step, means):
-        curve.append((step, means["loss"]))
+        curve.add(step, means["loss"])
         if board is not None:
             for name, value in means.items():
                 board.add_scalar(f"train/{name}", value, step)
@@ -308,15 +312,9 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
             for step, score in sorted(selector.scores.items()):
                 board.add_scalar("validation/score", score, step)
         board.close()
-    if jax.process_index() == 0 and curve:
-        with open(os.path.join(stage_dir, f"curve{tag}.json"), "w", encoding="utf-8") as f:
-            json.dump(curve, f)
-    summary = {"steps": total, "final_loss": curve[-1][1] if curve else None}
+    summary = {"steps": total, "final_loss": curve.final_loss}
     if selector is not None:
-        summary.update(selector.summary())
-        model = getattr(ctx.config, role)
-        return from_pretrained(selector.best_dir, dtype=model.dtype, compute_dtype=model.compute_dtype,
-                               mesh=ctx.mesh), summary
+        return None, {**summary, **selector.summary()}
     return lm.with_params(to_full(state.params)), summary
 
 
@@ -380,8 +378,9 @@ def _sft_stage(role: str):
         if train_cfg.select_best and ctx.splits.validation:
             select = lambda model: validation_score(ctx, model, role, train_cfg.validation_examples)  # noqa: E731
         lm, summary = train_model(ctx, lm, stage_dir, train_cfg, objectives.ObjectiveConfig(method="sft"),
-                                  sft_batches(encoded, train_cfg.batch_size), len(d0), role=role, select=select)
-        lm.save_pretrained(os.path.join(stage_dir, "params"))
+                                  sft_batches(encoded, train_cfg.batch_size), len(d0), select=select)
+        if lm is not None:  # else the selection already wrote the best checkpoint there
+            lm.save_pretrained(os.path.join(stage_dir, "params"))
         return {**summary, "examples": len(d0), "prompts_cut": encoded.num_prompts_cut}
     return stage
 

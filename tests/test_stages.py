@@ -63,6 +63,7 @@ def test_first_stages_write_their_outputs_and_select_the_best_teacher_checkpoint
     assert teacher["best_step"] == max(sorted(scores), key=scores.get)
     assert read_json(prepared / "sft_teacher" / "selection.json") == teacher["validation_by_step"]
     assert os.path.exists(prepared / "sft_teacher" / "params" / "config.json")
+    assert not os.path.exists(prepared / "sft_teacher" / "best")  # the best checkpoint is kept once, as params
     assert os.listdir(prepared / "tb" / "sft_teacher") and os.listdir(prepared / "tb" / "sft_student")
     pairs = read_json(prepared / "sample" / "DONE")
     assert pairs["pairs"] == 8
@@ -94,11 +95,13 @@ def test_iterative_plad_and_real_preference_relabelling(paths, tmp_path, extra):
 
 
 def test_interrupted_distill_resumes_to_the_same_metrics(prepared, tmp_path, paths, monkeypatch):
-    sets = (*tiny_run.tiny_overrides(paths), "distill.epochs=3", "distill.max_steps=6", "distill.checkpoint_every=2")
+    sets = (*tiny_run.tiny_overrides(paths), "distill.epochs=3", "distill.max_steps=6", "distill.checkpoint_every=2",
+            "distill.log_every=1")
     straight = fork(prepared, tmp_path / "a")
     assert main(straight, *sets, stages_="distill,eval") == 0
 
     interrupted = fork(prepared, tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")  # the interrupted run and its resume use a relative run directory
     real_step_factory = stages.make_train_step
 
     def step_factory(*args, **kwargs):  # a train step that is "killed" during step 5
@@ -112,12 +115,27 @@ def test_interrupted_distill_resumes_to_the_same_metrics(prepared, tmp_path, pat
         return killed_at_five
 
     monkeypatch.setattr(stages, "make_train_step", step_factory)
-    assert main(interrupted, *sets, stages_="distill,eval") == 130
+    assert main("run", *sets, stages_="distill,eval") == 130
     assert not os.path.exists(interrupted / "distill" / "DONE")
     monkeypatch.setattr(stages, "make_train_step", real_step_factory)
-    assert main(interrupted, *sets, stages_="distill,eval") == 0
+    assert main("run", *sets, stages_="distill,eval") == 0
+    assert read_json(interrupted / "distill" / "DONE") == read_json(straight / "distill" / "DONE")
     assert read_json(interrupted / "distill" / "DONE")["steps"] == 6
+    # the whole loss curve, steps before the interruption included
+    assert read_json(interrupted / "distill" / "curve.json") == read_json(straight / "distill" / "curve.json")
+    assert [step for step, _ in read_json(interrupted / "distill" / "curve.json")] == [1, 2, 3, 4, 5, 6]
     assert read_json(interrupted / "eval" / "metrics.json") == read_json(straight / "eval" / "metrics.json")
+
+
+def test_a_stage_whose_steps_all_finished_before_a_crash_keeps_its_final_loss(prepared, tmp_path, paths):
+    run_dir = fork(prepared, tmp_path)
+    sets = (*tiny_run.tiny_overrides(paths), "distill.max_steps=2")
+    assert main(run_dir, *sets, stages_="distill") == 0
+    finished = read_json(run_dir / "distill" / "DONE")
+    os.unlink(run_dir / "distill" / "DONE")  # as if killed after the last checkpoint, before DONE
+    assert main(run_dir, *sets, stages_="distill") == 0
+    assert read_json(run_dir / "distill" / "DONE") == finished
+    assert finished["final_loss"] is not None
 
 
 def test_teacher_and_student_with_different_tokenizers(paths, tmp_path, capsys):

@@ -89,17 +89,29 @@ def assemble(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequenc
                          f"{len(prefix) + len(suffix)} special tokens")
     if max_response_tokens < 1:
         raise ValueError(f"max_response_tokens={max_response_tokens} must be at least 1")
-    out_prompts, out_responses, prompts_cut, responses_cut = [], [], 0, 0
+    out_prompts, out_responses, prompts_cut, responses_cut, no_eos = [], [], 0, 0, 0
     for p, r in zip(prompt_ids, response_ids, strict=True):
-        p, r = list(p), list(r) + eos
+        p = list(p)
         prompts_cut += len(p) > room
         out_prompts.append(np.asarray(prefix + p[max(0, len(p) - room):] + suffix, np.int32))
-        responses_cut += len(r) > max_response_tokens
-        out_responses.append(np.asarray(r[:max_response_tokens], np.int32))
-    if prompts_cut or responses_cut:
-        logger.info("encode: cut %d of %d prompts to their last %d tokens and %d responses to %d tokens",
-                    prompts_cut, len(out_prompts), max_prompt_tokens, responses_cut, max_response_tokens)
+        responses_cut += len(r) + len(eos) > max_response_tokens
+        no_eos += max_response_tokens - len(eos) < len(r) <= max_response_tokens
+        out_responses.append(np.asarray((list(r) + eos)[:max_response_tokens], np.int32))
+    _log_cuts(len(out_prompts), prompts_cut, max_prompt_tokens, responses_cut - no_eos, no_eos, max_response_tokens)
     return EncodedExamples(out_prompts, out_responses, prompts_cut, responses_cut)
+
+
+def _log_cuts(n: int, prompts_cut: int, max_prompt: int, longer: int, no_eos: int, max_response: int):
+    """Say what happened: prompts cut, responses longer than the limit cut, and responses that fit
+    but leave no room for EOS (typically samples that stopped at `max_new_tokens` unfinished)."""
+    parts = [f"cut {prompts_cut} of {n} prompts to their last {max_prompt} tokens"] if prompts_cut else []
+    if longer:
+        parts.append(f"cut {longer} responses longer than {max_response} tokens to {max_response}")
+    if no_eos:
+        parts.append(f"{no_eos} responses fill all {max_response} tokens and keep no EOS (unfinished: "
+                     "e.g. samples that stopped at max_new_tokens)")
+    if parts:
+        logger.info("encode: %s", "; ".join(parts))
 
 
 def _tokenize(tokenizer, texts: Sequence[str], chunk: int = 4096) -> list[list[int]]:
