@@ -109,12 +109,13 @@ def _read_parquet(path: Path, columns) -> Table:
     present = _parquet_call(path, lambda: pq.read_schema(path).names)
     if columns is not None:
         require_columns({c: [] for c in present}, columns, str(path))
-    table = _parquet_call(path, lambda: pq.read_table(path, columns=list(columns) if columns is not None else None))
+    wanted = list(columns) if columns is not None else None
+    table = _parquet_call(path, lambda: pq.read_table(path, columns=wanted))
     try:
         return table.to_pydict()
-    except UnicodeDecodeError as e:  # pyarrow trusts a string column's bytes until Python reads them
-        raise DataError(f"{path}: {_bad_parquet_value(table)}: text that is not UTF-8 ({e.reason}); "
-                        "write the file with UTF-8 strings") from None
+    except UnicodeDecodeError as e:  # pyarrow checks a string's bytes only when Python reads it
+        raise DataError(f"{path}: {_bad_parquet_value(table)}: text that is not UTF-8 "
+                        f"({e.reason}); write the file with UTF-8 strings") from None
 
 
 def _parquet_call(path: Path, read):
@@ -167,8 +168,9 @@ def _json_array(path: Path, data: bytes, text: str) -> list:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
+        offset = _byte_offset(data, text, e.pos)
         raise DataError(f"{path}: not valid JSON: {e.msg}: line {e.lineno} column {e.colno} "
-                        f"(char {e.pos}, byte offset {_byte_offset(data, text, e.pos)} in the file)") from None
+                        f"(char {e.pos}, byte offset {offset} in the file)") from None
     return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
 
 
@@ -182,8 +184,9 @@ def _json_lines(path: Path, data: bytes, text: str) -> list:
                 numbered.append((f"line {line_no}", json.loads(line)))
             except json.JSONDecodeError as e:
                 offset = _byte_offset(data, text, start + e.pos)
-                raise DataError(f"{path}: row {len(numbered) + 1}: not valid JSON: {e.msg}: line {line_no} column "
-                                f"{e.colno} (char {e.pos} of the line, byte offset {offset} in the file)") from None
+                raise DataError(f"{path}: row {len(numbered) + 1}: not valid JSON: {e.msg}: "
+                                f"line {line_no} column {e.colno} (char {e.pos} of the line, "
+                                f"byte offset {offset} in the file)") from None
         start += len(line) + 1
     return numbered
 
@@ -202,8 +205,9 @@ def _decode(path: Path, data: bytes, row_of=None) -> str:
         column = len(data[line_start:offset].decode("utf-8", "replace").lstrip("\ufeff")) + 1
         row = row_of(data, line) if row_of else ""
         row = f" {row}:" if row else ""
-        raise DataError(f"{path}:{row} byte 0x{data[offset]:02x} is not UTF-8 ({e.reason}): line {line} column "
-                        f"{column} (byte offset {offset} in the file); save the file as UTF-8") from None
+        raise DataError(f"{path}:{row} byte 0x{data[offset]:02x} is not UTF-8 ({e.reason}): "
+                        f"line {line} column {column} (byte offset {offset} in the file); "
+                        "save the file as UTF-8") from None
 
 
 def _byte_offset(data: bytes, text: str, pos: int) -> int:
@@ -217,7 +221,7 @@ def _jsonl_row(data: bytes, line: int) -> str:
 
 
 def _csv_row(data: bytes, line: int) -> str:
-    """The record that holds physical line `line` (quoted fields may span lines); 0 is the header."""
+    """The record that holds physical line `line` (a quoted field may span lines); 0: the header."""
     reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
     try:
         for record, _ in enumerate(reader):

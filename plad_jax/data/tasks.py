@@ -168,7 +168,7 @@ def _read_saved_dataset(path: str) -> dict[str, tuple[str, files.Table]]:
 
     try:
         loaded = datasets.load_from_disk(path)
-    except Exception as e:  # noqa: BLE001 -- a damaged folder raises whatever the layer that read it raises
+    except Exception as e:  # noqa: BLE001 -- a damaged folder raises whatever layer read it
         raise DataError(f"{path} is not a readable saved dataset ({type(e).__name__}: "
                         f"{files.first_line(e, 120)})") from None
     if isinstance(loaded, datasets.Dataset):
