@@ -119,3 +119,20 @@ def test_bad_input_is_one_line_exit_2_and_the_run_directory_untouched(bad_inputs
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert _mtimes(run_dir) == before  # nothing written, rewritten or deleted (and no config.json)
+
+
+def test_the_input_checks_log_lines_are_printed_once_it_passes_and_dropped_when_it_fails(caplog):
+    import logging
+
+    from plad_jax import stages
+
+    log = logging.getLogger("plad_jax.data.demo")
+    with caplog.at_level(logging.INFO, logger="plad_jax"):
+        with pytest.raises(ValueError), stages._held_logs():
+            log.info("data loaded, then a missing reward model")
+            raise ValueError("missing")
+        assert caplog.records == []
+        with stages._held_logs():
+            log.info("data loaded")
+            assert caplog.records == []  # held while the check runs
+        assert [r.getMessage() for r in caplog.records] == ["data loaded"]
