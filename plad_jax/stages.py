@@ -14,6 +14,7 @@ transformers loads too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from plad_jax import checkpointing as ckpt
-from plad_jax import data, evaluate, objectives, pairs, rewards, sampler
+from plad_jax import data, evaluate, inputs, objectives, pairs, rewards, sampler
 from plad_jax import sharding as shd
 from plad_jax.config import SHARED_VOCAB_METHODS, Config, ConfigError, check_shared_vocabulary, to_dict
 from plad_jax.loop import LossCurve, train_loop
@@ -147,40 +148,109 @@ def _barrier(name: str):
 
 
 def check_inputs(ctx: Context, pending) -> None:
-    """Before any work: every model and dataset the pending stages read is on this machine or
-    reachable. All that is missing goes into one ConfigError line with the `--set` that fixes it,
-    so a run without network fails in seconds, not after hours of teacher SFT."""
-    cfg, missing = ctx.config, []
-    wanted = [(f"{role}.path", getattr(cfg, role).path) for role, stage in
-              (("teacher", "sft_teacher"), ("student", "sft_student")) if stage in pending]
-    wanted += [(f"{role}.tokenizer", getattr(cfg, role).tokenizer) for role in ("teacher", "student")
-               if getattr(cfg, role).tokenizer and pending]
-    if "eval" in pending and cfg.eval.scorer == "reward_model":
-        wanted.append(("eval.reward_model", cfg.eval.reward_model))
-    if "sample" in pending and cfg.pairs.real_ratio > 0 and cfg.pairs.scorer == "reward_model":
-        wanted.append(("pairs.reward_model", cfg.pairs.reward_model))
-    for key, source in dict.fromkeys(wanted):
-        if source and not hf.is_available(source):
-            missing.append((key, source))
-    data_problem = None
+    """Before any work: every earlier stage, model, tokenizer, scorer and dataset that the pending
+    stages read (`plad_jax.inputs` derives the list from the config) is done, on this machine or
+    reachable. All that is missing goes into one ConfigError line naming the setting that reads it
+    and the `--set` that fixes it, so a run without network fails in seconds, not after hours of
+    teacher SFT. The check's own log lines (data loaded, ...) appear once it passes: a run that
+    cannot start prints its one line and nothing else."""
+    with _held_logs():
+        _check_inputs(ctx, pending)
+
+
+@contextlib.contextmanager
+def _held_logs(name: str = "plad_jax"):
+    """Holds the records of logger `name` and its children; replays them after a clean exit and
+    drops them when the block raises."""
+    held, log = [], logging.getLogger(name)
+    handler = logging.Handler()
+    handler.emit = held.append
+    propagate, log.propagate = log.propagate, False
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+
+
+def _check_inputs(ctx: Context, pending) -> None:
+    cfg = ctx.config
+    _check_upstream(ctx, pending)
+    data_problem, validation = None, True  # without data to look at, select_best is taken to score
     if pending:
-        try:
-            ctx.splits  # noqa: B018 - loads (and caches) the task's data, or says what is wrong
+        try:  # loads (and caches) the task's data, or says what is wrong
+            validation = bool(ctx.splits.validation)
         except data.DataError as e:
-            if not missing:
-                raise
-            data_problem = str(e)
-    if not missing:
+            data_problem = e
+    needs = inputs.pending_needs(cfg, pending, validation=validation)
+    missing, unusable = _unavailable(ctx, needs, pending)
+    if not missing and not unusable:
+        if data_problem is not None:
+            raise data_problem
         if "distill" in pending and cfg.distill.method in SHARED_VOCAB_METHODS:
             check_shared_vocabulary(cfg, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
         return
-    names = ", ".join(f"{key} '{source}'" for key, source in missing)
-    fix = " ".join(f"--set {key}={_local_hint(key, source)}" for key, source in missing)
-    extra = "; also --set eval.scorer=rouge scores offline" if any(k.endswith("reward_model") for k, _ in missing) else ""
-    data_hint = f"; and the data: {data_problem}" if data_problem else ""
-    raise ConfigError(f"missing weights: {names} {'is' if len(missing) == 1 else 'are'} neither a local directory "
-                      f"nor reachable on the Hugging Face hub; download {'it' if len(missing) == 1 else 'them'} "
-                      f"(config.json, safetensors, tokenizer files) and point at the local copies: {fix}{extra}{data_hint}")
+    parts = [_missing_weights(missing)] if missing else []
+    parts += [f"{inputs.describe(need, readers)} cannot be loaded ({why}); a python scorer is "
+              "module:attr on the Python path" for need, readers, why in unusable]
+    if data_problem is not None:
+        parts.append(f"and the data: {data_problem}")
+    raise ConfigError("; ".join(parts))
+
+
+def _check_upstream(ctx: Context, pending):
+    """A pending stage whose earlier stage is neither done nor pending cannot start."""
+    if "://" in ctx.run_dir:
+        return  # stage markers of a remote run directory are not visible to os.path
+    for stage in pending:
+        for before in inputs.upstream(ctx.config, stage):
+            if before not in pending and not os.path.exists(ctx.path(before, "DONE")):
+                marker = ctx.path(before, "DONE")
+                raise ConfigError(f"stage {stage} reads the output of stage {before}, which is not "
+                                  f"done in {ctx.run_dir} ({marker} is missing); add {before} to "
+                                  "--stages or point --run-dir at the run that has it")
+
+
+def _unavailable(ctx: Context, needs: dict, pending):
+    """([(need, readers)] not found, [(need, readers, why)] that cannot be imported)."""
+    missing, unusable = [], []
+    for need, readers in needs.items():
+        if not need.source or _made_by_pending_stage(ctx, need.source, pending):
+            continue
+        if need.kind == "python":
+            why = inputs.import_problem(need.source)
+            if why:
+                unusable.append((need, readers, why))
+        elif not _found(need):
+            missing.append((need, readers))
+    return missing, unusable
+
+
+def _found(need) -> bool:
+    return os.path.isdir(need.source) if need.kind == "directory" else hf.is_available(need.source)
+
+
+def _made_by_pending_stage(ctx: Context, source: str, pending) -> bool:
+    """A path inside a pending stage's directory (e.g. PbKD's `distill/reward_model` for eval)."""
+    where = os.path.abspath(source)
+    return any(where.startswith(os.path.abspath(ctx.path(stage)) + os.sep) for stage in pending)
+
+
+def _missing_weights(missing) -> str:
+    names = ", ".join(inputs.describe(need, readers) for need, readers in missing)
+    fix = " ".join(f"--set {need.key}={_local_hint(need.key, need.source)}" for need, _ in missing)
+    scorers = sorted({need.via.split("=")[0] for need, _ in missing if need.via})
+    extra = "".join(f"; also --set {s}=rouge scores offline" for s in scorers)
+    selections = sorted({r for _, rs in missing for r in rs if r.endswith(".select_best")})
+    extra += "".join(f"; or --set {r}=false keeps the last checkpoint" for r in selections)
+    one = len(missing) == 1
+    return (f"missing weights: {names} {'is' if one else 'are'} neither a local directory nor "
+            f"reachable on the Hugging Face hub; download {'it' if one else 'them'} (config.json, "
+            f"safetensors, tokenizer files) and point at the local {'copy' if one else 'copies'}: "
+            f"{fix}{extra}")
 
 
 def _local_hint(key: str, source: str) -> str:

@@ -584,3 +584,62 @@ def test_unreachable_hub_switches_to_local_files():
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         assert launch.hub_reachable({"HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}"}, timeout=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the pending stages read (plad_jax.inputs): the up-front check's list comes from the config
+
+
+def _needs(sets, stages, **kw):
+    from plad_jax import inputs
+
+    config = apply_overrides(load_config("tiny"), TINY_PATHS + sets)
+    needs = inputs.pending_needs(config, stages, **kw)
+    return {(n.key, n.source, n.via): readers for n, readers in needs.items()}
+
+
+def test_select_best_reads_the_eval_scorers_model_while_its_stage_trains():
+    rm = ["eval.scorer=reward_model", "eval.reward_model=org/rm", "sft_student.select_best=true"]
+    needs = _needs(rm, ("sft_teacher", "sft_student", "sample"))
+    assert needs[("eval.reward_model", "org/rm", "eval.scorer=reward_model")] == [
+        "sft_teacher.select_best", "sft_student.select_best"]
+    assert needs[("teacher.path", "/m/teacher", "")] == ["sft_teacher", "sample"]  # tokenizer
+    everything = _needs(rm, C.STAGES)[("eval.reward_model", "org/rm", "eval.scorer=reward_model")]
+    assert everything == ["sft_teacher.select_best", "sft_student.select_best", "eval"]
+    # No reader, no need: selection off, no validation split to score on, a scorer reading nothing.
+    off = ["sft_teacher.select_best=false", "sft_student.select_best=false"]
+    no_validation = {"validation": False}
+    for sets, stages, kw in ((rm + off, C.STAGES[:3], {}), (rm, C.STAGES[:3], no_validation),
+                             (["eval.scorer=rouge"], C.STAGES, {})):
+        assert not any(key == "eval.reward_model" for key, _, _ in _needs(sets, stages, **kw))
+
+
+@pytest.mark.parametrize("method,pairs_readers", [("pbkd_online", ["sample", "distill"]),
+                                                  ("plad_rank", ["sample"])])
+def test_the_pairs_scorer_is_read_by_sample_and_by_pbkd(method, pairs_readers):
+    method = f"distill.method={method}"
+    needs = _needs([method, "pairs.real_ratio=0.5", "pairs.scorer=jax_reward_model",
+                    "pairs.reward_model=/rm"], C.STAGES)
+    assert needs[("pairs.reward_model", "/rm", "pairs.scorer=jax_reward_model")] == pairs_readers
+    assert not any(key == "pairs.reward_model" for key, _, _ in _needs([method], C.STAGES))
+
+
+@pytest.mark.parametrize("method,teacher", [("kd", True), ("pbkd_mm", True), ("plad_rank", False)])
+def test_distill_reads_the_teacher_only_for_methods_comparing_token_distributions(method, teacher):
+    from plad_jax import inputs
+
+    config = apply_overrides(load_config("tiny"), TINY_PATHS + [f"distill.method={method}",
+                                                                "teacher.tokenizer=/m/teacher-tok"])
+    keys = {n.key for n in inputs.stage_needs(config, "distill")}
+    assert keys == ({"teacher.tokenizer", "student.path"} if teacher else {"student.path"})
+    assert ("sft_teacher" in inputs.upstream(config, "distill")) == teacher
+    assert inputs.upstream(config, "eval") == ("sft_teacher", "sft_student", "sample", "distill")
+
+
+def test_a_python_scorer_that_cannot_be_imported_says_why():
+    from plad_jax import inputs
+
+    assert inputs.import_problem("json:loads") is None
+    assert "No module named 'no_such_module'" in inputs.import_problem("no_such_module:Scorer")
+    assert inputs.import_problem("json:NoScorer") == "module json has no attribute 'NoScorer'"
+    assert inputs.import_problem("json") == "it is not module:attr"

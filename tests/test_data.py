@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -159,7 +160,9 @@ def test_bad_input_errors_are_one_line_and_name_the_thing(tmp_path, monkeypatch)
     one_line_error(r"no field 'prompt'", load_task, "csv", write_csv(tmp_path / "qa.csv", [{"q": "x"}]))
     one_line_error(r"row 2 has no value for field 'response'", load_task, "jsonl",
                    write_jsonl(tmp_path / "gap.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}]))
-    one_line_error(r"line 2: not valid JSON", load_task, "jsonl", str(_write(tmp_path / "bad.jsonl", '{"a": 1}\n{oops\n')))
+    one_line_error(r"row 2: not valid JSON: Expecting property name enclosed in double quotes: "
+                   r"line 2 column 2 \(char 1 of the line, byte offset 10 in the file\)", load_task,
+                   "jsonl", str(_write(tmp_path / "bad.jsonl", '{"a": 1}\n{oops\n')))
 
     empty = _write(tmp_path / "empty.jsonl", "")
     one_line_error(r"empty\.jsonl has no examples", load_task, "jsonl", str(empty))
@@ -181,6 +184,64 @@ def test_bad_input_errors_are_one_line_and_name_the_thing(tmp_path, monkeypatch)
 def _write(path, text):
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _write_bytes(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+# Each case: (task, file name, bytes, what the one-line error must say). Offsets counted by hand: a
+# two-byte character (E_ACUTE) before the bad spot makes byte offsets and columns differ.
+ROW, E_ACUTE = b'{"prompt": "a", "response": "b"}\n', "\u00e9".encode()  # 33 bytes, 2 bytes
+CUT_ROW = ROW[:-3] + b"}\n"  # the response's closing quote is missing
+MULTILINE_CSV = b'prompt,response\n"two\nlines",x\n' + E_ACUTE + b"t\xe9,y\n"
+BAD_BYTES = {
+    "jsonl_latin1": ("jsonl", "latin1.jsonl", ROW + b'\n{"prompt": "caf\xe9", "response": "b"}\n',
+                     r"latin1\.jsonl: row 2: byte 0xe9 is not UTF-8 \(invalid continuation byte\): "
+                     r"line 3 column 16 \(byte offset 49 in the file\); save the file as UTF-8"),
+    "csv_multiline_row": ("csv", "latin1.csv", MULTILINE_CSV,
+                          r"latin1\.csv: row 2: byte 0xe9 is not UTF-8 .*: line 4 column 3 "
+                          r"\(byte offset 33 in the file\)"),
+    "csv_header": ("csv", "header.csv", b"pro\xffmpt,response\nok,x\n",
+                   r"header\.csv: the header: byte 0xff is not UTF-8 .*: line 1 column 4 "
+                   r"\(byte offset 3 in the file\)"),
+    "json_array": ("jsonl", "array.json", b'[{"prompt": "' + E_ACUTE + b'"},\n {"prompt": "b}]\n',
+                   r"array\.json: not valid JSON: Invalid control character at: line 2 column 17 "
+                   r"\(char 34, byte offset 35 in the file\)"),
+    "jsonl_cut_string": ("jsonl", "cut.jsonl", ROW.replace(b"a", E_ACUTE) + CUT_ROW,
+                         r"cut\.jsonl: row 2: not valid JSON: Unterminated string starting at: "
+                         r"line 2 column 29 \(char 28 of the line, byte offset 62 in the file\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BYTES))
+def test_a_bad_byte_or_json_error_names_the_row_line_and_byte_offset(tmp_path, case):
+    task, name, data, match = BAD_BYTES[case]
+    one_line_error(match, load_task, task, _write_bytes(tmp_path / name, data))
+
+
+def test_a_utf8_byte_order_mark_and_line_separators_in_strings_are_read(tmp_path):
+    row = {"prompt": "a\u2028b\u0085c", "response": "d"}  # str.splitlines breaks at both
+    text = json.dumps(row, ensure_ascii=False).encode()
+    jsonl = _write_bytes(tmp_path / "bom.jsonl", codecs.BOM_UTF8 + text)
+    assert load_task("jsonl", jsonl)["train"] == [Example(row["prompt"], "d")]
+    csv_path = _write_bytes(tmp_path / "bom.csv", codecs.BOM_UTF8 + b"prompt,response\nq,r\n")
+    assert load_task("csv", csv_path)["train"] == [Example("q", "r")]
+
+
+def test_parquet_damage_and_text_that_is_not_utf8_are_one_line(tmp_path):
+    write_parquet(tmp_path / "good.parquet", [{"prompt": "p", "response": "r"}] * 3)
+    damaged = bytearray((tmp_path / "good.parquet").read_bytes())
+    damaged[4:40] = bytes(36)  # the footer (schema) is intact; the data pages are not
+    one_line_error(r"damaged\.parquet is not a readable parquet file", load_task, "parquet",
+                   _write_bytes(tmp_path / "damaged.parquet", bytes(damaged)))
+    raw = pa.array([b"ok", b"ok", b"bad \xff"], pa.binary())
+    strings = pa.Array.from_buffers(pa.string(), 3, raw.buffers())  # a string column, not UTF-8
+    latin1 = tmp_path / "latin1.parquet"
+    pq.write_table(pa.table({"prompt": strings, "response": ["a", "b", "c"]}), latin1)
+    one_line_error(r"latin1\.parquet: row 3, field 'prompt': text that is not UTF-8", load_task,
+                   "parquet", str(latin1))
 
 
 # ---------------------------------------------------------------------------------------- splits

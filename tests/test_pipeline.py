@@ -55,3 +55,105 @@ def test_readme_demo_command_from_a_fresh_directory_runs_every_stage_then_skips_
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("already done, skipped") == 5
     assert time.perf_counter() - start < 60
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs through the CLI: one line on stderr, exit 2, the run directory untouched. The
+# processes start together (each spends seconds importing JAX) and the tests read their results.
+
+ROW = b'{"prompt": "q", "response": "a"}\n'  # 33 bytes
+BAD_INPUTS = {  # name -> (data file name and bytes | None, extra arguments)
+    "jsonl_not_utf8": (("latin1.jsonl", ROW + b'{"prompt": "caf\xe9", "response": "b"}\n'),
+                       ["--set", "data.task=jsonl"]),
+    "csv_not_utf8": (("latin1.csv", b"prompt,response\nq,a\ncaf\xe9,b\n"),
+                     ["--set", "data.task=csv"]),
+    "jsonl_cut_string": (("cut.jsonl", ROW + ROW[:-3] + b"}\n"), ["--set", "data.task=jsonl"]),
+    # The teacher's best-checkpoint selection scores with eval.scorer: its reward model is read
+    # while sft_teacher trains, though eval is not among the stages.
+    "select_best_reward_model": (None, ["--stages", "sft_teacher,sft_student,sample",
+                                        "--set", "eval.scorer=reward_model",
+                                        "--set", "eval.reward_model=nobody/no-such-reward-model"]),
+    "sample_without_sft": (None, ["--stages", "sample"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """name -> (CompletedProcess, run directory, its files' mtimes before) of each case above."""
+    from tests import tiny_run
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    tokenizer = str(root / "tokenizer")
+    tiny_run.word_tokenizer().save_pretrained(tokenizer)  # demo's models, on a file's text
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PLAD_JAX_DISTRIBUTED": "0",
+           "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf-home")}
+    procs, runs = {}, {}
+    for name, (data_file, extra) in BAD_INPUTS.items():
+        run_dir = root / name / "run"
+        if data_file is not None:
+            (root / name).mkdir()
+            (root / name / data_file[0]).write_bytes(data_file[1])
+            run_dir.mkdir()  # a run directory with a file: a failed start leaves it as it was
+            (run_dir / "notes.txt").write_text("mine")
+            extra = [*extra, "--set", f"data.path={root / name / data_file[0]}", "--set",
+                     f"teacher.tokenizer={tokenizer}", "--set", f"student.tokenizer={tokenizer}"]
+        before = _mtimes(run_dir)
+        cmd = [sys.executable, "-m", "plad_jax.launch", "--config", "demo",
+               "--run-dir", str(run_dir), *TOY, *extra]
+        procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+        runs[name] = (run_dir, before)
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        results[name] = (done, *runs[name])
+    return results
+
+
+def _mtimes(run_dir) -> dict | None:
+    if not os.path.exists(run_dir):
+        return None
+    paths = [os.path.join(r, f) for r, _, files in os.walk(run_dir) for f in files]
+    return {p: os.path.getmtime(p) for p in paths}
+
+
+@pytest.mark.parametrize("name,needles", [
+    ("jsonl_not_utf8", ["latin1.jsonl: row 2: byte 0xe9 is not UTF-8",
+                        "line 2 column 16 (byte offset 48 in the file)"]),
+    ("csv_not_utf8", ["latin1.csv: row 2: byte 0xe9 is not UTF-8",
+                      "line 3 column 4 (byte offset 23 in the file)"]),
+    ("jsonl_cut_string", ["cut.jsonl: row 2: not valid JSON: Unterminated string starting at: "
+                          "line 2 column 29 (char 28 of the line, byte offset 61 in the file)"]),
+    ("select_best_reward_model", ["eval.reward_model 'nobody/no-such-reward-model'",
+                                  "eval.scorer=reward_model", "sft_teacher.select_best",
+                                  "--set eval.reward_model="]),
+    ("sample_without_sft", ["stage sample reads the output of stage sft_teacher",
+                            "add sft_teacher to --stages"]),
+])
+def test_bad_input_is_one_line_exit_2_and_the_run_directory_untouched(bad_inputs, name, needles):
+    result, run_dir, before = bad_inputs[name]
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("plad_jax.launch: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert _mtimes(run_dir) == before  # nothing written, rewritten or deleted (and no config.json)
+
+
+def test_the_input_checks_log_lines_are_printed_once_it_passes_and_dropped_when_it_fails(caplog):
+    import logging
+
+    from plad_jax import stages
+
+    log = logging.getLogger("plad_jax.data.demo")
+    with caplog.at_level(logging.INFO, logger="plad_jax"):
+        with pytest.raises(ValueError), stages._held_logs():
+            log.info("data loaded, then a missing reward model")
+            raise ValueError("missing")
+        assert caplog.records == []
+        with stages._held_logs():
+            log.info("data loaded")
+            assert caplog.records == []  # held while the check runs
+        assert [r.getMessage() for r in caplog.records] == ["data loaded"]

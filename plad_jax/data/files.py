@@ -11,7 +11,9 @@ covers the Hugging Face hub layout (`data/<split>-*.parquet`) and OpenAI's TL;DR
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ FORMATS = ("jsonl", "json", "csv", "parquet")
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 Table = dict[str, list]
+BOM, NEWLINE = codecs.BOM_UTF8, b"\n"
 
 
 def file_format(path: str | os.PathLike) -> str | None:
@@ -103,51 +106,130 @@ def _is_split_file(path: Path, names: Sequence[str], fmt: str | None) -> bool:
 def _read_parquet(path: Path, columns) -> Table:
     import pyarrow.parquet as pq
 
-    try:
-        present = pq.read_schema(path).names
-    except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for a file that is not parquet
-        raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
+    present = _parquet_call(path, lambda: pq.read_schema(path).names)
     if columns is not None:
         require_columns({c: [] for c in present}, columns, str(path))
-    return pq.read_table(path, columns=list(columns) if columns is not None else None).to_pydict()
+    wanted = list(columns) if columns is not None else None
+    table = _parquet_call(path, lambda: pq.read_table(path, columns=wanted))
+    try:
+        return table.to_pydict()
+    except UnicodeDecodeError as e:  # pyarrow checks a string's bytes only when Python reads it
+        raise DataError(f"{path}: {_bad_parquet_value(table)}: text that is not UTF-8 "
+                        f"({e.reason}); write the file with UTF-8 strings") from None
+
+
+def _parquet_call(path: Path, read):
+    """`read()`, a DataError if the file is not parquet or is damaged past its footer."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for a file that is not parquet
+        raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
+
+
+def _bad_parquet_value(table) -> str:
+    """'row R, field F' of the first string value that is not UTF-8 (only on that error path)."""
+    for name in table.column_names:
+        for row, value in enumerate(table.column(name), 1):
+            try:
+                value.as_py()
+            except UnicodeDecodeError:
+                return f"row {row}, field {name!r}"
+    return "a value"
 
 
 def _read_csv(path: Path) -> Table:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        table: Table = {c: [] for c in reader.fieldnames or []}
-        try:
-            for row in reader:
-                for c in table:
-                    table[c].append(row.get(c))
-        except csv.Error as e:
-            raise DataError(f"{path}: line {reader.line_num}: {e}") from None
+    data = path.read_bytes()
+    reader = csv.DictReader(io.StringIO(_decode(path, data, _csv_row), newline=""))
+    table: Table = {c: [] for c in reader.fieldnames or []}
+    try:
+        for row in reader:
+            for c in table:
+                table[c].append(row.get(c))
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: {e}") from None
     return table
 
 
 def _read_json(path: Path) -> Table:
     """A JSON array of objects, or one object per line (jsonl)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        numbered = list(enumerate(rows, 1))
+    data = path.read_bytes()
+    if data.lstrip(BOM + b" \t\r\n").startswith(b"["):
+        numbered = _json_array(path, data, _decode(path, data))
     else:
-        numbered = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+        numbered = _json_lines(path, data, _decode(path, data, _jsonl_row))
     for where, row in numbered:
         if not isinstance(row, dict):
-            raise DataError(f"{path}: row {where} is a {type(row).__name__}, not an object with fields")
+            raise DataError(f"{path}: {where} is a {type(row).__name__}, not an object with fields")
     columns = list(dict.fromkeys(c for _, row in numbered for c in row))
     return {c: [row.get(c) for _, row in numbered] for c in columns}
+
+
+def _json_array(path: Path, data: bytes, text: str) -> list:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        offset = _byte_offset(data, text, e.pos)
+        raise DataError(f"{path}: not valid JSON: {e.msg}: line {e.lineno} column {e.colno} "
+                        f"(char {e.pos}, byte offset {offset} in the file)") from None
+    return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
+
+
+def _json_lines(path: Path, data: bytes, text: str) -> list:
+    """(where, object) of each non-blank line. Split on '\\n' only, as jsonl is: a JSON string may
+    hold U+2028 and the other characters `str.splitlines` also breaks at."""
+    numbered, start = [], 0
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                numbered.append((f"line {line_no}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                offset = _byte_offset(data, text, start + e.pos)
+                raise DataError(f"{path}: row {len(numbered) + 1}: not valid JSON: {e.msg}: "
+                                f"line {line_no} column {e.colno} (char {e.pos} of the line, "
+                                f"byte offset {offset} in the file)") from None
+        start += len(line) + 1
+    return numbered
+
+
+def _decode(path: Path, data: bytes, row_of=None) -> str:
+    """The file's text (a UTF-8 byte-order mark skipped). A byte that is not UTF-8 is a DataError
+    naming the row (`row_of(data, line)`), line, column and byte offset in the file, where the
+    codec's own error counts from wherever a reader's buffer began."""
+    skip = len(BOM) if data.startswith(BOM) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line_start = data.rfind(b"\n", 0, offset) + 1
+        line = data.count(b"\n", 0, offset) + 1
+        column = len(data[line_start:offset].decode("utf-8", "replace").lstrip("\ufeff")) + 1
+        row = row_of(data, line) if row_of else ""
+        row = f" {row}:" if row else ""
+        raise DataError(f"{path}:{row} byte 0x{data[offset]:02x} is not UTF-8 ({e.reason}): "
+                        f"line {line} column {column} (byte offset {offset} in the file); "
+                        "save the file as UTF-8") from None
+
+
+def _byte_offset(data: bytes, text: str, pos: int) -> int:
+    """Byte offset in the file of character `pos` of its decoded text."""
+    return (len(BOM) if data.startswith(BOM) else 0) + len(text[:pos].encode("utf-8"))
+
+
+def _jsonl_row(data: bytes, line: int) -> str:
+    """Rows are the non-blank lines (the numbering of the task readers' errors)."""
+    return f"row {sum(1 for chunk in data.split(NEWLINE, line)[:line] if chunk.strip())}"
+
+
+def _csv_row(data: bytes, line: int) -> str:
+    """The record that holds physical line `line` (a quoted field may span lines); 0: the header."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+    try:
+        for record, _ in enumerate(reader):
+            if reader.line_num >= line:
+                return f"row {record}" if record else "the header"
+    except csv.Error:
+        pass
+    return ""
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -166,7 +166,11 @@ def _read_hub(name: str, data_dir: str | None) -> dict[str, tuple[str, files.Tab
 def _read_saved_dataset(path: str) -> dict[str, tuple[str, files.Table]]:
     import datasets
 
-    loaded = datasets.load_from_disk(path)
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 -- a damaged folder raises whatever layer read it
+        raise DataError(f"{path} is not a readable saved dataset ({type(e).__name__}: "
+                        f"{files.first_line(e, 120)})") from None
     if isinstance(loaded, datasets.Dataset):
         loaded = {"train": loaded}
     return _dataset_dict_tables(path, loaded)
