@@ -312,6 +312,7 @@ def _run(args) -> int:
     check_run_dir(run_dir)
 
     def record_config():  # once the inputs are known to be there: a failed start changes nothing
+        logging.getLogger("plad_jax").info("run directory %s", run_dir)
         if _process_index(distributed) == 0:
             warning = write_run_config(config, run_dir)
             if warning:
@@ -321,7 +322,6 @@ def _run(args) -> int:
     # Our progress at INFO on process 0; the libraries (absl/Orbax, JAX, the hub) only at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("plad_jax").setLevel(logging.INFO if _process_index(distributed) == 0 else logging.WARNING)
-    logging.getLogger("plad_jax").info("run directory %s", run_dir)
     from plad_jax import stages as pipeline
     from plad_jax.train import NonFiniteLossError
 
