@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from plad_jax import sampler
+from plad_jax import backend, sampler
 from plad_jax import sharding as shd
 from plad_jax.models import from_pretrained
 from tests.helpers import PROMPT_LENS
@@ -259,6 +259,34 @@ def test_attention_over_cache_prefixes_changes_nothing(families, greedy, name, m
         jax.clear_caches()
     np.testing.assert_array_equal(out.tokens, greedy[name].tokens)
     np.testing.assert_allclose(out.logprobs, greedy[name].logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("choice", [dict(gqa_keys_slots_minor=False), dict(cache_prefix_switch=False),
+                                    dict(donate=False), backend.DEFAULTS["gpu"].__dict__])
+def test_backend_choices_change_no_sample(families, greedy, choice, monkeypatch):
+    """Each per-backend choice (here: other backends' defaults, forced on CPU) keeps the LLaMA GQA
+    tokens equal to transformers' (via `greedy`) and the logprobs; the choice really is traced in:
+    the cache's key layout follows `gqa_keys_slots_minor`, and the sampler keys programs on it."""
+    from plad_jax.models import layers
+    _, _, lm = families["llama_gqa"]
+    monkeypatch.setattr(layers, "CACHE_BLOCK", 8)  # so the prefix switch has branches at NEW = 32
+    ids, mask = prompt_batch()
+    with backend.override(**choice) as chosen:
+        cache = jax.eval_shape(lambda p: lm.prefill(p, ids, mask, NEW)[1], lm.params)
+        out = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0)
+    head_dim = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
+    assert cache["k"][0].shape[-1] == (ids.shape[1] + NEW if chosen.gqa_keys_slots_minor else head_dim)
+    np.testing.assert_array_equal(out.tokens, greedy["llama_gqa"].tokens)
+    np.testing.assert_allclose(out.logprobs, greedy["llama_gqa"].logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_defaults_keep_cpu_as_tuned_and_reject_unknown_choices():
+    assert backend.defaults("cpu") == backend.BackendChoices(True, True, None, True)
+    assert backend.defaults("cuda") == backend.DEFAULTS["gpu"]
+    assert not backend.DEFAULTS["gpu"].gqa_keys_slots_minor and backend.DEFAULTS["gpu"].parity_precision == "highest"
+    with pytest.raises(ValueError, match="unknown backend choice"):
+        backend.configure(slots_minor=True)
+    assert backend.choices() == backend.defaults()
 
 
 # -- decoding semantics on scripted and fixed-logits stubs --------------------------------------
