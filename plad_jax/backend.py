@@ -28,16 +28,19 @@ class BackendChoices:
     gqa_keys_slots_minor: the KV cache keeps GQA/MQA keys `[B, KV, Dh, S]` (True) or `[B, KV, S,
         Dh]` like the values (False); MHA keys are always slots-major. XLA:CPU runs a decode
         step's small (query group x keys) product fastest with the slots minor (measured, see
-        `layers.keys_slots_minor`). cuBLAS and the TPU MXU take either operand transposed at no
-        cost, while writing one new slot into a slots-minor buffer is a strided store of Dh
-        scattered elements per head instead of one contiguous Dh row; so GPU and TPU keep the
-        keys slots-major, the layout of the values and of HF's cache.
+        `layers.keys_slots_minor`); that gain is about how XLA:CPU's loops stream a matrix. GPU
+        and TPU matrix units take either operand layout without a copy, while writing one new
+        slot into a slots-minor buffer is a strided store of Dh scattered elements per head
+        instead of one contiguous Dh row; so GPU and TPU keep the keys slots-major, the layout
+        of the values and of HF's cache. (Reasoned, not yet measured: `bench/accelerator.py`
+        times batch 64 under the CPU choices beside the defaults to check it.)
     cache_prefix_switch: decode attention picks a cache prefix of whole blocks with `lax.switch`
         (static shapes per branch) so early steps skip empty slots. XLA:CPU gains from it
-        (measured, see `layers.cached_attention`). XLA:GPU runs a conditional by reading the
-        branch index back to the host, a synchronisation per layer per step that breaks up the
-        decode loop's kernel stream and costs more than the HBM read it saves; off on GPU. On TPU
-        the conditional runs on the core and decode is bound by HBM reads: on.
+        (measured, see `layers.cached_attention`). XLA:GPU runs a conditional by copying the
+        branch index to the host and waiting for it (outside CUDA-graph conditionals): one
+        synchronisation per layer per decode step, which stalls the kernel stream for longer than
+        reading the empty slots takes at these cache sizes; off on GPU. On TPU the conditional
+        runs on the core without a host round trip, and decode is bound by HBM reads: on.
     parity_precision: matmul precision for checks against a reference (`parity_precision()`).
         XLA:GPU multiplies fp32 in TF32 and XLA:TPU in bf16 passes by default, well above a
         1e-4 tolerance; "highest" there. XLA:CPU multiplies fp32 exactly already: None (no change).
@@ -53,9 +56,15 @@ class BackendChoices:
 
 
 DEFAULTS = {
-    "cpu": BackendChoices(gqa_keys_slots_minor=True, cache_prefix_switch=True, parity_precision=None),
-    "gpu": BackendChoices(gqa_keys_slots_minor=False, cache_prefix_switch=False, parity_precision="highest"),
-    "tpu": BackendChoices(gqa_keys_slots_minor=False, cache_prefix_switch=True, parity_precision="highest"),
+    "cpu": BackendChoices(
+        gqa_keys_slots_minor=True, cache_prefix_switch=True, parity_precision=None
+    ),
+    "gpu": BackendChoices(
+        gqa_keys_slots_minor=False, cache_prefix_switch=False, parity_precision="highest"
+    ),
+    "tpu": BackendChoices(
+        gqa_keys_slots_minor=False, cache_prefix_switch=True, parity_precision="highest"
+    ),
 }
 ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 _overrides: dict = {}
@@ -96,4 +105,6 @@ def override(**overrides):
 def parity_precision():
     """A context in which matmuls run at the backend's `parity_precision` (no-op when None)."""
     precision = choices().parity_precision
-    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+    return (
+        contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+    )
