@@ -258,22 +258,15 @@ def train_jax(rec, dry) -> bool:
     rec.put("device", device_info())
     peak = jax_bf16_peak(sizes("peak", dry)["matmul"])
     rec.put("bf16_peak_flops", peak)
-    lm = init_model(
-        config, dtype=jnp.float32, compute_dtype=jnp.bfloat16
-    )  # fp32 master, bf16 compute
-    rec.put("params", lm.num_params())
+    # fp32 master weights, bf16 compute
+    lm = init_model(config, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    params = lm.num_params()
+    rec.put("params", params)
     args = SimpleNamespace(**s)
     timing = jax_step_timing(lm, "sft", make_batch(args, lm.vocab_size), s["iters"], s["warmup"])
     tokens = s["batch"] * (s["prompt"] + s["response"])
-    rec.put(
-        "sft",
-        summary(
-            timing,
-            tokens,
-            step_flops(config, lm.num_params(), s["batch"], s["prompt"], s["response"]),
-            peak,
-        ),
-    )
+    flops = step_flops(config, params, s["batch"], s["prompt"], s["response"])
+    rec.put("sft", summary(timing, tokens, flops, peak))
 
 
 def train_torch(rec, dry) -> bool:
@@ -287,10 +280,8 @@ def train_torch(rec, dry) -> bool:
     peak = torch_bf16_peak(sizes("peak", dry)["matmul"])
     rec.put("bf16_peak_flops", peak)
     torch.manual_seed(0)
-    with torch.device(torch_device()):
-        model = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(**hf_kwargs(config))
-        )  # fp32 master
+    with torch.device(torch_device()):  # fp32 master weights (autocast computes in bf16)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_kwargs(config)))
     params = sum(p.numel() for p in model.parameters())
     rec.put("params", params)
     rec.put("attention", model.config._attn_implementation)
@@ -394,16 +385,13 @@ def sampler_jax(rec, dry) -> bool:
     if remaining() < (20 if dry else 30):
         rec.put(f"batch_{s['batches'][0]}_cpu_choices", f"skipped: {remaining():.0f} s left")
         return
-    cpu = backend.defaults(
-        "cpu"
-    )  # the other layout and prefix switch, to check this backend's choice
-    with backend.override(
-        gqa_keys_slots_minor=cpu.gqa_keys_slots_minor, cache_prefix_switch=cpu.cache_prefix_switch
-    ):
-        rec.put(
-            f"batch_{s['batches'][0]}_cpu_choices",
-            measure_generate(lm, config, params, s["batches"][0], s, bandwidth),
-        )
+    # The CPU's cache layout and prefix switch at the first batch, to check this backend's choice.
+    cpu, batch = backend.defaults("cpu"), s["batches"][0]
+    choices = dict(gqa_keys_slots_minor=cpu.gqa_keys_slots_minor,
+                   cache_prefix_switch=cpu.cache_prefix_switch)
+    with backend.override(**choices):
+        row = measure_generate(lm, config, params, batch, s, bandwidth)
+    rec.put(f"batch_{batch}_cpu_choices", row)
 
 
 def measure_generate(lm, config, params, batch, s, bandwidth) -> dict:

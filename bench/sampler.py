@@ -79,10 +79,10 @@ def theirs(model, ids, mask, new_tokens, **generate_kwargs):
     import torch
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model.generate(input_ids=torch.tensor(ids, dtype=torch.long, device=model.device),
-                             attention_mask=torch.tensor(mask, dtype=torch.long, device=model.device),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             use_cache=True, **generate_kwargs)
+        tensor = lambda x: torch.tensor(x, dtype=torch.long, device=model.device)
+        out = model.generate(input_ids=tensor(ids), attention_mask=tensor(mask),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, use_cache=True, **generate_kwargs)
         out = out.cpu()  # synchronises the device
         elapsed = time.perf_counter() - t0
     produced = out.shape[1] - (1 if model.config.is_encoder_decoder else ids.shape[1])

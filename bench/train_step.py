@@ -125,9 +125,10 @@ def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, te
     loss_fn, frozen_fn = objectives.make_objective(cfg, lm, teacher=teacher)
     frozen = {"teacher": teacher.params} if teacher is not None else {}
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, warmup_steps=0, total_steps=10**6))
-    state = TrainState.create(jax.tree.map(jax.numpy.copy, lm.params), optimizer)  # the step donates it
+    state = TrainState.create(jax.tree.map(jax.numpy.copy, lm.params), optimizer)  # it is donated
     start = time.perf_counter()
-    step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn).lower(state, batch, frozen).compile()
+    step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn)
+    step = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - start
     first_loss = None
 
@@ -150,7 +151,8 @@ def jax_worker(args) -> dict:
 
     peak = jax_matmul_peak(args.matmul)
     lm = from_pretrained(args.path)
-    timing = jax_step_timing(lm, args.step, make_batch(args, lm.vocab_size), args.iters, args.warmup)
+    batch = make_batch(args, lm.vocab_size)
+    timing = jax_step_timing(lm, args.step, batch, args.iters, args.warmup)
     device = jax.devices()[0]
     return {"device": cpu_name() if device.platform == "cpu" else device.device_kind,
             "device_kind": device.device_kind, "platform": device.platform, "peak": peak,
@@ -174,7 +176,9 @@ def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: in
                                   weight_decay=0.0, fused=fused)
     b = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
     r = b["response_ids"].shape[1]
-    cast = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
+    cast = contextlib.nullcontext
+    if autocast:
+        cast = lambda: torch.autocast(device.type, dtype=autocast)  # noqa: E731
 
     def response_logprobs(prompt, prompt_mask, response, response_mask):
         """[B, R] log p(response token | prefix); logits on the R positions that predict them."""
@@ -221,7 +225,8 @@ def torch_worker(args) -> dict:
     torch.set_num_threads(os.cpu_count())
     peak = torch_matmul_peak(args.matmul)
     model = transformers.LlamaForCausalLM.from_pretrained(args.path, dtype=torch.float32)
-    timing = torch_step_timing(model, args.step, make_batch(args, model.config.vocab_size), args.iters, args.warmup)
+    batch = make_batch(args, model.config.vocab_size)
+    timing = torch_step_timing(model, args.step, batch, args.iters, args.warmup)
     return {"device": cpu_name(), "device_kind": "cpu", "platform": "cpu", "peak": peak, "compile_s": None,
             **timing, "version": torch.__version__}
 

@@ -37,9 +37,10 @@ bucketed so a long job compiles a handful of programs: the prompt length is padd
 `bucket_length` (powers of two up to 128, then multiples of 128), the batch to a multiple of the
 mesh's batch shards (and to `pad_batch_to` when given); padded rows are dropped from the output.
 `max_new_tokens` and the sampling settings are part of the compiled program. (The families'
-caches keep values `[B, heads, slots, head_dim]` and keys the same or, for GQA on CPU, `[B, heads,
-head_dim, slots]` (`plad_jax.backend`), and a decode step attends over a prefix of whole blocks that covers the slots
-written so far while that is at most half the cache: see `models.layers.cached_attention`.)
+caches keep values `[B, heads, slots, head_dim]` and keys the same or, for GQA on CPU, `[B,
+heads, head_dim, slots]` (`plad_jax.backend`), and a decode step attends over a prefix of whole
+blocks that covers the slots written so far while that is at most half the cache: see
+`models.layers.cached_attention`.)
 
 Sharding: with `lm.mesh` set, rows are split over the `data` and `fsdp` mesh axes, params stay as
 the model's logical rules placed them, and every cache leaf is constrained to have its batch axis

@@ -90,7 +90,8 @@ def reference_logits(hf_model, pi, pm, ri, rm):
                               decoder_input_ids=torch.tensor(dec, device=dev)[None]).logits[0]
         else:
             ids = np.concatenate([p, r])
-            logits = hf_model(input_ids=torch.tensor(ids, device=dev)[None]).logits[0, len(p) - 1: len(p) - 1 + len(r)]
+            logits = hf_model(input_ids=torch.tensor(ids, device=dev)[None]).logits
+            logits = logits[0, len(p) - 1: len(p) - 1 + len(r)]
         out[b, : len(r)] = logits.float().cpu().numpy()
     return out
 

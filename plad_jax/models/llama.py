@@ -144,7 +144,8 @@ class Attention(nnx.Module):
     def decode(self, x, positions, cache, inv_freq):
         """One new token per row against the cache. x: [B, 1, D]; positions: [B, 1]."""
         q, k, v = self.project(x, positions, inv_freq)
-        keys, values = write_kv(cache, k, v, keys_slots_minor(*self.shape[:2]))  # per backend, at trace time
+        minor = keys_slots_minor(*self.shape[:2])  # the backend's choice, read at trace time
+        keys, values = write_kv(cache, k, v, minor)
         vis = visible_keys(positions, cache["key_pos"], cache["key_mask"], self.window)
         out = attend_cache(q, cache, keys, values, vis, scale=self.shape[2] ** -0.5)
         return self.o_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
