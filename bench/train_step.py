@@ -109,59 +109,86 @@ def torch_matmul_peak(n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def jax_worker(args) -> dict:
+def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, teacher=None) -> dict:
+    """Compile and time plad_jax's train step (`step_name` = an objective method) on `batch`.
+
+    teacher: a frozen LanguageModel for the teacher-logit methods (kd, ...), run inside the step.
+    Returns compile_s, first_step_s (first step after compile), step_s (median) and first_loss.
+    """
     import jax
 
     from plad_jax import objectives
-    from plad_jax.models import from_pretrained
     from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, reduce_metrics
 
-    peak = jax_matmul_peak(args.matmul)
-    lm = from_pretrained(args.path)
-    batch = {k: jax.numpy.asarray(v) for k, v in make_batch(args, lm.vocab_size).items()}
-    loss_fn, frozen_fn = objectives.make_objective(objectives.ObjectiveConfig(method=args.step, beta=BETA), lm)
+    batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    cfg = objectives.ObjectiveConfig(method=step_name, beta=BETA)
+    loss_fn, frozen_fn = objectives.make_objective(cfg, lm, teacher=teacher)
+    frozen = {"teacher": teacher.params} if teacher is not None else {}
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, warmup_steps=0, total_steps=10**6))
-    state = TrainState.create(lm.params, optimizer)
+    state = TrainState.create(jax.tree.map(jax.numpy.copy, lm.params), optimizer)  # it is donated
     start = time.perf_counter()
-    step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn).lower(state, batch, {}).compile()
+    step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn)
+    step = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - start
     first_loss = None
 
     def run_step():
         nonlocal state, first_loss
-        state, metrics = step(state, batch, {})
+        state, metrics = step(state, batch, frozen)
         loss = reduce_metrics(metrics)["loss"]  # blocks on the step
         first_loss = loss if first_loss is None else first_loss
 
-    warmup = time_steps(run_step, args.warmup)
-    seconds = time_steps(run_step, args.iters)
+    warm = time_steps(run_step, warmup)
+    seconds = time_steps(run_step, iters)
+    return {"compile_s": compile_s, "first_step_s": warm[0] if warm else None,
+            "step_s": statistics.median(seconds), "first_loss": first_loss}
+
+
+def jax_worker(args) -> dict:
+    import jax
+
+    from plad_jax.models import from_pretrained
+
+    peak = jax_matmul_peak(args.matmul)
+    lm = from_pretrained(args.path)
+    batch = make_batch(args, lm.vocab_size)
+    timing = jax_step_timing(lm, args.step, batch, args.iters, args.warmup)
     device = jax.devices()[0]
     return {"device": cpu_name() if device.platform == "cpu" else device.device_kind,
             "device_kind": device.device_kind, "platform": device.platform, "peak": peak,
-            "compile_s": compile_s, "first_step_s": warmup[0] if warmup else None,
-            "step_s": statistics.median(seconds), "first_loss": first_loss, "version": jax.__version__}
+            **timing, "version": jax.__version__}
 
 
-def torch_worker(args) -> dict:
+def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: int, *, autocast=None,
+                      fused=None, compiled=False) -> dict:
+    """Time transformers + torch AdamW on the same step as `jax_step_timing` (sft or plad_rank).
+
+    autocast: a torch dtype for `torch.autocast` on the model's device (bf16 compute over the
+    model's fp32 master weights), None for plain fp32. fused: AdamW's fused kernel (CUDA).
+    compiled: run the loss through `torch.compile` (a backend name, or True for the default).
+    """
+    import contextlib
+
     import torch
-    import transformers
-    torch.set_num_threads(os.cpu_count())
-    peak = torch_matmul_peak(args.matmul)
-    model = transformers.LlamaForCausalLM.from_pretrained(args.path, dtype=torch.float32)
+    device = next(model.parameters()).device
     model.train()  # dropout is 0 in LLaMA configs; train() only matches the usual training setup
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.0)
-    b = {k: torch.tensor(v, dtype=torch.long) for k, v in make_batch(args, model.config.vocab_size).items()}
-    r = args.response
+                                  weight_decay=0.0, fused=fused)
+    b = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+    r = b["response_ids"].shape[1]
+    cast = contextlib.nullcontext
+    if autocast:
+        cast = lambda: torch.autocast(device.type, dtype=autocast)  # noqa: E731
 
     def response_logprobs(prompt, prompt_mask, response, response_mask):
         """[B, R] log p(response token | prefix); logits on the R positions that predict them."""
         ids, mask = torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask], 1)
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=r + 1).logits[:, :-1].float()
-        return torch.log_softmax(logits, -1).gather(-1, response[..., None])[..., 0]
+        with cast():
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=r + 1).logits[:, :-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, response[..., None])[..., 0]
 
     def loss_fn():
-        if args.step == "sft":
+        if step_name == "sft":
             logp = response_logprobs(b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
             mask = b["response_mask"].float()
             return -(logp * mask).sum() / mask.sum()
@@ -172,6 +199,8 @@ def torch_worker(args) -> dict:
         seq = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # length-normalised
         return torch.relu(BETA - seq[:n] + seq[n:]).mean()
 
+    if compiled:
+        loss_fn = torch.compile(loss_fn, **({} if compiled is True else {"backend": compiled}))
     first_loss = None
 
     def run_step():
@@ -181,13 +210,25 @@ def torch_worker(args) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        first_loss = float(loss) if first_loss is None else first_loss
+        value = float(loss)  # synchronises the device
+        first_loss = value if first_loss is None else first_loss
 
-    warmup = time_steps(run_step, args.warmup)
-    seconds = time_steps(run_step, args.iters)
+    warm = time_steps(run_step, warmup)
+    seconds = time_steps(run_step, iters)
+    return {"first_step_s": warm[0] if warm else None, "step_s": statistics.median(seconds),
+            "first_loss": first_loss}
+
+
+def torch_worker(args) -> dict:
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    peak = torch_matmul_peak(args.matmul)
+    model = transformers.LlamaForCausalLM.from_pretrained(args.path, dtype=torch.float32)
+    batch = make_batch(args, model.config.vocab_size)
+    timing = torch_step_timing(model, args.step, batch, args.iters, args.warmup)
     return {"device": cpu_name(), "device_kind": "cpu", "platform": "cpu", "peak": peak, "compile_s": None,
-            "first_step_s": warmup[0] if warmup else None, "step_s": statistics.median(seconds),
-            "first_loss": first_loss, "version": torch.__version__}
+            **timing, "version": torch.__version__}
 
 
 # -- driver ---------------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ bucketed so a long job compiles a handful of programs: the prompt length is padd
 `bucket_length` (powers of two up to 128, then multiples of 128), the batch to a multiple of the
 mesh's batch shards (and to `pad_batch_to` when given); padded rows are dropped from the output.
 `max_new_tokens` and the sampling settings are part of the compiled program. (The families'
-caches keep values `[B, heads, slots, head_dim]` and keys the same or, for GQA, `[B, heads,
-head_dim, slots]`, and a decode step attends over a prefix of whole blocks that covers the slots
-written so far while that is at most half the cache: see `models.layers.cached_attention`.)
+caches keep values `[B, heads, slots, head_dim]` and keys the same or, for GQA on CPU, `[B,
+heads, head_dim, slots]` (`plad_jax.backend`), and a decode step attends over a prefix of whole
+blocks that covers the slots written so far while that is at most half the cache: see
+`models.layers.cached_attention`.)
 
 Sharding: with `lm.mesh` set, rows are split over the `data` and `fsdp` mesh axes, params stay as
 the model's logical rules placed them, and every cache leaf is constrained to have its batch axis
@@ -69,6 +70,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from plad_jax import backend
 from plad_jax import sharding as shd
 
 logger = logging.getLogger(__name__)
@@ -244,7 +246,7 @@ class _StaticModel:
             except TypeError:
                 key = None
         self.fns = lm.with_params(None) if key is not None else lm  # no arrays kept alive
-        self.key = key if key is not None else ("identity", lm)
+        self.key = (key if key is not None else ("identity", lm), _backend_key())
 
     def __hash__(self):
         return hash(self.key)
@@ -321,6 +323,22 @@ def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state
 
 _prefill_jit = jax.jit(_prefill_program, static_argnums=(0, 1))
 _decode_jit = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3,))
+
+
+# -- per-backend choices (plad_jax.backend) -----------------------------------------------------
+
+_decode_jit_kept = jax.jit(_decode_program, static_argnums=(0, 1))
+
+
+def _backend_key() -> backend.BackendChoices:
+    """The backend choices traced into a program (cache key layout, prefix switch): part of its
+    static key, so an override compiles new programs instead of reusing ones traced without it."""
+    return backend.choices()
+
+
+def _decode_fn():
+    """The decode loop, donating its state (the cache) when `backend.choices().donate`."""
+    return _decode_jit if backend.choices().donate else _decode_jit_kept
 
 
 # -- shapes, hosts and the public entry points -------------------------------------------------
@@ -421,7 +439,7 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     ids, mask, valid, streams = _to_device(model.mesh, ids, mask, valid, streams)
 
     state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, streams, np.uint32(seed % 2**32))
-    state = _decode_jit(model, sampling, lm.params, state)
+    state = _decode_fn()(model, sampling, lm.params, state)
     tokens, logprobs = (_to_host(model.mesh, x)[:kept] for x in (state.tokens, state.logprobs))
     return Generation(tokens.astype(np.int32), response_mask(tokens, model.eos_ids), logprobs.astype(np.float32))
 

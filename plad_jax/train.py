@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from plad_jax import backend
+
 
 @dataclasses.dataclass
 class OptimizerConfig:
@@ -128,14 +130,16 @@ def _accumulate(loss_fn, params, frozen, batch, rng, grad_accum):
 
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, *, grad_accum: int = 1,
-                    frozen_fn=None, state_shardings=None, donate: bool = True):
+                    frozen_fn=None, state_shardings=None, donate: bool | None = None):
     """A jitted `step(state, batch, frozen) -> (state, metrics)`.
 
     `state_shardings` (see `state_shardings(state)`) pins the new state to the layout of the old
     one, so every step runs the same executable and parameters never drift to another layout.
     Batch and frozen inputs keep the shardings they arrive with. The state is donated, so
-    parameters and optimizer moments are updated in place.
+    parameters and optimizer moments are updated in place (`donate`; None: the backend's choice,
+    `backend.choices().donate`, True on every backend).
     """
+    donate = backend.choices().donate if donate is None else donate
 
     def step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

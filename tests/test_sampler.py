@@ -17,58 +17,12 @@ import pytest
 import torch
 import transformers
 
-from plad_jax import sampler
+from plad_jax import backend, sampler
 from plad_jax import sharding as shd
 from plad_jax.models import from_pretrained
-from tests.helpers import PROMPT_LENS
+from tests.helpers import FAMILIES, LLAMA, PROMPT_LENS, hf_greedy, prompt_batch
 
-VOCAB = 96
 NEW = 32
-LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, pad_token_id=0,
-             initializer_range=0.2)
-# num_decoder_layers == num_layers: transformers 5.24 T5 `generate` breaks (cache IndexError) otherwise.
-T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-          relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-          feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
-          initializer_factor=2.0)  # 3.0 gave logits up to 180, where fp32 rounding alone is ~1e-4
-GPT_NEO = dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_layers=2, window_size=4,
-               attention_types=[[["global", "local"], 1]], max_position_embeddings=128, bos_token_id=1,
-               pad_token_id=0, initializer_range=0.2)
-FAMILIES = {
-    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", LLAMA),
-    "t5_v1_1": ("T5Config", "T5ForConditionalGeneration", T5),
-    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", GPT_NEO),
-}
-
-
-def prompt_batch(seed=0, lens=PROMPT_LENS, low=3):
-    """Right-padded [B, P] prompts of different lengths (pads hold 0)."""
-    rng = np.random.default_rng(seed)
-    p = max(lens)
-    mask = (np.arange(p)[None] < np.asarray(lens)[:, None]).astype(np.int32)
-    return (rng.integers(low, VOCAB, mask.shape) * mask).astype(np.int32), mask
-
-
-@torch.no_grad()
-def hf_greedy(model, ids, mask, new_tokens):
-    """transformers greedy continuations, one list per row: up to and including the first EOS."""
-    lens = mask.sum(1)
-    enc = model.config.is_encoder_decoder
-    left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
-    for b, n in enumerate(lens):  # decoder-only: transformers' convention is left padding
-        left_ids[b, ids.shape[1] - n:], left_mask[b, ids.shape[1] - n:] = ids[b, :n], 1
-    feed_ids, feed_mask = (ids, mask) if enc else (left_ids, left_mask)
-    out = model.generate(input_ids=torch.tensor(feed_ids, dtype=torch.long),
-                         attention_mask=torch.tensor(feed_mask, dtype=torch.long),
-                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
-    new = out[:, 1:] if enc else out[:, ids.shape[1]:]  # T5: drop the decoder start token
-    eos = model.generation_config.eos_token_id
-    rows = []
-    for row in new.numpy().tolist():
-        hit = [i for i, t in enumerate(row) if eos is not None and t == eos]
-        rows.append(row[: hit[0] + 1] if hit else row)
-    return rows
 
 
 def reachable_eos(continuations):
@@ -259,6 +213,34 @@ def test_attention_over_cache_prefixes_changes_nothing(families, greedy, name, m
         jax.clear_caches()
     np.testing.assert_array_equal(out.tokens, greedy[name].tokens)
     np.testing.assert_allclose(out.logprobs, greedy[name].logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("choice", [dict(gqa_keys_slots_minor=False), dict(cache_prefix_switch=False),
+                                    dict(donate=False), backend.DEFAULTS["gpu"].__dict__])
+def test_backend_choices_change_no_sample(families, greedy, choice, monkeypatch):
+    """Each per-backend choice (here: other backends' defaults, forced on CPU) keeps the LLaMA GQA
+    tokens equal to transformers' (via `greedy`) and the logprobs; the choice really is traced in:
+    the cache's key layout follows `gqa_keys_slots_minor`, and the sampler keys programs on it."""
+    from plad_jax.models import layers
+    _, _, lm = families["llama_gqa"]
+    monkeypatch.setattr(layers, "CACHE_BLOCK", 8)  # so the prefix switch has branches at NEW = 32
+    ids, mask = prompt_batch()
+    with backend.override(**choice) as chosen:
+        cache = jax.eval_shape(lambda p: lm.prefill(p, ids, mask, NEW)[1], lm.params)
+        out = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0)
+    head_dim = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
+    assert cache["k"][0].shape[-1] == (ids.shape[1] + NEW if chosen.gqa_keys_slots_minor else head_dim)
+    np.testing.assert_array_equal(out.tokens, greedy["llama_gqa"].tokens)
+    np.testing.assert_allclose(out.logprobs, greedy["llama_gqa"].logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_defaults_keep_cpu_as_tuned_and_reject_unknown_choices():
+    assert backend.defaults("cpu") == backend.BackendChoices(True, True, None, True)
+    assert backend.defaults("cuda") == backend.DEFAULTS["gpu"]
+    assert not backend.DEFAULTS["gpu"].gqa_keys_slots_minor and backend.DEFAULTS["gpu"].parity_precision == "highest"
+    with pytest.raises(ValueError, match="unknown backend choice"):
+        backend.configure(slots_minor=True)
+    assert backend.choices() == backend.defaults()
 
 
 # -- decoding semantics on scripted and fixed-logits stubs --------------------------------------

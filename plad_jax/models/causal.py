@@ -7,8 +7,8 @@ Scoring runs prompt and response as one sequence, `[prompt (right-padded) | resp
 The KV cache is a dict with one layout for every decoder-only family:
 
     k         L-tuples of [B, KV, S, Dh]  S = prompt length + max_new_tokens; slot j holds input column j;
-              [B, KV, Dh, S] (slots minor) when query heads share key heads (GQA, MQA), see
-              `layers.keys_slots_minor`
+              [B, KV, Dh, S] (slots minor) when query heads share key heads (GQA, MQA) and the
+              backend chooses it (CPU), see `layers.keys_slots_minor`
     v         L-tuples of [B, KV, S, Dh]
               (one array per layer, not one stacked array: inside the sampler's decode loop each
               layer's buffer is then updated in place; stacking copied the whole cache every step;

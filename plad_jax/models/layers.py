@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from plad_jax import backend
 from plad_jax.sharding import ACTIVATION_RULES, logical_to_spec
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -175,10 +176,12 @@ def cached_attention(q, keys, values, length, mask, *, scale, bias=None, block=N
     buffer is read: XLA:CPU copies a sliced operand before the product, and for a long prefix that
     copy costs more than reading the empty tail (LLaMA bench, batch 16, 512 new tokens: 19.5 ms per
     token with prefixes up to half the cache, 20.1 with prefixes all the way, 21.7 with none).
+    The switch is a per-backend choice (`backend.BackendChoices.cache_prefix_switch`): without
+    it every step reads the whole cache.
     """
     minor = keys_slots_minor(q.shape[2], keys.shape[1])
     slots, block = keys.shape[3 if minor else 2], block or CACHE_BLOCK
-    if length is None:
+    if length is None or not backend.choices().cache_prefix_switch:
         return attend_heads_major(q, keys, values, mask, bias, scale)
     ends = sorted({block * (i + 1) for i in range(slots // 2 // block)} | {slots})
     cut = lambda x, n: x if x is None or x.shape[-1] == 1 else x[..., :n]
@@ -209,7 +212,7 @@ def attend_heads_major(q, k, v, mask, bias, scale):
     return jnp.transpose(out.reshape(b, kv_heads, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
-def keys_slots_minor(heads: int, kv_heads: int) -> bool:
+def keys_slots_minor(heads: int, kv_heads: int, minor: bool | None = None) -> bool:
     """The cache's key layout: `[B, KV, Dh, S]` (slots minor) when several query heads share a key
     head (GQA, MQA), else `[B, KV, S, Dh]` like the values (MHA).
 
@@ -219,9 +222,12 @@ def keys_slots_minor(heads: int, kv_heads: int) -> bool:
     alone in a jitted loop of 12 layers: LLaMA bench shapes (GQA 8/4), 256 slots, 7.3 ms (slots minor)
     vs 9.2 ms per step; T5 bench shapes (MHA), 129 slots, 4.6 ms (slots major) vs 5.6. End to end
     (`python -m bench.sampler`): the LLaMA's 512-token decode 28.7 -> 21.7 ms per token. t5x and
-    MaxText likewise make the cache layout a choice.
+    MaxText likewise make the cache layout a choice. For GQA/MQA the layout is a per-backend choice
+    (`backend.BackendChoices.gqa_keys_slots_minor`, slots minor on CPU), or `minor` when given.
     """
-    return heads > kv_heads
+    if heads <= kv_heads:
+        return False
+    return backend.choices().gqa_keys_slots_minor if minor is None else minor
 
 
 def cache_keys(k, slots_minor: bool):

@@ -128,7 +128,6 @@ class Attention(nnx.Module):
         self.o_proj = Linear(h * hd, d, ("heads", "embed"), rngs=rngs, bias=config.o_proj_bias)
         self.shape = (h, kv, hd)
         self.window = window
-        self.keys_slots_minor = keys_slots_minor(h, kv)
 
     def project(self, x, positions, inv_freq):
         h, kv, hd = self.shape
@@ -145,7 +144,8 @@ class Attention(nnx.Module):
     def decode(self, x, positions, cache, inv_freq):
         """One new token per row against the cache. x: [B, 1, D]; positions: [B, 1]."""
         q, k, v = self.project(x, positions, inv_freq)
-        keys, values = write_kv(cache, k, v, self.keys_slots_minor)
+        minor = keys_slots_minor(*self.shape[:2])  # the backend's choice, read at trace time
+        keys, values = write_kv(cache, k, v, minor)
         vis = visible_keys(positions, cache["key_pos"], cache["key_mask"], self.window)
         out = attend_cache(q, cache, keys, values, vis, scale=self.shape[2] ** -0.5)
         return self.o_proj(out.reshape(x.shape[0], 1, -1)), (keys, values)
