@@ -651,8 +651,9 @@ def _validate_sample(s: SampleConfig):
 
 
 def _validate_stop(stop, section: str):
-    _need(stop is None or all(stop), f"{section}.stop must not hold an empty string (none = the task's "
-                                     f"default, an empty list = no stop strings), got {list(stop or ())!r}")
+    _need(stop is None or all(stop),
+          f"{section}.stop must not hold an empty string (none = the task's default, an empty "
+          f"list = no stop strings), got {list(stop or ())!r}")
 
 
 def _validate_pairs(p: PairsConfig, method: str):

@@ -28,8 +28,10 @@ Semantics of `generate` (the contract of DESIGN.md section 3):
   samples do not depend on the padding added to the batch or the prompt, nor on the mesh; with
   stable `sample_ids` not on the batching or the number of hosts either. Same seed, same
   inputs, same model: same output.
-- Decoding stops when every row has produced an EOS (any of `lm.eos_token_ids`) or after
-  `max_new_tokens` tokens.
+- Decoding stops when every row has produced an EOS (any of `lm.eos_token_ids`) or completed a
+  stop string (`stop_strings`; its last token kept like an EOS, then `pad_token_id`), or after
+  `max_new_tokens` tokens. Stop strings are matched on token ids inside the loop (`stop_hit`);
+  `generate_many` then cuts each response to the whole tokens before the string (`cut_at_stop`).
 
 Compilation: prefill (with the first draw) and the decode loop (`lax.while_loop`, loop state a
 `DecodeState`, cache donated and updated in place) are two jitted functions. Their shapes are
@@ -80,8 +82,8 @@ POW2_PROMPT_BUCKET_UP_TO = 128
 class Generation(NamedTuple):
     """Output of `generate`, host NumPy arrays with `B * num_samples` rows grouped by prompt."""
 
-    tokens: np.ndarray  # [rows, max_new_tokens] int32: new tokens, first EOS kept, then pad
-    mask: np.ndarray  # [rows, max_new_tokens] int32: 1 up to and including the first EOS
+    tokens: np.ndarray  # [rows, max_new_tokens] int32: new tokens, first EOS / stop end, then pad
+    mask: np.ndarray  # [rows, max_new_tokens] int32: 1 up to and including the first EOS / stop end
     logprobs: np.ndarray  # [rows, max_new_tokens] float32: log p(token) under the sampling distribution
 
 
@@ -186,7 +188,7 @@ class DecodeState:
 
     step: jax.Array  # [] int32
     last: jax.Array  # [B] int32, the newest token: the next `decode` input
-    done: jax.Array  # [B] bool, the row has written an EOS or a stop string (padding rows start done)
+    done: jax.Array  # [B] bool, the row wrote an EOS or a stop string (padding rows start done)
     tokens: jax.Array  # [B, N] int32, pad after the end
     logprobs: jax.Array  # [B, N] float32, 0 after the end
     seed: jax.Array  # [] uint32
@@ -194,11 +196,11 @@ class DecodeState:
     cache: Any  # the model's cache pytree
     # With stop strings only (None otherwise, so a run without them compiles the same program):
     recent: Any = None  # [B, window] int32, the newest tokens, newest last; -1 = none yet
-    stop_end: Any = None  # [B] int32, columns up to the one that completed a stop string (N if none)
+    stop_end: Any = None  # [B] int32: 1 + the column that completed a stop string (N if none)
 
 
 def stop_hit(recent, stops: StopTable, layout: StopLayout):
-    """[B] bool: the newest of `recent` [B, W] tokens (newest last, -1 = none) completes a stop string.
+    """[B] bool: the newest of `recent` [B, W] (newest last, -1 = none) completes a stop string.
 
     transformers' `StopStringCriteria` test, as jnp ops on its table so it runs inside the loop:
     read backwards from the newest token, which must begin with the end of a stop string (its
@@ -222,7 +224,8 @@ def stop_hit(recent, stops: StopTable, layout: StopLayout):
     return jnp.any(reach >= jnp.asarray(stops.lengths)[None, :, None], axis=(1, 2))
 
 
-def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache, stops=None) -> DecodeState:
+def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache,
+           stops=None) -> DecodeState:
     """Draw the token for column `state.step` from `logits` and record it."""
     tokens, logprobs = sample_logits(logits, row_keys(state.seed, state.row_ids, state.step),
                                      sampling.temperature, sampling.top_k, sampling.top_p)
@@ -297,7 +300,7 @@ class StopStrings:
 
 
 def stop_strings(tokenizer, strings: Sequence[str]) -> StopStrings | None:
-    """`strings` ready for `generate` / `generate_many` with `tokenizer`'s vocabulary (None if empty).
+    """`strings` ready for `generate` / `generate_many` with `tokenizer`'s vocabulary (None: none).
 
     The table is transformers' `StopStringCriteria`'s: for each token id, where it can sit inside
     each string, how much of each string's end it can begin with, and its length; the library
@@ -312,13 +315,15 @@ def stop_strings(tokenizer, strings: Sequence[str]) -> StopStrings | None:
     try:
         criteria = StopStringCriteria(tokenizer, list(strings))
     except ValueError as e:  # the vocabulary cannot be read as text pieces
-        logger.warning("stop strings %r: %s's tokens are not text pieces (%s); responses are cut after "
-                       "sampling, rows do not stop early", strings, type(tokenizer).__name__, e)
+        logger.warning("stop strings %r: %s's tokens are not text pieces (%s); responses are cut "
+                       "after sampling, rows do not stop early", strings,
+                       type(tokenizer).__name__, e)
         return StopStrings(strings, tokenizer, None, None, None)
     table = criteria.embedding_vec.numpy().astype(np.int32)
-    layout = StopLayout(len(strings), int(criteria.maximum_token_len), int(criteria.max_valid_positions),
-                        int(criteria.max_valid_end_lens))
-    return StopStrings(strings, tokenizer, layout, table, criteria.target_lens.numpy().astype(np.int32))
+    layout = StopLayout(len(strings), int(criteria.maximum_token_len),
+                        int(criteria.max_valid_positions), int(criteria.max_valid_end_lens))
+    lengths = criteria.target_lens.numpy().astype(np.int32)
+    return StopStrings(strings, tokenizer, layout, table, lengths)
 
 
 def cut_at_stop(stop: StopStrings, ids: Sequence[int]) -> list[int]:
@@ -414,7 +419,8 @@ def _constrainer(model: _StaticModel, params, cache):
         put = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
         rows = P(shd.BATCH_AXES) if s.done.shape[0] % batch_shards == 0 else P()
         matrix = P(*rows, None)
-        extra = {} if s.recent is None else dict(recent=put(s.recent, matrix), stop_end=put(s.stop_end, rows))
+        extra = {} if s.recent is None else dict(recent=put(s.recent, matrix),
+                                                 stop_end=put(s.stop_end, rows))
         return s.replace(last=put(s.last, rows), done=put(s.done, rows), row_ids=put(s.row_ids, rows),
                          tokens=put(s.tokens, matrix), logprobs=put(s.logprobs, matrix),
                          cache=jax.tree.map(put, s.cache, cache_specs), **extra)
@@ -426,11 +432,12 @@ def _prefill_program(model: _StaticModel, sampling: SamplingConfig, params, prom
                      seed, stops):
     logits, cache = model.fns.prefill(params, prompt_ids, prompt_mask, sampling.max_new_tokens)
     constrain = _constrainer(model, params, cache)
-    return constrain(start_state(logits, cache, valid, row_ids, seed, sampling, model.eos_ids, model.pad_id,
-                                 stops))
+    return constrain(start_state(logits, cache, valid, row_ids, seed, sampling, model.eos_ids,
+                                 model.pad_id, stops))
 
 
-def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState, stops):
+def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState,
+                    stops):
     constrain = _constrainer(model, params, state.cache)
     # The whole state is returned so that every donated buffer (the cache above all) aliases an
     # output and the loop runs in place in it.
@@ -511,7 +518,8 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     string itself off the text is `generate_many`'s / `cut_at_stop`'s.
     """
     layout = stop.layout if stop is not None else None
-    sampling = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p), layout)
+    sampling = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                              layout)
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"num_samples={num_samples!r}: must be a positive integer")
     ids, mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
@@ -544,7 +552,8 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     ids, mask, valid, streams = _to_device(model.mesh, ids, mask, valid, streams)
 
     stops = StopTable(stop.table, stop.lengths) if layout is not None else None
-    state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, streams, np.uint32(seed % 2**32), stops)
+    seed = np.uint32(seed % 2**32)
+    state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, streams, seed, stops)
     state = _decode_jit(model, sampling, lm.params, state, stops)
     tokens, logprobs = (_to_host(model.mesh, x)[:kept] for x in (state.tokens, state.logprobs))
     mask = response_mask(tokens, model.eos_ids)
@@ -607,7 +616,8 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
                        sample_ids=[sample_ids[i] for i in chunk], stop=stop)
         new_tokens += int(gen.mask.sum())
         for r in range(gen.tokens.shape[0]):
-            out[chunk[r // num_samples] * num_samples + r % num_samples] = _sampled(gen, r, eos, stop)
+            row = chunk[r // num_samples] * num_samples + r % num_samples
+            out[row] = _sampled(gen, r, eos, stop)
         bar.update(len(chunk))
         bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
     bar.close()
@@ -618,13 +628,13 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
 
 
 def _sampled(gen: Generation, r: int, eos: set[int], stop: StopStrings | None) -> Sampled:
-    """Row `r` of a generation as a response: ids without EOS and padding, cut before a stop string."""
+    """Row `r` of a generation as a response: ids without EOS or padding, cut before a stop."""
     real = gen.mask[r] > 0
     ids = [int(t) for t in gen.tokens[r][real] if int(t) not in eos]
     if stop is None:
         return Sampled(ids, float(gen.logprobs[r][real].sum()))
     cut, logprobs = cut_at_stop(stop, ids), gen.logprobs[r][real]
-    return Sampled(cut, float(logprobs.sum() if len(cut) == len(ids) else logprobs[:len(cut)].sum()))
+    return Sampled(cut, float((logprobs if len(cut) == len(ids) else logprobs[:len(cut)]).sum()))
 
 
 def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,

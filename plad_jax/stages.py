@@ -352,7 +352,9 @@ def pair_batches(pos: data.EncodedExamples, neg: data.EncodedExamples, batch_siz
 
 def stop_strings(ctx: Context, section) -> tuple[str, ...]:
     """`section.stop` (`sample` or `eval`), or the task's own stop strings when it is None."""
-    return section.stop if section.stop is not None else data.task_stop_strings(ctx.config.data.task)
+    if section.stop is not None:
+        return section.stop
+    return data.task_stop_strings(ctx.config.data.task)
 
 
 def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_new_tokens, seed, desc="sample",
@@ -423,8 +425,8 @@ def sample_stage(ctx: Context, stage_dir: str):
     examples = [everything[i] for i in indices]
     prompts = [e.prompt for e in examples]
     cfg, seed = ctx.config.sample, ctx.config.seed
-    common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, sample_ids=indices,
-                  stop=stop_strings(ctx, cfg))
+    common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                  sample_ids=indices, stop=stop_strings(ctx, cfg))
     t_texts, t_ids, t_logp = sample_responses(ctx, teacher, "teacher", prompts, seed=seed, **common)
     s_texts, s_ids, s_logp = sample_responses(ctx, student, "student", prompts, seed=seed + 1, **common)
     rows = [dict(prompt=e.prompt, reference=e.response, teacher=t, student=s, chosen="teacher", index=i,
@@ -456,7 +458,8 @@ def distill_stage(ctx: Context, stage_dir: str):
             texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
                                            temperature=ctx.config.sample.temperature,
                                            max_new_tokens=ctx.config.sample.max_new_tokens,
-                                           seed=ctx.config.seed + 100 * round_, desc=f"round {round_}",
+                                           seed=ctx.config.seed + 100 * round_,
+                                           desc=f"round {round_}",
                                            stop=stop_strings(ctx, ctx.config.sample))
             rows = [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
         batch_fn, n = _distill_batches(ctx, cfg, rows)

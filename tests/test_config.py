@@ -166,7 +166,7 @@ def test_tuples_from_comma_separated_or_json():
 def test_stop_strings_from_json_or_comma_separated_none_is_the_task_default():
     c = apply_overrides(Config(), ['sample.stop=["\\n\\nHuman:", "###"]', "eval.stop=END, STOP"])
     assert c.sample.stop == ("\n\nHuman:", "###") and c.eval.stop == ("END", "STOP")
-    assert apply_overrides(c, ["sample.stop="]).sample.stop == ()  # no stop strings, not even the task's
+    assert apply_overrides(c, ["sample.stop="]).sample.stop == ()  # none, not even the task's
     assert apply_overrides(c, ["sample.stop=none"]).sample.stop is None  # the task's own
     assert Config().sample.stop is None and Config().eval.stop is None
     assert from_dict(json.loads(json.dumps(to_dict(c)))) == c  # config.json round trip

@@ -38,8 +38,8 @@ def test_demo_pipeline_runs_every_stage_then_skips_them(tmp_path):
 
 
 class ScriptedForEveryPrompt:
-    """A model that writes `script` then EOS whatever the prompt (`tests.test_sampler.StubLM`'s table):
-    greedy, each token's log-prob is `TOKEN_LOGP` (logit 2 against 0 for the rest of the vocabulary)."""
+    """A model that writes `script` then EOS whatever the prompt (`tests.test_sampler.StubLM`'s
+    table); greedy, each token's log-prob is that of logit 2 against 0 for the rest."""
 
     def __init__(self, script, vocab):
         from tests.test_sampler import scripted
@@ -88,7 +88,8 @@ def test_hh_samples_stop_before_the_next_human_turn(tmp_path):
         for side in ("teacher", "student"):
             ids = row[f"{side}_ids"]
             assert tok.decode(ids, skip_special_tokens=True) == row[side]
-            assert row[f"{side}_logp"] == pytest.approx(len(ids) * token_logp, rel=1e-5)  # those ids' only
+            # the log-probs of those ids, and of nothing after them
+            assert row[f"{side}_logp"] == pytest.approx(len(ids) * token_logp, rel=1e-5)
     assert [len(rows[0]["teacher_ids"]), len(rows[0]["student_ids"])] == [3, 2]
-    tok, unstopped = hh_sample_rows(tmp_path / "off", "sample.stop=")  # no stop strings: they run on
+    tok, unstopped = hh_sample_rows(tmp_path / "off", "sample.stop=")  # no stop strings: run on
     assert all("\n\nHuman:" in r["teacher"] and "\n\nHuman:" in r["student"] for r in unstopped)

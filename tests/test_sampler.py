@@ -482,21 +482,25 @@ def test_generate_text_truncates_long_prompts(text_model):
 
 # -- stop strings -------------------------------------------------------------------------------
 
-HH_TEXT = "\n\nHuman: what is a cat?\n\nAssistant: A small animal.\n\nHuman: and a dog?\n\nAssistant: Sure."
+HH_TEXT = ("\n\nHuman: what is a cat?\n\nAssistant: A small animal.\n\nHuman: and a dog?"
+           "\n\nAssistant: Sure.")
 
 
 def byte_bpe_tokenizer():
     """A byte-level BPE tokenizer (GPT-2 / LLaMA-3 / SmolLM style) trained on HH-style turns:
-    every byte is a token, and merges such as "\\n\\n" and "Human" give strings several tokenizations."""
+    every byte is a token, and merges such as "\\n\\n" and "Human" give strings several spellings.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator([HH_TEXT] * 20 + ["Sure.\n\n\n\n"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator([HH_TEXT] * 20 + ["Sure.\n\n\n\n"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -546,15 +550,18 @@ def test_stop_string_ends_rows_inside_the_jitted_loop(bpe):
     def run(params):
         ids = jnp.arange(3, dtype=jnp.int32)[:, None]
         logits, cache = lm.prefill(params, ids, jnp.ones_like(ids), n)
-        state = sampler.start_state(logits, cache, jnp.ones(3, bool), jnp.arange(3), 0, sampling, (2,), 0, tables)
-        return sampler.decode_loop(lambda t, c: lm.decode(params, t, c), state, sampling, (2,), 0, stops=tables)
+        state = sampler.start_state(logits, cache, jnp.ones(3, bool), jnp.arange(3), 0, sampling,
+                                    (2,), 0, tables)
+        return sampler.decode_loop(lambda t, c: lm.decode(params, t, c), state, sampling, (2,), 0,
+                                   stops=tables)
 
     state = run(lm.params)
     ends = [s.index(spell(bpe, [":"])[0]) + 1 for s in scripts]  # the column after each ":"
     np.testing.assert_array_equal(np.asarray(state.stop_end), ends)
     assert int(state.step) == max(ends) < n
     for r, end in enumerate(ends):
-        np.testing.assert_array_equal(np.asarray(state.tokens[r]), scripts[r][:end] + [0] * (n - end))
+        want = scripts[r][:end] + [0] * (n - end)
+        np.testing.assert_array_equal(np.asarray(state.tokens[r]), want)
 
 
 def test_generate_masks_end_at_the_stop_and_text_ends_before_it(bpe):
@@ -565,19 +572,20 @@ def test_generate_masks_end_at_the_stop_and_text_ends_before_it(bpe):
     out = sampler.generate(lm, ids, mask, max_new_tokens=20, temperature=0.0, stop=stop)
     colon = spell(bpe, [":"])[0]
     np.testing.assert_array_equal(out.mask.sum(1), [s.index(colon) + 1 for s in scripts])
-    many = sampler.generate_many(lm, [[0], [1], [2]], max_new_tokens=20, temperature=0.0, stop=stop, progress=False)
+    kw = dict(max_new_tokens=20, temperature=0.0, progress=False)
+    many = sampler.generate_many(lm, [[0], [1], [2]], stop=stop, **kw)
     texts = [bpe.decode(s.ids) for s in many]
-    assert texts == ["Sure.", "A small", "Sure"]  # "\n\n\n": the token the stop string begins in goes too
+    assert texts == ["Sure.", "A small", "Sure"]  # "\n\n\n": the token it begins inside goes too
     for s, script, r in zip(many, scripts, range(3)):
         assert s.ids == script[:len(s.ids)]
         want = out.logprobs[r, :len(s.ids)].sum()  # the kept tokens' log-probs, nothing after
         assert s.logprob == pytest.approx(float(want), abs=1e-6) and s.logprob < 0
-    plain = sampler.generate_many(lm, [[0], [1], [2]], max_new_tokens=20, temperature=0.0, progress=False)
+    plain = sampler.generate_many(lm, [[0], [1], [2]], **kw)
     assert all(STOP in bpe.decode(s.ids) for s in plain)  # without the stop strings, they run on
 
 
 def test_stop_string_cut_without_a_token_table():
-    """A word-level vocabulary has no text pieces for the table: rows run on, the text is still cut."""
+    """A word-level vocabulary has no text pieces for the table: rows run on, the text is cut."""
     from tests.tiny_run import word_tokenizer
 
     tok = word_tokenizer()
@@ -616,14 +624,16 @@ def test_stop_strings_match_transformers_and_absent_ones_change_nothing(bpe, bpe
                                stop=sampler.stop_strings(bpe, [needle]))
     for b, prompt in enumerate(prompts):
         with torch.no_grad():
-            ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False,
-                                 stop_strings=[needle], tokenizer=bpe, pad_token_id=0)[0, len(prompt):].tolist()
+            ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW,
+                                 do_sample=False, stop_strings=[needle], tokenizer=bpe,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
         assert stopped.tokens[b, :stopped.mask[b].sum()].tolist() == ref, b
     assert stopped.mask[1].sum() < NEW
 
 
 def bpe_prompts(bpe):
-    prompts = [bpe(t)["input_ids"] for t in ("Human: what is a cat?", "Assistant: Sure.", "a small dog")]
+    texts = ("Human: what is a cat?", "Assistant: Sure.", "a small dog")
+    prompts = [bpe(t)["input_ids"] for t in texts]
     ids = np.array([p + [0] * (16 - len(p)) for p in prompts], np.int32)
     mask = (np.arange(16)[None] < np.array([len(p) for p in prompts])[:, None]).astype(np.int32)
     return prompts, ids, mask
@@ -649,6 +659,7 @@ def text_across_tokens(tokenizer, row):
     special = set(tokenizer.all_special_ids)
     for a, b in zip(row[1:], row[2:]):
         text = tokenizer.decode([a, b])
-        if a not in special and b not in special and text.isascii() and text.isprintable() and len(text) >= 4:
+        plain = a not in special and b not in special and text.isascii() and text.isprintable()
+        if plain and len(text) >= 4:
             return text[1:] if len(tokenizer.decode([a])) > 1 else text
     raise AssertionError(f"no printable pair of tokens in {tokenizer.convert_ids_to_tokens(row)}")
