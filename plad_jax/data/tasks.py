@@ -11,7 +11,8 @@
 folder written by `datasets.save_to_disk`, or a hub dataset name loaded with
 `datasets.load_dataset` when the machine is online. OpenAI's TL;DR rows become exactly the
 `trl-lib/tldr` text: `SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:` and
-the response `" " + summary`.
+the response `" " + summary`. A task's responses may have stop strings (`STOP_STRINGS`; `hh`:
+the next `\\n\\nHuman:` turn), where sampling ends unless `sample.stop` / `eval.stop` say otherwise.
 """
 
 from __future__ import annotations
