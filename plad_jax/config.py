@@ -8,11 +8,11 @@
       data           DataConfig(task, path, fields, token limits, split seed and sizes, split limits)
       sft_teacher    TrainConfig(epochs, batch_size, lr, ..., select_best=True)
       sft_student    TrainConfig
-      sample         SampleConfig(temperature 0.7, top_k, top_p, max_new_tokens, batch_size)
+      sample         SampleConfig(temperature 0.7, top_k, top_p, max_new_tokens, batch_size, stop)
       pairs          PairsConfig(real_ratio, scorer, reward_model)
       distill        DistillConfig(TrainConfig + method, score, beta, alpha, rounds, ...)
       pbkd           PbKDConfig(k samples, KL weight, lambda and its dual ascent, RM, rounds, ...)
-      eval           EvalConfig(scorer, reward_model, num_examples, max_new_tokens, ...)
+      eval           EvalConfig(scorer, reward_model, num_examples, max_new_tokens, stop, ...)
 
 Defaults are the paper's (PLaD, Sec. 5.1): learning rate 1e-4 with a linear schedule, batch 8,
 sampling temperature 0.7, beta 1.0, length-normalised sequence scores, LoRA rank 8 / alpha 32 /
@@ -186,13 +186,18 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """Sampling the teacher and student responses that make the pairs (paper: temperature 0.7)."""
+    """Sampling the teacher and student responses that make the pairs (paper: temperature 0.7).
+
+    stop: strings that end a response, which is cut before the first one (`plad_jax.sampler`);
+    None = the task's own (`hh`: the next "\n\nHuman:" turn; others: none), () = none.
+    """
 
     temperature: float = 0.7  # 0 = greedy
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0
     max_new_tokens: int = 128
     batch_size: int = 32
+    stop: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +241,8 @@ class DistillConfig(TrainConfig):
 class EvalConfig:
     """Win rates vs references and teacher-vs-student, ROUGE, lengths, on the test split.
 
-    num_examples: test prompts to evaluate (None = all). temperature: 0 = greedy decoding.
+    num_examples: test prompts to evaluate (None = all). temperature: 0 = greedy decoding. stop:
+    as `SampleConfig.stop` (also for `select_best`'s validation samples).
     scorer `python` (also for `pairs`): reward_model is `module:attr`, a Scorer class or factory
     (`plad_jax.rewards.python_scorer`), for programmatic rewards such as bench/extraction.py's.
     """
@@ -247,6 +253,7 @@ class EvalConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     batch_size: int = 32
+    stop: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,6 +647,13 @@ def _validate_sample(s: SampleConfig):
     _need(0 < s.top_p <= 1, f"sample.top_p must be in (0, 1], got {s.top_p}")
     _need(s.max_new_tokens >= 1, f"sample.max_new_tokens must be >= 1, got {s.max_new_tokens}")
     _need(s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}")
+    _validate_stop(s.stop, "sample")
+
+
+def _validate_stop(stop, section: str):
+    _need(stop is None or all(stop),
+          f"{section}.stop must not hold an empty string (none = the task's default, an empty "
+          f"list = no stop strings), got {list(stop or ())!r}")
 
 
 def _validate_pairs(p: PairsConfig, method: str):
@@ -675,6 +689,7 @@ def _validate_eval(e: EvalConfig):
     _need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
     _need(e.temperature >= 0, f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
     _need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    _validate_stop(e.stop, "eval")
 
 
 def check_shared_vocabulary(config: Config, teacher_tokenizer, student_tokenizer) -> None:

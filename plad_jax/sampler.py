@@ -28,8 +28,10 @@ Semantics of `generate` (the contract of DESIGN.md section 3):
   samples do not depend on the padding added to the batch or the prompt, nor on the mesh; with
   stable `sample_ids` not on the batching or the number of hosts either. Same seed, same
   inputs, same model: same output.
-- Decoding stops when every row has produced an EOS (any of `lm.eos_token_ids`) or after
-  `max_new_tokens` tokens.
+- Decoding stops when every row has produced an EOS (any of `lm.eos_token_ids`) or completed a
+  stop string (`stop_strings`; its last token kept like an EOS, then `pad_token_id`), or after
+  `max_new_tokens` tokens. Stop strings are matched on token ids inside the loop (`stop_hit`);
+  `generate_many` then cuts each response to the whole tokens before the string (`cut_at_stop`).
 
 Compilation: prefill (with the first draw) and the decode loop (`lax.while_loop`, loop state a
 `DecodeState`, cache donated and updated in place) are two jitted functions. Their shapes are
@@ -82,9 +84,29 @@ POW2_PROMPT_BUCKET_UP_TO = 128
 class Generation(NamedTuple):
     """Output of `generate`, host NumPy arrays with `B * num_samples` rows grouped by prompt."""
 
-    tokens: np.ndarray  # [rows, max_new_tokens] int32: new tokens, first EOS kept, then pad
-    mask: np.ndarray  # [rows, max_new_tokens] int32: 1 up to and including the first EOS
+    tokens: np.ndarray  # [rows, max_new_tokens] int32: new tokens, first EOS / stop end, then pad
+    mask: np.ndarray  # [rows, max_new_tokens] int32: 1 up to and including the first EOS / stop end
     logprobs: np.ndarray  # [rows, max_new_tokens] float32: log p(token) under the sampling distribution
+
+
+@dataclasses.dataclass(frozen=True)
+class StopLayout:
+    """The static shape of a stop-string table: `count` strings, matched over the `window` newest
+    tokens; `positions` / `end_lens` columns per string (transformers' `StopStringCriteria`)."""
+
+    count: int
+    window: int
+    positions: int
+    end_lens: int
+
+
+class StopTable(NamedTuple):
+    """The device side of stop strings: one row per token id (the last row for ids past the
+    tokenizer's: no match), `[ids + 1, count * (positions + end_lens) + 1]` int32, and each
+    string's length `[count]` (characters, or bytes for byte-level vocabularies)."""
+
+    table: Any
+    lengths: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +117,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    stop: StopLayout | None = None  # the stop-string table's shape (None: no stop strings)
 
     def __post_init__(self):
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and self.max_new_tokens >= 1):
@@ -167,15 +190,44 @@ class DecodeState:
 
     step: jax.Array  # [] int32
     last: jax.Array  # [B] int32, the newest token: the next `decode` input
-    done: jax.Array  # [B] bool, the row has written an EOS (padding rows start done)
+    done: jax.Array  # [B] bool, the row wrote an EOS or a stop string (padding rows start done)
     tokens: jax.Array  # [B, N] int32, pad after the end
     logprobs: jax.Array  # [B, N] float32, 0 after the end
     seed: jax.Array  # [] uint32
     row_ids: jax.Array  # [B] uint32, the random stream of each row (see `generate`'s sample_ids)
     cache: Any  # the model's cache pytree
+    # With stop strings only (None otherwise, so a run without them compiles the same program):
+    recent: Any = None  # [B, window] int32, the newest tokens, newest last; -1 = none yet
+    stop_end: Any = None  # [B] int32: 1 + the column that completed a stop string (N if none)
 
 
-def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache) -> DecodeState:
+def stop_hit(recent, stops: StopTable, layout: StopLayout):
+    """[B] bool: the newest of `recent` [B, W] (newest last, -1 = none) completes a stop string.
+
+    transformers' `StopStringCriteria` test, as jnp ops on its table so it runs inside the loop:
+    read backwards from the newest token, which must begin with the end of a stop string (its
+    `end` overlaps); each earlier token must end where the characters matched so far begin (its
+    `positions`), until the matched length reaches the string's (the first token may run past its
+    start). So every tokenization of the string is found, including tokens that straddle its ends.
+    """
+    n, p, e = layout.count, layout.positions, layout.end_lens
+    table = jnp.asarray(stops.table)
+    none = table.shape[0] - 1  # the all -1 row: matches nothing
+    ids = recent[:, ::-1]
+    rows = table[jnp.where(ids < 0, none, jnp.minimum(ids, none))]  # [B, W, C]
+    b, w = ids.shape
+    ends = rows[:, :1, n * p:n * (p + e)].reshape(b, 1, n, e)
+    positions = rows[:, 1:, :n * p].reshape(b, w - 1, n, p)
+    sizes = jnp.broadcast_to(rows[:, 1:, -1, None, None], (b, w - 1, n, e))
+    matched = jnp.cumsum(jnp.concatenate([ends, sizes], axis=1), axis=1)  # [B, W, n, e] characters
+    fits = jnp.any(matched[:, :-1, :, :, None] == positions[:, :, :, None, :], axis=-1)
+    alive = jnp.cumprod(jnp.concatenate([ends > 0, fits], axis=1).astype(jnp.int32), axis=1) > 0
+    reach = jnp.max(jnp.where(alive, matched, 0), axis=1)  # [B, n, e]
+    return jnp.any(reach >= jnp.asarray(stops.lengths)[None, :, None], axis=(1, 2))
+
+
+def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache,
+           stops=None) -> DecodeState:
     """Draw the token for column `state.step` from `logits` and record it."""
     tokens, logprobs = sample_logits(logits, row_keys(state.seed, state.row_ids, state.step),
                                      sampling.temperature, sampling.top_k, sampling.top_p)
@@ -183,26 +235,38 @@ def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id
     logprobs = jnp.where(state.done, 0.0, logprobs)
     hit_eos = jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(state.done)
     column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None].astype(buf.dtype), state.step, 1)
+    extra = {}
+    if sampling.stop is not None:
+        recent = jnp.concatenate([state.recent[:, 1:], tokens[:, None]], axis=1)
+        hit = stop_hit(recent, stops, sampling.stop) & ~state.done
+        extra = dict(recent=recent, stop_end=jnp.where(hit, state.step + 1, state.stop_end))
+        hit_eos = hit_eos | hit  # a stop string ends the row as an EOS would
     return state.replace(step=state.step + 1, last=tokens, done=state.done | hit_eos,
                          tokens=column(state.tokens, tokens), logprobs=column(state.logprobs, logprobs),
-                         cache=cache)
+                         cache=cache, **extra)
 
 
-def start_state(logits, cache, valid, row_ids, seed, sampling: SamplingConfig, eos_ids, pad_id) -> DecodeState:
+def start_state(logits, cache, valid, row_ids, seed, sampling: SamplingConfig, eos_ids, pad_id,
+                stops: StopTable | None = None) -> DecodeState:
     """The loop state after prefill: the first token of every row drawn from `logits` [B, V]."""
     rows, n = valid.shape[0], sampling.max_new_tokens
+    extra = {}
+    if sampling.stop is not None:
+        extra = dict(recent=jnp.full((rows, sampling.stop.window), -1, jnp.int32),
+                     stop_end=jnp.full((rows,), n, jnp.int32))
     state = DecodeState(step=jnp.zeros((), jnp.int32), last=jnp.full((rows,), pad_id, jnp.int32),
                         done=~valid.astype(bool), tokens=jnp.full((rows, n), pad_id, jnp.int32),
                         logprobs=jnp.zeros((rows, n), jnp.float32), seed=jnp.asarray(seed, jnp.uint32),
-                        row_ids=row_ids.astype(jnp.uint32), cache=cache)
-    return _write(state, logits, sampling, eos_ids, pad_id, cache)
+                        row_ids=row_ids.astype(jnp.uint32), cache=cache, **extra)
+    return _write(state, logits, sampling, eos_ids, pad_id, cache, stops)
 
 
 def decode_loop(step_fn, state: DecodeState, sampling: SamplingConfig, eos_ids, pad_id,
-                constrain=lambda s: s) -> DecodeState:
+                constrain=lambda s: s, stops: StopTable | None = None) -> DecodeState:
     """Run `step_fn(tokens [B], cache) -> (logits [B, V], cache)` until every row is done or full.
 
-    `constrain` maps the state to itself with sharding constraints (identity off-mesh).
+    `constrain` maps the state to itself with sharding constraints (identity off-mesh); `stops`
+    is the stop-string table when `sampling.stop` is set.
     """
     n = state.tokens.shape[1]
 
@@ -211,7 +275,7 @@ def decode_loop(step_fn, state: DecodeState, sampling: SamplingConfig, eos_ids, 
 
     def body(s):
         logits, cache = step_fn(s.last, s.cache)
-        return constrain(_write(s, logits, sampling, eos_ids, pad_id, cache))
+        return constrain(_write(s, logits, sampling, eos_ids, pad_id, cache, stops))
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -221,6 +285,64 @@ def response_mask(tokens, eos_ids) -> np.ndarray:
     tokens = np.asarray(tokens)
     is_eos = np.isin(tokens, np.asarray(eos_ids, np.int32)).astype(np.int32)
     return (np.cumsum(is_eos, axis=1) - is_eos == 0).astype(np.int32)
+
+
+# -- stop strings -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StopStrings:
+    """Stop strings bound to a tokenizer: the device table of `stop_hit` (None when the tokenizer's
+    tokens do not concatenate to its text, e.g. word-level: then only the text cut applies)."""
+
+    strings: tuple[str, ...]
+    tokenizer: Any
+    layout: StopLayout | None
+    table: np.ndarray | None
+    lengths: np.ndarray | None
+
+
+def stop_strings(tokenizer, strings: Sequence[str]) -> StopStrings | None:
+    """`strings` ready for `generate` / `generate_many` with `tokenizer`'s vocabulary (None: none).
+
+    The table is transformers' `StopStringCriteria`'s: for each token id, where it can sit inside
+    each string, how much of each string's end it can begin with, and its length; the library
+    cleans the vocabulary (byte-level, byte-fallback and SentencePiece tokens) and caches the work.
+    """
+    strings = tuple(strings)
+    if not strings:
+        return None
+    if not all(isinstance(x, str) and x for x in strings):
+        raise ValueError(f"stop strings must be non-empty strings, got {strings!r}")
+    from transformers import StopStringCriteria
+    try:
+        criteria = StopStringCriteria(tokenizer, list(strings))
+    except ValueError as e:  # the vocabulary cannot be read as text pieces
+        logger.warning("stop strings %r: %s's tokens are not text pieces (%s); responses are cut "
+                       "after sampling, rows do not stop early", strings,
+                       type(tokenizer).__name__, e)
+        return StopStrings(strings, tokenizer, None, None, None)
+    table = criteria.embedding_vec.numpy().astype(np.int32)
+    layout = StopLayout(len(strings), int(criteria.maximum_token_len),
+                        int(criteria.max_valid_positions), int(criteria.max_valid_end_lens))
+    lengths = criteria.target_lens.numpy().astype(np.int32)
+    return StopStrings(strings, tokenizer, layout, table, lengths)
+
+
+def cut_at_stop(stop: StopStrings, ids: Sequence[int]) -> list[int]:
+    """The longest prefix of `ids` whose text (skipping special tokens) ends before the first stop
+    string: so the kept text is exactly the decoded ids, and nothing from the stop string on
+    survives. When a stop string begins inside a token, that token goes too. `ids` itself when
+    its text holds none of the strings (rows that never stopped, or stopped by EOS)."""
+    decode = lambda x: stop.tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+    text = decode(ids)
+    starts = [i for i in (text.find(x) for x in stop.strings) if i >= 0]
+    if not starts:
+        return list(ids)
+    head = text[:min(starts)]
+    k = len(ids) - 1  # the stop string is usually in the last few tokens: walk back from the end
+    while k > 0 and not head.startswith(decode(ids[:k])):
+        k -= 1
+    return list(ids[:k])
 
 
 # -- binding a model into jitted programs ------------------------------------------------------
@@ -299,26 +421,30 @@ def _constrainer(model: _StaticModel, params, cache):
         put = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
         rows = P(shd.BATCH_AXES) if s.done.shape[0] % batch_shards == 0 else P()
         matrix = P(*rows, None)
+        extra = {} if s.recent is None else dict(recent=put(s.recent, matrix),
+                                                 stop_end=put(s.stop_end, rows))
         return s.replace(last=put(s.last, rows), done=put(s.done, rows), row_ids=put(s.row_ids, rows),
-                         tokens=put(s.tokens, matrix),
-                         logprobs=put(s.logprobs, matrix), cache=jax.tree.map(put, s.cache, cache_specs))
+                         tokens=put(s.tokens, matrix), logprobs=put(s.logprobs, matrix),
+                         cache=jax.tree.map(put, s.cache, cache_specs), **extra)
 
     return constrain
 
 
 def _prefill_program(model: _StaticModel, sampling: SamplingConfig, params, prompt_ids, prompt_mask, valid, row_ids,
-                     seed):
+                     seed, stops):
     logits, cache = model.fns.prefill(params, prompt_ids, prompt_mask, sampling.max_new_tokens)
     constrain = _constrainer(model, params, cache)
-    return constrain(start_state(logits, cache, valid, row_ids, seed, sampling, model.eos_ids, model.pad_id))
+    return constrain(start_state(logits, cache, valid, row_ids, seed, sampling, model.eos_ids,
+                                 model.pad_id, stops))
 
 
-def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState):
+def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState,
+                    stops):
     constrain = _constrainer(model, params, state.cache)
     # The whole state is returned so that every donated buffer (the cache above all) aliases an
     # output and the loop runs in place in it.
     return decode_loop(lambda tokens, cache: model.fns.decode(params, tokens, cache), state, sampling,
-                       model.eos_ids, model.pad_id, constrain)
+                       model.eos_ids, model.pad_id, constrain, stops)
 
 
 _prefill_jit = jax.jit(_prefill_program, static_argnums=(0, 1))
@@ -395,7 +521,7 @@ def _pad_rows(prompt_ids, prompt_mask, rows: int, pad_id: int):
 
 def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, num_samples: int = 1, seed: int = 0, pad_batch_to: int | None = None,
-             sample_ids=None) -> Generation:
+             sample_ids=None, stop: StopStrings | None = None) -> Generation:
     """Sample `num_samples` continuations of every prompt row; see the module docstring.
 
     prompt_ids, prompt_mask: `[B, P]` host int arrays (this process's rows on several hosts).
@@ -405,8 +531,13 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     prompt `b` draws from random stream `sample_ids[b] * num_samples + s`. Giving every prompt a
     stable id (its index in the dataset) makes its samples independent of how prompts are
     batched, padded or spread over hosts.
+    stop: stop strings (`stop_strings`): a row that completes one is finished as by an EOS (its
+    mask ends with the token that completed it, then padding). Token-level only: cutting the
+    string itself off the text is `generate_many`'s / `cut_at_stop`'s.
     """
-    sampling = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p))
+    layout = stop.layout if stop is not None else None
+    sampling = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                              layout)
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"num_samples={num_samples!r}: must be a positive integer")
     ids, mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
@@ -438,16 +569,22 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     streams = np.pad(streams, (0, rows - kept))
     ids, mask, valid, streams = _to_device(model.mesh, ids, mask, valid, streams)
 
-    state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, streams, np.uint32(seed % 2**32))
-    state = _decode_fn()(model, sampling, lm.params, state)
+    stops = StopTable(stop.table, stop.lengths) if layout is not None else None
+    seed = np.uint32(seed % 2**32)
+    state = _prefill_jit(model, sampling, lm.params, ids, mask, valid, streams, seed, stops)
+    state = _decode_fn()(model, sampling, lm.params, state, stops)
     tokens, logprobs = (_to_host(model.mesh, x)[:kept] for x in (state.tokens, state.logprobs))
-    return Generation(tokens.astype(np.int32), response_mask(tokens, model.eos_ids), logprobs.astype(np.float32))
+    mask = response_mask(tokens, model.eos_ids)
+    if state.stop_end is not None:  # pad may equal an EOS id: the row's end is the stop's column
+        mask *= np.arange(tokens.shape[1])[None] < _to_host(model.mesh, state.stop_end)[:kept, None]
+    return Generation(tokens.astype(np.int32), mask, logprobs.astype(np.float32))
 
 
 @dataclasses.dataclass
 class Sampled:
     """One response per row of `generate_many`: its new token ids without EOS and padding, and the
-    sum of their log-probs under the sampling distribution (EOS included)."""
+    sum of their log-probs under the sampling distribution (EOS included). With stop strings, the
+    ids end before the first one (`cut_at_stop`) and the sum covers those ids only."""
 
     ids: list[int]
     logprob: float
@@ -456,7 +593,7 @@ class Sampled:
 def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
                   seed: int = 0, sample_ids: Sequence[int] | None = None, progress: bool = True,
-                  desc: str = "generate") -> list[Sampled]:
+                  desc: str = "generate", stop: StopStrings | None = None) -> list[Sampled]:
     """Any number of tokenized prompts, batched: `num_samples` responses per prompt, grouped by prompt
     (`Sampled` `i * num_samples + s` for prompt `i`).
 
@@ -466,7 +603,8 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
     index in the dataset and its samples are the same whatever the batch size or the number of
     hosts. Logs tokens/s; shows a progress bar on process 0. On
     several hosts each process passes its own prompts (any number) and gets its own responses;
-    the processes agree on the number of batches, so all run the same collectives.
+    the processes agree on the number of batches, so all run the same collectives. `stop`: rows
+    end at a stop string inside the loop, and each response is cut before it (`cut_at_stop`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive")
@@ -493,12 +631,11 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
             ids[r, :len(prompts[i])], mask[r, :len(prompts[i])] = prompts[i], 1
         gen = generate(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, num_samples=num_samples, seed=seed, pad_batch_to=batch_size * num_samples,
-                       sample_ids=[sample_ids[i] for i in chunk])
+                       sample_ids=[sample_ids[i] for i in chunk], stop=stop)
         new_tokens += int(gen.mask.sum())
         for r in range(gen.tokens.shape[0]):
-            kept = [int(t) for t, m in zip(gen.tokens[r], gen.mask[r]) if m and int(t) not in eos]
-            out[chunk[r // num_samples] * num_samples + r % num_samples] = Sampled(
-                kept, float(gen.logprobs[r][gen.mask[r] > 0].sum()))
+            row = chunk[r // num_samples] * num_samples + r % num_samples
+            out[row] = _sampled(gen, r, eos, stop)
         bar.update(len(chunk))
         bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
     bar.close()
@@ -508,15 +645,26 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
     return out
 
 
+def _sampled(gen: Generation, r: int, eos: set[int], stop: StopStrings | None) -> Sampled:
+    """Row `r` of a generation as a response: ids without EOS or padding, cut before a stop."""
+    real = gen.mask[r] > 0
+    ids = [int(t) for t in gen.tokens[r][real] if int(t) not in eos]
+    if stop is None:
+        return Sampled(ids, float(gen.logprobs[r][real].sum()))
+    cut, logprobs = cut_at_stop(stop, ids), gen.logprobs[r][real]
+    return Sampled(cut, float((logprobs if len(cut) == len(ids) else logprobs[:len(cut)]).sum()))
+
+
 def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
                   max_prompt_tokens: int = 512, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   num_samples: int = 1, seed: int = 0, truncation_side: str = "left",
-                  progress: bool = True) -> list[str]:
+                  progress: bool = True, stop: Sequence[str] = ()) -> list[str]:
     """Strings in, strings out: `num_samples` responses per prompt, grouped by prompt.
 
     Prompts are tokenized with the tokenizer's special tokens and cut to `max_prompt_tokens`
     (`truncation_side="left"` keeps the end, where instructions usually sit); `generate_many` runs
-    them; responses are decoded up to (without) the first EOS, skipping special tokens. Returns
+    them; responses are decoded up to (without) the first EOS, skipping special tokens, and end
+    before the first of the `stop` strings (see `stop_strings`). Returns
     `len(prompts) * num_samples` strings, response `i * num_samples + s` for prompt `i`.
     """
     if truncation_side not in ("left", "right"):
@@ -528,5 +676,5 @@ def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     encoded = [e[-max_prompt_tokens:] if truncation_side == "left" else e[:max_prompt_tokens] for e in encoded]
     sampled = generate_many(lm, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
-                            seed=seed, progress=progress)
+                            seed=seed, progress=progress, stop=stop_strings(tokenizer, stop))
     return [tokenizer.decode(s.ids, skip_special_tokens=True) for s in sampled]

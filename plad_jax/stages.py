@@ -418,18 +418,27 @@ def pair_batches(pos: data.EncodedExamples, neg: data.EncodedExamples, batch_siz
 
 # -- sampling -----------------------------------------------------------------------------------------
 
+def stop_strings(ctx: Context, section) -> tuple[str, ...]:
+    """`section.stop` (`sample` or `eval`), or the task's own stop strings when it is None."""
+    if section.stop is not None:
+        return section.stop
+    return data.task_stop_strings(ctx.config.data.task)
+
+
 def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_new_tokens, seed, desc="sample",
-                     sample_ids=None):
+                     sample_ids=None, stop=()):
     """(texts, token id lists, sequence log-probs) of one sample per prompt (`sampler.generate_many`:
     batched by length, progress bar, tokens/s in the log). Prompts are encoded as for training.
     sample_ids: each prompt's index in its split, so that its sample is the same on any number
-    of hosts (default: position in `prompts`)."""
+    of hosts (default: position in `prompts`). stop: strings a response ends before (its ids and
+    log-prob too: the text is exactly the decoded ids)."""
     cfg = ctx.config.sample
     tok = ctx.tokenizer(role)
     encoded = ctx.encode(role, prompts, [""] * len(prompts))
     sampled = sampler.generate_many(lm, encoded.prompts, max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
                                     temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed,
-                                    sample_ids=sample_ids, desc=f"{desc} ({role})")
+                                    sample_ids=sample_ids, desc=f"{desc} ({role})",
+                                    stop=sampler.stop_strings(tok, stop))
     texts = [tok.decode(s.ids, skip_special_tokens=True) for s in sampled]
     return texts, [s.ids for s in sampled], np.array([s.logprob for s in sampled], np.float32)
 
@@ -463,7 +472,7 @@ def validation_score(ctx: Context, lm, role: str, n: int) -> float:
     prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
     texts, _, _ = sample_responses(ctx, lm, role, prompts, temperature=0.0,
                                    max_new_tokens=ctx.config.eval.max_new_tokens, seed=ctx.config.seed,
-                                   desc="validation")
+                                   desc="validation", stop=stop_strings(ctx, ctx.config.eval))
     scorer = _scorer(ctx, ctx.config.eval)
     scores = scorer.score(prompts, texts, refs)
     if rewards.is_reference_based(scorer):
@@ -485,7 +494,8 @@ def sample_stage(ctx: Context, stage_dir: str):
     examples = [everything[i] for i in indices]
     prompts = [e.prompt for e in examples]
     cfg, seed = ctx.config.sample, ctx.config.seed
-    common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, sample_ids=indices)
+    common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                  sample_ids=indices, stop=stop_strings(ctx, cfg))
     t_texts, t_ids, t_logp = sample_responses(ctx, teacher, "teacher", prompts, seed=seed, **common)
     s_texts, s_ids, s_logp = sample_responses(ctx, student, "student", prompts, seed=seed + 1, **common)
     rows = [dict(prompt=e.prompt, reference=e.response, teacher=t, student=s, chosen="teacher", index=i,
@@ -517,7 +527,9 @@ def distill_stage(ctx: Context, stage_dir: str):
             texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
                                            temperature=ctx.config.sample.temperature,
                                            max_new_tokens=ctx.config.sample.max_new_tokens,
-                                           seed=ctx.config.seed + 100 * round_, desc=f"round {round_}")
+                                           seed=ctx.config.seed + 100 * round_,
+                                           desc=f"round {round_}",
+                                           stop=stop_strings(ctx, ctx.config.sample))
             rows = [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
         batch_fn, n = _distill_batches(ctx, cfg, rows)
         # DPO's frozen reference is the student as it starts (LoRA: adapters at their start). A copy:
@@ -585,7 +597,7 @@ def eval_stage(ctx: Context, stage_dir: str):
         lm = ctx.stage_model(stage, role)
         responses[name], _, _ = sample_responses(ctx, lm, role, prompts, temperature=cfg.temperature,
                                                  max_new_tokens=cfg.max_new_tokens, seed=ctx.config.seed,
-                                                 desc=f"eval {name}")
+                                                 desc=f"eval {name}", stop=stop_strings(ctx, cfg))
     scorer = _scorer(ctx, cfg)
     metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer, teacher="teacher")
     rows = pairs.read_pairs(ctx.path("sample"))

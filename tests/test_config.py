@@ -163,6 +163,17 @@ def test_tuples_from_comma_separated_or_json():
     assert c.student.lora.targets == ("attention",)
 
 
+def test_stop_strings_from_json_or_comma_separated_none_is_the_task_default():
+    c = apply_overrides(Config(), ['sample.stop=["\\n\\nHuman:", "###"]', "eval.stop=END, STOP"])
+    assert c.sample.stop == ("\n\nHuman:", "###") and c.eval.stop == ("END", "STOP")
+    assert apply_overrides(c, ["sample.stop="]).sample.stop == ()  # none, not even the task's
+    assert apply_overrides(c, ["sample.stop=none"]).sample.stop is None  # the task's own
+    assert Config().sample.stop is None and Config().eval.stop is None
+    assert from_dict(json.loads(json.dumps(to_dict(c)))) == c  # config.json round trip
+    with pytest.raises(ConfigError, match="sample.stop expects a comma-separated list"):
+        apply_overrides(Config(), ["sample.stop=[1]"])
+
+
 def test_optional_section_starts_from_its_defaults_and_can_be_removed():
     c = apply_overrides(Config(), ["student.lora.rank=16"])
     assert c.student.lora == C.LoRASettings(rank=16) and c.teacher.lora is None
@@ -259,6 +270,7 @@ def valid(*overrides) -> Config:
     (["student.lora.targets="], "student.lora.targets must name at least one"),
     (["distill.method=dpo", "distill.beta=0"], "distill.beta must be positive for dpo"),
     (["name=a/b"], "name must be a non-empty directory name"),
+    (['eval.stop=["x", ""]'], "eval.stop must not hold an empty string"),
 ])
 def test_validation_rejects_contradictions_in_one_sentence(overrides, expected):
     with pytest.raises(ConfigError) as e:

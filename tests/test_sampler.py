@@ -460,3 +460,188 @@ def test_generate_text_truncates_long_prompts(text_model):
     tail = tokenizer(long_prompt)["input_ids"][-5:]
     assert texts == reference_texts(lm, tokenizer, [tokenizer("hello")["input_ids"], tail])
     assert sampler.generate_text(lm, tokenizer, [], **kw) == []
+
+
+# -- stop strings -------------------------------------------------------------------------------
+
+HH_TEXT = ("\n\nHuman: what is a cat?\n\nAssistant: A small animal.\n\nHuman: and a dog?"
+           "\n\nAssistant: Sure.")
+
+
+def byte_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 / LLaMA-3 / SmolLM style) trained on HH-style turns:
+    every byte is a token, and merges such as "\\n\\n" and "Human" give strings several spellings.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator([HH_TEXT] * 20 + ["Sure.\n\n\n\n"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return byte_bpe_tokenizer()
+
+
+def spell(tokenizer, pieces):
+    """Token ids of `pieces`, each one vocabulary token (byte-level spelling, "Ċ" = newline)."""
+    vocab = tokenizer.get_vocab()
+    assert all(p in vocab for p in pieces), [p for p in pieces if p not in vocab]
+    return [vocab[p] for p in pieces]
+
+
+def scripted(scripts, vocab, eos=2, pad=0, high=20.0):
+    """A StubLM whose greedy row r writes `scripts[r]` (prompt r starts with token r), then EOS:
+    logit `high` for that token, 0 for the others."""
+    steps = max(map(len, scripts)) + 1
+    table = np.zeros((len(scripts), steps, vocab), np.float32)
+    for r, script in enumerate(scripts):
+        row = list(script) + [eos] * (steps - len(script))
+        table[r, np.arange(steps), row] = high
+    return StubLM(table, eos=(eos,), pad=pad)
+
+
+STOP = "\n\nHuman:"
+# The stop string as one merged newline token, as two single newlines, and starting inside a
+# "\n\n\n" that the tokenizer splits "\n\n" + "\n": each must end its row inside the loop.
+STOP_SCRIPTS = [["Su", "re", ".", "ĊĊ", "Human", ":", "Ġand", "Ġdog"],
+                ["A", "Ġsmall", "Ċ", "Ċ", "H", "u", "m", "a", "n", ":", "Ġwhat"],
+                ["Su", "re", "ĊĊ", "Ċ", "Human", ":", "Ġa", "Ġcat", "?"]]
+
+
+def test_stop_string_ends_rows_inside_the_jitted_loop(bpe):
+    """Every row completes the stop string at a different column, in a different tokenization:
+    each is finished there (padding after), and the loop ends when the last one is, well before
+    `max_new_tokens` (the loop's step count, not only the padding, shows it)."""
+    scripts = [spell(bpe, s) for s in STOP_SCRIPTS]
+    lm = scripted(scripts, len(bpe))
+    stop = sampler.stop_strings(bpe, [STOP])
+    assert stop.layout is not None
+    n = 24
+    sampling = sampler.SamplingConfig(n, 0.0, stop=stop.layout)
+    tables = sampler.StopTable(stop.table, stop.lengths)
+
+    @jax.jit
+    def run(params):
+        ids = jnp.arange(3, dtype=jnp.int32)[:, None]
+        logits, cache = lm.prefill(params, ids, jnp.ones_like(ids), n)
+        state = sampler.start_state(logits, cache, jnp.ones(3, bool), jnp.arange(3), 0, sampling,
+                                    (2,), 0, tables)
+        return sampler.decode_loop(lambda t, c: lm.decode(params, t, c), state, sampling, (2,), 0,
+                                   stops=tables)
+
+    state = run(lm.params)
+    ends = [s.index(spell(bpe, [":"])[0]) + 1 for s in scripts]  # the column after each ":"
+    np.testing.assert_array_equal(np.asarray(state.stop_end), ends)
+    assert int(state.step) == max(ends) < n
+    for r, end in enumerate(ends):
+        want = scripts[r][:end] + [0] * (n - end)
+        np.testing.assert_array_equal(np.asarray(state.tokens[r]), want)
+
+
+def test_generate_masks_end_at_the_stop_and_text_ends_before_it(bpe):
+    scripts = [spell(bpe, s) for s in STOP_SCRIPTS]
+    lm = scripted(scripts, len(bpe), eos=2, pad=2)  # pad == EOS, as for many real tokenizers
+    ids, mask = np.arange(3, dtype=np.int32)[:, None], np.ones((3, 1), np.int32)
+    stop = sampler.stop_strings(bpe, [STOP])
+    out = sampler.generate(lm, ids, mask, max_new_tokens=20, temperature=0.0, stop=stop)
+    colon = spell(bpe, [":"])[0]
+    np.testing.assert_array_equal(out.mask.sum(1), [s.index(colon) + 1 for s in scripts])
+    kw = dict(max_new_tokens=20, temperature=0.0, progress=False)
+    many = sampler.generate_many(lm, [[0], [1], [2]], stop=stop, **kw)
+    texts = [bpe.decode(s.ids) for s in many]
+    assert texts == ["Sure.", "A small", "Sure"]  # "\n\n\n": the token it begins inside goes too
+    for s, script, r in zip(many, scripts, range(3)):
+        assert s.ids == script[:len(s.ids)]
+        want = out.logprobs[r, :len(s.ids)].sum()  # the kept tokens' log-probs, nothing after
+        assert s.logprob == pytest.approx(float(want), abs=1e-6) and s.logprob < 0
+    plain = sampler.generate_many(lm, [[0], [1], [2]], **kw)
+    assert all(STOP in bpe.decode(s.ids) for s in plain)  # without the stop strings, they run on
+
+
+def test_stop_string_cut_without_a_token_table():
+    """A word-level vocabulary has no text pieces for the table: rows run on, the text is cut."""
+    from tests.tiny_run import word_tokenizer
+
+    tok = word_tokenizer()
+    stop = sampler.stop_strings(tok, ["dog eats"])
+    assert stop.layout is None
+    words = tok.convert_tokens_to_ids("the cat sees the dog eats the fish".split())
+    assert tok.decode(sampler.cut_at_stop(stop, words)) == "the cat sees the"
+    assert sampler.cut_at_stop(stop, words[:5]) == words[:5]
+
+
+@pytest.fixture(scope="module")
+def bpe_llama(bpe, tmp_path_factory):
+    """(HF model, our model) of a tiny random LLaMA over the byte-level BPE vocabulary."""
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(**{**LLAMA, "vocab_size": len(bpe)}, eos_token_id=None)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = str(tmp_path_factory.mktemp("bpe_llama"))
+    model.save_pretrained(path)
+    return model, from_pretrained(path), path
+
+
+def test_stop_strings_match_transformers_and_absent_ones_change_nothing(bpe, bpe_llama):
+    """Greedy with a stop string taken from the model's own output stops at the token where
+    transformers' `generate(stop_strings=...)` stops; a stop string never produced changes no
+    token and no log-prob."""
+    model, lm, _ = bpe_llama
+    prompts, ids, mask = bpe_prompts(bpe)
+    plain = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0)
+    absent = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0,
+                              stop=sampler.stop_strings(bpe, ["\x07never\x07"]))
+    np.testing.assert_array_equal(absent.tokens, plain.tokens)
+    np.testing.assert_array_equal(absent.mask, plain.mask)
+    np.testing.assert_array_equal(absent.logprobs, plain.logprobs)
+    needle = text_across_tokens(bpe, plain.tokens[1].tolist())
+    stopped = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0,
+                               stop=sampler.stop_strings(bpe, [needle]))
+    for b, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW,
+                                 do_sample=False, stop_strings=[needle], tokenizer=bpe,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+        assert stopped.tokens[b, :stopped.mask[b].sum()].tolist() == ref, b
+    assert stopped.mask[1].sum() < NEW
+
+
+def bpe_prompts(bpe):
+    texts = ("Human: what is a cat?", "Assistant: Sure.", "a small dog")
+    prompts = [bpe(t)["input_ids"] for t in texts]
+    ids = np.array([p + [0] * (16 - len(p)) for p in prompts], np.int32)
+    mask = (np.arange(16)[None] < np.array([len(p) for p in prompts])[:, None]).astype(np.int32)
+    return prompts, ids, mask
+
+
+def test_sharded_stop_equals_single_device(bpe, bpe_llama):
+    _, lm, path = bpe_llama
+    _, ids, mask = bpe_prompts(bpe)
+    plain = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0)
+    stop = sampler.stop_strings(bpe, [text_across_tokens(bpe, plain.tokens[1].tolist())])
+    single = sampler.generate(lm, ids, mask, max_new_tokens=NEW, temperature=0.0, stop=stop)
+    assert single.mask[1].sum() < NEW
+    sharded = from_pretrained(path, mesh=shd.make_mesh((2, 2, 2)))
+    out = sampler.generate(sharded, ids, mask, max_new_tokens=NEW, temperature=0.0, stop=stop)
+    np.testing.assert_array_equal(out.tokens, single.tokens)
+    np.testing.assert_array_equal(out.mask, single.mask)
+    np.testing.assert_allclose(out.logprobs, single.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def text_across_tokens(tokenizer, row):
+    """A stop string that greedy row `row` writes: the printable text of two neighbouring tokens,
+    less its first character, so that it begins inside a token."""
+    special = set(tokenizer.all_special_ids)
+    for a, b in zip(row[1:], row[2:]):
+        text = tokenizer.decode([a, b])
+        plain = a not in special and b not in special and text.isascii() and text.isprintable()
+        if plain and len(text) >= 4:
+            return text[1:] if len(tokenizer.decode([a])) > 1 else text
+    raise AssertionError(f"no printable pair of tokens in {tokenizer.convert_ids_to_tokens(row)}")

@@ -23,7 +23,7 @@ from plad_jax.data.demo import build_demo_tokenizer, demo_tokenizer_texts, docst
 from plad_jax.data.encoding import EncodedExamples, encode_examples, encode_texts, special_affixes
 from plad_jax.data.example import DataError, Example
 from plad_jax.data.splits import Splits, split_examples
-from plad_jax.data.tasks import TASKS, load_task, split_hh_transcript
+from plad_jax.data.tasks import TASKS, load_task, split_hh_transcript, task_stop_strings
 
 
 def load_splits(task: str, path: str | None = None, *, prompt_field: str | None = None,
@@ -42,5 +42,5 @@ __all__ = [
     "TASKS", "DataError", "DataPosition", "EncodedExamples", "Example", "Splits", "batches", "bucket_length",
     "build_demo_tokenizer", "demo_tokenizer_texts", "docstring_examples", "encode_examples", "encode_texts",
     "epoch_order", "host_shard", "iterate_batches", "load_splits", "load_task", "make_batch", "num_batches",
-    "special_affixes", "split_examples", "split_hh_transcript",
+    "special_affixes", "split_examples", "split_hh_transcript", "task_stop_strings",
 ]

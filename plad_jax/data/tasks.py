@@ -11,7 +11,8 @@
 folder written by `datasets.save_to_disk`, or a hub dataset name loaded with
 `datasets.load_dataset` when the machine is online. OpenAI's TL;DR rows become exactly the
 `trl-lib/tldr` text: `SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:` and
-the response `" " + summary`.
+the response `" " + summary`. A task's responses may have stop strings (`STOP_STRINGS`; `hh`:
+the next `\\n\\nHuman:` turn), where sampling ends unless `sample.stop` / `eval.stop` say otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ HUB_DEFAULTS = {"tldr": ("trl-lib/tldr", None), "hh": ("Anthropic/hh-rlhf", "hel
 TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 TLDR_OPENAI_FIELDS = ("subreddit", "title", "post")
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+# Where a sampled response ends by default (`sample.stop` / `eval.stop` = none): an hh response
+# is one Assistant turn, so a model that runs on into a next Human turn is cut there.
+STOP_STRINGS = {"hh": (HH_HUMAN,)}
+
+
+def task_stop_strings(task: str) -> tuple[str, ...]:
+    """The stop strings of `task`'s responses (empty for tasks whose responses have no turns)."""
+    return STOP_STRINGS.get(task, ())
 
 
 def load_task(task: str, path: str | None = None, *, prompt_field: str | None = None,
