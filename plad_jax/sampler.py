@@ -58,6 +58,7 @@ agree on the padded shapes first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -621,7 +622,7 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
     # On a terminal only (disable=None): a log file gets the one tokens/s line below, not bar redraws.
     bar = tqdm(total=len(prompts), unit="prompt", desc=desc,
                disable=True if not progress or jax.process_index() != 0 else None)
-    started, new_tokens = time.perf_counter(), 0
+    speed = _SamplingSpeed()
     for j in range(num_batches):
         chunk = order[j * batch_size:(j + 1) * batch_size]
         width = max([len(prompts[i]) for i in chunk] + [1])
@@ -629,20 +630,57 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
         mask = np.zeros_like(ids)
         for r, i in enumerate(chunk):
             ids[r, :len(prompts[i])], mask[r, :len(prompts[i])] = prompts[i], 1
-        gen = generate(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, num_samples=num_samples, seed=seed, pad_batch_to=batch_size * num_samples,
-                       sample_ids=[sample_ids[i] for i in chunk], stop=stop)
-        new_tokens += int(gen.mask.sum())
+        with speed.batch() as count:
+            gen = generate(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
+                           pad_batch_to=batch_size * num_samples, sample_ids=[sample_ids[i] for i in chunk],
+                           stop=stop)
+            count(int(gen.mask.sum()))
         for r in range(gen.tokens.shape[0]):
             row = chunk[r // num_samples] * num_samples + r % num_samples
             out[row] = _sampled(gen, r, eos, stop)
         bar.update(len(chunk))
-        bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+        bar.set_postfix(tokens_per_s=f"{speed.tokens_per_s():.0f}")
     bar.close()
-    elapsed = time.perf_counter() - started
-    logger.info("%s: %d responses for %d prompts, %d new tokens in %.1fs (%.1f tokens/s)", desc, len(out),
-                len(prompts), new_tokens, elapsed, new_tokens / max(elapsed, 1e-9))
+    logger.info("%s: %d responses for %d prompts, %s", desc, len(out), len(prompts), speed.summary())
     return out
+
+
+class _SamplingSpeed:
+    """Tokens/s of `generate_many` without compilation: a batch during which the sampler's jitted
+    programs compiled (their cache grew) is timed apart, so the rate is that of compiled code and
+    the compile time is reported on its own."""
+
+    def __init__(self):
+        self.tokens = self.warm_tokens = 0
+        self.seconds = self.warm_seconds = 0.0
+
+    @staticmethod
+    def _compiled() -> int:
+        return sum(f._cache_size() for f in (_prefill_jit, _decode_jit, _decode_jit_kept))
+
+    @contextlib.contextmanager
+    def batch(self):
+        before, started, counted = self._compiled(), time.perf_counter(), []
+        yield counted.append
+        took, tokens = time.perf_counter() - started, sum(counted)
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + took
+        if self._compiled() == before:
+            self.warm_tokens, self.warm_seconds = self.warm_tokens + tokens, self.warm_seconds + took
+
+    def tokens_per_s(self) -> float:
+        if self.warm_seconds > 0:
+            return self.warm_tokens / self.warm_seconds
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        cold = self.seconds - self.warm_seconds
+        text = f"{self.tokens} new tokens in {self.seconds:.1f}s"
+        if self.warm_seconds <= 0:
+            return f"{text} ({self.tokens_per_s():.1f} tokens/s, every batch compiling)"
+        if cold > 0:
+            return f"{text} ({self.tokens_per_s():.1f} tokens/s compiled; {cold:.1f}s in batches that compiled)"
+        return f"{text} ({self.tokens_per_s():.1f} tokens/s)"
 
 
 def _sampled(gen: Generation, r: int, eos: set[int], stop: StopStrings | None) -> Sampled:

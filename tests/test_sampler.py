@@ -451,6 +451,18 @@ def test_generate_text_matches_token_level_generate(text_model, caplog):
     assert any(texts), "every response is empty: the comparison would be vacuous"
 
 
+def test_sampling_tokens_per_s_leaves_compilation_out(text_model, caplog):
+    tokenizer, lm = text_model
+    prompts = [tokenizer(p)["input_ids"] for p in SENTENCES[:4]]  # two batches, one prompt shape
+    kw = dict(max_new_tokens=8, batch_size=2, temperature=0.0, top_k=3, progress=False)  # a new program
+    with caplog.at_level(logging.INFO, logger="plad_jax.sampler"):
+        sampler.generate_many(lm, prompts, desc="first", **kw)
+        sampler.generate_many(lm, prompts, desc="again", **kw)
+    first, again = (r.getMessage() for r in caplog.records if r.getMessage().startswith(("first", "again")))
+    assert "tokens/s compiled;" in first and "in batches that compiled" in first, first
+    assert "compil" not in again, again  # nothing compiled the second time: one plain rate
+
+
 def test_generate_text_truncates_long_prompts(text_model):
     tokenizer, lm = text_model
     long_prompt = " ".join(SENTENCES * 3)
