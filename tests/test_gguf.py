@@ -418,3 +418,26 @@ def test_cli_gguf_without_tokenizer(tmp_path, capsys, tokenizer):
 def test_cli_layers_out_of_range(tmp_path, capsys, good_gguf):
     err = run_cli(tmp_path, capsys, f"student.path={good_gguf}", "student.layers=0,2")
     assert "student.path: layers: entry 2 is out of range" in err
+
+
+# -- the pipeline on a GGUF teacher and a student cut from it -----------------------------------------
+
+@pytest.mark.slow
+def test_pipeline_gguf_teacher_cut_student_gguf_export(tmp_path, tokenizer):
+    """Nothing but one .gguf and a data file: the teacher is the file, the student its block 1, and
+    the distilled student comes out as GGUF too (loadable by transformers and by plad_jax)."""
+    from tests import tiny_run
+    path = write_gguf(tiny_model("llama_untied", len(tokenizer)), tmp_path / "teacher.gguf", "Q8_0", tokenizer)
+    run = tmp_path / "run"
+    sets = {"teacher.path": path, "student.path": path, "student.layers": "1", "data.task": "tldr",
+            "data.path": tiny_run.write_tldr_jsonl(str(tmp_path / "tldr.jsonl")), "distill.export_gguf": "f16"}
+    argv = ["--config", "tiny", "--run-dir", str(run)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    assert launch.main(argv) == 0
+    exported = str(run / "distill" / "student-f16.gguf")
+    assert json.load(open(run / "distill" / "DONE"))["gguf"] == exported
+    distilled = from_pretrained(str(run / "distill" / "params"))
+    assert distilled.config.num_layers == 1
+    batch = batch_for(len(tokenizer))
+    theirs = reference_logits(hf_from_gguf(exported), *batch)
+    ours = np.asarray(distilled.logits(*batch))
+    assert max_abs_diff_real(ours, theirs, batch[3]) <= 1e-2 * np.max(np.abs(ours[batch[3].astype(bool)]))
