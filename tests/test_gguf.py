@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from plad_jax import launch
 from plad_jax import sharding as shd
-from plad_jax.models import CheckpointError, from_pretrained
+from plad_jax.models import CheckpointError, from_pretrained, lora
 from plad_jax.models.gguf_io import GGUFFile
 from tests.helpers import PROMPT_LENS, RESPONSE_LENS, max_abs_diff_real, padded_batch, reference_logits
 
@@ -268,6 +268,13 @@ def test_cut_student_from_gguf_equals_the_torch_cut_and_exports(tmp_path, tokeni
     lm.save_pretrained(str(tmp_path / "cut"))  # a plain two-layer model from then on
     again = from_pretrained(str(tmp_path / "cut"))
     np.testing.assert_array_equal(np.asarray(again.logits(*batch)), np.asarray(lm.logits(*batch)))
+    sharded = from_pretrained(path, layers=keep, mesh=shd.make_mesh((2, 2, 2)))
+    np.testing.assert_allclose(np.asarray(sharded.logits(*batch)), np.asarray(lm.logits(*batch)), atol=1e-5)
+    adapted = lora.add_lora(sharded, lora.LoRAConfig(rank=2), seed=0)  # B starts at 0: same function
+    np.testing.assert_allclose(np.asarray(adapted.logits(*batch)), np.asarray(lm.logits(*batch)), atol=1e-5)
+    adapted.save_gguf(str(tmp_path / "cut.gguf"), "f32", tokenizer=tokenizer)
+    theirs = reference_logits(hf_from_gguf(str(tmp_path / "cut.gguf")), *batch)
+    assert max_abs_diff_real(lm.logits(*batch), theirs, batch[3]) <= 1e-4
 
 
 def test_cut_t5_keeps_the_shared_position_table(tmp_path):
