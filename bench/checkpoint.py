@@ -1,5 +1,6 @@
-"""A real checkpoint given to a bench (`--model PATH`: a safetensors directory or a GGUF file),
-loaded by both libraries: plad_jax's `from_pretrained`, and transformers' (`gguf_file=` for GGUF)."""
+"""A real checkpoint given to a bench (`--model PATH`: a safetensors directory or a GGUF
+file), loaded by both libraries: plad_jax's `from_pretrained`, and transformers' (`gguf_file=`
+for GGUF)."""
 
 from __future__ import annotations
 

@@ -118,8 +118,8 @@ def main():
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--families", default="llama,t5")
-    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) instead of the "
-                                        "random configs")
+    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
+                                        "instead of the random configs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)

@@ -1,8 +1,8 @@
 """Sampler speed: plad_jax `generate` vs transformers PyTorch `generate` (KV cache), same weights.
 
     python -m bench.sampler [--threads N] [--models llama,t5] [--batches 16,64] [--repeats 2]
-    python -m bench.sampler --model PATH    # a real checkpoint (safetensors directory or GGUF file),
-                                            # EOS switched off in both so every row runs to the end
+    python -m bench.sampler --model PATH    # a real checkpoint (safetensors dir or GGUF file),
+                                            # EOS off in both, so every row runs to the end
 
 For a ~30M-parameter LLaMA-class model and a comparable T5 v1.1 (random weights, built with
 transformers and loaded with `plad_jax.models.from_pretrained`), greedy decoding of a prompt of
@@ -130,8 +130,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--models", default="llama,t5")
-    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) instead of the "
-                                        "random configs")
+    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
+                                        "instead of the random configs")
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-decode", action="store_true", help="skip the 64 vs 512 new-token decode timing")

@@ -23,7 +23,7 @@ separately.
 
     python bench/train_step.py            # ~110M model, a few minutes on 2 CPU cores
     python bench/train_step.py --quick    # tiny model, to check the script runs
-    python bench/train_step.py --model PATH   # a real LLaMA-class checkpoint (safetensors dir or GGUF)
+    python bench/train_step.py --model PATH   # a real LLaMA-class checkpoint (dir or GGUF)
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def jax_worker(args) -> dict:
     return {"device": cpu_name() if device.platform == "cpu" else device.device_kind,
             "device_kind": device.device_kind, "platform": device.platform, "peak": peak,
             "compile_s": compile_s, "first_step_s": warmup[0] if warmup else None,
-            "step_s": statistics.median(seconds), "first_loss": first_loss, "version": jax.__version__,
-            "params": lm.num_params()}
+            "step_s": statistics.median(seconds), "first_loss": first_loss,
+            "version": jax.__version__, "params": lm.num_params()}
 
 
 def torch_worker(args) -> dict:
@@ -224,8 +224,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--matmul", type=int, default=None, help="size n of the n x n fp32 peak matmul")
     parser.add_argument("--steps", default=",".join(STEPS))
-    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) instead of the "
-                                        "random ~110M config")
+    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
+                                        "instead of the random ~110M config")
     parser.add_argument("--device-note", default="", help="free text appended to the device line")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)

@@ -124,9 +124,9 @@ class ModelConfig:
 
     @property
     def cut(self) -> dict | None:
-        """The `from_pretrained(layers=...)` argument: {stack: blocks}, or None for the whole model."""
-        stacks = {k: list(v) for k, v in (("layers", self.layers), ("decoder_layers", self.decoder_layers))
-                  if v is not None}
+        """`from_pretrained(layers=...)`: {stack: blocks}, or None for the whole model."""
+        given = (("layers", self.layers), ("decoder_layers", self.decoder_layers))
+        stacks = {k: list(v) for k, v in given if v is not None}
         return stacks or None
 
     @property
@@ -609,7 +609,8 @@ def _validate_model(m: ModelConfig, role: str, task: str):
               f"{role}.init builds a model from scratch, so set {role}.tokenizer (a tokenizer directory or "
               f"hub id); only data.task=demo brings its own tokenizer")
     _need(not ((m.layers is not None or m.decoder_layers is not None) and m.init is not None),
-          f"{role}.layers cuts blocks out of a checkpoint, so it needs {role}.path, not {role}.init")
+          f"{role}.layers cuts blocks out of a checkpoint, so it needs {role}.path, "
+          f"not {role}.init")
     for key, blocks in (("layers", m.layers), ("decoder_layers", m.decoder_layers)):
         _need(blocks is None or (len(blocks) > 0 and all(b >= 0 for b in blocks)),
               f"{role}.{key} must be a non-empty list of block indices >= 0, got {blocks}")

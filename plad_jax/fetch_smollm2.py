@@ -59,13 +59,16 @@ def fetch(cache_dir: str = DEFAULT_CACHE) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plad_jax.fetch_smollm2", description=__doc__.split("\n")[0])
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where the .gguf is kept ({DEFAULT_CACHE})")
+    parser = argparse.ArgumentParser(prog="python -m plad_jax.fetch_smollm2",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
+                        help=f"where the .gguf is kept ({DEFAULT_CACHE})")
     args = parser.parse_args(argv)
     try:
         print(fetch(args.cache_dir))
     except (FetchError, OSError, zipfile.BadZipFile) as e:
-        print(f"python -m plad_jax.fetch_smollm2: error: {' '.join(str(e).split())}", file=sys.stderr)
+        message = " ".join(str(e).split())
+        print(f"python -m plad_jax.fetch_smollm2: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -476,7 +476,8 @@ def distill_stage(ctx: Context, stage_dir: str):
         student, summary = train_model(ctx, student, stage_dir, cfg, objective, batch_fn, n, teacher=teacher,
                                        reference=reference, tag="" if cfg.rounds == 1 else f"-round{round_}")
     student.save_pretrained(os.path.join(stage_dir, "params"))
-    return {"method": cfg.method, "rounds": cfg.rounds, **summary, **export_gguf(ctx, student, stage_dir)}
+    exported = export_gguf(ctx, student, stage_dir)
+    return {"method": cfg.method, "rounds": cfg.rounds, **summary, **exported}
 
 
 def export_gguf(ctx: Context, student, stage_dir: str) -> dict:

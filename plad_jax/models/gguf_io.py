@@ -23,7 +23,7 @@ import numpy as np
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # GGUF architecture -> HF model_type (the families whose tensor names are mapped below).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-PERMUTED_ARCHS = ("llama",)  # llama.cpp reorders Q/K rows for these only (Qwen2 is left in HF order)
+PERMUTED_ARCHS = ("llama",)  # llama.cpp reorders Q/K rows for these only (Qwen2 keeps HF order)
 
 # HF name pattern -> GGUF name (one regex substitution each, block index kept).
 _NAMES = [
@@ -66,7 +66,8 @@ def find_gguf(path: str) -> str | None:
         return None
     found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     if len(found) > 1:
-        raise GGUFError(f"{path}: holds {len(found)} .gguf files ({', '.join(found)}); pass one file")
+        raise GGUFError(f"{path}: holds {len(found)} .gguf files ({', '.join(found)}); "
+                        "pass one file")
     return os.path.join(path, found[0]) if found else None
 
 
@@ -111,8 +112,9 @@ class GGUFFile:
     def _check_types(self):
         for t in self.tensors.values():
             if t.tensor_type.name not in READ_TYPES:
-                raise GGUFError(f"{self.path}: tensor '{t.name}' is stored as {t.tensor_type.name}, which "
-                                f"plad_jax does not read (readable: {', '.join(READ_TYPES)})")
+                kind = t.tensor_type.name
+                raise GGUFError(f"{self.path}: tensor '{t.name}' is stored as {kind}, "
+                                f"which plad_jax does not read (readable: {', '.join(READ_TYPES)})")
 
     def field(self, key: str, default=None):
         """A metadata value (scalar, string or list), or `default` when the key is absent."""
@@ -141,7 +143,8 @@ class GGUFFile:
         shape = self.shape(hf_name)
         index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
         if len(shape) == 1:
-            return dequantize(tensor.data, tensor.tensor_type).reshape(shape)[index].astype(np.float32)
+            values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            return values[index].astype(np.float32)
         rows = np.arange(shape[0])[index[0]]
         heads = self._qk_heads(hf_name)
         if heads:
@@ -157,7 +160,8 @@ class GGUFFile:
         if re.search(r"\.q_proj\.(weight|bias)$", hf_name):
             return int(self.arch_field("attention.head_count"))
         if re.search(r"\.k_proj\.(weight|bias)$", hf_name):
-            return int(self.arch_field("attention.head_count_kv", self.arch_field("attention.head_count")))
+            heads = self.arch_field("attention.head_count")
+            return int(self.arch_field("attention.head_count_kv", heads))
         return 0
 
     # -- config ---------------------------------------------------------------------------------
@@ -169,11 +173,13 @@ class GGUFFile:
         vocab = int(self.tensors["token_embd.weight"].shape[1])
         config = {
             "model_type": ARCHITECTURES[arch], "vocab_size": vocab, "hidden_size": hidden,
-            "intermediate_size": int(get("feed_forward_length")), "num_hidden_layers": int(get("block_count")),
-            "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+            "intermediate_size": int(get("feed_forward_length")),
+            "num_hidden_layers": int(get("block_count")), "num_attention_heads": heads,
+            "num_key_value_heads": int(get("attention.head_count_kv", heads)),
             "head_dim": int(get("attention.key_length", hidden // heads)),
             "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_parameters": {"rope_type": "default", "rope_theta": _f32(get("rope.freq_base", 10000.0)),
+            "rope_parameters": {"rope_type": "default",
+                                "rope_theta": _f32(get("rope.freq_base", 10000.0)),
                                 **self._rope_scaling()},
             "max_position_embeddings": int(get("context_length", 2048)),
             "tie_word_embeddings": "output.weight" not in self.tensors,
@@ -189,46 +195,50 @@ class GGUFFile:
         kind = self.arch_field("rope.scaling.type", "none")
         if kind in ("none", None):
             if "rope_freqs.weight" in self.tensors:
-                raise GGUFError(f"{self.path}: RoPE frequency factors (rope_freqs.weight, LLaMA-3.1 scaling) "
-                                "are not supported in GGUF; load the safetensors checkpoint instead")
+                raise GGUFError(f"{self.path}: RoPE frequency factors (rope_freqs.weight, "
+                                "LLaMA-3.1 scaling) are not supported in GGUF; load the "
+                                "safetensors checkpoint")
             return {}
         if kind != "linear":
-            raise GGUFError(f"{self.path}: rope scaling '{kind}' is not supported (supported: none, linear)")
+            raise GGUFError(f"{self.path}: rope scaling '{kind}' is not supported "
+                            "(supported: none, linear)")
         return {"rope_type": "linear", "factor": _f32(self.arch_field("rope.scaling.factor"))}
 
     def check_tensors(self, hf_names) -> None:
-        """Every tensor of the file is one the model reads (an unknown tensor is a layout we lack)."""
+        """Every tensor of the file is one the model reads (else it is a layout we lack)."""
         wanted = {gguf_name(n) for n in hf_names}
         extra = sorted(set(self.tensors) - wanted)
         if extra:
-            raise GGUFError(f"{self.path}: tensor '{extra[0]}' has no place in a {self.architecture} model "
-                            f"({len(extra)} such tensors)")
+            raise GGUFError(f"{self.path}: tensor '{extra[0]}' has no place in a "
+                            f"{self.architecture} model ({len(extra)} such tensors)")
 
 
-# -- export -----------------------------------------------------------------------------------------
-# dtype name -> (ggml type of 2-D weights, llama.cpp file type); 1-D tensors (norms, biases) stay F32.
-WRITE_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+# -- export ---------------------------------------------------------------------------------
+# dtype name -> (ggml type of 2-D weights, llama.cpp file type); 1-D tensors (norms, biases): F32.
+WRITE_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"),
+               "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
 
 def _permute_qk(weights: np.ndarray, heads: int) -> np.ndarray:
-    """HF rows -> llama.cpp's interleaved rotary rows (the inverse of what `GGUFFile.read` undoes)."""
+    """HF rows -> llama.cpp's interleaved rotary rows (what `GGUFFile.read` undoes)."""
     return weights[_qk_order(weights.shape[0], heads)]
 
 
 def _exportable(lm) -> str:
-    """The GGUF architecture of `lm`, after one clear error for what llama.cpp's layout cannot say."""
+    """The GGUF architecture of `lm`; one clear error for what llama.cpp's layout cannot say."""
     c = lm.config
     if lm.model_type not in ARCHITECTURES:
-        raise GGUFError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {lm.model_type}")
-    unsaid = [name for name, bad in (("mlp_bias", c.mlp_bias), ("sliding windows", any(c.layer_windows)),
-                                     ("o_proj bias", c.o_proj_bias), (f"hidden_act {c.hidden_act}", c.hidden_act != "silu"),
-                                     ("llama3 rope scaling", dict(c.rope_scaling).get("rope_type") == "llama3"),
-                                     ("attention_bias", c.attention_bias and lm.model_type == "llama"))
-              if bad]
+        raise GGUFError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, "
+                        f"not {lm.model_type}")
+    checks = (("mlp_bias", c.mlp_bias), ("sliding windows", any(c.layer_windows)),
+              ("o_proj bias", c.o_proj_bias),
+              (f"hidden_act {c.hidden_act}", c.hidden_act != "silu"),
+              ("llama3 rope scaling", dict(c.rope_scaling).get("rope_type") == "llama3"),
+              ("attention_bias", c.attention_bias and lm.model_type == "llama"))
+    unsaid = [name for name, bad in checks if bad]
     if unsaid:
-        raise GGUFError(f"GGUF export: this {lm.model_type} model has {', '.join(unsaid)}, which the "
-                        f"{lm.model_type} GGUF layout cannot express")
+        raise GGUFError(f"GGUF export: this {lm.model_type} model has {', '.join(unsaid)}, "
+                        f"which the {lm.model_type} GGUF layout cannot express")
     return lm.model_type
 
 
@@ -260,7 +270,8 @@ def _tokenizer_metadata(writer, tokenizer):
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
-        raise GGUFError(f"GGUF export: a {spec['model']['type']} tokenizer cannot be written yet (BPE only)")
+        raise GGUFError(f"GGUF export: a {spec['model']['type']} tokenizer cannot be written "
+                        "(BPE only)")
     vocab = tokenizer.get_vocab()
     tokens = [None] * len(vocab)
     for token, index in vocab.items():
@@ -274,7 +285,8 @@ def _tokenizer_metadata(writer, tokenizer):
     writer.add_token_list(tokens)
     writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
     writer.add_token_scores([-float(i) for i in range(len(tokens))])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    merges = spec["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     for key in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{key}_token_id", None)
         if token_id is not None:
@@ -290,7 +302,8 @@ def write_gguf(lm, tensors: dict, path: str, dtype: str, tokenizer=None):
     from gguf.quants import quantize
 
     if dtype not in WRITE_TYPES:
-        raise GGUFError(f"GGUF export dtype '{dtype}' is not supported (supported: {', '.join(WRITE_TYPES)})")
+        raise GGUFError(f"GGUF export dtype '{dtype}' is not supported "
+                        f"(supported: {', '.join(WRITE_TYPES)})")
     arch = _exportable(lm)
     weight_type, file_type = (getattr(gguf.GGMLQuantizationType, WRITE_TYPES[dtype][0]),
                               getattr(gguf.LlamaFileType, WRITE_TYPES[dtype][1]))
@@ -308,7 +321,8 @@ def write_gguf(lm, tensors: dict, path: str, dtype: str, tokenizer=None):
             arr = _permute_qk(arr, heads[proj])
         qtype = weight_type if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
         data = quantize(arr, qtype)
-        writer.add_tensor(gguf_name(name), data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        raw_dtype = qtype if data.dtype == np.uint8 else None  # quantized blocks, as bytes
+        writer.add_tensor(gguf_name(name), data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

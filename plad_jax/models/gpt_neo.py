@@ -80,10 +80,11 @@ def layer_counts(hf: dict) -> dict:
 
 
 def cut_hf_config(hf: dict, stacks: dict) -> dict:
-    """config.json of a model with only `stacks["layers"]` blocks, each keeping its attention kind."""
+    """config.json of a model with only `stacks["layers"]` blocks, each keeping its kind."""
     keep, layers = stacks["layers"], layer_counts(hf)["layers"]
     windows = _attention_layers(hf.get("attention_types"), layers, hf.get("window_size", 256))
-    cut = {k: v for k, v in hf.items() if k not in ("num_layers", "num_hidden_layers", "attention_layers")}
+    derived = ("num_layers", "num_hidden_layers", "attention_layers")
+    cut = {k: v for k, v in hf.items() if k not in derived}
     cut["num_layers"] = len(keep)
     cut["attention_types"] = [[["local" if windows[i] else "global"], 1] for i in keep]
     return cut

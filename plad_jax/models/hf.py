@@ -37,6 +37,10 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+NO_TOKENIZER = ("the GGUF file has no tokenizer metadata; pass a tokenizer (a model's tokenizer "
+                "directory) as well")
+
+
 class CheckpointError(ValueError):
     """A model directory or checkpoint that cannot be loaded; the message is one line."""
 
@@ -182,7 +186,8 @@ def open_checkpoint(path_or_id: str):
         try:
             return files.file.hf_config(), files
         except (gguf_io.GGUFError, TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{gguf_path}: incomplete GGUF metadata ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{gguf_path}: incomplete GGUF metadata "
+                                  f"({type(e).__name__}: {e})") from None
     model_dir = resolve_model_dir(path_or_id)
     return read_hf_config(model_dir), WeightFiles(model_dir)
 
@@ -198,9 +203,9 @@ def load_tokenizer(source: str):
     if gguf_path is None:
         return AutoTokenizer.from_pretrained(source)
     if not GGUFWeights(gguf_path).file.has_tokenizer:
-        raise CheckpointError(f"{gguf_path}: the GGUF file has no tokenizer metadata; pass a tokenizer "
-                              "(a model's tokenizer directory) as well")
-    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path) or ".", gguf_file=os.path.basename(gguf_path))
+        raise CheckpointError(f"{gguf_path}: {NO_TOKENIZER}")
+    folder, name = os.path.split(gguf_path)
+    return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
 
 
 def read_config(path_or_id: str) -> dict:
@@ -217,8 +222,7 @@ def check_checkpoint(path_or_id: str, *, layers=None, need_tokenizer: bool = Fal
     if isinstance(files, GGUFWeights):
         _check_gguf_tensors(files, config_cls, module, hf_config)
         if need_tokenizer and not files.file.has_tokenizer:
-            raise CheckpointError(f"{files.file.path}: the GGUF file has no tokenizer metadata; pass a "
-                                  "tokenizer (a model's tokenizer directory) as well")
+            raise CheckpointError(f"{files.file.path}: {NO_TOKENIZER}")
     if layers is not None:
         cut_layers(module, hf_config, layers)
 
@@ -235,12 +239,14 @@ def cut_layers(module, hf_config: dict, layers, where: str = "layers"):
     counts = module.layer_counts(hf_config) if known else {}
     for stack, keep in stacks.items():
         if stack not in known:
-            raise CheckpointError(f"{where}: '{stack}' is not a layer stack of {hf_config.get('model_type')} "
-                                  f"(stacks: {', '.join(known) or 'none'}); give a list or {{stack: list}}")
-        if not keep or any(not isinstance(i, int) or not 0 <= i < counts[stack] for i in keep):
-            bad = next((i for i in keep if not isinstance(i, int) or not 0 <= i < counts[stack]), "[]")
-            raise CheckpointError(f"{where}: entry {bad} is out of range; the checkpoint's {stack} has "
-                                  f"{counts[stack]} blocks (0..{counts[stack] - 1})")
+            names = ", ".join(known) or "none"
+            raise CheckpointError(f"{where}: '{stack}' is not a layer stack of "
+                                  f"{hf_config.get('model_type')} (stacks: {names})")
+        bad = [i for i in keep if not isinstance(i, int) or not 0 <= i < counts[stack]]
+        if bad or not keep:
+            raise CheckpointError(f"{where}: entry {bad[0] if bad else '[]'} is out of range; the "
+                                  f"checkpoint's {stack} has {counts[stack]} blocks "
+                                  f"(0..{counts[stack] - 1})")
     prefixes = {stack: re.compile(rf"^({known[stack]})(\d+)(\..*)$") for stack in stacks}
 
     def rename(name: str) -> str:
@@ -266,12 +272,13 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
     from its teacher.
     """
     hf_config, files = open_checkpoint(path_or_id)
-    where = files.file_of("config") if isinstance(files, GGUFWeights) else f"{path_or_id}/config.json"
+    gguf = isinstance(files, GGUFWeights)
+    where = files.file_of("config") if gguf else f"{path_or_id}/config.json"
     model_type = hf_config.get("model_type")
     module, config_cls, model_cls = family(model_type)
     if hasattr(module, "reconcile_hf_config"):  # config.json alone is ambiguous for this family (T5 lm_head)
         hf_config = module.reconcile_hf_config(hf_config, files.has)
-    if isinstance(files, GGUFWeights):
+    if gguf:
         _check_gguf_tensors(files, config_cls, module, hf_config)
     rename = None
     if layers is not None:
@@ -306,7 +313,8 @@ def _check_gguf_tensors(files: GGUFWeights, config_cls, module, hf_config: dict)
         names = [spec.hf_name for spec in module.weight_specs(config_cls.from_hf(hf_config))]
         files.file.check_tensors(names)
     except (gguf_io.GGUFError, ValueError, KeyError) as e:
-        raise CheckpointError(str(e) if isinstance(e, gguf_io.GGUFError) else f"{files.file.path}: {e}") from None
+        message = str(e) if isinstance(e, gguf_io.GGUFError) else f"{files.file.path}: {e}"
+        raise CheckpointError(message) from None
 
 
 def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, compute_dtype=None) -> LanguageModel:

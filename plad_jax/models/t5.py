@@ -123,7 +123,8 @@ LAYER_ALIASES = {"layers": "encoder", "decoder_layers": "decoder"}  # the config
 
 
 def layer_counts(hf: dict) -> dict:
-    return {"encoder": hf["num_layers"], "decoder": hf.get("num_decoder_layers") or hf["num_layers"]}
+    encoder = hf["num_layers"]
+    return {"encoder": encoder, "decoder": hf.get("num_decoder_layers") or encoder}
 
 
 def cut_hf_config(hf: dict, stacks: dict) -> dict:
