@@ -20,6 +20,7 @@ CORE = [
     "matplotlib>=3.7",  # report plots, Agg canvas only (plad_jax.evaluate)
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (plad_jax.stages)
     "tqdm>=4.60",  # progress bars (plad_jax.loop, plad_jax.sampler)
+    "gguf>=0.19,<0.20",  # GGUF read / write, numpy dequantization (plad_jax.models.gguf_io)
 ]
 
 EXTRAS = {

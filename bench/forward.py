@@ -5,6 +5,7 @@ peak RSS minus RSS right after imports (weights + activations + runtime buffers)
 
     python bench/forward.py                 # ~110M LLaMA-class and ~120M T5, batch 8, 128 + 128 tokens
     python bench/forward.py --quick         # tiny models, to check the script runs
+    python bench/forward.py --model PATH    # a real checkpoint: safetensors directory or GGUF file
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.checkpoint
 
 MODELS = {
     "llama": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -80,16 +83,17 @@ def worker(args):
         from plad_jax.models import from_pretrained
         base = rss_mb()
         lm = from_pretrained(args.path)
+        params = lm.num_params()
         pi, pm, ri, rm = batch(args, lm.vocab_size)
         seconds = time_calls(lambda: lm.logits(pi, pm, ri, rm).block_until_ready(), args.iters)
         device = jax.devices()[0].device_kind
     else:
         import torch
-        import transformers
         torch.set_num_threads(os.cpu_count())
         base = rss_mb()
-        cls = transformers.AutoModelForSeq2SeqLM if args.family == "t5" else transformers.AutoModelForCausalLM
-        model = cls.from_pretrained(args.path, dtype=torch.float32).eval()
+        from bench.checkpoint import load_torch
+        model = load_torch(args.path, seq2seq=args.family == "t5")
+        params = sum(p.numel() for p in model.parameters())
         pi, pm, ri, rm = (torch.tensor(a, dtype=torch.long) for a in batch(args, model.config.vocab_size))
 
         @torch.no_grad()
@@ -101,7 +105,8 @@ def worker(args):
         seconds = time_calls(run, args.iters)
         device = "cpu"
     tokens = args.batch * (args.prompt + args.response)
-    print(json.dumps({"tok_s": tokens / seconds, "peak_mb": peak_rss_mb() - base, "device": device}))
+    print(json.dumps({"tok_s": tokens / seconds, "peak_mb": peak_rss_mb() - base, "device": device,
+                      "params": params}))
 
 
 def main():
@@ -112,6 +117,8 @@ def main():
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--families", default="llama,t5")
+    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
+                                        "instead of the random configs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
@@ -122,9 +129,13 @@ def main():
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for family in args.families.split(","):
-            path = os.path.join(tmp, family)
-            n = make_checkpoint(family, args.quick, path)
+        for family in ([None] if args.model else args.families.split(",")):
+            if args.model:
+                from bench.checkpoint import model_type
+                path, family = args.model, model_type(args.model)
+            else:
+                path = os.path.join(tmp, family)
+                make_checkpoint(family, args.quick, path)
             result = {}
             for framework in ("jax", "torch"):
                 cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--family", family,
@@ -132,7 +143,7 @@ def main():
                        "--response", str(args.response), "--iters", str(args.iters)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 result[framework] = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append((family, n, result))
+            rows.append((family, result["torch"]["params"], result))
 
     print(f"forward pass, batch {args.batch}, prompt {args.prompt} + response {args.response} tokens, fp32, "
           f"{platform.processor() or platform.machine()} x{os.cpu_count()} ({rows[0][2]['jax']['device']})")

@@ -2,6 +2,8 @@
 
     python -m bench.sampler [--threads N] [--models llama,t5] [--batches 16,64] [--repeats 2]
                             [--stop-only]
+    python -m bench.sampler --model PATH    # a real checkpoint (safetensors dir or GGUF file),
+                                            # EOS off in both, so every row runs to the end
 
 For a ~30M-parameter LLaMA-class model and a comparable T5 v1.1 (random weights, built with
 transformers and loaded with `plad_jax.models.from_pretrained`), greedy decoding of a prompt of
@@ -190,10 +192,23 @@ def stop_check_us(stop, batch, steps=2000):
     return best / steps * 1e6
 
 
+def real_checkpoint(path):
+    """(name, transformers model, plad_jax model) of a real checkpoint, neither stopping at EOS."""
+    from bench.checkpoint import load_torch, model_type, without_eos
+    from plad_jax.models import from_pretrained
+    seq2seq = model_type(path) == "t5"
+    model = load_torch(path, seq2seq=seq2seq)
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    return os.path.basename(path.rstrip("/"))[:24], model, without_eos(from_pretrained(path))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--models", default="llama,t5")
+    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
+                                        "instead of the random configs")
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-decode", action="store_true", help="skip the 64 vs 512 new-token decode timing")
@@ -211,10 +226,13 @@ def main(argv=None):
     device = f"{jax.devices()[0].platform.upper()} {platform.machine()}, {args.threads} threads"
     batches = [int(b) for b in args.batches.split(",")]
     rows, decode_rows, stop_rows = [], [], []
-    for name in args.models.split(","):
-        with tempfile.TemporaryDirectory() as directory:
-            model = build(name, directory)
-            lm = from_pretrained(directory)
+    for name in ([None] if args.model else args.models.split(",")):
+        if args.model:
+            name, model, lm = real_checkpoint(args.model)
+        else:
+            with tempfile.TemporaryDirectory() as directory:
+                model = build(name, directory)
+                lm = from_pretrained(directory)
         params = f"{lm.num_params() / 1e6:.1f}M"
         for batch in batches if not args.stop_only else ():
             rows.append((name, params, batch, *throughput_row(name, model, lm, batch, args.repeats)))

@@ -23,6 +23,7 @@ separately.
 
     python bench/train_step.py            # ~110M model, a few minutes on 2 CPU cores
     python bench/train_step.py --quick    # tiny model, to check the script runs
+    python bench/train_step.py --model PATH   # a real LLaMA-class checkpoint (dir or GGUF)
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.checkpoint
 
 MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
              num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True)
@@ -156,7 +159,7 @@ def jax_worker(args) -> dict:
     device = jax.devices()[0]
     return {"device": cpu_name() if device.platform == "cpu" else device.device_kind,
             "device_kind": device.device_kind, "platform": device.platform, "peak": peak,
-            **timing, "version": jax.__version__}
+            **timing, "version": jax.__version__, "params": lm.num_params()}
 
 
 def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: int, *, autocast=None,
@@ -221,10 +224,10 @@ def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: in
 
 def torch_worker(args) -> dict:
     import torch
-    import transformers
     torch.set_num_threads(os.cpu_count())
     peak = torch_matmul_peak(args.matmul)
-    model = transformers.LlamaForCausalLM.from_pretrained(args.path, dtype=torch.float32)
+    from bench.checkpoint import load_torch
+    model = load_torch(args.path)
     batch = make_batch(args, model.config.vocab_size)
     timing = torch_step_timing(model, args.step, batch, args.iters, args.warmup)
     return {"device": cpu_name(), "device_kind": "cpu", "platform": "cpu", "peak": peak, "compile_s": None,
@@ -260,6 +263,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--matmul", type=int, default=None, help="size n of the n x n fp32 peak matmul")
     parser.add_argument("--steps", default=",".join(STEPS))
+    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
+                                        "instead of the random ~110M config")
     parser.add_argument("--device-note", default="", help="free text appended to the device line")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
@@ -274,9 +279,15 @@ def main():
     config = QUICK if args.quick else MODEL
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        params = make_checkpoint(args.quick, tmp)
+        path = args.model or tmp
+        if args.model:
+            from bench.checkpoint import hf_config
+            config = hf_config(args.model)
+        else:
+            make_checkpoint(args.quick, tmp)
         for step in args.steps.split(","):
-            rows.append((step, {fw: run_worker(fw, step, tmp, args) for fw in ("jax", "torch")}))
+            rows.append((step, {fw: run_worker(fw, step, path, args) for fw in ("jax", "torch")}))
+    params = rows[0][1]["jax"]["params"]
 
     # one peak per device: the best either framework reached on it
     peaks = {}
@@ -285,7 +296,8 @@ def main():
             peaks[res["device"]] = max(peaks.get(res["device"], 0.0), res["peak"])
     jax0, torch0 = rows[0][1]["jax"], rows[0][1]["torch"]
     print(f"train step, batch {args.batch}, prompt {args.prompt} + response {args.response} tokens, fp32, "
-          f"LLaMA-class {params / 1e6:.1f}M params ({'quick' if args.quick else 'full'}), median of {args.iters} steps")
+          f"LLaMA-class {params / 1e6:.1f}M params "
+          f"({args.model or ('quick' if args.quick else 'full')}), median of {args.iters} steps")
     print(f"devices: plad_jax on {jax0['platform']} (jax.devices()[0].device_kind '{jax0['device_kind']}', "
           f"jax {jax0['version']}), torch {torch0['version']} on {torch0['platform']}; {jax0['device']}, "
           f"{os.cpu_count()} cores{' - ' + args.device_note if args.device_note else ''}")

@@ -64,6 +64,7 @@ Task = Literal[TASKS]
 Dtype = Literal[DTYPES]
 Scorer = Literal[SCORERS]
 Method = Literal[METHODS]
+GGUFExport = Literal["", "f32", "f16", "bf16", "q8_0"]
 Score = Literal[SCORES]
 SpanReference = Literal[SPAN_REFERENCES]
 
@@ -99,7 +100,8 @@ class LoRASettings:
 class ModelConfig:
     """A teacher or student: pretrained weights (`path`) or a fresh model of a given shape (`init`).
 
-    path: local Hugging Face model directory (config.json + safetensors), `gs://` path, or hub id.
+    path: local Hugging Face model directory (config.json + safetensors), `gs://` path, hub id, or
+        a GGUF file (llama / qwen2; its tokenizer comes from the file's metadata).
     init: instead of `path`, HF config.json fields (`model_type` plus the family's sizes) of a
         model built with random weights, e.g. {"model_type": "llama", "hidden_size": 64, ...};
         `vocab_size` and the special token ids, when left out, are the tokenizer's.
@@ -107,6 +109,8 @@ class ModelConfig:
         the data task's own tokenizer (only `demo` has one).
     dtype: parameter storage dtype; compute_dtype: activations/matmuls (None = dtype).
     lora: None = train all weights; LoRASettings = train adapters only (merged on export).
+    layers: keep only these blocks of `path`, in this order (a student cut from its teacher, e.g.
+        [0, 5, 10]); T5: the encoder blocks. decoder_layers: T5's decoder blocks. None = all.
     """
 
     path: str = ""
@@ -115,6 +119,15 @@ class ModelConfig:
     dtype: Dtype = "float32"
     compute_dtype: Dtype | None = None
     lora: LoRASettings | None = None
+    layers: tuple[int, ...] | None = None
+    decoder_layers: tuple[int, ...] | None = None
+
+    @property
+    def cut(self) -> dict | None:
+        """`from_pretrained(layers=...)`: {stack: blocks}, or None for the whole model."""
+        given = (("layers", self.layers), ("decoder_layers", self.decoder_layers))
+        stacks = {k: list(v) for k, v in given if v is not None}
+        return stacks or None
 
     @property
     def tokenizer_path(self) -> str | None:
@@ -223,7 +236,9 @@ class DistillConfig(TrainConfig):
     regulariser on the preferred response. rounds: iterative PLaD (resample the student, distil
     again). kd_temperature: KD softmax temperature. span_max_n / span_reference: PLaD margin score
     over 1..N-gram spans against the target (or the prompt). The objective-named fields match
-    `plad_jax.objectives.ObjectiveConfig`.
+    `plad_jax.objectives.ObjectiveConfig`. export_gguf: also write the distilled student as
+    `distill/student-<dtype>.gguf` (f32, f16, bf16, q8_0; llama / qwen2), tokenizer included;
+    "" = safetensors only.
     """
 
     method: Method = "plad_rank"
@@ -235,6 +250,7 @@ class DistillConfig(TrainConfig):
     label_smoothing: float = 0.0
     span_max_n: int = 4
     span_reference: SpanReference = "target"
+    export_gguf: GGUFExport = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -599,6 +615,12 @@ def _validate_model(m: ModelConfig, role: str, task: str):
         _need(bool(m.tokenizer) or task == "demo",
               f"{role}.init builds a model from scratch, so set {role}.tokenizer (a tokenizer directory or "
               f"hub id); only data.task=demo brings its own tokenizer")
+    _need(not ((m.layers is not None or m.decoder_layers is not None) and m.init is not None),
+          f"{role}.layers cuts blocks out of a checkpoint, so it needs {role}.path, "
+          f"not {role}.init")
+    for key, blocks in (("layers", m.layers), ("decoder_layers", m.decoder_layers)):
+        _need(blocks is None or (len(blocks) > 0 and all(b >= 0 for b in blocks)),
+              f"{role}.{key} must be a non-empty list of block indices >= 0, got {blocks}")
     if m.lora is not None:
         lora = m.lora
         _need(lora.rank >= 1, f"{role}.lora.rank must be >= 1, got {lora.rank}")

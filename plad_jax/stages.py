@@ -69,21 +69,21 @@ class Context:
 
     def tokenizer(self, role: str):
         if role not in self._tokenizers:
-            from transformers import AutoTokenizer
             model = getattr(self.config, role)
             source = model.tokenizer or model.path
             if not source:  # a model built from scratch on the demo task: the task's own tokenizer
                 texts = data.demo_tokenizer_texts(self.splits.d0 + self.splits.d)
                 source = data.build_demo_tokenizer(self.path("tokenizer"), texts)
-            self._tokenizers[role] = AutoTokenizer.from_pretrained(source)
+            self._tokenizers[role] = hf.load_tokenizer(source)  # a GGUF file: from its metadata
         return self._tokenizers[role]
 
     def base_model(self, role: str):
-        """The role's starting weights: a local/hub HF model, or a fresh init from config fields."""
+        """The role's starting weights: a local/hub HF model or GGUF file (cut to `layers` when
+        set), or a fresh init from config fields."""
         model = getattr(self.config, role)
         kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, mesh=self.mesh)
         if model.path:
-            return self._fits(from_pretrained(model.path, **kwargs), role)
+            return self._fits(from_pretrained(model.path, layers=model.cut, **kwargs), role)
         tok = self.tokenizer(role)
         fields = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                   "pad_token_id": tok.pad_token_id, **model.init}
@@ -190,6 +190,7 @@ def _check_inputs(ctx: Context, pending) -> None:
     if not missing and not unusable:
         if data_problem is not None:
             raise data_problem
+        check_checkpoints(cfg, pending)
         if "distill" in pending and cfg.distill.method in SHARED_VOCAB_METHODS:
             check_shared_vocabulary(cfg, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
         return
@@ -251,6 +252,20 @@ def _missing_weights(missing) -> str:
             f"reachable on the Hugging Face hub; download {'it' if one else 'them'} (config.json, "
             f"safetensors, tokenizer files) and point at the local {'copy' if one else 'copies'}: "
             f"{fix}{extra}")
+
+
+def check_checkpoints(cfg: Config, pending) -> None:
+    """GGUF files readable (with tokenizer metadata unless a tokenizer is given) and `layers`
+    within the checkpoint, for each role whose base model a pending stage loads; a
+    CheckpointError names the role's key."""
+    for role, stage in (("teacher", "sft_teacher"), ("student", "sft_student")):
+        model = getattr(cfg, role)
+        if stage not in pending or not os.path.exists(model.path):
+            continue  # a hub id: checked when it loads
+        try:
+            hf.check_checkpoint(model.path, layers=model.cut, need_tokenizer=not model.tokenizer)
+        except hf.CheckpointError as e:
+            raise hf.CheckpointError(f"{role}.path: {e}") from None
 
 
 def _local_hint(key: str, source: str) -> str:
@@ -541,7 +556,19 @@ def distill_stage(ctx: Context, stage_dir: str):
         student, summary = train_model(ctx, student, stage_dir, cfg, objective, batch_fn, n, teacher=teacher,
                                        reference=reference, tag="" if cfg.rounds == 1 else f"-round{round_}")
     student.save_pretrained(os.path.join(stage_dir, "params"))
-    return {"method": cfg.method, "rounds": cfg.rounds, **summary}
+    exported = export_gguf(ctx, student, stage_dir)
+    return {"method": cfg.method, "rounds": cfg.rounds, **summary, **exported}
+
+
+def export_gguf(ctx: Context, student, stage_dir: str) -> dict:
+    """`distill.export_gguf`: the distilled student as one GGUF file beside its safetensors."""
+    dtype = ctx.config.distill.export_gguf
+    if not dtype:
+        return {}
+    path = os.path.join(stage_dir, f"student-{dtype}.gguf")
+    student.save_gguf(path, dtype, tokenizer=ctx.tokenizer("student"))
+    logger.info("distill: student written as GGUF (%s) to %s", dtype, path)
+    return {"gguf": path}
 
 
 def pbkd_distill(ctx: Context, stage_dir: str, student, teacher, rows):
@@ -559,7 +586,7 @@ def pbkd_distill(ctx: Context, stage_dir: str, student, teacher, rows):
                                 max_response_tokens=d.max_response_tokens, teacher=teacher, scorer=scorer,
                                 seed=ctx.config.seed)
     student.save_pretrained(os.path.join(stage_dir, "params"))
-    return {"method": cfg.method, **summary}
+    return {"method": cfg.method, **summary, **export_gguf(ctx, student, stage_dir)}
 
 
 def _distill_batches(ctx: Context, cfg, rows):

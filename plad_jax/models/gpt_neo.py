@@ -71,6 +71,25 @@ class GPTNeoConfig:
 
 
 
+# Cut students (`hf.cut_layers`): the block stacks, the HF name prefix of their blocks.
+LAYER_STACKS = {"layers": r"transformer\.h\."}
+
+
+def layer_counts(hf: dict) -> dict:
+    return {"layers": hf["num_layers"] if "num_layers" in hf else hf["num_hidden_layers"]}
+
+
+def cut_hf_config(hf: dict, stacks: dict) -> dict:
+    """config.json of a model with only `stacks["layers"]` blocks, each keeping its kind."""
+    keep, layers = stacks["layers"], layer_counts(hf)["layers"]
+    windows = _attention_layers(hf.get("attention_types"), layers, hf.get("window_size", 256))
+    derived = ("num_layers", "num_hidden_layers", "attention_layers")
+    cut = {k: v for k, v in hf.items() if k not in derived}
+    cut["num_layers"] = len(keep)
+    cut["attention_types"] = [[["local" if windows[i] else "global"], 1] for i in keep]
+    return cut
+
+
 def _attention_layers(attention_types, num_layers: int, window: int) -> tuple:
     """Expand HF `attention_types` ([[["global", "local"], 12]]) into a window per layer."""
     if attention_types is None:  # HF's default

@@ -8,9 +8,11 @@ no device or host ever holds a whole unsharded copy. Pickle checkpoints are refu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from plad_jax import sharding as shd
+from plad_jax.models import gguf_io
 from plad_jax.models.language_model import LanguageModel
 from plad_jax.models.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -32,6 +35,10 @@ FAMILIES = {
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+
+
+NO_TOKENIZER = ("the GGUF file has no tokenizer metadata; pass a tokenizer (a model's tokenizer "
+                "directory) as well")
 
 
 class CheckpointError(ValueError):
@@ -62,9 +69,9 @@ def resolve_model_dir(path_or_id: str) -> str:
 
 
 def is_available(path_or_id: str) -> bool:
-    """True for a local directory, or a hub id whose config.json is cached or can be fetched now
-    (only that small file: a cheap check before a run commits to hours of work)."""
-    if os.path.isdir(path_or_id):
+    """True for a local directory or GGUF file, or a hub id whose config.json is cached or can be
+    fetched now (only that small file: a cheap check before a run commits to hours of work)."""
+    if os.path.isdir(path_or_id) or gguf_io.is_gguf(path_or_id):
         return True
     if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
         return False
@@ -136,7 +143,7 @@ def _read_param(files: WeightFiles, spec, shape, dtype, sharding):
     expected = tuple(reversed(shape)) if spec.transpose else tuple(shape)
     if handle.shape(spec.hf_name) != expected:
         raise CheckpointError(f"{handle.path}: tensor '{spec.hf_name}' has shape {handle.shape(spec.hf_name)}, "
-                              f"config.json implies {expected}")
+                              f"the model config implies {expected}")
 
     def read(index):
         index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
@@ -149,25 +156,139 @@ def _read_param(files: WeightFiles, spec, shape, dtype, sharding):
     return jax.make_array_from_callback(tuple(shape), sharding, read)
 
 
-def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None) -> LanguageModel:
-    """Load a Hugging Face model directory (or hub id, when online) as a `LanguageModel`.
+class GGUFWeights:
+    """`WeightFiles` for one `.gguf` file: the same questions, answered by `gguf_io.GGUFFile`."""
+
+    def __init__(self, path: str):
+        try:
+            self.file = gguf_io.GGUFFile(path)
+        except gguf_io.GGUFError as e:
+            raise CheckpointError(str(e)) from None
+
+    def file_of(self, name: str) -> str:
+        return self.file.path
+
+    def has(self, name: str) -> bool:
+        return self.handle(name) is not None
+
+    def handle(self, name: str):
+        return self.file if name in self.file else None
+
+
+def open_checkpoint(path_or_id: str):
+    """(HF config fields, weight files) of a model directory, hub id or GGUF file."""
+    try:
+        gguf_path = gguf_io.find_gguf(path_or_id) if os.path.exists(path_or_id) else None
+    except gguf_io.GGUFError as e:
+        raise CheckpointError(str(e)) from None
+    if gguf_path is not None:
+        files = GGUFWeights(gguf_path)
+        try:
+            return files.file.hf_config(), files
+        except (gguf_io.GGUFError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{gguf_path}: incomplete GGUF metadata "
+                                  f"({type(e).__name__}: {e})") from None
+    model_dir = resolve_model_dir(path_or_id)
+    return read_hf_config(model_dir), WeightFiles(model_dir)
+
+
+def load_tokenizer(source: str):
+    """The transformers tokenizer of a model directory, tokenizer directory, hub id, or GGUF file
+    (built from the file's tokenizer metadata, as transformers' GGUF loader does)."""
+    from transformers import AutoTokenizer
+    try:
+        gguf_path = gguf_io.find_gguf(source) if os.path.exists(source) else None
+    except gguf_io.GGUFError as e:
+        raise CheckpointError(str(e)) from None
+    if gguf_path is None:
+        return AutoTokenizer.from_pretrained(source)
+    if not GGUFWeights(gguf_path).file.has_tokenizer:
+        raise CheckpointError(f"{gguf_path}: {NO_TOKENIZER}")
+    folder, name = os.path.split(gguf_path)
+    return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
+
+
+def read_config(path_or_id: str) -> dict:
+    """The HF config fields of a checkpoint (config.json, or a GGUF file's metadata); cheap."""
+    return open_checkpoint(path_or_id)[0]
+
+
+def check_checkpoint(path_or_id: str, *, layers=None, need_tokenizer: bool = False) -> None:
+    """CheckpointError, before any work, if the checkpoint cannot be loaded as asked: a GGUF file
+    unreadable, of an architecture or quant type we lack, or without the tokenizer metadata that
+    `need_tokenizer` asks for; `layers` out of range. Reads headers only."""
+    hf_config, files = open_checkpoint(path_or_id)
+    module, config_cls, _ = family(hf_config.get("model_type"))
+    if isinstance(files, GGUFWeights):
+        _check_gguf_tensors(files, config_cls, module, hf_config)
+        if need_tokenizer and not files.file.has_tokenizer:
+            raise CheckpointError(f"{files.file.path}: {NO_TOKENIZER}")
+    if layers is not None:
+        cut_layers(module, hf_config, layers)
+
+
+def cut_layers(module, hf_config: dict, layers, where: str = "layers"):
+    """(hf_config of the cut model, rename: cut model's HF tensor name -> the checkpoint's).
+
+    layers: a list of block indices (decoder-only), or {stack: list} for a family with several
+    stacks (T5: encoder, decoder); the kept blocks come in the order given, everything outside the
+    blocks (embeddings, final norms, head) is kept as is."""
+    stacks = dict(layers) if isinstance(layers, dict) else {"layers": list(layers)}
+    stacks = {getattr(module, "LAYER_ALIASES", {}).get(k, k): v for k, v in stacks.items()}
+    known = getattr(module, "LAYER_STACKS", {})
+    counts = module.layer_counts(hf_config) if known else {}
+    for stack, keep in stacks.items():
+        if stack not in known:
+            names = ", ".join(known) or "none"
+            raise CheckpointError(f"{where}: '{stack}' is not a layer stack of "
+                                  f"{hf_config.get('model_type')} (stacks: {names})")
+        bad = [i for i in keep if not isinstance(i, int) or not 0 <= i < counts[stack]]
+        if bad or not keep:
+            raise CheckpointError(f"{where}: entry {bad[0] if bad else '[]'} is out of range; the "
+                                  f"checkpoint's {stack} has {counts[stack]} blocks "
+                                  f"(0..{counts[stack] - 1})")
+    prefixes = {stack: re.compile(rf"^({known[stack]})(\d+)(\..*)$") for stack in stacks}
+
+    def rename(name: str) -> str:
+        if any(s in name for s in getattr(module, "SHARED_IN_FIRST_BLOCK", ())):
+            return name
+        for stack, pattern in prefixes.items():
+            m = pattern.match(name)
+            if m:
+                return f"{m[1]}{stacks[stack][int(m[2])]}{m[3]}"
+        return name
+
+    return module.cut_hf_config(hf_config, stacks), rename
+
+
+def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None,
+                    layers=None) -> LanguageModel:
+    """Load a Hugging Face model directory (or hub id, when online) or a GGUF file (or a directory
+    holding one) as a `LanguageModel`.
 
     dtype: storage dtype of the params; compute_dtype: activation/matmul dtype (default: dtype).
     mesh: place every parameter on it, sharded by `plad_jax.sharding` rules, shard by shard.
+    layers: keep only these blocks of the checkpoint, in this order (`cut_layers`): a student cut
+    from its teacher.
     """
-    model_dir = resolve_model_dir(path_or_id)
-    hf_config = read_hf_config(model_dir)
+    hf_config, files = open_checkpoint(path_or_id)
+    gguf = isinstance(files, GGUFWeights)
+    where = files.file_of("config") if gguf else f"{path_or_id}/config.json"
     model_type = hf_config.get("model_type")
     module, config_cls, model_cls = family(model_type)
-    files = WeightFiles(model_dir)
     if hasattr(module, "reconcile_hf_config"):  # config.json alone is ambiguous for this family (T5 lm_head)
         hf_config = module.reconcile_hf_config(hf_config, files.has)
+    if gguf:
+        _check_gguf_tensors(files, config_cls, module, hf_config)
+    rename = None
+    if layers is not None:
+        hf_config, rename = cut_layers(module, hf_config, layers)
     try:
         config = config_cls.from_hf(hf_config)
     except KeyError as e:
-        raise CheckpointError(f"{model_dir}/config.json: missing field {e} for model_type '{model_type}'") from None
+        raise CheckpointError(f"{where}: missing field {e} for model_type '{model_type}'") from None
     except ValueError as e:
-        raise CheckpointError(f"{model_dir}/{e}") from None
+        raise CheckpointError(f"{path_or_id}/{e}") from None
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shardings = shd.param_shardings(state, mesh) if mesh is not None else None
@@ -177,11 +298,23 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
         var = variables.pop(spec.path)
         sharding = target_shardings.get(spec.path)
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+        if rename is not None:
+            spec = dataclasses.replace(spec, hf_name=rename(spec.hf_name))
         var.set_value(_read_param(files, spec, var.shape, dtype, sharding))
     if variables:  # a family whose weight table misses a parameter is a bug, not a user error
         raise AssertionError(f"{model_type}: parameters without an HF tensor: {sorted(variables)}")
     return LanguageModel(model_type, config, graphdef, state, hf_config,
                          compute_dtype=compute_dtype or dtype, mesh=mesh)
+
+
+def _check_gguf_tensors(files: GGUFWeights, config_cls, module, hf_config: dict):
+    """Every tensor in the GGUF file has a place in the model its metadata describes."""
+    try:
+        names = [spec.hf_name for spec in module.weight_specs(config_cls.from_hf(hf_config))]
+        files.file.check_tensors(names)
+    except (gguf_io.GGUFError, ValueError, KeyError) as e:
+        message = str(e) if isinstance(e, gguf_io.GGUFError) else f"{files.file.path}: {e}"
+        raise CheckpointError(message) from None
 
 
 def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, compute_dtype=None) -> LanguageModel:
@@ -252,3 +385,19 @@ def save_pretrained(lm: LanguageModel, path: str, *, max_shard_bytes: int = 5 * 
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+def save_gguf(lm: LanguageModel, path: str, dtype: str = "f16", tokenizer=None):
+    """Write `lm` as one GGUF file (llama.cpp's format); see `gguf_io.write_gguf`."""
+    module, _, _ = family(lm.model_type)
+    flat = dict(nnx.to_flat_state(lm.params))
+    tensors = {}
+    for spec in module.weight_specs(lm.config):
+        arr = _to_host(flat[spec.path].get_value()).astype(np.float32)
+        tensors[spec.hf_name] = arr.T if spec.transpose else arr
+    if jax.process_index() != 0:
+        return
+    try:
+        gguf_io.write_gguf(lm, tensors, path, dtype, tokenizer)
+    except gguf_io.GGUFError as e:
+        raise CheckpointError(str(e)) from None

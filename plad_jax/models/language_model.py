@@ -131,6 +131,15 @@ class LanguageModel:
         from plad_jax.models import hf
         hf.save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
+    def save_gguf(self, path: str, dtype: str = "f16", tokenizer=None):
+        """Write one GGUF file (llama / qwen2) for llama.cpp, Ollama and transformers' GGUF loader.
+
+        dtype: f32, f16, bf16 or q8_0 for the 2-D weights (norms and biases stay f32, as llama.cpp
+        writes them); tokenizer: a transformers fast BPE tokenizer whose vocabulary goes into the
+        file's metadata, so the file alone is a complete model."""
+        from plad_jax.models import hf
+        hf.save_gguf(self, path, dtype, tokenizer)
+
     def __repr__(self):
         return (f"LanguageModel({self.model_type}, params={self.num_params():,}, "
                 f"compute_dtype={self.compute_dtype.name}, mesh={None if self.mesh is None else dict(self.mesh.shape)})")

@@ -88,6 +88,27 @@ def _layer_windows(hf: dict, num_layers: int) -> tuple:
     return tuple(window if t == "sliding_attention" and window else None for t in types)
 
 
+# Cut students (`hf.cut_layers`): the block stacks, the HF name prefix of their blocks.
+LAYER_STACKS = {"layers": r"model\.layers\."}
+
+
+def layer_counts(hf: dict) -> dict:
+    return {"layers": hf["num_hidden_layers"]}
+
+
+def cut_hf_config(hf: dict, stacks: dict) -> dict:
+    """config.json of a model with only `stacks["layers"]` blocks, each keeping its window."""
+    keep = stacks["layers"]
+    windows = _layer_windows(hf, hf["num_hidden_layers"])
+    cut = dict(hf, num_hidden_layers=len(keep))
+    if any(w is not None for w in windows):
+        cut["layer_types"] = ["sliding_attention" if windows[i] else "full_attention" for i in keep]
+        cut.pop("max_window_layers", None)
+    else:
+        cut.pop("layer_types", None)
+    return cut
+
+
 def rope_frequencies(config: LlamaConfig) -> jnp.ndarray:
     """Inverse frequencies [head_dim // 2] after the configured RoPE scaling."""
     dim = config.head_dim

@@ -153,6 +153,10 @@ class LoRAModel(LanguageModel):
         """Write the merged model (W + scale * A @ B) as a standard HF directory."""
         merge_lora(self).save_pretrained(path, max_shard_bytes=max_shard_bytes)
 
+    def save_gguf(self, path: str, dtype: str = "f16", tokenizer=None):
+        """Write the merged model as one GGUF file (`LanguageModel.save_gguf`)."""
+        merge_lora(self).save_gguf(path, dtype, tokenizer)
+
     def __repr__(self):
         return (f"LoRAModel({self.model_type}, params={self.num_params():,}, adapters={self.num_adapter_params():,}, "
                 f"rank={self.lora.rank}, alpha={self.lora.alpha}, dropout={self.lora.dropout}, "

@@ -115,6 +115,25 @@ def reconcile_hf_config(hf: dict, has_tensor) -> dict:
 
 
 
+# Cut students (`hf.cut_layers`): the block stacks, the HF name prefix of their blocks; each stack's
+# relative-position table lives in its block 0 and is shared, so it stays whatever blocks are kept.
+LAYER_STACKS = {"encoder": r"encoder\.block\.", "decoder": r"decoder\.block\."}
+SHARED_IN_FIRST_BLOCK = ("relative_attention_bias",)
+LAYER_ALIASES = {"layers": "encoder", "decoder_layers": "decoder"}  # the config fields' names
+
+
+def layer_counts(hf: dict) -> dict:
+    encoder = hf["num_layers"]
+    return {"encoder": encoder, "decoder": hf.get("num_decoder_layers") or encoder}
+
+
+def cut_hf_config(hf: dict, stacks: dict) -> dict:
+    """config.json of a model with only the kept encoder / decoder blocks."""
+    counts = layer_counts(hf)
+    return dict(hf, num_layers=len(stacks.get("encoder", range(counts["encoder"]))),
+                num_decoder_layers=len(stacks.get("decoder", range(counts["decoder"]))))
+
+
 def relative_position_bucket(relative_position, *, bidirectional, num_buckets, max_distance):
     """HF / Mesh-TF bucket of `key_position - query_position` (int array, any shape).
 
