@@ -80,7 +80,8 @@ class Context:
     def base_model(self, role: str):
         """The role's starting weights: a local/hub HF model, or a fresh init from config fields."""
         model = getattr(self.config, role)
-        kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, mesh=self.mesh)
+        kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, remat=model.remat,
+                      mesh=self.mesh)
         if model.path:
             return self._fits(from_pretrained(model.path, **kwargs), role)
         tok = self.tokenizer(role)
@@ -103,7 +104,8 @@ class Context:
     def stage_model(self, stage: str, role: str):
         model = getattr(self.config, role)
         return self._fits(from_pretrained(self.path(stage, "params"), dtype=model.dtype,
-                                          compute_dtype=model.compute_dtype, mesh=self.mesh), role)
+                                          compute_dtype=model.compute_dtype, remat=model.remat,
+                                          mesh=self.mesh), role)
 
     def encode(self, role: str, prompts, responses):
         d = self.config.data
@@ -316,7 +318,7 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
         summary.update(selector.summary())
         model = getattr(ctx.config, role)
         return from_pretrained(selector.best_dir, dtype=model.dtype, compute_dtype=model.compute_dtype,
-                               mesh=ctx.mesh), summary
+                               remat=model.remat, mesh=ctx.mesh), summary
     return lm.with_params(to_full(state.params)), summary
 
 

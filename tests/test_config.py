@@ -584,3 +584,11 @@ def test_unreachable_hub_switches_to_local_files():
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         assert launch.hub_reachable({"HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}"}, timeout=1.0)
+
+
+def test_remat_is_a_model_switch_checked_by_set():
+    c = apply_overrides(Config(), ["student.remat=full", "teacher.remat=dots"])
+    assert (c.student.remat, c.teacher.remat, Config().student.remat) == ("full", "dots", "none")
+    assert from_dict(json.loads(json.dumps(to_dict(c)))).student.remat == "full"
+    with pytest.raises(ConfigError, match=r"student\.remat"):
+        apply_overrides(Config(), ["student.remat=true"])
