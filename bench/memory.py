@@ -23,7 +23,7 @@ kernel's high-water mark, reset after compilation, so compile-time memory is not
 loss must agree: plad_jax rows to 1e-5 relative (same weights, same dropout keys), torch to 1e-4
 (LoRA's B starts at 0, so the first loss is the base model's, whatever the dropout draws).
 
-    python bench/memory.py                 # the 135M setting, ~20 min on 2 busy CPU cores
+    python bench/memory.py                 # the 135M setting, about an hour on 2 busy CPU cores
     python bench/memory.py --quick         # tiny model, to check the script runs
     python bench/memory.py --rows old,full # some rows only
     python bench/memory.py --table-from a.log b.log  # one table from the `row: {...}` lines that

@@ -111,7 +111,8 @@ class ModelConfig:
     remat: activation checkpointing per block when this model trains: none (keep every
         activation: fastest, most memory), full (keep each block's input, recompute the block in
         the backward pass), dots (keep the weight projections' outputs too, recompute the rest).
-        Values and gradients are the same; see README, "Memory".
+        Values and gradients are the same. On XLA:CPU it saves little so far (README, "Memory of
+        a training step").
     lora: None = train all weights; LoRASettings = train adapters only (merged on export).
     """
 
