@@ -27,7 +27,8 @@ EXTRAS = {
     # torch pinned to the release whose CPU wheel the test machines carry; pip resolves the local
     # `2.13.0+cpu` build from the configured find-links instead of a multi-GB CUDA download.
     # trl: reference numbers for the DPO / CPO-hinge / GKD loss tests (pinned: they call its internals).
-    "test": ["pytest>=8", "torch==2.13.0", "trl==1.16.0"],
+    # peft: the PyTorch LoRA reference of bench/memory.py.
+    "test": ["pytest>=8", "torch==2.13.0", "trl==1.16.0", "peft==0.21.2"],
     "tf": ["tensorflow-text>=2.16"],
 }
 

@@ -3,7 +3,7 @@
     Config
       name, run_dir, seed
       mesh           MeshConfig(data, fsdp, tensor)                     (plad_jax.sharding)
-      teacher        ModelConfig(path | init, tokenizer, dtype, compute_dtype, lora)
+      teacher        ModelConfig(path | init, tokenizer, dtype, compute_dtype, remat, lora)
       student        ModelConfig
       data           DataConfig(task, path, fields, token limits, split seed and sizes, split limits)
       sft_teacher    TrainConfig(epochs, batch_size, lr, ..., select_best=True)
@@ -41,6 +41,7 @@ import typing
 from typing import Any, Literal
 
 from plad_jax.data.tasks import FILE_TASKS, TASKS
+from plad_jax.models.layers import REMAT_POLICIES
 from plad_jax.objectives import METHODS, PAIR_METHODS, TEACHER_LOGIT_METHODS
 from plad_jax.pbkd_config import PBKD_METHODS, PbKDConfig
 
@@ -62,6 +63,7 @@ DEFAULT_REWARD_MODEL = "OpenAssistant/reward-model-deberta-v3-large-v2"  # the p
 
 Task = Literal[TASKS]
 Dtype = Literal[DTYPES]
+Remat = Literal[tuple(REMAT_POLICIES)]
 Scorer = Literal[SCORERS]
 Method = Literal[METHODS]
 GGUFExport = Literal["", "f32", "f16", "bf16", "q8_0"]
@@ -108,6 +110,11 @@ class ModelConfig:
     tokenizer: tokenizer directory or hub id; None = the model's `path`, or for an `init` model
         the data task's own tokenizer (only `demo` has one).
     dtype: parameter storage dtype; compute_dtype: activations/matmuls (None = dtype).
+    remat: activation checkpointing per block when this model trains: none (keep every
+        activation: fastest, most memory), full (keep each block's input, recompute the block in
+        the backward pass), dots (keep the weight projections' outputs too, recompute the rest).
+        Values and gradients are the same. On XLA:CPU it saves little so far (README, "Memory of
+        a training step").
     lora: None = train all weights; LoRASettings = train adapters only (merged on export).
     layers: keep only these blocks of `path`, in this order (a student cut from its teacher, e.g.
         [0, 5, 10]); T5: the encoder blocks. decoder_layers: T5's decoder blocks. None = all.
@@ -118,6 +125,7 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: Dtype = "float32"
     compute_dtype: Dtype | None = None
+    remat: Remat = "none"
     lora: LoRASettings | None = None
     layers: tuple[int, ...] | None = None
     decoder_layers: tuple[int, ...] | None = None

@@ -61,27 +61,29 @@ def _response_logits(lm, params, batch, ids="response_ids", mask="response_mask"
 
 
 def _pair_forward(lm, params, batch, rng=None):
-    """Student logits and hidden states of y+ and y- in one forward over a 2B batch."""
+    """Per-token log-probs, argmax hits and hidden states of y+ and y- in one forward over a 2B
+    batch (`LanguageModel.token_logprobs`: no [2B, R, V] logits are kept)."""
     r = max(batch["pos_ids"].shape[1], batch["neg_ids"].shape[1])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, r - x.shape[1])))
     prompt = jnp.concatenate([batch["prompt_ids"]] * 2)
     prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
     ids = jnp.concatenate([pad(batch["pos_ids"]), pad(batch["neg_ids"])])
     mask = jnp.concatenate([pad(batch["pos_mask"]), pad(batch["neg_mask"])])
-    logits, hidden = lm.apply(params, prompt, prompt_mask, ids, mask, rng=rng)
+    logps, hits, hidden = lm.token_logprobs(params, prompt, prompt_mask, ids, mask, rng=rng)
     b = batch["pos_ids"].shape[0]
-    return (logits[:b], hidden[:b], ids[:b], mask[:b]), (logits[b:], hidden[b:], ids[b:], mask[b:])
+    halves = lambda rows: tuple(x[rows] for x in (logps, hits, hidden, mask))
+    return halves(slice(None, b)), halves(slice(b, None))
 
 
-def _seq_logp(logits, ids, mask, score):
-    return losses.sequence_logprobs(losses.token_logprobs(logits, ids), mask, score)
+def _seq_logp(token_logps, mask, score):
+    return losses.sequence_logprobs(token_logps, mask, score)
 
 
-def _with_ce(loss, metrics, cfg, logits, ids, mask):
+def _with_ce(loss, metrics, cfg, token_logps, hits, mask):
     """Add `alpha * CE(y+)` (the SLiC-style regulariser) when alpha > 0."""
     if cfg.alpha <= 0:
         return loss, metrics
-    ce, ce_metrics = losses.sft_loss(logits, ids, mask)
+    ce, ce_metrics = losses.sft_loss_tokens(token_logps, hits, mask)
     return loss + cfg.alpha * ce, {**metrics, "ce_pos": ce_metrics["loss"]}
 
 
@@ -108,15 +110,17 @@ def make_objective(cfg: ObjectiveConfig, student: LanguageModel, *, teacher: Lan
             return {"teacher_logits": logits}
         if method == "dpo":
             pos, neg = _pair_forward(student, frozen["reference"], batch)
-            return {"ref_pos": _seq_logp(pos[0], pos[2], pos[3], "sum"),
-                    "ref_neg": _seq_logp(neg[0], neg[2], neg[3], "sum")}
+            return {"ref_pos": _seq_logp(pos[0], pos[3], "sum"),
+                    "ref_neg": _seq_logp(neg[0], neg[3], "sum")}
         return {}
 
     def loss_fn(params, frozen, batch, rng):
         student_params = combine(params, frozen)
         if method in ("sft", "seqkd"):
-            logits, _ = _response_logits(student, student_params, batch, rng=rng)
-            return losses.sft_loss(logits, batch["response_ids"], batch["response_mask"])
+            logps, hits, _ = student.token_logprobs(
+                student_params, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                batch["response_mask"], rng=rng)
+            return losses.sft_loss_tokens(logps, hits, batch["response_mask"])
         if method in TEACHER_LOGIT_METHODS:
             logits, _ = _response_logits(student, student_params, batch, rng=rng)
             mask, teacher_logits = batch["response_mask"], batch["teacher_logits"]
@@ -133,12 +137,12 @@ def make_objective(cfg: ObjectiveConfig, student: LanguageModel, *, teacher: Lan
 
 
 def _pair_loss(cfg, student, params, batch, rng=None):
-    (lp, hp, ip, mp), (ln, hn, i_n, mn) = _pair_forward(student, params, batch, rng)
+    (lp, kp, hp, mp), (ln, _, hn, mn) = _pair_forward(student, params, batch, rng)
     if cfg.method == "dpo":
-        loss, metrics = losses.dpo_loss(_seq_logp(lp, ip, mp, "sum"), _seq_logp(ln, i_n, mn, "sum"),
+        loss, metrics = losses.dpo_loss(_seq_logp(lp, mp, "sum"), _seq_logp(ln, mn, "sum"),
                                         batch["ref_pos"], batch["ref_neg"], cfg.beta, cfg.label_smoothing)
-        return _with_ce(loss, metrics, cfg, lp, ip, mp)
-    logp_pos, logp_neg = _seq_logp(lp, ip, mp, cfg.score), _seq_logp(ln, i_n, mn, cfg.score)
+        return _with_ce(loss, metrics, cfg, lp, kp, mp)
+    logp_pos, logp_neg = _seq_logp(lp, mp, cfg.score), _seq_logp(ln, mn, cfg.score)
     if cfg.method == "slic":
         loss, metrics = losses.hinge_loss(logp_pos, logp_neg, cfg.beta)
     elif cfg.method == "plad_rank":
@@ -148,11 +152,11 @@ def _pair_loss(cfg, student, params, batch, rng=None):
                                       batch["ref_ids"], batch["ref_mask"])
         score = lambda h, m: losses.ngram_span_score(h, m, ref_hidden, batch["ref_mask"], cfg.span_max_n)
         loss, metrics = losses.margin_calibration(logp_pos, logp_neg, score(hp, mp), score(hn, mn), cfg.beta)
-    return _with_ce(loss, metrics, cfg, lp, ip, mp)
+    return _with_ce(loss, metrics, cfg, lp, kp, mp)
 
 
 def sequence_logprobs(lm: LanguageModel, params, prompt_ids, prompt_mask, response_ids, response_mask,
                       score: str = "sum") -> jax.Array:
     """[B] sequence log-probs of responses under `lm` (for pairs, evaluation and PbKD)."""
-    logits, _ = lm.apply(params, prompt_ids, prompt_mask, response_ids, response_mask)
-    return _seq_logp(logits, response_ids, response_mask, score)
+    logps, _, _ = lm.token_logprobs(params, prompt_ids, prompt_mask, response_ids, response_mask)
+    return _seq_logp(logps, response_mask, score)

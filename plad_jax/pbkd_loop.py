@@ -115,7 +115,7 @@ def _model_key(lm):
     if lm is None:
         return None
     return (type(lm).__name__, lm.model_type, lm.config, lm.graphdef, str(lm.compute_dtype), lm.mesh,
-            getattr(lm, "lora", None))
+            getattr(lm, "lora", None), getattr(lm, "remat", None))
 
 
 def _place(mesh, batch: dict) -> dict:

@@ -81,7 +81,8 @@ class Context:
         """The role's starting weights: a local/hub HF model or GGUF file (cut to `layers` when
         set), or a fresh init from config fields."""
         model = getattr(self.config, role)
-        kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, mesh=self.mesh)
+        kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, remat=model.remat,
+                      mesh=self.mesh)
         if model.path:
             return self._fits(from_pretrained(model.path, layers=model.cut, **kwargs), role)
         tok = self.tokenizer(role)
@@ -104,7 +105,8 @@ class Context:
     def stage_model(self, stage: str, role: str):
         model = getattr(self.config, role)
         return self._fits(from_pretrained(self.path(stage, "params"), dtype=model.dtype,
-                                          compute_dtype=model.compute_dtype, mesh=self.mesh), role)
+                                          compute_dtype=model.compute_dtype, remat=model.remat,
+                                          mesh=self.mesh), role)
 
     def encode(self, role: str, prompts, responses):
         d = self.config.data

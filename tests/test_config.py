@@ -655,3 +655,11 @@ def test_a_python_scorer_that_cannot_be_imported_says_why():
     assert "No module named 'no_such_module'" in inputs.import_problem("no_such_module:Scorer")
     assert inputs.import_problem("json:NoScorer") == "module json has no attribute 'NoScorer'"
     assert inputs.import_problem("json") == "it is not module:attr"
+
+
+def test_remat_is_a_model_switch_checked_by_set():
+    c = apply_overrides(Config(), ["student.remat=full", "teacher.remat=dots"])
+    assert (c.student.remat, c.teacher.remat, Config().student.remat) == ("full", "dots", "none")
+    assert from_dict(json.loads(json.dumps(to_dict(c)))).student.remat == "full"
+    with pytest.raises(ConfigError, match=r"student\.remat"):
+        apply_overrides(Config(), ["student.remat=true"])

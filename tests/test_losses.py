@@ -132,6 +132,52 @@ def test_token_logprobs_matches_numpy(token_batch):
     np.testing.assert_allclose(np.where(mask == 1, got, 0), np.where(mask == 1, expected, 0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, T, 50])
+def test_chunked_token_logprobs_match_log_softmax_values_and_gradients(rng, chunk):
+    """Chunks that split T unevenly (4 of 6), one per position, one for all, one past T: the same
+    log-probs, argmax hits and gradients (w.r.t. hidden states and the output weights) as a
+    log_softmax of the whole [B, T, V] logits; padded targets (-100) stay harmless."""
+    mask = right_mask(LENGTHS, T)
+    hidden = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    targets = jnp.asarray(np.where(mask == 1, rng.integers(0, V, (B, T)), -100))
+
+    def direct(h, w):
+        logits = h @ w
+        safe = jnp.clip(targets, 0, V - 1)
+        logps = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), safe[..., None], -1)[..., 0]
+        return logps, jnp.argmax(logits, -1) == targets
+
+    chunked = lambda h, w: losses.chunked_token_logprobs(lambda x: x @ w, h, targets, chunk)
+    (want, want_hits), (got, got_hits) = direct(hidden, weight), chunked(hidden, weight)
+    assert got.shape == (B, T) and got.dtype == jnp.float32
+    real = mask == 1
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_hits)[real], np.asarray(want_hits)[real])
+    loss = lambda f: lambda h, w: losses.masked_mean(f(h, w)[0], jnp.asarray(mask))
+    want_grads = jax.grad(loss(direct), argnums=(0, 1))(hidden, weight)
+    got_grads = jax.jit(jax.grad(loss(chunked), argnums=(0, 1)))(hidden, weight)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(got_grads[0][~real]))) == 0.0  # padded positions get no gradient
+
+
+def test_sft_loss_tokens_equals_sft_loss(token_batch):
+    student, _, targets, mask = token_batch
+    logits, targets, mask = jnp.asarray(student), jnp.asarray(targets), jnp.asarray(mask)
+    hits = jnp.argmax(logits, -1) == targets
+    loss, metrics = losses.sft_loss(logits, targets, mask)
+    got, got_metrics = losses.sft_loss_tokens(losses.token_logprobs(logits, targets), hits, mask)
+    assert float(got) == float(loss)
+    for name in ("loss", "token_accuracy"):
+        np.testing.assert_array_equal(got_metrics[name], metrics[name])
+
+
+def test_logit_chunk_fits_the_budget():
+    assert losses.logit_chunk(4, 49152) == 85  # 4 x 85 x 49,152 fp32 = 63.8 MiB <= 64 MiB
+    assert losses.logit_chunk(4, 49152, budget=1) == 1
+
+
 def test_sequence_logprobs_sum_and_mean_by_hand():
     token_logps = jnp.array([[-1.0, -2.0, -3.0, 99.0], [-0.5, 99.0, 99.0, 99.0], [99.0] * 4])
     mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])

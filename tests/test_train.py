@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from plad_jax import losses, objectives, sharding as shd
-from plad_jax.models import from_pretrained
+from plad_jax.models import from_pretrained, init_model, lora
 from plad_jax.train import (NonFiniteLossError, OptimizerConfig, TrainState, check_finite,
                             learning_rate_schedule, make_optimizer, make_train_step, reduce_metrics)
 from tests.helpers import padded_batch
@@ -108,3 +108,65 @@ def test_sharded_steps_equal_single_device(model_dir, method, batch_fn, mesh_sha
     np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+TINY = {
+    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=True),
+    "gpt_neo": dict(model_type="gpt_neo", vocab_size=VOCAB, hidden_size=32, num_layers=2,
+                    num_heads=4, attention_types=[[["global", "local"], 1]], window_size=4,
+                    max_position_embeddings=64),
+    "t5": dict(model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+               num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+               tie_word_embeddings=False),
+}
+
+
+def sft_value_and_grad(lm, trainable, combine, logits_path: bool):
+    """Jitted (loss, grads) of one padded SFT batch, with a dropout key: through `objectives`
+    (chunked log-probs) or through the [B, R, V] logits and `losses.sft_loss` (the reference)."""
+    cfg = objectives.ObjectiveConfig(method="sft")
+    loss_fn, _ = objectives.make_objective(cfg, lm, combine=combine)
+    if logits_path:
+        def loss_fn(params, frozen, b, rng):
+            logits, _ = lm.apply(combine(params, frozen), b["prompt_ids"], b["prompt_mask"],
+                                 b["response_ids"], b["response_mask"], rng=rng)
+            return losses.sft_loss(logits, b["response_ids"], b["response_mask"])
+    batch = {k: jnp.asarray(v) for k, v in sft_batch().items()}
+    fn = jax.jit(jax.value_and_grad(lambda p, f: loss_fn(p, f, batch, jax.random.key(3))[0]))
+    return fn(*trainable)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("adapters", [True, False], ids=["lora", "full"])
+def test_remat_and_chunked_logprobs_keep_loss_and_gradients(family, adapters):
+    """Every remat policy, with the chunked log-prob path, gives the loss and gradients of the
+    logits path without remat: LoRA with dropout on (nonzero adapters), and full fine-tuning
+    (gradients through the embeddings / output layer too)."""
+    base = init_model(TINY[family])
+    if adapters:
+        lm = lora.add_lora(base, lora.LoRAConfig(rank=2, dropout=0.2))
+        trainable, frozen = lora.split_trainable(lm.params)
+        keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(trainable))))
+        trainable = jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape), trainable)
+        combine = lora.combine
+    else:
+        lm, trainable, frozen, combine = base, base.params, {}, objectives.full_params
+    want_loss, want_grads = sft_value_and_grad(lm, (trainable, frozen), combine, logits_path=True)
+    for remat in ("none", "full", "dots"):
+        loss, grads = sft_value_and_grad(lm.with_remat(remat), (trainable, frozen), combine,
+                                         logits_path=False)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=remat)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            scale = float(np.abs(want).max())  # fp32 sums in another order: ulps of the largest
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3 * scale, err_msg=remat)
+        assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_remat_switch_rejects_unknown_policy():
+    lm = init_model(TINY["llama"])
+    assert lm.with_remat("full").remat == "full" and lm.remat == "none"
+    assert lora.add_lora(lm.with_remat("dots")).with_params(lm.params).remat == "dots"
+    with pytest.raises(ValueError, match="remat must be one of none, full, dots"):
+        lm.with_remat("all")

@@ -19,7 +19,7 @@ from plad_jax.models.causal import (CacheStep, attend_cache, causal_visible, ini
                                     join_prompt_response, last_prompt_state, split_response,
                                     visible_keys, write_kv)
 from plad_jax.models.layers import (ACTIVATIONS, Embed, LayerNorm, Linear, attention, positions_from_mask,
-                                    token_ids)
+                                    run_block, token_ids)
 from plad_jax.models.spec import WeightSpec
 
 ATTENTION_TYPES = ("global", "local")
@@ -171,7 +171,8 @@ class GPTNeoModel(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs)
 
-    def _logits(self, h):
+    def output_logits(self, h):
+        """fp32 next-token logits [..., V] from final-layer states [..., D]."""
         if self.config.tie_word_embeddings:
             return self.wte.attend(h)
         return self.lm_head.logits(h)
@@ -179,30 +180,39 @@ class GPTNeoModel(nnx.Module):
     def _embed(self, ids, positions, dtype):
         return self.wte(ids, dtype) + self.wpe(positions, dtype)
 
-    def _trunk(self, ids, positions, mask, dtype):
+    def _trunk(self, ids, positions, mask, dtype, remat="none"):
         x = self._embed(ids, positions, dtype)
         kvs = []
         for block in self.h:
-            x, kv = block(x, positions, mask)
+            x, kv = run_block(block, remat, x, positions, mask)
             kvs.append(kv)
         return self.ln_f(x), kvs
 
-    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32):
+    def score_hidden(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
+                     remat="none"):
+        """(predictors, response hidden states), each [B, R, D]: `output_logits(predictors)` are
+        `score`'s logits. remat: a `layers.REMAT_POLICIES` name, per block."""
+        ids, mask, positions = join_prompt_response(prompt_ids, prompt_mask, response_ids,
+                                                    response_mask)
+        hidden, _ = self._trunk(ids, positions, mask, dtype, remat)
+        return split_response(hidden, prompt_mask, response_ids.shape[1])
+
+    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
+              remat="none"):
         """Logits [B, R, V] (fp32) for each response token, and response hidden states [B, R, D].
 
         Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
         response_ids[b, :t]; hidden[b, t] is the final-layer state at response_ids[b, t].
         """
-        ids, mask, positions = join_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
-        hidden, _ = self._trunk(ids, positions, mask, dtype)
-        predictors, response_hidden = split_response(hidden, prompt_mask, response_ids.shape[1])
-        return self._logits(predictors), response_hidden
+        predictors, response_hidden = self.score_hidden(prompt_ids, prompt_mask, response_ids,
+                                                        response_mask, dtype, remat)
+        return self.output_logits(predictors), response_hidden
 
     def prefill(self, prompt_ids, prompt_mask, max_new_tokens, dtype=jnp.float32):
         """Run the prompt, return next-token logits [B, V] and a cache with room for the rest."""
         positions = positions_from_mask(prompt_mask)
         hidden, kvs = self._trunk(prompt_ids, positions, prompt_mask, dtype)
-        logits = self._logits(last_prompt_state(hidden, prompt_mask))
+        logits = self.output_logits(last_prompt_state(hidden, prompt_mask))
         return logits, init_cache(kvs, prompt_mask, positions, max_new_tokens, keys_slots_minor=False)  # MHA
 
     def decode(self, tokens, cache, dtype=jnp.float32):
@@ -213,7 +223,7 @@ class GPTNeoModel(nnx.Module):
         for i, block in enumerate(self.h):
             x, kv = block(x, step.positions, None, cache=step.layer(cache, i))
             kvs.append(kv)
-        return self._logits(self.ln_f(x)[:, 0]), step.close(cache, kvs)
+        return self.output_logits(self.ln_f(x)[:, 0]), step.close(cache, kvs)
 
 
 def _windows(config):

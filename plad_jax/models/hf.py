@@ -262,11 +262,12 @@ def cut_layers(module, hf_config: dict, layers, where: str = "layers"):
 
 
 def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None,
-                    layers=None) -> LanguageModel:
+                    layers=None, remat: str = "none") -> LanguageModel:
     """Load a Hugging Face model directory (or hub id, when online) or a GGUF file (or a directory
     holding one) as a `LanguageModel`.
 
     dtype: storage dtype of the params; compute_dtype: activation/matmul dtype (default: dtype).
+    remat: what each block keeps for the backward pass (`LanguageModel`, `layers.REMAT_POLICIES`).
     mesh: place every parameter on it, sharded by `plad_jax.sharding` rules, shard by shard.
     layers: keep only these blocks of the checkpoint, in this order (`cut_layers`): a student cut
     from its teacher.
@@ -304,7 +305,7 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
     if variables:  # a family whose weight table misses a parameter is a bug, not a user error
         raise AssertionError(f"{model_type}: parameters without an HF tensor: {sorted(variables)}")
     return LanguageModel(model_type, config, graphdef, state, hf_config,
-                         compute_dtype=compute_dtype or dtype, mesh=mesh)
+                         compute_dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
 
 
 def _check_gguf_tensors(files: GGUFWeights, config_cls, module, hf_config: dict):
@@ -317,7 +318,8 @@ def _check_gguf_tensors(files: GGUFWeights, config_cls, module, hf_config: dict)
         raise CheckpointError(message) from None
 
 
-def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, compute_dtype=None) -> LanguageModel:
+def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, compute_dtype=None,
+               remat: str = "none") -> LanguageModel:
     """A freshly initialised model of the architecture described by HF config.json fields.
 
     Parameters are created inside one jit whose outputs are laid out by the sharding rules, so a
@@ -338,7 +340,7 @@ def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, 
 
     params = jax.jit(create, out_shardings=shardings)()
     return LanguageModel(model_type, config, graphdef, params, dict(hf_config),
-                         compute_dtype=compute_dtype or dtype, mesh=mesh)
+                         compute_dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
 
 
 def _to_host(x) -> np.ndarray:

@@ -4,11 +4,15 @@ It holds a family's NNX graph definition and its params (an `nnx.State` whose le
 axis names) and exposes pure functions of `params` for training and sampling:
 
     apply(params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None) -> (logits, hidden)
+    token_logprobs(params, <same four arrays>, *, rng=None) -> (log-probs [B, R], hits, hidden)
     prefill(params, prompt_ids, prompt_mask, max_new_tokens) -> (next_logits [B, V], cache)
     decode(params, tokens [B], cache) -> (next_logits [B, V], cache)
 
 plus the eager conveniences `logits(...)` (jitted, on the model's own params) and
-`save_pretrained(path)`. To bring another model stack, implement a family module with the same
+`save_pretrained(path)`. `remat` (a `layers.REMAT_POLICIES` name) sets what each block keeps for
+the backward pass of `apply` and `token_logprobs`; it changes memory and time, never values.
+
+To bring another model stack, implement a family module with the same
 `score` / `prefill` / `decode` methods and a weight table (see README, "Bring your own model").
 """
 
@@ -22,7 +26,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import use_abstract_mesh
 
+from plad_jax import losses
 from plad_jax import sharding as shd
+from plad_jax.models.layers import REMAT_POLICIES
 
 
 def cast_floats(tree, dtype):
@@ -34,7 +40,9 @@ class LanguageModel:
     """A causal or encoder-decoder LM with HF import/export. See the module docstring."""
 
     def __init__(self, model_type: str, config, graphdef, params, hf_config: dict, *,
-                 compute_dtype=jnp.float32, mesh=None):
+                 compute_dtype=jnp.float32, mesh=None, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
         self.model_type = model_type
         self.config = config
         self.graphdef = graphdef
@@ -42,6 +50,7 @@ class LanguageModel:
         self.hf_config = dict(hf_config)
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.mesh = mesh
+        self.remat = remat
         self._logits_jit = jax.jit(lambda p, *batch: self.apply(p, *batch)[0])
 
     # -- facts the sampler and the pipeline need ------------------------------------------------
@@ -82,7 +91,15 @@ class LanguageModel:
     def with_params(self, params) -> "LanguageModel":
         """The same model with other params (e.g. after training)."""
         return LanguageModel(self.model_type, self.config, self.graphdef, params, self.hf_config,
-                             compute_dtype=self.compute_dtype, mesh=self.mesh)
+                             compute_dtype=self.compute_dtype, mesh=self.mesh, remat=self.remat)
+
+    def with_remat(self, remat: str) -> "LanguageModel":
+        """The same model and params, its blocks rematerialised as `remat` says."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        model = self.with_params(self.params)
+        model.remat = remat
+        return model
 
     # -- pure functions of params (jit/grad them freely) ---------------------------------------
     def _module(self, params, rng=None):
@@ -90,12 +107,17 @@ class LanguageModel:
         layers draw train-time randomness (LoRA dropout, `models.lora`); a plain model ignores it."""
         return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype))
 
-    def _call(self, method: str, params, *args, rng=None):
+    def _call(self, method: str, params, *args, rng=None, **kwargs):
         """Run a module method on `params`, with the model's mesh active for activation layouts."""
+        call = lambda module: getattr(module, method)(*args, dtype=self.compute_dtype, **kwargs)
+        return self._run(call, params, rng)
+
+    def _run(self, fn, params, rng=None):
+        """`fn(module)` on the family module of `params`, with the model's mesh active."""
         module = self._module(params, rng)
         context = contextlib.nullcontext() if self.mesh is None else use_abstract_mesh(self.mesh.abstract_mesh)
         with context:
-            return getattr(module, method)(*args, dtype=self.compute_dtype)
+            return fn(module)
 
     def apply(self, params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None):
         """(logits [B, R, V] fp32, response hidden states [B, R, D]); see `logits`.
@@ -103,7 +125,27 @@ class LanguageModel:
         rng: a PRNG key for train-time randomness (LoRA dropout); None (scoring, evaluation) is
         deterministic. Models without stochastic layers ignore it.
         """
-        return self._call("score", params, prompt_ids, prompt_mask, response_ids, response_mask, rng=rng)
+        return self._call("score", params, prompt_ids, prompt_mask, response_ids, response_mask,
+                          rng=rng, remat=self.remat)
+
+    def token_logprobs(self, params, prompt_ids, prompt_mask, response_ids, response_mask, *,
+                       rng=None):
+        """(log q(response_ids) [B, R] fp32, argmax == response_ids [B, R] bool, response hidden
+        states [B, R, D]): `losses.token_logprobs` of `apply`'s logits, computed from the hidden
+        states a chunk of positions at a time (`losses.chunked_token_logprobs`), so neither the
+        forward nor the backward pass holds a whole [B, R, V] array. Values at padded positions
+        are meaningless (mask them)."""
+        chunk = losses.logit_chunk(response_ids.shape[0], self.vocab_size)
+
+        def run(module):
+            predictors, hidden = module.score_hidden(prompt_ids, prompt_mask, response_ids,
+                                                     response_mask, dtype=self.compute_dtype,
+                                                     remat=self.remat)
+            logps, hits = losses.chunked_token_logprobs(module.output_logits, predictors,
+                                                        response_ids, chunk)
+            return logps, hits, hidden
+
+        return self._run(run, params, rng)
 
     def prefill(self, params, prompt_ids, prompt_mask, max_new_tokens: int):
         """Encode the prompt; next-token logits [B, V] and a cache for `max_new_tokens` more."""
@@ -142,4 +184,5 @@ class LanguageModel:
 
     def __repr__(self):
         return (f"LanguageModel({self.model_type}, params={self.num_params():,}, "
-                f"compute_dtype={self.compute_dtype.name}, mesh={None if self.mesh is None else dict(self.mesh.shape)})")
+                f"compute_dtype={self.compute_dtype.name}, remat={self.remat}, "
+                f"mesh={None if self.mesh is None else dict(self.mesh.shape)})")

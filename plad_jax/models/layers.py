@@ -27,6 +27,30 @@ ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
                "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
 
 
+# Activation checkpointing of each decoder (and encoder) block in the backward pass (`run_block`):
+# "none" keeps every activation a block makes until the backward pass (fastest, most memory);
+# "full" keeps only each block's input and recomputes the block's forward from it (least memory);
+# "dots" also keeps the outputs of products without batch dimensions (the weight projections) and
+# recomputes the rest: attention scores, softmax, norms, activations.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def run_block(block, remat: str, *args, method: str = "__call__"):
+    """`block.<method>(*args)`, its activations kept or recomputed as `REMAT_POLICIES[remat]` says.
+
+    Outside a gradient the result is the same program either way; under one, a rematerialised
+    block holds only what its policy saves between the forward and the backward pass, so memory
+    no longer grows with every activation of every layer (attention scores are [B, H, T, T]).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    if remat == "none":
+        return getattr(block, method)(*args)
+    call = lambda module, *a: getattr(module, method)(*a)
+    return nnx.remat(call, policy=REMAT_POLICIES[remat])(block, *args)
+
+
 def token_ids(x) -> tuple[int, ...]:
     """A config.json token id field (None, an int or a list) as a tuple of ints."""
     if x is None:

@@ -127,14 +127,16 @@ class LoRAModel(LanguageModel):
     """
 
     def __init__(self, lora: LoRAConfig, base_graphdef, model_type, config, graphdef, params, hf_config, *,
-                 compute_dtype=jnp.float32, mesh=None):
-        super().__init__(model_type, config, graphdef, params, hf_config, compute_dtype=compute_dtype, mesh=mesh)
+                 compute_dtype=jnp.float32, mesh=None, remat: str = "none"):
+        super().__init__(model_type, config, graphdef, params, hf_config,
+                         compute_dtype=compute_dtype, mesh=mesh, remat=remat)
         self.lora = lora
         self.base_graphdef = base_graphdef
 
     def with_params(self, params) -> "LoRAModel":
-        return LoRAModel(self.lora, self.base_graphdef, self.model_type, self.config, self.graphdef, params,
-                         self.hf_config, compute_dtype=self.compute_dtype, mesh=self.mesh)
+        return LoRAModel(self.lora, self.base_graphdef, self.model_type, self.config, self.graphdef,
+                         params, self.hf_config, compute_dtype=self.compute_dtype, mesh=self.mesh,
+                         remat=self.remat)
 
     def _module(self, params, rng=None):
         module = super()._module(params)
@@ -229,7 +231,7 @@ def add_lora(lm: LanguageModel, cfg: LoRAConfig = LoRAConfig(), seed: int = 0) -
         setattr(parent, path[-1], LoRALinear(linear, lora_a, lora_b, scale=cfg.scale, dropout=cfg.dropout))
     graphdef, params = nnx.split(module)
     return LoRAModel(cfg, lm.graphdef, lm.model_type, lm.config, graphdef, params, lm.hf_config,
-                     compute_dtype=lm.compute_dtype, mesh=lm.mesh)
+                     compute_dtype=lm.compute_dtype, mesh=lm.mesh, remat=lm.remat)
 
 
 def _new_adapter(seed: int, path, linear: Linear, rank: int, mesh):
@@ -291,4 +293,4 @@ def merge_lora(lm: LoRAModel) -> LanguageModel:
         _, base = split_trainable(lm.params)
         params = jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, base)
     return LanguageModel(lm.model_type, lm.config, lm.base_graphdef, params, lm.hf_config,
-                         compute_dtype=lm.compute_dtype, mesh=lm.mesh)
+                         compute_dtype=lm.compute_dtype, mesh=lm.mesh, remat=lm.remat)

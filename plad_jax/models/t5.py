@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from plad_jax.models.layers import (ACTIVATIONS, Embed, Linear, RMSNorm, attention, cache_keys, cache_values,
-                                    cached_attention, token_ids, write_slot)
+                                    cached_attention, run_block, token_ids, write_slot)
 from plad_jax.models.spec import WeightSpec
 
 
@@ -232,6 +232,12 @@ class Block(nnx.Module):
             x = x + attend(self.cross_attn_norm(x), cross_k, cross_v, mask=cross_mask)
         return x + self.mlp(self.mlp_norm(x)), (keys, values)
 
+    def teacher_forced(self, x, encoded, mask, bias, cross_mask):
+        """A decoder block over a whole response, its cross-attention keys made from `encoded`
+        here (so a rematerialised block recomputes them too); returns x."""
+        cross_k, cross_v = self.cross_attn.key_values(encoded)
+        return self(x, mask, bias, cross=(cross_k, cross_v, cross_mask))[0]
+
 
 class Stack(nnx.Module):
     """Encoder (bidirectional) or decoder (causal, with cross-attention) stack and its bias table."""
@@ -264,7 +270,7 @@ class T5Model(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.d_model, config.vocab_size, ("embed", "vocab"), rngs=rngs)
 
-    def _logits(self, h):
+    def output_logits(self, h):
         """fp32 logits from final decoder states (after the final layer norm)."""
         if self.config.scale_decoder_outputs:
             h = h * (self.config.d_model ** -0.5)
@@ -272,24 +278,21 @@ class T5Model(nnx.Module):
             return self.shared.attend(h)
         return self.lm_head.logits(h)
 
-    def encode(self, prompt_ids, prompt_mask, dtype=jnp.float32):
+    def encode(self, prompt_ids, prompt_mask, dtype=jnp.float32, remat="none"):
         """Final encoder states [B, P, D]; padded prompt keys are masked."""
         p = prompt_ids.shape[1]
         x = self.shared(prompt_ids, dtype)
         bias = self.encoder.position_bias(jnp.arange(p)[None, :] - jnp.arange(p)[:, None], dtype)
         mask = prompt_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, P]
         for block in self.encoder.block:
-            x, _ = block(x, mask, bias)
+            x, _ = run_block(block, remat, x, mask, bias)
         return self.encoder.final_layer_norm(x)
 
-    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32):
-        """Logits [B, R, V] (fp32) for each response token, and response hidden states [B, R, D].
-
-        Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
-        response_ids[b, :t]; hidden[b, t] is the final decoder state (after the final layer norm)
-        at the decoder position whose input is response_ids[b, t].
-        """
-        encoded = self.encode(prompt_ids, prompt_mask, dtype)
+    def score_hidden(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
+                     remat="none"):
+        """(predictors, response hidden states), each [B, R, D]: `output_logits(predictors)` are
+        `score`'s logits. remat: a `layers.REMAT_POLICIES` name, per encoder and decoder block."""
+        encoded = self.encode(prompt_ids, prompt_mask, dtype, remat)
         b, r = response_ids.shape
         start = jnp.full((b, 1), self.config.decoder_start_token_id, response_ids.dtype)
         dec_ids = jnp.concatenate([start, response_ids], axis=1)  # [B, R + 1]
@@ -301,10 +304,21 @@ class T5Model(nnx.Module):
         cross_mask = prompt_mask.astype(bool)[:, None, None, :]
         x = self.shared(dec_ids, dtype)
         for block in self.decoder.block:
-            cross_k, cross_v = block.cross_attn.key_values(encoded)
-            x, _ = block(x, mask, bias, cross=(cross_k, cross_v, cross_mask))
+            x = run_block(block, remat, x, encoded, mask, bias, cross_mask, method="teacher_forced")
         hidden = self.decoder.final_layer_norm(x)
-        return self._logits(hidden[:, :-1]), hidden[:, 1:]
+        return hidden[:, :-1], hidden[:, 1:]
+
+    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
+              remat="none"):
+        """Logits [B, R, V] (fp32) for each response token, and response hidden states [B, R, D].
+
+        Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
+        response_ids[b, :t]; hidden[b, t] is the final decoder state (after the final layer norm)
+        at the decoder position whose input is response_ids[b, t].
+        """
+        predictors, response_hidden = self.score_hidden(prompt_ids, prompt_mask, response_ids,
+                                                        response_mask, dtype, remat)
+        return self.output_logits(predictors), response_hidden
 
     def prefill(self, prompt_ids, prompt_mask, max_new_tokens, dtype=jnp.float32):
         """Encode the prompt, feed the start token; next-token logits [B, V] and the cache.
@@ -339,7 +353,7 @@ class T5Model(nnx.Module):
                               cross=(cache["cross_k"][i], cache["cross_v"][i], cross_mask))
             new_k.append(k)
             new_v.append(v)
-        logits = self._logits(self.decoder.final_layer_norm(x)[:, 0])
+        logits = self.output_logits(self.decoder.final_layer_norm(x)[:, 0])
         cache = dict(cache, k=tuple(new_k), v=tuple(new_v), index=index + 1)
         return logits, cache
 
