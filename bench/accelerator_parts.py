@@ -362,7 +362,7 @@ def sampler_prefill_seconds(lm, ids, mask, new, repeats) -> float:
         None, ids, mask, np.ones(len(ids), bool), np.arange(len(ids), dtype=np.uint32)
     )
     run = lambda: jax.block_until_ready(
-        sampler._prefill_jit(model, config, lm.params, *args, np.uint32(0))
+        sampler._prefill_jit(model, config, lm.params, *args, np.uint32(0), None)  # no stop strings
     )
     return best_seconds(run, repeats)
 
