@@ -377,10 +377,19 @@ def test_unknown_preset_suggests_and_lists():
         load_config("/no/such/file.json")
 
 
-def test_resolve_fills_the_run_dir(tmp_path):
-    assert C.resolve("demo").run_dir == os.path.join("runs", "demo")
-    assert C.resolve("demo", ["name=x"]).run_dir == os.path.join("runs", "x")
-    assert C.resolve("demo", run_dir=str(tmp_path)).run_dir == str(tmp_path)
+def test_resolve_fills_the_run_dir_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert C.resolve("demo").run_dir == str(tmp_path / "runs" / "demo")
+    assert C.resolve("demo", ["name=x"]).run_dir == str(tmp_path / "runs" / "x")
+    assert C.resolve("demo", run_dir="rel/run").run_dir == str(tmp_path / "rel" / "run")
+    assert C.resolve("demo", run_dir="gs://bucket/run").run_dir == "gs://bucket/run"
+    (tmp_path / "data.jsonl").write_text("")
+    (tmp_path / "teacher").mkdir()
+    c = C.resolve("tiny", TINY_PATHS + ["data.path=data.jsonl", "teacher.path=teacher",
+                                        "student.path=org/hub-model"])
+    assert c.data.path == str(tmp_path / "data.jsonl") and c.teacher.path == str(tmp_path / "teacher")
+    assert c.student.path == "org/hub-model"  # not a local path: a hub id, kept as given
+    assert C.resolve("tiny", TINY_PATHS + ["teacher.path=./not-there"]).teacher.path == str(tmp_path / "not-there")
 
 
 # ------------------------------------------------------------------------------------------------
