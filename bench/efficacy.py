@@ -217,7 +217,8 @@ class SamplingMemo:
     def __exit__(self, *exc):
         self._stages.sample_responses = self._original
 
-    def _sample(self, ctx, lm, role, prompts, *, temperature, max_new_tokens, seed, desc="sample", sample_ids=None):
+    def _sample(self, ctx, lm, role, prompts, *, temperature, max_new_tokens, seed, desc="sample", sample_ids=None,
+                stop=()):
         import hashlib
 
         import jax
@@ -230,13 +231,13 @@ class SamplingMemo:
         vocab = hashlib.sha256(json.dumps(sorted(ctx.tokenizer(role).get_vocab().items())).encode()).hexdigest()
         key = (digest.hexdigest(), type(lm).__name__, vocab, tuple(prompts),
                temperature, max_new_tokens, seed, None if sample_ids is None else tuple(sample_ids),
-               cfg.batch_size, cfg.top_k, cfg.top_p, ctx.config.data.max_prompt_tokens)
+               cfg.batch_size, cfg.top_k, cfg.top_p, ctx.config.data.max_prompt_tokens, tuple(stop))
         if key in self.cache:
             self.hits += 1
             return self.cache[key]
         self.misses += 1
         out = self._original(ctx, lm, role, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
-                             seed=seed, desc=desc, sample_ids=sample_ids)
+                             seed=seed, desc=desc, sample_ids=sample_ids, stop=stop)
         self.cache[key] = out
         return out
 
