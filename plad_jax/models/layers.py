@@ -42,13 +42,55 @@ def run_block(block, remat: str, *args, method: str = "__call__"):
     Outside a gradient the result is the same program either way; under one, a rematerialised
     block holds only what its policy saves between the forward and the backward pass, so memory
     no longer grows with every activation of every layer (attention scores are [B, H, T, T]).
+    The block runs as a pure function of its state (`nnx.split`; blocks change no state).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
     if remat == "none":
         return getattr(block, method)(*args)
-    call = lambda module, *a: getattr(module, method)(*a)
-    return nnx.remat(call, policy=REMAT_POLICIES[remat])(block, *args)
+    graphdef, state = nnx.split(block)
+    pure = lambda state, *a: getattr(nnx.merge(graphdef, state), method)(*a)
+    return _ordered_remat(pure, REMAT_POLICIES[remat])(state, *args)
+
+
+def _ordered_remat(fn, policy):
+    """`jax.checkpoint(fn, policy=policy)` whose recomputation waits for the output's cotangent.
+
+    Plain `jax.checkpoint` leaves the recomputed forward depending on the saved residuals only,
+    and XLA:CPU schedules it as soon as they exist: every block's recomputation runs early and all
+    layers' activations are live together, as without remat. Here the backward pass makes the
+    residuals depend on the cotangent first (`_after`), so a block is recomputed only when its
+    backward is due and one block's activations are live at a time.
+    """
+    checkpointed = jax.checkpoint(fn, policy=policy)
+
+    @jax.custom_vjp
+    def run(*args):
+        return checkpointed(*args)
+
+    def forward(*args):
+        return jax.vjp(checkpointed, *args)
+
+    def backward(vjp, cotangent):
+        return _after(vjp, cotangent)(cotangent)
+
+    run.defvjp(forward, backward)
+    return run
+
+
+def _after(tree, cotangent):
+    """`tree` made to depend on `cotangent`: 0 * one of its elements added to every float leaf.
+
+    XLA:CPU drops `optimization_barrier`s before scheduling, and does not fold `x * 0.0` for
+    floats (not exact for inf / NaN), so this is the data dependency that orders work after the
+    cotangent. Costs one scalar and an add fused into each leaf's consumer; a non-finite first
+    cotangent element makes the block's gradients NaN (they would be non-finite anyway).
+    """
+    grads = [g for g in jax.tree.leaves(cotangent) if jnp.issubdtype(g.dtype, jnp.inexact)]
+    zero = 0.0 * grads[0].ravel()[0] if grads else None
+    tie = lambda x: (x + zero.astype(x.dtype) if zero is not None
+                     and jnp.issubdtype(x.dtype, jnp.inexact) else x)
+    return jax.tree.map(tie, tree)
 
 
 def token_ids(x) -> tuple[int, ...]:
