@@ -42,6 +42,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.train_step
+from bench import train_step  # noqa: E402
+
 MODEL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
              num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5,
              max_position_embeddings=8192, rms_norm_eps=1e-5)
@@ -53,21 +56,13 @@ LEARNING_RATE = 1e-4
 
 
 def make_checkpoint(quick: bool, path: str) -> int:
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(QUICK if quick else MODEL)))
-    model.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    return train_step.save_random_llama(QUICK if quick else MODEL, path)
 
 
 def make_batch(args, vocab: int) -> dict:
-    import numpy as np
-    rng = np.random.default_rng(0)
-    ids = lambda length: rng.integers(3, vocab, (args.batch, length)).astype(np.int32)
-    ones = lambda length: np.ones((args.batch, length), np.int32)
-    return {"prompt_ids": ids(args.prompt), "prompt_mask": ones(args.prompt),
-            "response_ids": ids(args.response), "response_mask": ones(args.response)}
+    """The SFT part of `bench/train_step.py`'s batch: every token real."""
+    keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+    return {k: v for k, v in train_step.make_batch(args, vocab).items() if k in keys}
 
 
 # -- measuring --------------------------------------------------------------------------------------

@@ -61,10 +61,15 @@ def cpu_name() -> str:
 
 
 def make_checkpoint(quick: bool, path: str) -> int:
+    return save_random_llama(QUICK if quick else MODEL, path)
+
+
+def save_random_llama(fields: dict, path: str) -> int:
+    """A random-weight transformers LLaMA of config `fields` saved to `path`; its parameter count."""
     import torch
     import transformers
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(QUICK if quick else MODEL)))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
 
