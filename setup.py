@@ -39,7 +39,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["plad_jax", "plad_jax.*", "configs", "configs.*"]),
+    # The presets live in the repository's top-level configs/ and install as plad_jax.configs (a
+    # top-level `configs` package would clash with other projects' in site-packages).
+    packages=find_packages(include=["plad_jax", "plad_jax.*"]) + ["plad_jax.configs"],
+    package_dir={"plad_jax.configs": "configs"},
     install_requires=CORE,
     extras_require=EXTRAS,
     license="Apache-2.0",

@@ -755,8 +755,13 @@ def parse_stages(text: str | None) -> tuple[str, ...]:
 
 
 def presets_dir() -> str:
-    """The packaged `configs/` directory (installed next to `plad_jax`, or the repository's)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    """The presets: the repository's top-level `configs/` in a source checkout (editable install),
+    else the `plad_jax/configs/` that `pip install .` writes (setup.py maps one to the other)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.join(os.path.dirname(package), "configs")
+    if os.path.isfile(os.path.join(checkout, "__init__.py")):
+        return checkout
+    return os.path.join(package, "configs")
 
 
 def preset_names() -> list[str]:
@@ -780,15 +785,16 @@ def load_config(spec: str) -> Config:
 
 
 def _import_preset(name: str):
-    """configs.<name>, making sure `configs` is ours (a project's own `configs/` on sys.path may shadow it)."""
+    """plad_jax.configs.<name> when that package is this checkout's presets (installed or
+    editable), else the preset file itself (a bare checkout on PYTHONPATH)."""
     ours = os.path.realpath(presets_dir())
     try:
-        package = importlib.import_module("configs")
+        package = importlib.import_module("plad_jax.configs")
         paths = [os.path.realpath(p) for p in getattr(package, "__path__", [])]
     except ImportError:
         paths = []
     if ours in paths:
-        return importlib.import_module(f"configs.{name}")
+        return importlib.import_module(f"plad_jax.configs.{name}")
     return _exec_file(os.path.join(ours, f"{name}.py"), f"plad_jax_preset_{name}")
 
 

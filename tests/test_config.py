@@ -37,6 +37,22 @@ def test_preset_names_are_exactly_the_presets():
     assert sorted(C.preset_names()) == sorted(PRESETS)
 
 
+def test_installed_package_carries_the_presets_under_plad_jax(tmp_path):
+    """`pip install .` puts the presets in plad_jax/configs (no top-level `configs` package to
+    clash in site-packages), and `--config NAME` finds them from any directory."""
+    target, cwd = tmp_path / "site", tmp_path / "elsewhere"
+    cwd.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), ROOT], check=True, cwd=cwd, capture_output=True)
+    assert (target / "plad_jax" / "configs" / "demo.py").is_file()
+    assert not (target / "configs").exists()
+    code = ("import plad_jax.config as c; m = c._import_preset('demo'); "
+            "print(m.__name__, c.load_config('demo').name, c.preset_names() == sorted(%r))" % list(PRESETS))
+    env = {**subprocess_env(), "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["plad_jax.configs.demo", "demo", "True"], out.stderr
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_loads_validates_and_round_trips(name):
     config = load_config(name)
