@@ -21,6 +21,7 @@ from flax import nnx
 
 from plad_jax import sharding as shd
 from plad_jax.models import gguf_io
+from plad_jax.models import language_model
 from plad_jax.models.language_model import LanguageModel
 from plad_jax.models.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -403,3 +404,7 @@ def save_gguf(lm: LanguageModel, path: str, dtype: str = "f16", tokenizer=None):
         gguf_io.write_gguf(lm, tensors, path, dtype, tokenizer)
     except gguf_io.GGUFError as e:
         raise CheckpointError(str(e)) from None
+
+
+language_model.register_writer("safetensors", save_pretrained)
+language_model.register_writer("gguf", save_gguf)

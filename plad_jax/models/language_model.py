@@ -31,6 +31,20 @@ from plad_jax import sharding as shd
 from plad_jax.models.layers import REMAT_POLICIES
 
 
+# Writers for `save_pretrained` / `save_gguf`, registered by `plad_jax.models.hf` (the I/O layer
+# above this one; `plad_jax.models` imports it first), so this module never imports it back.
+_WRITERS: dict = {}
+
+
+def register_writer(kind: str, write) -> None:
+    """`write(lm, path, **kwargs)` for `kind` ("safetensors" or "gguf")."""
+    _WRITERS[kind] = write
+
+
+def _writer(kind: str):
+    return _WRITERS[kind]
+
+
 def cast_floats(tree, dtype):
     """Cast floating leaves of `tree` to `dtype` (bf16 compute over fp32 master params)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
@@ -170,8 +184,7 @@ class LanguageModel:
 
     def save_pretrained(self, path: str, *, max_shard_bytes: int = 5 * 1024**3):
         """Write `config.json` + safetensors that `transformers` loads with equal logits."""
-        from plad_jax.models import hf
-        hf.save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        _writer("safetensors")(self, path, max_shard_bytes=max_shard_bytes)
 
     def save_gguf(self, path: str, dtype: str = "f16", tokenizer=None):
         """Write one GGUF file (llama / qwen2) for llama.cpp, Ollama and transformers' GGUF loader.
@@ -179,8 +192,7 @@ class LanguageModel:
         dtype: f32, f16, bf16 or q8_0 for the 2-D weights (norms and biases stay f32, as llama.cpp
         writes them); tokenizer: a transformers fast BPE tokenizer whose vocabulary goes into the
         file's metadata, so the file alone is a complete model."""
-        from plad_jax.models import hf
-        hf.save_gguf(self, path, dtype, tokenizer)
+        _writer("gguf")(self, path, dtype, tokenizer)
 
     def __repr__(self):
         return (f"LanguageModel({self.model_type}, params={self.num_params():,}, "
