@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -40,10 +41,12 @@ def test_preset_names_are_exactly_the_presets():
 def test_installed_package_carries_the_presets_under_plad_jax(tmp_path):
     """`pip install .` puts the presets in plad_jax/configs (no top-level `configs` package to
     clash in site-packages), and `--config NAME` finds them from any directory."""
-    target, cwd = tmp_path / "site", tmp_path / "elsewhere"
+    source, target, cwd = tmp_path / "source", tmp_path / "site", tmp_path / "elsewhere"
     cwd.mkdir()
+    skip = shutil.ignore_patterns(".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".venv", ".whl")
+    shutil.copytree(ROOT, source, ignore=skip)  # setuptools builds in the source tree: not ours
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), ROOT], check=True, cwd=cwd, capture_output=True)
+                    "--target", str(target), str(source)], check=True, cwd=cwd, capture_output=True)
     assert (target / "plad_jax" / "configs" / "demo.py").is_file()
     assert not (target / "configs").exists()
     code = ("import plad_jax.config as c; m = c._import_preset('demo'); "
