@@ -235,7 +235,13 @@ def _hparams(cls: type[Method], config: Config):
             hint = f"; did you mean distill.hparams.{close[0]}?" if close else ""
             raise ConfigError(_foreign(cls, spec, f"distill.hparams.{knob}") + hint)
         values[knob] = check_value(value, hints[knob], f"distill.hparams.{knob}")
-    return getattr(config, cls.section) if cls.section else cls.HParams(**values)
+    if cls.section:
+        return getattr(config, cls.section)
+    try:
+        return cls.HParams(**values)
+    except TypeError as e:  # a knob without a default that the config does not set
+        raise ConfigError(f"distill.method={spec}: {' '.join(str(e).split())}; set its "
+                          "hyper-parameters with --set distill.hparams.<name>=value") from None
 
 
 def _foreign(cls: type[Method], spec: str, setting: str) -> str:
