@@ -146,3 +146,20 @@ def test_the_readme_example_runs_every_stage_from_its_own_directory(user_module,
         assert json.load(f)["distill"]["hparams"] == {"anchor": 0.5}
     with open(run_dir / "eval" / "metrics.json", encoding="utf-8") as f:
         assert set(json.load(f)["models"]) == {"teacher", "initial student", "distilled student"}
+
+
+def test_batches_the_pipeline_cannot_build_are_refused_up_front(tmp_path, monkeypatch, capsys):
+    (tmp_path / "odd_methods.py").write_text(
+        "from plad_jax.methods import Batches, PladRank\n"
+        "class MixedPairs(PladRank):\n    batches = Batches(responses=('teacher', 'student'), pairs=True)\n"
+        "class Nothing(PladRank):\n    batches = Batches()\n"
+        "class Typo(PladRank):\n    batches = Batches(responses=('teachr',))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, why in (("MixedPairs", "a mix of response sources has more rows than its pairs or reference"),
+                      ("Nothing", "they hold no responses and no pairs"),
+                      ("Typo", "response sources ['teachr'] are not among target, teacher, student")):
+        argv = ["--config", "demo", "--run-dir", str(tmp_path / "run"), "--set", f"distill.method=odd_methods:{name}"]
+        assert launch.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"plad_jax.launch: error: distill.method=odd_methods:{name}: its batches cannot be built: {why}"]
+    assert not (tmp_path / "run").exists()

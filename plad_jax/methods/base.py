@@ -55,6 +55,19 @@ class Batches:
     pairs: bool = False
     reference: bool = False
 
+    SOURCES: ClassVar[tuple[str, ...]] = ("target", "teacher", "student")
+
+    def problem(self) -> str | None:
+        """Why the pipeline cannot build these batches, or None."""
+        unknown = [s for s in self.responses if s not in self.SOURCES]
+        if unknown:
+            return f"response sources {unknown} are not among {', '.join(self.SOURCES)}"
+        if len(self.responses) > 1 and (self.pairs or self.reference):
+            return "a mix of response sources has more rows than its pairs or reference"
+        if not (self.responses or self.pairs):
+            return "they hold no responses and no pairs"
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class NoHParams:
@@ -188,6 +201,8 @@ def configure(config: Config) -> Method:
     problem is one ConfigError line, raised before any work."""
     spec = config.distill.method
     cls = resolve(spec)
+    if not cls.own_loop and (problem := cls.batches.problem()):
+        raise ConfigError(f"distill.method={spec}: its batches cannot be built: {problem}")
     method = cls(_hparams(cls, config), name=spec)
     _validated(method)
     _check_settings(method, config)
