@@ -303,7 +303,7 @@ class Config:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
-    pbkd: PbKDConfig = dataclasses.field(default_factory=PbKDConfig)  # read by the PbKD methods only
+    pbkd: PbKDConfig = dataclasses.field(default_factory=PbKDConfig)  # read by PbKD methods only
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def resolved_run_dir(self) -> str:
@@ -697,7 +697,8 @@ def _validate_pairs(p: PairsConfig):
 
 
 def _validate_distill(d: DistillConfig):
-    _need(bool(d.method.strip()), "distill.method must name a method (a registered name or module:Class)")
+    _need(bool(d.method.strip()),
+          "distill.method must name a method (a registered name or module:Class)")
     _need(d.rounds >= 1, f"distill.rounds must be >= 1, got {d.rounds}")
 
 

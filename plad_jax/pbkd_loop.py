@@ -79,7 +79,8 @@ def run_pbkd(method, student, rows, cfg: PbKDConfig, train, workdir: str, *, tok
         model structures and mesh), so a later call with the same key (a sweep, a run restarted in
         the same process, tests) reuses them instead of compiling again. None: compile afresh.
     """
-    cls, name = (methods.resolve(method), method) if isinstance(method, str) else (type(method), method.name)
+    named = isinstance(method, str)
+    cls, name = (methods.resolve(method), method) if named else (type(method), method.name)
     if not issubclass(cls, methods.PbKD):
         raise ValueError(f"run_pbkd runs the PbKD methods, not {name}")
     method = cls(cfg, name=name)
@@ -88,8 +89,8 @@ def run_pbkd(method, student, rows, cfg: PbKDConfig, train, workdir: str, *, tok
         raise ValueError("run_pbkd: no pair rows to distil on; run the sample stage first")
     if method.white_box:
         if teacher is None or teacher.vocab_size != student.vocab_size:
-            raise ValueError(f"{method.name} compares token distributions: it needs the teacher model, with the "
-                             f"student's vocabulary (student {student.vocab_size}, teacher "
+            raise ValueError(f"{method.name} compares token distributions: it needs the teacher "
+                             f"model, with the student's vocabulary (student {student.vocab_size}, teacher "
                              f"{None if teacher is None else teacher.vocab_size})")
     os.makedirs(workdir, exist_ok=True)
     run = _Run(method, student, rows, cfg, train, workdir, tokenizer, max_prompt_tokens, max_response_tokens,
@@ -205,7 +206,8 @@ class _Run:
         fields = {k: getattr(self.train, k, None) for k in ("batch_size", "epochs", "max_steps", "learning_rate",
                                                             "warmup_steps", "weight_decay", "max_grad_norm",
                                                             "grad_accum")}
-        text = json.dumps([self.method.name, dataclasses.asdict(self.cfg), fields, self.seed, len(self.rows)],
+        text = json.dumps([self.method.name, dataclasses.asdict(self.cfg), fields, self.seed,
+                           len(self.rows)],
                           sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -262,7 +264,8 @@ class _Run:
                            manager=manager, log_every=self.train.log_every,
                            on_metrics=lambda s, m: curve.add(s, m["loss"]), config_hash=self.config_hash())
         manager.close()
-        summary = {"method": self.method.name, "steps": total, "final_loss": curve.final_loss, **stats}
+        summary = {"method": self.method.name, "steps": total, "final_loss": curve.final_loss,
+                   **stats}
         return self.student_lm(state.params), summary
 
     # -- the two-player game ---------------------------------------------------------------------

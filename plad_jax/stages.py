@@ -202,7 +202,8 @@ def _check_inputs(ctx: Context, pending) -> None:
             raise data_problem
         check_checkpoints(cfg, pending)
         if "distill" in pending and method.shared_vocabulary:
-            methods.check_shared_vocabulary(method, cfg, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
+            methods.check_shared_vocabulary(method, cfg, ctx.tokenizer("teacher"),
+                                            ctx.tokenizer("student"))
         return
     parts = [_missing_weights(missing)] if missing else []
     parts += [f"{inputs.describe(need, readers)} cannot be loaded ({why}); a python scorer is "
@@ -350,8 +351,8 @@ class BestCheckpoint:
                 "validation_by_step": {str(k): v for k, v in sorted(self.scores.items())}}
 
 
-def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, batch_fn, num_examples: int, *,
-                teacher=None, reference=None, tag: str = "", select=None):
+def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, batch_fn,
+                num_examples: int, *, teacher=None, reference=None, tag: str = "", select=None):
     """Train `lm` with `method`'s loss on `batch_fn(rows) -> batch`; returns (trained lm, summary).
 
     select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint, the best
@@ -399,7 +400,8 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, bat
     state = train_loop(step, state, batches, frozen, total_steps=total, steps_per_epoch=steps_per_epoch,
                        manager=manager, log_every=train_cfg.log_every,
                        on_metrics=on_metrics, progress=os.path.basename(stage_dir) + tag,
-                       config_hash=_config_hash(to_dict(train_cfg), method.name, method.hparams_dict(), tag),
+                       config_hash=_config_hash(to_dict(train_cfg), method.name,
+                                                method.hparams_dict(), tag),
                        on_checkpoint=selector)
     manager.close()
     if board is not None:
@@ -525,7 +527,8 @@ def distill_stage(ctx: Context, stage_dir: str):
     student = with_lora(ctx, ctx.stage_model("sft_student", "student"), "student")
     teacher = None
     if method.shared_vocabulary:
-        methods.check_shared_vocabulary(method, ctx.config, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
+        methods.check_shared_vocabulary(method, ctx.config, ctx.tokenizer("teacher"),
+                                        ctx.tokenizer("student"))
     if "teacher" in method.frozen_models:
         teacher = ctx.stage_model("sft_teacher", "teacher")
     rows = pairs.read_pairs(ctx.path("sample"))
@@ -534,23 +537,30 @@ def distill_stage(ctx: Context, stage_dir: str):
     summary = {}
     for round_ in range(cfg.rounds):
         if round_ > 0:  # iterative PLaD: new student samples from the student distilled so far
-            ids = [r["index"] if r["index"] is not None else i for i, r in enumerate(rows)]
-            texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
-                                           temperature=ctx.config.sample.temperature,
-                                           max_new_tokens=ctx.config.sample.max_new_tokens,
-                                           seed=ctx.config.seed + 100 * round_,
-                                           desc=f"round {round_}",
-                                           stop=stop_strings(ctx, ctx.config.sample))
-            rows = [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
+            rows = resampled_rows(ctx, student, rows, round_)
         batch_fn, n = method_batches(ctx, method, rows, cfg.batch_size)
         # A frozen reference is the student as it starts (LoRA: adapters at their start). A copy:
         # the train step donates the trainable params, which must not be the reference's buffers.
-        reference = jax.tree.map(jnp.copy, student.params) if "reference" in method.frozen_models else None
-        student, summary = train_model(ctx, student, stage_dir, cfg, method, batch_fn, n, teacher=teacher,
-                                       reference=reference, tag="" if cfg.rounds == 1 else f"-round{round_}")
+        reference = None
+        if "reference" in method.frozen_models:
+            reference = jax.tree.map(jnp.copy, student.params)
+        tag = "" if cfg.rounds == 1 else f"-round{round_}"
+        student, summary = train_model(ctx, student, stage_dir, cfg, method, batch_fn, n,
+                                       teacher=teacher, reference=reference, tag=tag)
     student.save_pretrained(os.path.join(stage_dir, "params"))
     exported = export_gguf(ctx, student, stage_dir)
     return {"method": method.name, "rounds": cfg.rounds, **summary, **exported}
+
+
+def resampled_rows(ctx: Context, student, rows, round_: int):
+    """The pair rows with a new student sample each, from `student` (iterative distillation)."""
+    ids = [r["index"] if r["index"] is not None else i for i, r in enumerate(rows)]
+    texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
+                                   temperature=ctx.config.sample.temperature,
+                                   max_new_tokens=ctx.config.sample.max_new_tokens,
+                                   seed=ctx.config.seed + 100 * round_, desc=f"round {round_}",
+                                   stop=stop_strings(ctx, ctx.config.sample))
+    return [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
 
 
 def export_gguf(ctx: Context, student, stage_dir: str) -> dict:
@@ -566,13 +576,14 @@ def export_gguf(ctx: Context, student, stage_dir: str) -> dict:
 
 def own_loop_distill(ctx: Context, stage_dir: str, method: Method, student, teacher, rows):
     """A method that trains itself (`Method.own_loop`, PbKD's game): it gets the pairs, the
-    distillation TrainConfig and, when `pairs.real_ratio` > 0, the pairs scorer to label fresh pairs."""
+    distillation TrainConfig and, when `pairs.real_ratio` > 0, the pairs scorer to label fresh
+    pairs."""
     d = ctx.config.data
     scorer = _scorer(ctx, ctx.config.pairs) if ctx.config.pairs.real_ratio > 0 else None
-    student, summary = method.train_own(student, rows, teacher=teacher, workdir=stage_dir, train=ctx.config.distill,
-                                        tokenizer=ctx.tokenizer("student"), max_prompt_tokens=d.max_prompt_tokens,
-                                        max_response_tokens=d.max_response_tokens, scorer=scorer,
-                                        seed=ctx.config.seed)
+    student, summary = method.train_own(
+        student, rows, teacher=teacher, workdir=stage_dir, train=ctx.config.distill,
+        tokenizer=ctx.tokenizer("student"), max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_response_tokens, scorer=scorer, seed=ctx.config.seed)
     student.save_pretrained(os.path.join(stage_dir, "params"))
     return {"method": method.name, **summary, **export_gguf(ctx, student, stage_dir)}
 

@@ -104,14 +104,16 @@ def test_lora_settings_convert_to_the_models_lora_config():
 def test_distill_knobs_become_the_methods_hyper_parameters():
     from plad_jax import methods
 
-    config = apply_overrides(Config(), ["distill.method=plad_margin", "distill.score=sum", "distill.beta=0.5",
-                                        "distill.alpha=0.1", "distill.span_max_n=2"])
-    method = methods.configure(config)
+    def configure(*sets):
+        return methods.configure(apply_overrides(Config(), list(sets)))
+
+    method = configure("distill.method=plad_margin", "distill.score=sum", "distill.beta=0.5",
+                       "distill.alpha=0.1", "distill.span_max_n=2")
     assert isinstance(method, methods.PladMargin) and method.name == "plad_margin"
     assert method.hparams_dict() == {"score": "sum", "beta": 0.5, "alpha": 0.1, "span_max_n": 2,
                                      "span_reference": "target"}
-    assert methods.configure(apply_overrides(Config(), ["distill.method=kd", "distill.kd_temperature=2"])).hp.kd_temperature == 2.0
-    pbkd = methods.configure(apply_overrides(Config(), ["distill.method=pbkd_offline", "pbkd.num_samples=3"]))
+    assert configure("distill.method=kd", "distill.kd_temperature=2").hp.kd_temperature == 2.0
+    pbkd = configure("distill.method=pbkd_offline", "pbkd.num_samples=3")
     assert pbkd.hp is not None and pbkd.hp.num_samples == 3  # the pbkd section, whole
 
 
@@ -119,7 +121,7 @@ def test_choice_lists_live_in_one_place():
     from plad_jax import methods
     from plad_jax.data.tasks import TASKS
 
-    assert C.TASKS is TASKS and not hasattr(C, "METHODS")  # methods: the registry in plad_jax.methods
+    assert C.TASKS is TASKS and not hasattr(C, "METHODS")  # the registry: plad_jax.methods
     with pytest.raises(ConfigError) as e:
         methods.configure(apply_overrides(Config(), ["distill.method=nope"]))
     assert all(m in message(e) for m in methods.names()) and "module:Class" in message(e)

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "plad_jax")
 
 
-# -- no name comparisons outside the methods package ------------------------------------------------
+# -- no name comparisons outside the methods package -----------------------------------------------
+
 
 def name_decisions(source: str, where: str = "<source>") -> list[str]:
     """Places in `source` that decide by a registered method name: a comparison (==, !=, in, not
@@ -28,7 +29,9 @@ def name_decisions(source: str, where: str = "<source>") -> list[str]:
     known = set(methods.names())
 
     def is_name(node) -> bool:
-        return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known
+        return (
+            isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known
+        )
 
     found = []
     for node in ast.walk(ast.parse(source, where)):
@@ -42,11 +45,19 @@ def name_decisions(source: str, where: str = "<source>") -> list[str]:
 
 
 def test_the_scan_finds_each_kind_of_name_decision():
-    snippets = ['m == "dpo"', '"kd" != m', 'm in ("sft", "seqkd")', 'm not in ["minillm"]', 'x = {"plad_rank"}',
-                'match m:\n    case "pbkd_mm":\n        pass']
+    snippets = [
+        'm == "dpo"',
+        '"kd" != m',
+        'm in ("sft", "seqkd")',
+        'm not in ["minillm"]',
+        'x = {"plad_rank"}',
+        'match m:\n    case "pbkd_mm":\n        pass',
+    ]
     for snippet in snippets:
         assert name_decisions(snippet), snippet
-    assert not name_decisions('m == "teacher"\nx = ("sft_teacher", "eval")\ny = {"method": "dpo"}["method"]')
+    assert not name_decisions(
+        'm == "teacher"\nx = ("sft_teacher", "eval")\ny = {"method": "dpo"}["method"]'
+    )
 
 
 def test_no_module_outside_the_methods_package_compares_a_method_name():
@@ -61,16 +72,36 @@ def test_no_module_outside_the_methods_package_compares_a_method_name():
 
 
 def test_every_built_in_method_is_registered_once_with_its_declarations():
-    assert methods.names() == ("sft", "seqkd", "kd", "fdistill_tvd", "fdistill_js", "minillm", "plad_rank",
-                               "plad_margin", "slic", "dpo", "pbkd_cheap", "pbkd_offline", "pbkd_online", "pbkd_mm")
+    assert methods.names() == (
+        "sft",
+        "seqkd",
+        "kd",
+        "fdistill_tvd",
+        "fdistill_js",
+        "minillm",
+        "plad_rank",
+        "plad_margin",
+        "slic",
+        "dpo",
+        "pbkd_cheap",
+        "pbkd_offline",
+        "pbkd_online",
+        "pbkd_mm",
+    )
     assert methods.names(lambda c: c.iterative) == ("plad_rank", "plad_margin", "slic", "dpo")
-    assert methods.names(lambda c: "teacher" in c.frozen_models) == ("kd", "fdistill_tvd", "fdistill_js",
-                                                                     "minillm", "pbkd_mm")
+    assert methods.names(lambda c: "teacher" in c.frozen_models) == (
+        "kd",
+        "fdistill_tvd",
+        "fdistill_js",
+        "minillm",
+        "pbkd_mm",
+    )
     assert methods.names(lambda c: "reference" in c.frozen_models) == ("dpo",)
     assert methods.resolve("plad_jax.methods:PladRank") is methods.PladRank
 
 
-# -- a method of your own: the README's example ------------------------------------------------------
+# -- a method of your own: the README's example ----------------------------------------------------
+
 
 def readme_example() -> str:
     """The python block of the README's "Your own method" section."""
@@ -91,24 +122,44 @@ def user_module(tmp_path, monkeypatch):
 
 def test_the_readme_example_is_a_method_with_its_own_checked_knob(user_module):
     method = methods.get("my_method:RankWithAnchor", anchor=0.25, beta=0.5)
-    assert method.name == "my_method:RankWithAnchor" and (method.hp.anchor, method.hp.beta) == (0.25, 0.5)
+    assert method.name == "my_method:RankWithAnchor" and (method.hp.anchor, method.hp.beta) == (
+        0.25,
+        0.5,
+    )
     assert methods.resolve("my_method:RankWithAnchor").iterative  # inherited from PladRank
-    with pytest.raises(methods.base.ConfigError, match="distill.hparams.anchor must be >= 0, got -1"):
+    with pytest.raises(
+        methods.base.ConfigError, match="distill.hparams.anchor must be >= 0, got -1"
+    ):
         methods.get("my_method:RankWithAnchor", anchor=-1.0)
 
 
-@pytest.mark.parametrize("sets,expected", [
-    (["distill.hparams.anchor=-1"], "distill.hparams.anchor must be >= 0, got -1"),
-    (["distill.hparams.anchor=abc"], "distill.hparams.anchor expects a number, got 'abc'"),
-    (["distill.hparams.anchr=1"], "did you mean distill.hparams.anchor?"),
-    (["distill.kd_temperature=2"], "distill.kd_temperature=2.0 is not a hyper-parameter of "
-                                   "distill.method=my_method:RankWithAnchor (its hyper-parameters: distill.score, "
-                                   "distill.beta, distill.alpha, distill.hparams.anchor)"),
-], ids=["invalid", "mistyped", "misspelt", "foreign"])
-def test_a_bad_knob_of_a_user_method_is_one_line_exit_2_and_writes_nothing(user_module, tmp_path, capsys,
-                                                                              sets, expected):
+@pytest.mark.parametrize(
+    "sets,expected",
+    [
+        (["distill.hparams.anchor=-1"], "distill.hparams.anchor must be >= 0, got -1"),
+        (["distill.hparams.anchor=abc"], "distill.hparams.anchor expects a number, got 'abc'"),
+        (["distill.hparams.anchr=1"], "did you mean distill.hparams.anchor?"),
+        (
+            ["distill.kd_temperature=2"],
+            "distill.kd_temperature=2.0 is not a hyper-parameter of "
+            "distill.method=my_method:RankWithAnchor (its hyper-parameters: distill.score, "
+            "distill.beta, distill.alpha, distill.hparams.anchor)",
+        ),
+    ],
+    ids=["invalid", "mistyped", "misspelt", "foreign"],
+)
+def test_a_bad_knob_of_a_user_method_is_one_line_exit_2_and_writes_nothing(
+    user_module, tmp_path, capsys, sets, expected
+):
     run_dir = tmp_path / "run"
-    argv = ["--config", "demo", "--run-dir", str(run_dir), "--set", "distill.method=my_method:RankWithAnchor"]
+    argv = [
+        "--config",
+        "demo",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "distill.method=my_method:RankWithAnchor",
+    ]
     for item in sets:
         argv += ["--set", item]
     assert launch.main(argv) == 2
@@ -118,11 +169,20 @@ def test_a_bad_knob_of_a_user_method_is_one_line_exit_2_and_writes_nothing(user_
 
 
 def test_a_user_method_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
-    argv = ["--config", "demo", "--run-dir", str(tmp_path / "run"), "--set", "distill.method=not_there:Method"]
+    argv = [
+        "--config",
+        "demo",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "distill.method=not_there:Method",
+    ]
     assert launch.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["plad_jax.launch: error: distill.method=not_there:Method: cannot import not_there "
-                   "(ModuleNotFoundError: No module named 'not_there')"]
+    assert err == [
+        "plad_jax.launch: error: distill.method=not_there:Method: cannot import not_there "
+        "(ModuleNotFoundError: No module named 'not_there')"
+    ]
 
 
 @pytest.mark.slow
@@ -130,12 +190,21 @@ def test_the_readme_example_runs_every_stage_from_its_own_directory(user_module,
     """As a user runs it: `python -m plad_jax.launch` in the directory that holds my_method.py."""
     paths = tiny_run.build(tmp_path / "models")
     run_dir = tmp_path / "run"
-    sets = [*tiny_run.tiny_overrides(paths), "distill.method=my_method:RankWithAnchor",
-            "distill.hparams.anchor=0.5"]
+    sets = [
+        *tiny_run.tiny_overrides(paths),
+        "distill.method=my_method:RankWithAnchor",
+        "distill.hparams.anchor=0.5",
+    ]
     argv = ["--config", "tiny", "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, "-m", "plad_jax.launch", *argv], cwd=user_module, capture_output=True,
-                         text=True, timeout=900, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "plad_jax.launch", *argv],
+        cwd=user_module,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("sft_teacher", "sft_student", "sample", "distill", "eval"):
         assert (run_dir / stage / "DONE").exists(), stage
@@ -151,15 +220,29 @@ def test_the_readme_example_runs_every_stage_from_its_own_directory(user_module,
 def test_batches_the_pipeline_cannot_build_are_refused_up_front(tmp_path, monkeypatch, capsys):
     (tmp_path / "odd_methods.py").write_text(
         "from plad_jax.methods import Batches, PladRank\n"
-        "class MixedPairs(PladRank):\n    batches = Batches(responses=('teacher', 'student'), pairs=True)\n"
+        "class MixedPairs(PladRank):\n"
+        "    batches = Batches(responses=('teacher', 'student'), pairs=True)\n"
         "class Nothing(PladRank):\n    batches = Batches()\n"
-        "class Typo(PladRank):\n    batches = Batches(responses=('teachr',))\n")
+        "class Typo(PladRank):\n    batches = Batches(responses=('teachr',))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name, why in (("MixedPairs", "a mix of response sources has more rows than its pairs or reference"),
-                      ("Nothing", "they hold no responses and no pairs"),
-                      ("Typo", "response sources ['teachr'] are not among target, teacher, student")):
-        argv = ["--config", "demo", "--run-dir", str(tmp_path / "run"), "--set", f"distill.method=odd_methods:{name}"]
+    for name, why in (
+        ("MixedPairs", "a mix of response sources has more rows than its pairs or reference"),
+        ("Nothing", "they hold no responses and no pairs"),
+        ("Typo", "response sources ['teachr'] are not among target, teacher, student"),
+    ):
+        argv = [
+            "--config",
+            "demo",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            f"distill.method=odd_methods:{name}",
+        ]
         assert launch.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"plad_jax.launch: error: distill.method=odd_methods:{name}: its batches cannot be built: {why}"]
+        assert err == [
+            f"plad_jax.launch: error: distill.method=odd_methods:{name}: "
+            f"its batches cannot be built: {why}"
+        ]
     assert not (tmp_path / "run").exists()

@@ -490,7 +490,8 @@ def test_methods_offer_pbkd_cheap_and_point_the_game_methods_to_run_pbkd(student
     from plad_jax import methods
     pbkd_methods = methods.names(lambda c: issubclass(c, methods.PbKD))
     assert pbkd_methods == ("pbkd_cheap", "pbkd_offline", "pbkd_online", "pbkd_mm")
-    assert all(methods.resolve(m).own_loop and methods.resolve(m).section == "pbkd" for m in pbkd_methods)
+    classes = [methods.resolve(m) for m in pbkd_methods]
+    assert all(c.own_loop and c.section == "pbkd" for c in classes)
     loss_fn, frozen_fn = methods.get("pbkd_cheap", lam_init=0.5).objective(student)
     assert callable(loss_fn) and callable(frozen_fn)
     for method in ("pbkd_offline", "pbkd_online", "pbkd_mm"):

@@ -47,7 +47,8 @@ def test_schedule_warmup_then_linear_decay():
 
 
 def run_steps(lm, method, n=3, mesh=None, grad_accum=1, batch_fn=sft_batch):
-    loss_fn, frozen_fn = methods.get(method, **({} if method == "sft" else {"beta": 0.5})).objective(lm)
+    knobs = {} if method == "sft" else {"beta": 0.5}
+    loss_fn, frozen_fn = methods.get(method, **knobs).objective(lm)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
     state = TrainState.create(lm.params, optimizer)
     step = make_train_step(loss_fn, optimizer, grad_accum=grad_accum, frozen_fn=frozen_fn)

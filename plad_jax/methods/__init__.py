@@ -11,16 +11,62 @@ your module and run it with `--set distill.method=your_module:YourMethod` (READM
 method").
 """
 
-from plad_jax.methods.base import (Batches, Method, NoHParams, check_shared_vocabulary, configure,
-                                   full_params, get, knob_keys, names, register, resolve)
+from plad_jax.methods.base import (
+    Batches,
+    Method,
+    NoHParams,
+    check_shared_vocabulary,
+    configure,
+    full_params,
+    get,
+    knob_keys,
+    names,
+    register,
+    resolve,
+)
+
 # Family modules in the order their methods are listed (registration order).
 from plad_jax.methods.sft import SFT, SeqKD  # noqa: I001
 from plad_jax.methods.logits import KD, FDistillJS, FDistillTVD, MiniLLM
-from plad_jax.methods.pairs import (DPO, PairHParams, PairMethod, PladMargin, PladRank, SLiC,
-                                    pair_forward)
+from plad_jax.methods.pairs import (
+    DPO,
+    PairHParams,
+    PairMethod,
+    PladMargin,
+    PladRank,
+    SLiC,
+    pair_forward,
+)
 from plad_jax.methods.pbkd import PbKD, PbKDCheap, PbKDMM, PbKDOffline, PbKDOnline
 
-__all__ = ["Batches", "DPO", "FDistillJS", "FDistillTVD", "KD", "Method", "MiniLLM", "NoHParams",
-           "PairHParams", "PairMethod", "PbKD", "PbKDCheap", "PbKDMM", "PbKDOffline", "PbKDOnline", "PladMargin",
-           "PladRank", "SFT", "SLiC", "SeqKD", "check_shared_vocabulary", "configure",
-           "full_params", "get", "knob_keys", "names", "pair_forward", "register", "resolve"]
+__all__ = [
+    "Batches",
+    "DPO",
+    "FDistillJS",
+    "FDistillTVD",
+    "KD",
+    "Method",
+    "MiniLLM",
+    "NoHParams",
+    "PairHParams",
+    "PairMethod",
+    "PbKD",
+    "PbKDCheap",
+    "PbKDMM",
+    "PbKDOffline",
+    "PbKDOnline",
+    "PladMargin",
+    "PladRank",
+    "SFT",
+    "SLiC",
+    "SeqKD",
+    "check_shared_vocabulary",
+    "configure",
+    "full_params",
+    "get",
+    "knob_keys",
+    "names",
+    "pair_forward",
+    "register",
+    "resolve",
+]

@@ -96,7 +96,9 @@ class Method:
     iterative: ClassVar[bool] = False
     relabels: ClassVar[bool] = False
     own_loop: ClassVar[bool] = False
-    reads_pairs_scorer: ClassVar[bool] = False  # labels fresh pairs with `pairs.scorer` while it trains
+    reads_pairs_scorer: ClassVar[bool] = (
+        False  # labels fresh pairs with `pairs.scorer` while it trains
+    )
 
     def __init__(self, hp=None, *, name: str | None = None):
         self.hp = self.HParams() if hp is None else hp
@@ -106,7 +108,8 @@ class Method:
 
     # -- what a subclass implements ---------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError / ConfigError (one sentence naming the key) for unusable hyper-parameters."""
+        """Raise ValueError / ConfigError (one sentence naming the key) for unusable
+        hyper-parameters."""
         check = getattr(self.hp, "validate", None)
         if check is not None:
             check()
@@ -122,21 +125,42 @@ class Method:
 
     def reference_text(self, row: dict) -> str:
         """The `ref_*` text of a pair row (`batches.reference`)."""
-        raise NotImplementedError(f"{type(self).__name__} declares a reference but no reference_text")
+        raise NotImplementedError(
+            f"{type(self).__name__} declares a reference but no reference_text"
+        )
 
-    def train_own(self, student, rows, *, teacher, workdir, train, tokenizer, max_prompt_tokens,
-                  max_response_tokens, scorer, seed):
+    def train_own(
+        self,
+        student,
+        rows,
+        *,
+        teacher,
+        workdir,
+        train,
+        tokenizer,
+        max_prompt_tokens,
+        max_response_tokens,
+        scorer,
+        seed,
+    ):
         """`own_loop` methods: train `student` on the pair rows; (student, summary)."""
         raise NotImplementedError(f"{type(self).__name__} declares own_loop but no train_own")
 
     # -- binding to models ------------------------------------------------------------------------
     def objective(self, student, *, teacher=None, combine=full_params):
-        """(loss_fn, frozen_fn) for `train.make_train_step`; frozen_fn is None without frozen models."""
+        """(loss_fn, frozen_fn) for `train.make_train_step`; frozen_fn is None without frozen
+        models."""
         if "teacher" in self.frozen_models and teacher is None:
             raise ValueError(f"method '{self.name}' needs a teacher with the student's vocabulary")
-        if self.shared_vocabulary and teacher is not None and teacher.vocab_size != student.vocab_size:
-            raise ValueError(f"method '{self.name}' compares token distributions: teacher vocabulary "
-                             f"{teacher.vocab_size} != student vocabulary {student.vocab_size}")
+        if (
+            self.shared_vocabulary
+            and teacher is not None
+            and teacher.vocab_size != student.vocab_size
+        ):
+            raise ValueError(
+                f"method '{self.name}' compares token distributions: teacher vocabulary "
+                f"{teacher.vocab_size} != student vocabulary {student.vocab_size}"
+            )
         self.student, self.teacher, self.combine = student, teacher, combine
         return self.loss, (self.frozen if self.frozen_models else None)
 
@@ -148,7 +172,8 @@ class Method:
         return dataclasses.asdict(self.hp)
 
 
-# -- the registry -----------------------------------------------------------------------------------
+# -- the registry ----------------------------------------------------------------------------------
+
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` reachable as `distill.method=<cls.name>`."""
@@ -164,24 +189,31 @@ def names(where=None) -> tuple[str, ...]:
 
 
 def resolve(spec: str) -> type[Method]:
-    """The Method class of a registered name or of `module:Class`; ConfigError (one line) if none."""
+    """The Method class of a registered name or of `module:Class`; ConfigError (one line) if
+    none."""
     if spec in _REGISTRY:
         return _REGISTRY[spec]
     if ":" not in spec:
         close = difflib.get_close_matches(spec, list(_REGISTRY), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"unknown distill.method '{spec}'; {hint}choose from {', '.join(_REGISTRY)}, "
-                          "or give module:Class of your own Method subclass")
+        raise ConfigError(
+            f"unknown distill.method '{spec}'; {hint}choose from {', '.join(_REGISTRY)}, "
+            "or give module:Class of your own Method subclass"
+        )
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - the user's module: one line, not a traceback into ours
-        raise ConfigError(f"distill.method={spec}: cannot import {module_name} "
-                          f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+        raise ConfigError(
+            f"distill.method={spec}: cannot import {module_name} "
+            f"({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from None
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(f"distill.method={spec}: {module_name}.{attr} is not a subclass of "
-                          "plad_jax.methods.Method")
+        raise ConfigError(
+            f"distill.method={spec}: {module_name}.{attr} is not a subclass of "
+            "plad_jax.methods.Method"
+        )
     return cls
 
 
@@ -193,7 +225,8 @@ def get(spec: str, **hparams) -> Method:
     return method
 
 
-# -- the up-front check -----------------------------------------------------------------------------
+# -- the up-front check ----------------------------------------------------------------------------
+
 
 def configure(config: Config) -> Method:
     """The run's Method: `distill.method` resolved, its hyper-parameters taken from the config and
@@ -255,31 +288,40 @@ def _hparams(cls: type[Method], config: Config):
     try:
         return cls.HParams(**values)
     except TypeError as e:  # a knob without a default that the config does not set
-        raise ConfigError(f"distill.method={spec}: {' '.join(str(e).split())}; set its "
-                          "hyper-parameters with --set distill.hparams.<name>=value") from None
+        raise ConfigError(
+            f"distill.method={spec}: {' '.join(str(e).split())}; set its "
+            "hyper-parameters with --set distill.hparams.<name>=value"
+        ) from None
 
 
 def _foreign(cls: type[Method], spec: str, setting: str) -> str:
     keys = ", ".join(knob_keys(cls)) or "none"
-    return (f"{setting} is not a hyper-parameter of distill.method={spec} (its hyper-parameters: "
-            f"{keys}); remove it or choose a method that has it")
+    return (
+        f"{setting} is not a hyper-parameter of distill.method={spec} (its hyper-parameters: "
+        f"{keys}); remove it or choose a method that has it"
+    )
 
 
 def _check_settings(method: Method, config: Config):
     """distill.rounds and pairs.real_ratio against what the method does with pairs."""
     cls, d, p = type(method), config.distill, config.pairs
     if d.rounds > 1 and not cls.iterative:
-        raise ConfigError(f"distill.rounds={d.rounds} (iterative distillation) resamples the student's "
-                          f"side of the pairs, so it needs a pair method "
-                          f"({', '.join(names(lambda c: c.iterative))}), not {method.name}")
+        raise ConfigError(
+            f"distill.rounds={d.rounds} (iterative distillation) resamples the student's "
+            f"side of the pairs, so it needs a pair method "
+            f"({', '.join(names(lambda c: c.iterative))}), not {method.name}"
+        )
     if p.real_ratio > 0 and not cls.relabels:
         users = ", ".join(names(lambda c: c.relabels))
-        raise ConfigError(f"pairs.real_ratio={p.real_ratio} relabels preference pairs, which "
-                          f"distill.method={method.name} does not use (methods that do: {users})")
+        raise ConfigError(
+            f"pairs.real_ratio={p.real_ratio} relabels preference pairs, which "
+            f"distill.method={method.name} does not use (methods that do: {users})"
+        )
 
 
-def check_shared_vocabulary(method: Method, config: Config, teacher_tokenizer,
-                            student_tokenizer) -> None:
+def check_shared_vocabulary(
+    method: Method, config: Config, teacher_tokenizer, student_tokenizer
+) -> None:
     """At load time: a method comparing teacher and student token distributions needs one
     vocabulary. Tokenizers are anything with `get_vocab() -> {token: id}` (transformers')."""
     if not method.shared_vocabulary:
@@ -292,4 +334,5 @@ def check_shared_vocabulary(method: Method, config: Config, teacher_tokenizer,
             f"their tokenizers differ ({config.teacher.tokenizer_path or 'teacher'}: "
             f"{len(teacher_vocab)} tokens, {config.student.tokenizer_path or 'student'}: "
             f"{len(student_vocab)} tokens); use one tokenizer family or a text-level method "
-            f"({text_level})")
+            f"({text_level})"
+        )

@@ -26,14 +26,24 @@ class _TeacherLogits(Method):
     shared_vocabulary = True
 
     def frozen(self, frozen, batch):
-        logits, _ = self.teacher.apply(frozen["teacher"], batch["prompt_ids"], batch["prompt_mask"],
-                                       batch["response_ids"], batch["response_mask"])
+        logits, _ = self.teacher.apply(
+            frozen["teacher"],
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["response_ids"],
+            batch["response_mask"],
+        )
         return {"teacher_logits": logits}
 
     def loss(self, params, frozen, batch, rng):
-        logits, _ = self.student.apply(self.student_params(params, frozen), batch["prompt_ids"],
-                                       batch["prompt_mask"], batch["response_ids"],
-                                       batch["response_mask"], rng=rng)
+        logits, _ = self.student.apply(
+            self.student_params(params, frozen),
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["response_ids"],
+            batch["response_mask"],
+            rng=rng,
+        )
         return self.divergence(logits, batch["teacher_logits"], batch["response_mask"])
 
     def divergence(self, logits, teacher_logits, mask):
@@ -52,7 +62,9 @@ class KD(_TeacherLogits):
         return losses.kd_forward_kl(logits, teacher_logits, mask, self.hp.kd_temperature)
 
 
-_MIX = Batches(responses=("teacher", "student"))  # f-distill: teacher- and student-sampled sequences
+_MIX = Batches(
+    responses=("teacher", "student")
+)  # f-distill: teacher- and student-sampled sequences
 
 
 @register

@@ -67,7 +67,9 @@ class DPOHParams:
         if self.alpha < 0:
             raise ValueError(f"distill.alpha must be >= 0, got {self.alpha}")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"distill.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ValueError(
+                f"distill.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
+            )
 
 
 def pair_forward(lm, params, batch, rng=None):
@@ -105,8 +107,10 @@ class PairMethod(Method):
 
     def seq_logps(self, pos, neg, score=None):
         score = score or self.hp.score
-        return (losses.sequence_logprobs(pos[0], pos[3], score),
-                losses.sequence_logprobs(neg[0], neg[3], score))
+        return (
+            losses.sequence_logprobs(pos[0], pos[3], score),
+            losses.sequence_logprobs(neg[0], neg[3], score),
+        )
 
     def with_ce(self, loss, metrics, pos):
         """`loss + alpha * CE(y+)` (the SLiC-style regulariser) when alpha > 0."""
@@ -142,15 +146,18 @@ class PladMargin(PairMethod):
 
     def pair_loss(self, params, batch, pos, neg):
         logp_pos, logp_neg = self.seq_logps(pos, neg)
-        _, ref_hidden = self.student.apply(params, batch["prompt_ids"], batch["prompt_mask"],
-                                           batch["ref_ids"], batch["ref_mask"])
+        _, ref_hidden = self.student.apply(
+            params, batch["prompt_ids"], batch["prompt_mask"], batch["ref_ids"], batch["ref_mask"]
+        )
 
         def score(hidden, mask):
-            return losses.ngram_span_score(hidden, mask, ref_hidden, batch["ref_mask"],
-                                           self.hp.span_max_n)
+            return losses.ngram_span_score(
+                hidden, mask, ref_hidden, batch["ref_mask"], self.hp.span_max_n
+            )
 
-        return losses.margin_calibration(logp_pos, logp_neg, score(pos[2], pos[3]),
-                                         score(neg[2], neg[3]), self.hp.beta)
+        return losses.margin_calibration(
+            logp_pos, logp_neg, score(pos[2], pos[3]), score(neg[2], neg[3]), self.hp.beta
+        )
 
 
 @register
@@ -178,6 +185,10 @@ class DPO(PairMethod):
         return {"ref_pos": ref_pos, "ref_neg": ref_neg}
 
     def pair_loss(self, params, batch, pos, neg):
-        return losses.dpo_loss(*self.seq_logps(pos, neg, "sum"), batch["ref_pos"], batch["ref_neg"],
-                               self.hp.beta, self.hp.label_smoothing)
-
+        return losses.dpo_loss(
+            *self.seq_logps(pos, neg, "sum"),
+            batch["ref_pos"],
+            batch["ref_neg"],
+            self.hp.beta,
+            self.hp.label_smoothing,
+        )

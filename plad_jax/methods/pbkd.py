@@ -28,36 +28,68 @@ class PbKD(Method):
     def validate(self):
         super().validate()
         if not self.cheap and self.hp.num_samples < 2:
-            raise ValueError(f"pbkd num_samples={self.hp.num_samples}: the leave-one-out baseline "
-                             "needs at least 2")
+            raise ValueError(
+                f"pbkd num_samples={self.hp.num_samples}: the leave-one-out baseline "
+                "needs at least 2"
+            )
 
     def objective(self, student, *, teacher=None, combine=None):
         if not self.cheap:
-            raise ValueError(f"method '{self.name}' alternates a reward model and the student with "
-                             "fresh samples; run it with plad_jax.pbkd_loop.run_pbkd (per-player "
-                             "losses: plad_jax.pbkd_objectives)")
+            raise ValueError(
+                f"method '{self.name}' alternates a reward model and the student with "
+                "fresh samples; run it with plad_jax.pbkd_loop.run_pbkd (per-player "
+                "losses: plad_jax.pbkd_objectives)"
+            )
         from plad_jax import pbkd_objectives
-        combine = combine or pbkd_objectives.full_params
-        return pbkd_objectives.cheap_objective(student, lam=self.hp.lam_init, beta=self.hp.dpo_beta,
-                                               combine=combine)
 
-    def train_own(self, student, rows, *, teacher, workdir, train, tokenizer, max_prompt_tokens,
-                  max_response_tokens, scorer, seed):
+        combine = combine or pbkd_objectives.full_params
+        return pbkd_objectives.cheap_objective(
+            student, lam=self.hp.lam_init, beta=self.hp.dpo_beta, combine=combine
+        )
+
+    def train_own(
+        self,
+        student,
+        rows,
+        *,
+        teacher,
+        workdir,
+        train,
+        tokenizer,
+        max_prompt_tokens,
+        max_response_tokens,
+        scorer,
+        seed,
+    ):
         """`run_pbkd`: the pairs are its offline preference data, labelled teacher > student unless
         `pairs.real_ratio` had a scorer relabel them; `pbkd_online` labels its fresh pairs with
         that scorer too (pseudo-labels when there is none)."""
         import jax
 
         from plad_jax.pbkd_loop import run_pbkd
+
         mesh = student.mesh
         shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         if jax.process_count() > 1 and train.batch_size % shards:  # each process feeds its own rows
-            raise ConfigError(f"distill.batch_size={train.batch_size} must be a multiple of the "
-                              f"{shards} batch shards (mesh data x fsdp) for PbKD on "
-                              f"{jax.process_count()} processes")
-        return run_pbkd(self, student, rows, self.hp, train, workdir, tokenizer=tokenizer,
-                        max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
-                        teacher=teacher, scorer=scorer, seed=seed)
+            raise ConfigError(
+                f"distill.batch_size={train.batch_size} must be a multiple of the "
+                f"{shards} batch shards (mesh data x fsdp) for PbKD on "
+                f"{jax.process_count()} processes"
+            )
+        return run_pbkd(
+            self,
+            student,
+            rows,
+            self.hp,
+            train,
+            workdir,
+            tokenizer=tokenizer,
+            max_prompt_tokens=max_prompt_tokens,
+            max_response_tokens=max_response_tokens,
+            teacher=teacher,
+            scorer=scorer,
+            seed=seed,
+        )
 
 
 @register
@@ -85,7 +117,7 @@ class PbKDOnline(PbKD):
 
 @register
 class PbKDMM(PbKD):
-    """White-box moment matching: a Q-network over the vocabulary and the teacher's probabilities."""
+    """White-box moment matching: a Q-network over the vocabulary, the teacher's probabilities."""
 
     name = "pbkd_mm"
     white_box = True

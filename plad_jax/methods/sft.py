@@ -11,8 +11,13 @@ class _CrossEntropy(Method):
 
     def loss(self, params, frozen, batch, rng):
         logps, hits, _ = self.student.token_logprobs(
-            self.student_params(params, frozen), batch["prompt_ids"], batch["prompt_mask"],
-            batch["response_ids"], batch["response_mask"], rng=rng)
+            self.student_params(params, frozen),
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["response_ids"],
+            batch["response_mask"],
+            rng=rng,
+        )
         return losses.sft_loss_tokens(logps, hits, batch["response_mask"])
 
 
