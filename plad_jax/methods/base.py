@@ -265,33 +265,51 @@ def _key(knob: str) -> str:
 def _hparams(cls: type[Method], config: Config):
     """The method's HParams: `distill.<knob>` for the shared knob names, `distill.hparams.<knob>`
     for the rest, each type-checked against the dataclass; a knob set away from its default that
-    the method does not have is refused."""
-    d, default, spec = config.distill, DistillConfig(), config.distill.method
-    fields = {} if cls.section else {f.name for f in dataclasses.fields(cls.HParams)}
-    hints = {} if cls.section else typing.get_type_hints(cls.HParams)
-    values: dict[str, Any] = {}
-    for knob in METHOD_KNOBS:
-        if knob in fields:
-            values[knob] = check_value(getattr(d, knob), hints[knob], f"distill.{knob}")
-        elif getattr(d, knob) != getattr(default, knob):
-            raise ConfigError(_foreign(cls, spec, f"distill.{knob}={getattr(d, knob)}"))
-    for knob, value in d.hparams.items():
-        if knob in METHOD_KNOBS:
-            raise ConfigError(f"distill.hparams.{knob}: set distill.{knob} instead")
-        if knob not in fields:
-            close = difflib.get_close_matches(knob, sorted(fields), n=1)
-            hint = f"; did you mean distill.hparams.{close[0]}?" if close else ""
-            raise ConfigError(_foreign(cls, spec, f"distill.hparams.{knob}") + hint)
-        values[knob] = check_value(value, hints[knob], f"distill.hparams.{knob}")
+    the method does not have is refused. A method with a `section` takes that section whole."""
+    hints = {} if cls.section else _knob_types(cls.HParams)
+    values = {**_shared_knobs(cls, config, hints), **_own_knobs(cls, config, hints)}
     if cls.section:
         return getattr(config, cls.section)
     try:
         return cls.HParams(**values)
     except TypeError as e:  # a knob without a default that the config does not set
         raise ConfigError(
-            f"distill.method={spec}: {' '.join(str(e).split())}; set its "
+            f"distill.method={config.distill.method}: {' '.join(str(e).split())}; set its "
             "hyper-parameters with --set distill.hparams.<name>=value"
         ) from None
+
+
+def _knob_types(hparams: type) -> dict[str, Any]:
+    """{field name: type} of a hyper-parameter dataclass (its fields only, not class variables)."""
+    hints = typing.get_type_hints(hparams)
+    return {f.name: hints[f.name] for f in dataclasses.fields(hparams)}
+
+
+def _shared_knobs(cls: type[Method], config: Config, hints: dict) -> dict[str, Any]:
+    """The `distill.<knob>` values of the knobs the method has; the others must be at default."""
+    d, default, values = config.distill, DistillConfig(), {}
+    for knob in METHOD_KNOBS:
+        if knob in hints:
+            values[knob] = check_value(getattr(d, knob), hints[knob], f"distill.{knob}")
+        elif getattr(d, knob) != getattr(default, knob):
+            raise ConfigError(_foreign(cls, d.method, f"distill.{knob}={getattr(d, knob)}"))
+    return values
+
+
+def _own_knobs(cls: type[Method], config: Config, hints: dict) -> dict[str, Any]:
+    """The `distill.hparams` entries, each a knob of the method, type-checked."""
+    values = {}
+    for knob, value in config.distill.hparams.items():
+        if knob in METHOD_KNOBS:
+            raise ConfigError(f"distill.hparams.{knob}: set distill.{knob} instead")
+        if knob not in hints:
+            close = difflib.get_close_matches(knob, sorted(hints), n=1)
+            hint = f"; did you mean distill.hparams.{close[0]}?" if close else ""
+            raise ConfigError(
+                _foreign(cls, config.distill.method, f"distill.hparams.{knob}") + hint
+            )
+        values[knob] = check_value(value, hints[knob], f"distill.hparams.{knob}")
+    return values
 
 
 def _foreign(cls: type[Method], spec: str, setting: str) -> str:
