@@ -7,7 +7,7 @@ Model: SmolLM2-135M's shape with random weights (LLaMA, 30 layers, hidden 576, M
 attention and MLP projections; one AdamW step of SFT (token-mean CE over response tokens).
 
     old         `LanguageModel.apply` logits [B, R, V] + `losses.sft_loss` (what `sft` ran before)
-    none        `objectives` sft: `LanguageModel.token_logprobs` (chunked, no [B, R, V] kept)
+    none        `methods.SFT`: `LanguageModel.token_logprobs` (chunked, no [B, R, V] kept)
     dots        the same, each block rematerialised keeping its weight projections' outputs
     full        the same, each block rematerialised keeping only its input
     torch       transformers `LlamaForCausalLM` + PEFT LoRA (same targets, rank, alpha, dropout),
@@ -112,7 +112,7 @@ def timed(run_step, steps: int):
 def jax_worker(args) -> dict:
     import jax
 
-    from plad_jax import losses, objectives
+    from plad_jax import losses, methods
     from plad_jax.models import from_pretrained, lora
     from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, reduce_metrics
 
@@ -120,8 +120,7 @@ def jax_worker(args) -> dict:
     lm = lora.add_lora(from_pretrained(args.path, remat=remat), lora.LoRAConfig(**LORA))
     adapters, base = lora.split_trainable(lm.params)
     batch = {k: jax.numpy.asarray(v) for k, v in make_batch(args, lm.vocab_size).items()}
-    loss_fn, _ = objectives.make_objective(objectives.ObjectiveConfig(method="sft"), lm,
-                                           combine=lora.objective_combine)
+    loss_fn, _ = methods.SFT().objective(lm, combine=lora.objective_combine)
     if args.worker == "old":
         def loss_fn(params, frozen, b, rng):  # the logits path: [B, R, V] logits, then the loss
             logits, _ = lm.apply(lora.objective_combine(params, frozen), b["prompt_ids"], b["prompt_mask"],

@@ -8,7 +8,7 @@ clipping 1.0, every token real:
     plad_rank  PLaD rank calibration (Eq. 4, beta 1) on length-normalised sequence log-probs; one
                forward + backward over 2B sequences (prompt + y+ and prompt + y-)
 
-plad_jax runs `objectives.make_objective` + `train.make_train_step` on its default device; torch
+plad_jax runs `methods.get(step).objective` + `train.make_train_step` on its default device; torch
 runs `LlamaForCausalLM` loaded from the same `save_pretrained` directory with the same batch, the
 same loss written out in torch, `clip_grad_norm_` and `torch.optim.AdamW`. Both compute logits on
 response positions only. Each (framework, step) runs in its own subprocess.
@@ -125,12 +125,12 @@ def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, te
     """
     import jax
 
-    from plad_jax import objectives
+    from plad_jax import methods
     from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, reduce_metrics
 
     batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
-    cfg = objectives.ObjectiveConfig(method=step_name, beta=BETA)
-    loss_fn, frozen_fn = objectives.make_objective(cfg, lm, teacher=teacher)
+    method = methods.get(step_name, **({"beta": BETA} if step_name == "plad_rank" else {}))
+    loss_fn, frozen_fn = method.objective(lm, teacher=teacher)
     frozen = {"teacher": teacher.params} if teacher is not None else {}
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, warmup_steps=0, total_steps=10**6))
     state = TrainState.create(jax.tree.map(jax.numpy.copy, lm.params), optimizer)  # it is donated

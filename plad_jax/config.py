@@ -23,9 +23,9 @@ A preset is a Python file `configs/<name>.py` with `def config() -> Config`. `lo
 preset name or a path to a `.py` (same contract) or `.json` file (`to_dict` output, e.g. a run's
 `config.json`). `apply_overrides` sets leaves from `a.b=value` strings, parsed against the field's
 type; `validate` rejects contradictions up front. `resolve` chains the three, as the CLI does.
-What only shows once models load (teacher and student vocabularies for the logit-matching
-methods) is `check_shared_vocabulary`, for the stages to call. Every user-caused problem is a
-`ConfigError` with a one-sentence message.
+What depends on the distillation method (its hyper-parameters, and the settings only some
+methods use) is checked by `plad_jax.methods.configure`, which knows the methods; this module
+does not import them. Every user-caused problem is a `ConfigError` with a one-sentence message.
 """
 
 from __future__ import annotations
@@ -42,15 +42,11 @@ from typing import Any, Literal
 
 from plad_jax.data.tasks import FILE_TASKS, TASKS
 from plad_jax.models.layers import REMAT_POLICIES
-from plad_jax.objectives import METHODS, PAIR_METHODS, TEACHER_LOGIT_METHODS
-from plad_jax.pbkd_config import PBKD_METHODS, PbKDConfig
-
-# Methods that compare teacher and student token distributions, so need one vocabulary.
-SHARED_VOCAB_METHODS = TEACHER_LOGIT_METHODS + ("pbkd_mm",)
+from plad_jax.pbkd_config import PbKDConfig
 from plad_jax.sharding import MeshConfig
 
-# Each choice list lives in one place: tasks next to their loaders, distillation methods next to
-# the code that builds them, the rest here. `Literal[...]` of them is what `--set` and
+# Each choice list lives in one place: tasks next to their loaders, the rest here (distillation
+# methods are a registry, `plad_jax.methods`). `Literal[...]` of them is what `--set` and
 # `from_dict` check values against.
 STAGES = ("sft_teacher", "sft_student", "sample", "distill", "eval")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -65,7 +61,6 @@ Task = Literal[TASKS]
 Dtype = Literal[DTYPES]
 Remat = Literal[tuple(REMAT_POLICIES)]
 Scorer = Literal[SCORERS]
-Method = Literal[METHODS]
 GGUFExport = Literal["", "f32", "f16", "bf16", "q8_0"]
 Score = Literal[SCORES]
 SpanReference = Literal[SPAN_REFERENCES]
@@ -237,19 +232,25 @@ class PairsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(TrainConfig):
-    """Distilling the student, with the training fields of `TrainConfig` plus the objective.
+    """Distilling the student, with the training fields of `TrainConfig` plus the method.
 
-    method: see `plad_jax.objectives.METHODS`; score: sequence log-prob as token `mean` or `sum`.
-    beta: PLaD margin (rank) / margin scale (margin); DPO and SLiC beta. alpha: weight of the CE
-    regulariser on the preferred response. rounds: iterative PLaD (resample the student, distil
-    again). kd_temperature: KD softmax temperature. span_max_n / span_reference: PLaD margin score
-    over 1..N-gram spans against the target (or the prompt). The objective-named fields match
-    `plad_jax.objectives.ObjectiveConfig`. export_gguf: also write the distilled student as
+    method: a registered method name (`plad_jax.methods.names()`) or `module:Class` of your own
+    `plad_jax.methods.Method` subclass. rounds: iterative PLaD (resample the student, distil
+    again; methods that train on pairs). export_gguf: also write the distilled student as
     `distill/student-<dtype>.gguf` (f32, f16, bf16, q8_0; llama / qwen2), tokenizer included;
     "" = safetensors only.
+
+    The method's hyper-parameters (`METHOD_KNOBS` keep their keys here; each method reads those
+    it has and refuses one set away from its default that it does not have): score: sequence
+    log-prob as token `mean` or `sum`. beta: PLaD margin (rank) / margin scale (margin); DPO and
+    SLiC beta. alpha: weight of the CE regulariser on the preferred response. kd_temperature: KD
+    softmax temperature. label_smoothing: DPO. span_max_n / span_reference: PLaD margin score over
+    1..N-gram spans against the target (or the prompt). hparams: any other hyper-parameter of the
+    method by name (`--set distill.hparams.anchor=0.5`), type-checked against its dataclass. PbKD
+    reads the `pbkd` section instead.
     """
 
-    method: Method = "plad_rank"
+    method: str = "plad_rank"
     score: Score = "mean"
     beta: float = 1.0
     alpha: float = 0.0
@@ -259,6 +260,12 @@ class DistillConfig(TrainConfig):
     span_max_n: int = 4
     span_reference: SpanReference = "target"
     export_gguf: GGUFExport = ""
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# DistillConfig fields that are hyper-parameters of some methods (`plad_jax.methods.configure`).
+METHOD_KNOBS = ("score", "beta", "alpha", "kd_temperature", "label_smoothing", "span_max_n",
+                "span_reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +303,7 @@ class Config:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
-    pbkd: PbKDConfig = dataclasses.field(default_factory=PbKDConfig)  # distill.method=pbkd_* (plad_jax.pbkd_loop)
+    pbkd: PbKDConfig = dataclasses.field(default_factory=PbKDConfig)  # read by PbKD methods only
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def resolved_run_dir(self) -> str:
@@ -591,13 +598,8 @@ def validate(config: Config) -> Config:
     for section in ("sft_teacher", "sft_student", "distill"):
         _validate_train(getattr(config, section), section)
     _validate_sample(config.sample)
-    _validate_pairs(config.pairs, config.distill.method)
+    _validate_pairs(config.pairs)
     _validate_distill(config.distill)
-    if config.distill.method in PBKD_METHODS:
-        try:
-            config.pbkd.validate(config.distill.method)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     _validate_eval(config.eval)
     return config
 
@@ -686,30 +688,18 @@ def _validate_stop(stop, section: str):
           f"list = no stop strings), got {list(stop or ())!r}")
 
 
-def _validate_pairs(p: PairsConfig, method: str):
+def _validate_pairs(p: PairsConfig):
     _need(0 <= p.real_ratio <= 1, f"pairs.real_ratio must be in [0, 1], got {p.real_ratio}")
     _need(p.batch_size >= 1, f"pairs.batch_size must be >= 1, got {p.batch_size}")
     if p.real_ratio > 0:
-        users = PAIR_METHODS + PBKD_METHODS
-        _need(method in users, f"pairs.real_ratio={p.real_ratio} relabels preference pairs, which "
-                               f"distill.method={method} does not use (methods that do: {', '.join(users)})")
         if p.scorer in MODEL_SCORERS:
             _need(bool(p.reward_model), f"pairs.scorer={p.scorer} needs pairs.reward_model (a model directory or hub id)")
 
 
 def _validate_distill(d: DistillConfig):
+    _need(bool(d.method.strip()),
+          "distill.method must name a method (a registered name or module:Class)")
     _need(d.rounds >= 1, f"distill.rounds must be >= 1, got {d.rounds}")
-    if d.rounds > 1:
-        _need(d.method in PAIR_METHODS, f"distill.rounds={d.rounds} (iterative distillation) resamples the "
-                                        f"student's side of the pairs, so it needs a pair method "
-                                        f"({', '.join(PAIR_METHODS)}), not {d.method}")
-    _need(d.beta >= 0, f"distill.beta must be >= 0, got {d.beta}")
-    if d.method in ("dpo", "slic"):
-        _need(d.beta > 0, f"distill.beta must be positive for {d.method}, got {d.beta}")
-    _need(d.alpha >= 0, f"distill.alpha must be >= 0, got {d.alpha}")
-    _need(d.kd_temperature > 0, f"distill.kd_temperature must be positive, got {d.kd_temperature}")
-    _need(0 <= d.label_smoothing < 0.5, f"distill.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
-    _need(d.span_max_n >= 1, f"distill.span_max_n must be >= 1, got {d.span_max_n}")
 
 
 def _validate_eval(e: EvalConfig):
@@ -720,21 +710,6 @@ def _validate_eval(e: EvalConfig):
     _need(e.temperature >= 0, f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
     _need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _validate_stop(e.stop, "eval")
-
-
-def check_shared_vocabulary(config: Config, teacher_tokenizer, student_tokenizer) -> None:
-    """At load time (stages): methods that compare teacher and student token distributions need
-    one vocabulary. Tokenizers are anything with `get_vocab() -> {token: id}` (transformers')."""
-    method = config.distill.method
-    if method not in SHARED_VOCAB_METHODS:
-        return
-    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-    if teacher_vocab != student_vocab:
-        raise ConfigError(
-            f"distill.method={method} compares teacher and student token distributions, but their tokenizers "
-            f"differ ({config.teacher.tokenizer_path or 'teacher'}: {len(teacher_vocab)} tokens, "
-            f"{config.student.tokenizer_path or 'student'}: {len(student_vocab)} tokens); use one tokenizer "
-            f"family or a text-level method ({', '.join(m for m in METHODS if m not in SHARED_VOCAB_METHODS)})")
 
 
 def parse_stages(text: str | None) -> tuple[str, ...]:

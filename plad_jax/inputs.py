@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from plad_jax.config import SHARED_VOCAB_METHODS, Config
-from plad_jax.pbkd_config import PBKD_METHODS
+from plad_jax import methods
+from plad_jax.config import Config
 
 # How a scorer's `reward_model` is found: an HF model (directory or hub id), a plad_jax reward
 # model saved by `plad_jax.reward_model.save` (a directory), or `module:attr`. rouge reads nothing.
@@ -48,8 +48,8 @@ def stage_needs(config: Config, stage: str, *, validation: bool = True) -> list[
     needs = [n for role in roles for n in _model(config, role, stage, weights=False)]
     if stage == "eval":
         needs += _scorer(config, "eval", "eval")
-    pbkd = stage == "distill" and config.distill.method in PBKD_METHODS
-    if config.pairs.real_ratio > 0 and (stage == "sample" or pbkd):
+    fresh_pairs = stage == "distill" and _method(config).reads_pairs_scorer
+    if config.pairs.real_ratio > 0 and (stage == "sample" or fresh_pairs):
         needs += _scorer(config, "pairs", stage)  # relabels pairs; PbKD labels its fresh ones too
     return needs
 
@@ -59,7 +59,9 @@ def upstream(config: Config, stage: str) -> tuple[str, ...]:
     if stage == "sample":
         return ("sft_teacher", "sft_student")
     if stage == "distill":
-        teacher = ("sft_teacher",) if config.distill.method in SHARED_VOCAB_METHODS else ()
+        method = _method(config)
+        reads_teacher = method.shared_vocabulary or "teacher" in method.frozen_models
+        teacher = ("sft_teacher",) if reads_teacher else ()
         return (*teacher, "sft_student", "sample")
     if stage == "eval":
         return ("sft_teacher", "sft_student", "sample", "distill")
@@ -107,7 +109,7 @@ def _model(config: Config, role: str, stage: str, *, weights: bool) -> list[Need
 
 def _roles(config: Config, stage: str) -> tuple[str, ...]:
     """Whose tokenizer a later stage encodes with."""
-    if stage == "distill" and config.distill.method not in SHARED_VOCAB_METHODS:
+    if stage == "distill" and not _method(config).shared_vocabulary:
         return ("student",)
     return ("teacher", "student")
 
@@ -119,3 +121,8 @@ def _scorer(config: Config, section: str, reader: str) -> list[Need]:
         return []
     via = f"{section}.scorer={cfg.scorer}"
     return [Need(f"{section}.reward_model", cfg.reward_model, kind, via, reader)]
+
+
+def _method(config: Config) -> type[methods.Method]:
+    """The class of `distill.method`: its declarations say what the distill stage reads."""
+    return methods.resolve(config.distill.method)

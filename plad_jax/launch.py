@@ -308,6 +308,8 @@ def _run(args) -> int:
 
     stages = cfg.parse_stages(args.stages)
     config = cfg.resolve(args.config, args.overrides, run_dir=args.run_dir)
+    from plad_jax import methods
+    methods.configure(config)  # the method and its hyper-parameters, before anything is written
     run_dir = config.run_dir
     check_run_dir(run_dir)
 

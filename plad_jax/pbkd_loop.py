@@ -1,6 +1,6 @@
 """PbKD training (our reconstruction of arXiv 2505.18952): one entry point, `run_pbkd`, for every variant.
 
-    student, summary = run_pbkd(method, student, rows, PbKDConfig(), train, workdir,
+    student, summary = run_pbkd("pbkd_offline", student, rows, PbKDConfig(), train, workdir,
                                 tokenizer=tok, max_prompt_tokens=512, max_response_tokens=64,
                                 teacher=teacher, scorer=None, seed=0)
 
@@ -42,26 +42,27 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from plad_jax import checkpointing as ckpt
-from plad_jax import pbkd, pbkd_objectives as po, pbkd_rounds, reward_model, sampler
+from plad_jax import methods, pbkd, pbkd_objectives as po, pbkd_rounds, reward_model, sampler
 from plad_jax import sharding as shd
 from plad_jax.loop import LossCurve, train_loop
 from plad_jax.models import from_pretrained, lora
-from plad_jax.pbkd_config import PBKD_METHODS, PbKDConfig
+from plad_jax.pbkd_config import PbKDConfig
 from plad_jax.train import OptimizerConfig, TrainState, check_finite, make_optimizer, make_train_step, \
     reduce_metrics, state_shardings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PBKD_METHODS", "PbKDConfig", "run_pbkd"]
+__all__ = ["PbKDConfig", "run_pbkd"]
 
 
-def run_pbkd(method: str, student, rows, cfg: PbKDConfig, train, workdir: str, *, tokenizer,
+def run_pbkd(method, student, rows, cfg: PbKDConfig, train, workdir: str, *, tokenizer,
              max_prompt_tokens: int, max_response_tokens: int, teacher=None, scorer=None, seed: int = 0,
              programs: dict | None = None):
     """Distil `student` with PbKD `method`; returns `(distilled student LanguageModel, summary dict)`.
 
     Args:
-      method: one of `PBKD_METHODS`.
+      method: a `plad_jax.methods.PbKD` instance or the name of one (pbkd_cheap, pbkd_offline,
+        pbkd_online, pbkd_mm); its flags pick the variant, `cfg` is its hyper-parameters.
       student: the initial (SFT) student, a `LanguageModel` (a LoRA model trains its adapters).
       rows: pair rows of `plad_jax.pairs` (prompt, teacher and student texts, chosen, reference).
       cfg: `PbKDConfig`. train: the distillation TrainConfig (see the module docstring).
@@ -78,18 +79,23 @@ def run_pbkd(method: str, student, rows, cfg: PbKDConfig, train, workdir: str, *
         model structures and mesh), so a later call with the same key (a sweep, a run restarted in
         the same process, tests) reuses them instead of compiling again. None: compile afresh.
     """
-    cfg.validate(method)
+    named = isinstance(method, str)
+    cls, name = (methods.resolve(method), method) if named else (type(method), method.name)
+    if not issubclass(cls, methods.PbKD):
+        raise ValueError(f"run_pbkd runs the PbKD methods, not {name}")
+    method = cls(cfg, name=name)
+    method.validate()
     if not rows:
         raise ValueError("run_pbkd: no pair rows to distil on; run the sample stage first")
-    if method == "pbkd_mm":
+    if method.white_box:
         if teacher is None or teacher.vocab_size != student.vocab_size:
-            raise ValueError("pbkd_mm compares token distributions: it needs the teacher model, with the student's "
-                             f"vocabulary (student {student.vocab_size}, teacher "
+            raise ValueError(f"{method.name} compares token distributions: it needs the teacher "
+                             f"model, with the student's vocabulary (student {student.vocab_size}, teacher "
                              f"{None if teacher is None else teacher.vocab_size})")
     os.makedirs(workdir, exist_ok=True)
     run = _Run(method, student, rows, cfg, train, workdir, tokenizer, max_prompt_tokens, max_response_tokens,
                teacher, scorer, seed, programs)
-    return run.cheap() if method == "pbkd_cheap" else run.game()
+    return run.cheap() if method.cheap else run.game()
 
 
 def _optimizer(train, learning_rate: float, total: int):
@@ -145,7 +151,7 @@ class _Run:
         self.workdir, self.tokenizer, self.teacher, self.scorer, self.seed = workdir, tokenizer, teacher, scorer, seed
         self.max_prompt, self.max_response = max_prompt_tokens, max_response_tokens
         self.mesh = student.mesh
-        self.rounds = cfg.rounds if method == "pbkd_online" else 1
+        self.rounds = cfg.rounds if method.online else 1
         self.bounds = pbkd_rounds.chunk_bounds(len(self.rows), self.rounds)
         self.is_lora = isinstance(student, lora.LoRAModel)
         if self.is_lora:  # adapters train, the base rides along frozen (as in stages.train_model)
@@ -179,7 +185,7 @@ class _Run:
                          alpha_lam=0.0, eps=0.0, lam_max=0.0, head_std=0.0)
         train = tuple(getattr(self.train, k) for k in ("learning_rate", "warmup_steps", "weight_decay",
                                                         "max_grad_norm", "grad_accum"))
-        kind = "mm" if self.method == "pbkd_mm" else self.method.replace("pbkd_online", "pbkd_offline")
+        kind = "mm" if self.method.white_box else "cheap" if self.method.cheap else "reward_model"
         key = (name, kind, dataclasses.replace(self.cfg, **host_side), train, totals,
                _model_key(self.student), _model_key(self.teacher))
         try:
@@ -200,7 +206,8 @@ class _Run:
         fields = {k: getattr(self.train, k, None) for k in ("batch_size", "epochs", "max_steps", "learning_rate",
                                                             "warmup_steps", "weight_decay", "max_grad_norm",
                                                             "grad_accum")}
-        text = json.dumps([self.method, dataclasses.asdict(self.cfg), fields, self.seed, len(self.rows)],
+        text = json.dumps([self.method.name, dataclasses.asdict(self.cfg), fields, self.seed,
+                           len(self.rows)],
                           sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -257,7 +264,8 @@ class _Run:
                            manager=manager, log_every=self.train.log_every,
                            on_metrics=lambda s, m: curve.add(s, m["loss"]), config_hash=self.config_hash())
         manager.close()
-        summary = {"method": self.method, "steps": total, "final_loss": curve.final_loss, **stats}
+        summary = {"method": self.method.name, "steps": total, "final_loss": curve.final_loss,
+                   **stats}
         return self.student_lm(state.params), summary
 
     # -- the two-player game ---------------------------------------------------------------------
@@ -320,13 +328,13 @@ class _Game:
             if backbone.vocab_size != run.student.vocab_size:
                 raise ValueError(f"pbkd rm_init {cfg.rm_init}: vocabulary {backbone.vocab_size} differs from the "
                                  f"student's {run.student.vocab_size}; the adversary reads the student's tokens")
-        if run.method == "pbkd_mm":
+        if run.method.white_box:
             return backbone.with_params(jax.tree.map(jnp.copy, backbone.params))
         return reward_model.from_backbone(backbone, r_max=cfg.r_max, seed=run.seed, head_std=cfg.head_std)
 
     def _objectives(self):
         run, cfg, adv = self.run_, self.run_.cfg, self.adversary
-        if run.method == "pbkd_mm":
+        if run.method.white_box:
             warm_loss, warm_frozen = po.mm_bt_objective(cfg, adv, run.teacher)
             adv_loss, adv_frozen = po.mm_q_objective(cfg, adv, run.teacher, run.student)
             st_loss, st_frozen = po.mm_student_objective(cfg, run.student, run.teacher, adv, run.combine)
@@ -338,18 +346,18 @@ class _Game:
 
     # -- what each player's step reads besides its own params ----------------------------------
     def warm_frozen(self):
-        return {"teacher": self.run_.teacher_params} if self.run_.method == "pbkd_mm" else {}
+        return {"teacher": self.run_.teacher_params} if self.run_.method.white_box else {}
 
     def adversary_frozen(self):
         run, state = self.run_, self.state
-        if run.method != "pbkd_mm":
+        if not run.method.white_box:
             return {"lam": state["lam"]}
         student_params = run.combine(state["student"].params, run.student_frozen())
         return {"teacher": run.teacher_params, "student": student_params, "lam": state["lam"]}
 
     def student_frozen(self):
         run, adversary = self.run_, self.state["adversary"].params
-        if run.method == "pbkd_mm":
+        if run.method.white_box:
             return {**run.student_frozen(), "teacher": run.teacher_params, "qnet": adversary}
         return {**run.student_frozen(), "reference": run.reference, "rm": adversary}
 
@@ -375,7 +383,7 @@ class _Game:
             manager.close()
         curve.save()
         self._save_adversary()
-        summary = {"method": run.method, "rounds": run.rounds, "steps": self.phases[-1][3],
+        summary = {"method": run.method.name, "rounds": run.rounds, "steps": self.phases[-1][3],
                    "student_steps": sum(self.game_steps),
                    "lam": float(self.state["lam"]), "nll_star": float(self.state["nll_star"]), **stats, **last}
         return run.student_lm(self.state["student"].params), summary
@@ -458,7 +466,7 @@ class _Game:
 
     def _save_adversary(self):
         run, params = self.run_, self.state["adversary"].params
-        if run.method == "pbkd_mm":
+        if run.method.white_box:
             self.adversary.with_params(params).save_pretrained(os.path.join(run.workdir, "q_network"))
         else:
             reward_model.save(self.adversary.with_params(params), os.path.join(run.workdir, "reward_model"),

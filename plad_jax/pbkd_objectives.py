@@ -1,7 +1,7 @@
 """PbKD's players as `loss_fn(params, frozen, batch, rng)` / `frozen_fn(frozen, batch)` for `train.py`.
 
 `pbkd.py` and `pbkd_mm.py` hold the math on arrays; this file wires it to models, like
-`objectives.py` does for the other methods. One PbKD step is two train steps, one per player, on
+`plad_jax.methods` does for the other methods. One PbKD step is two train steps, one per player, on
 the same batch (dicts of right-padded int arrays):
 
     prompt_ids, prompt_mask        [B, P]    the prompts

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plad_jax import data
+from plad_jax import data, rewards
 from plad_jax import sharding as shd
 from plad_jax.models import LanguageModel, from_pretrained
 from plad_jax.models.hf import CheckpointError
@@ -167,8 +167,6 @@ def as_scorer(rm: RewardModel, tokenizer, *, max_prompt_tokens: int, max_respons
     lengths so a long scoring run compiles a handful of programs. Returns a
     `plad_jax.rewards.JaxRewardModel`.
     """
-    from plad_jax import rewards  # here, not above: rewards -> config -> objectives -> this module
-
     mesh = rm.backbone.mesh
     out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     score = jax.jit(lambda p, *batch: rm.apply(p, *batch), out_shardings=out)

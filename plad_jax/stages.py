@@ -27,13 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from plad_jax import checkpointing as ckpt
-from plad_jax import data, evaluate, inputs, objectives, pairs, rewards, sampler
+from plad_jax import data, evaluate, inputs, methods, pairs, rewards, sampler
 from plad_jax import sharding as shd
-from plad_jax.config import SHARED_VOCAB_METHODS, Config, ConfigError, check_shared_vocabulary, to_dict
+from plad_jax.config import Config, ConfigError, to_dict
 from plad_jax.loop import LossCurve, train_loop
+from plad_jax.methods import Method
 from plad_jax.models import from_pretrained, hf, init_model, lora
-from plad_jax.pbkd_config import PBKD_METHODS
-from plad_jax.pbkd_loop import run_pbkd
 from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, state_shardings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +49,14 @@ class Context:
         self.mesh = shd.make_mesh(config.mesh)
         self._splits = None
         self._tokenizers = {}
+        self._method = None
+
+    @property
+    def method(self) -> Method:
+        """The distillation method of `distill.method`, with its checked hyper-parameters."""
+        if self._method is None:
+            self._method = methods.configure(self.config)
+        return self._method
 
     def path(self, *parts) -> str:
         return os.path.join(self.run_dir, *parts)
@@ -180,6 +187,7 @@ def _held_logs(name: str = "plad_jax"):
 
 def _check_inputs(ctx: Context, pending) -> None:
     cfg = ctx.config
+    method = ctx.method  # the method and its hyper-parameters: a ConfigError before anything else
     _check_upstream(ctx, pending)
     data_problem, validation = None, True  # without data to look at, select_best is taken to score
     if pending:
@@ -193,8 +201,9 @@ def _check_inputs(ctx: Context, pending) -> None:
         if data_problem is not None:
             raise data_problem
         check_checkpoints(cfg, pending)
-        if "distill" in pending and cfg.distill.method in SHARED_VOCAB_METHODS:
-            check_shared_vocabulary(cfg, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
+        if "distill" in pending and method.shared_vocabulary:
+            methods.check_shared_vocabulary(method, cfg, ctx.tokenizer("teacher"),
+                                            ctx.tokenizer("student"))
         return
     parts = [_missing_weights(missing)] if missing else []
     parts += [f"{inputs.describe(need, readers)} cannot be loaded ({why}); a python scorer is "
@@ -342,9 +351,9 @@ class BestCheckpoint:
                 "validation_by_step": {str(k): v for k, v in sorted(self.scores.items())}}
 
 
-def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectives.ObjectiveConfig,
-                batch_fn, num_examples: int, *, teacher=None, reference=None, tag: str = "", select=None):
-    """Train `lm` with `objective` on `batch_fn(rows) -> batch`; returns (trained lm, summary).
+def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, batch_fn,
+                num_examples: int, *, teacher=None, reference=None, tag: str = "", select=None):
+    """Train `lm` with `method`'s loss on `batch_fn(rows) -> batch`; returns (trained lm, summary).
 
     select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint, the best
     one (not the last) is written to `<stage>/params/`, and None is returned in place of the model."""
@@ -355,12 +364,12 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
     optimizer = make_optimizer(OptimizerConfig(
         learning_rate=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps, total_steps=total,
         weight_decay=train_cfg.weight_decay, max_grad_norm=train_cfg.max_grad_norm))
-    frozen, trainable, combine = {}, lm.params, objectives.full_params
+    frozen, trainable, combine = {}, lm.params, methods.full_params
     if isinstance(lm, lora.LoRAModel):  # adapters train, base weights ride along frozen
         trainable, frozen[lora.FROZEN_KEY] = lora.split_trainable(lm.params)
         trainable, combine = jax.tree.map(jnp.copy, trainable), lora.objective_combine
-    loss_fn, frozen_fn = objectives.make_objective(objective, lm, teacher=teacher, combine=combine)
-    if teacher is not None and frozen_fn is not None:
+    loss_fn, frozen_fn = method.objective(lm, teacher=teacher, combine=combine)
+    if "teacher" in method.frozen_models:
         frozen["teacher"] = teacher.params
     if reference is not None:
         frozen["reference"] = reference
@@ -391,7 +400,8 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, objective: objectiv
     state = train_loop(step, state, batches, frozen, total_steps=total, steps_per_epoch=steps_per_epoch,
                        manager=manager, log_every=train_cfg.log_every,
                        on_metrics=on_metrics, progress=os.path.basename(stage_dir) + tag,
-                       config_hash=_config_hash(to_dict(train_cfg), dataclasses.asdict(objective), tag),
+                       config_hash=_config_hash(to_dict(train_cfg), method.name,
+                                                method.hparams_dict(), tag),
                        on_checkpoint=selector)
     manager.close()
     if board is not None:
@@ -414,23 +424,8 @@ def _board(ctx: Context, name: str):
 
 
 def sft_batches(encoded: data.EncodedExamples, batch_size: int):
-    def batch_fn(rows):
-        b = data.make_batch(encoded, rows, num_rows=batch_size)
-        return {k: b[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
-    return batch_fn
-
-
-def pair_batches(pos: data.EncodedExamples, neg: data.EncodedExamples, batch_size: int, ref=None):
-    """Batches of (prompt, y+, y-) [+ reference] from encodings that share their prompts."""
-    def batch_fn(rows):
-        p, n = data.make_batch(pos, rows, num_rows=batch_size), data.make_batch(neg, rows, num_rows=batch_size)
-        batch = {"prompt_ids": p["prompt_ids"], "prompt_mask": p["prompt_mask"], "pos_ids": p["response_ids"],
-                 "pos_mask": p["response_mask"], "neg_ids": n["response_ids"], "neg_mask": n["response_mask"]}
-        if ref is not None:
-            r = data.make_batch(ref, rows, num_rows=batch_size)
-            batch.update(ref_ids=r["response_ids"], ref_mask=r["response_mask"])
-        return batch
-    return batch_fn
+    """Batches of (prompt, response) rows of one encoding."""
+    return parts_batches({"response": encoded}, batch_size)
 
 
 # -- sampling -----------------------------------------------------------------------------------------
@@ -473,7 +468,7 @@ def _sft_stage(role: str):
         select = None
         if train_cfg.select_best and ctx.splits.validation:
             select = lambda model: validation_score(ctx, model, role, train_cfg.validation_examples)  # noqa: E731
-        lm, summary = train_model(ctx, lm, stage_dir, train_cfg, objectives.ObjectiveConfig(method="sft"),
+        lm, summary = train_model(ctx, lm, stage_dir, train_cfg, methods.SFT(),
                                   sft_batches(encoded, train_cfg.batch_size), len(d0), select=select)
         if lm is not None:  # else the selection already wrote the best checkpoint there
             lm.save_pretrained(os.path.join(stage_dir, "params"))
@@ -528,38 +523,44 @@ def sample_stage(ctx: Context, stage_dir: str):
 
 
 def distill_stage(ctx: Context, stage_dir: str):
-    cfg = ctx.config.distill
+    cfg, method = ctx.config.distill, ctx.method
     student = with_lora(ctx, ctx.stage_model("sft_student", "student"), "student")
     teacher = None
-    if cfg.method in SHARED_VOCAB_METHODS:
-        check_shared_vocabulary(ctx.config, ctx.tokenizer("teacher"), ctx.tokenizer("student"))
+    if method.shared_vocabulary:
+        methods.check_shared_vocabulary(method, ctx.config, ctx.tokenizer("teacher"),
+                                        ctx.tokenizer("student"))
+    if "teacher" in method.frozen_models:
         teacher = ctx.stage_model("sft_teacher", "teacher")
     rows = pairs.read_pairs(ctx.path("sample"))
-    if cfg.method in PBKD_METHODS:
-        return pbkd_distill(ctx, stage_dir, student, teacher, rows)
+    if method.own_loop:
+        return own_loop_distill(ctx, stage_dir, method, student, teacher, rows)
     summary = {}
     for round_ in range(cfg.rounds):
         if round_ > 0:  # iterative PLaD: new student samples from the student distilled so far
-            ids = [r["index"] if r["index"] is not None else i for i, r in enumerate(rows)]
-            texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
-                                           temperature=ctx.config.sample.temperature,
-                                           max_new_tokens=ctx.config.sample.max_new_tokens,
-                                           seed=ctx.config.seed + 100 * round_,
-                                           desc=f"round {round_}",
-                                           stop=stop_strings(ctx, ctx.config.sample))
-            rows = [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
-        batch_fn, n = _distill_batches(ctx, cfg, rows)
-        # DPO's frozen reference is the student as it starts (LoRA: adapters at their start). A copy:
+            rows = resampled_rows(ctx, student, rows, round_)
+        batch_fn, n = method_batches(ctx, method, rows, cfg.batch_size)
+        # A frozen reference is the student as it starts (LoRA: adapters at their start). A copy:
         # the train step donates the trainable params, which must not be the reference's buffers.
-        reference = jax.tree.map(jnp.copy, student.params) if cfg.method == "dpo" else None
-        objective = objectives.ObjectiveConfig(
-            method=cfg.method, score=cfg.score, beta=cfg.beta, alpha=cfg.alpha, kd_temperature=cfg.kd_temperature,
-            label_smoothing=cfg.label_smoothing, span_max_n=cfg.span_max_n)
-        student, summary = train_model(ctx, student, stage_dir, cfg, objective, batch_fn, n, teacher=teacher,
-                                       reference=reference, tag="" if cfg.rounds == 1 else f"-round{round_}")
+        reference = None
+        if "reference" in method.frozen_models:
+            reference = jax.tree.map(jnp.copy, student.params)
+        tag = "" if cfg.rounds == 1 else f"-round{round_}"
+        student, summary = train_model(ctx, student, stage_dir, cfg, method, batch_fn, n,
+                                       teacher=teacher, reference=reference, tag=tag)
     student.save_pretrained(os.path.join(stage_dir, "params"))
     exported = export_gguf(ctx, student, stage_dir)
-    return {"method": cfg.method, "rounds": cfg.rounds, **summary, **exported}
+    return {"method": method.name, "rounds": cfg.rounds, **summary, **exported}
+
+
+def resampled_rows(ctx: Context, student, rows, round_: int):
+    """The pair rows with a new student sample each, from `student` (iterative distillation)."""
+    ids = [r["index"] if r["index"] is not None else i for i, r in enumerate(rows)]
+    texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
+                                   temperature=ctx.config.sample.temperature,
+                                   max_new_tokens=ctx.config.sample.max_new_tokens,
+                                   seed=ctx.config.seed + 100 * round_, desc=f"round {round_}",
+                                   stop=stop_strings(ctx, ctx.config.sample))
+    return [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
 
 
 def export_gguf(ctx: Context, student, stage_dir: str) -> dict:
@@ -573,47 +574,59 @@ def export_gguf(ctx: Context, student, stage_dir: str) -> dict:
     return {"gguf": path}
 
 
-def pbkd_distill(ctx: Context, stage_dir: str, student, teacher, rows):
-    """PbKD (`plad_jax.pbkd_loop.run_pbkd`): the pairs are its offline preference data, labelled
-    teacher > student unless `pairs.real_ratio` had a scorer relabel them; `pbkd_online` labels its
-    fresh pairs with that scorer too (pseudo-labels when real_ratio is 0)."""
-    cfg, d = ctx.config.distill, ctx.config.data
-    shards = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
-    if jax.process_count() > 1 and cfg.batch_size % shards:  # each process feeds its own rows of a batch
-        raise ConfigError(f"distill.batch_size={cfg.batch_size} must be a multiple of the {shards} batch shards "
-                          f"(mesh data x fsdp) for PbKD on {jax.process_count()} processes")
+def own_loop_distill(ctx: Context, stage_dir: str, method: Method, student, teacher, rows):
+    """A method that trains itself (`Method.own_loop`, PbKD's game): it gets the pairs, the
+    distillation TrainConfig and, when `pairs.real_ratio` > 0, the pairs scorer to label fresh
+    pairs."""
+    d = ctx.config.data
     scorer = _scorer(ctx, ctx.config.pairs) if ctx.config.pairs.real_ratio > 0 else None
-    student, summary = run_pbkd(cfg.method, student, rows, ctx.config.pbkd, cfg, stage_dir,
-                                tokenizer=ctx.tokenizer("student"), max_prompt_tokens=d.max_prompt_tokens,
-                                max_response_tokens=d.max_response_tokens, teacher=teacher, scorer=scorer,
-                                seed=ctx.config.seed)
+    student, summary = method.train_own(
+        student, rows, teacher=teacher, workdir=stage_dir, train=ctx.config.distill,
+        tokenizer=ctx.tokenizer("student"), max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_response_tokens, scorer=scorer, seed=ctx.config.seed)
     student.save_pretrained(os.path.join(stage_dir, "params"))
-    return {"method": cfg.method, **summary, **export_gguf(ctx, student, stage_dir)}
+    return {"method": method.name, **summary, **export_gguf(ctx, student, stage_dir)}
 
 
-def _distill_batches(ctx: Context, cfg, rows):
-    """The student's batches for `cfg.method` from the pairs (texts re-tokenized by the student)."""
-    prompts = [r["prompt"] for r in rows]
-    chosen = [r[r["chosen"]] for r in rows]
-    rejected = [r["student" if r["chosen"] == "teacher" else "teacher"] for r in rows]
-    method, bs = cfg.method, cfg.batch_size
-    if method in objectives.PAIR_METHODS:
-        ref = None
-        if method == "plad_margin":
-            refs = [r["reference"] or r["prompt"] if cfg.span_reference == "target" else r["prompt"] for r in rows]
-            ref = ctx.encode("student", prompts, refs)
-        return pair_batches(ctx.encode("student", prompts, chosen), ctx.encode("student", prompts, rejected),
-                            bs, ref), len(rows)
-    if method in ("seqkd",):
-        return sft_batches(ctx.encode("student", prompts, [r["teacher"] for r in rows]), bs), len(rows)
-    if method in ("sft", "kd"):  # teacher-forced on the human targets of D
-        return sft_batches(ctx.encode("student", prompts, [r["reference"] for r in rows]), bs), len(rows)
-    if method in ("fdistill_tvd", "fdistill_js"):  # a mix of teacher- and student-sampled sequences
-        mixed = ctx.encode("student", prompts + prompts, [r["teacher"] for r in rows] + [r["student"] for r in rows])
-        return sft_batches(mixed, bs), 2 * len(rows)
-    if method == "minillm":  # on-policy student samples
-        return sft_batches(ctx.encode("student", prompts, [r["student"] for r in rows]), bs), len(rows)
-    raise ConfigError(f"distill.method '{method}' has no data recipe")
+def method_batches(ctx: Context, method: Method, rows, batch_size: int):
+    """(batch_fn, number of rows) of the student's batches for `method`, from the pairs, as its
+    `Method.batches` declares them (texts re-tokenized by the student)."""
+    spec, prompts = method.batches, [r["prompt"] for r in rows]
+    parts = {}  # batch key prefix -> encoding; every part's rows share their prompts
+    if spec.responses:  # several sources: the rows of each, one after the other (a mix)
+        texts = [text for source in spec.responses for text in _texts(rows, source)]
+        parts["response"] = ctx.encode("student", prompts * len(spec.responses), texts)
+    if spec.pairs:
+        parts["pos"] = ctx.encode("student", prompts, _texts(rows, "chosen"))
+        parts["neg"] = ctx.encode("student", prompts, _texts(rows, "rejected"))
+    if spec.reference:
+        parts["ref"] = ctx.encode("student", prompts, [method.reference_text(r) for r in rows])
+    return parts_batches(parts, batch_size), len(next(iter(parts.values())))
+
+
+def _texts(rows, source: str) -> list[str]:
+    """One text per pair row: target (the human reference), teacher, student, chosen, rejected."""
+    if source == "target":
+        return [r["reference"] for r in rows]
+    if source == "chosen":
+        return [r[r["chosen"]] for r in rows]
+    if source == "rejected":
+        return [r["student" if r["chosen"] == "teacher" else "teacher"] for r in rows]
+    return [r[source] for r in rows]
+
+
+def parts_batches(parts: dict, batch_size: int):
+    """Batches of the same rows of several encodings: `<prefix>_ids` / `<prefix>_mask` of each
+    part's responses, and the prompts (the first part's)."""
+    def batch_fn(rows):
+        batch = {}
+        for prefix, encoded in parts.items():
+            b = data.make_batch(encoded, rows, num_rows=batch_size)
+            if not batch:
+                batch.update(prompt_ids=b["prompt_ids"], prompt_mask=b["prompt_mask"])
+            batch.update({f"{prefix}_ids": b["response_ids"], f"{prefix}_mask": b["response_mask"]})
+        return batch
+    return batch_fn
 
 
 def eval_stage(ctx: Context, stage_dir: str):

@@ -52,14 +52,14 @@ def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool =
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from plad_jax import objectives, sharding as shd
+    from plad_jax import methods, sharding as shd
     from plad_jax.models import from_pretrained
     from plad_jax.train import (OptimizerConfig, TrainState, check_finite, make_optimizer, make_train_step,
                                 reduce_metrics, state_shardings)
 
     mesh = shd.make_mesh(tuple(mesh_shape))
     lm = from_pretrained(model_dir, mesh=mesh)
-    loss_fn, frozen_fn = objectives.make_objective(objectives.ObjectiveConfig(method="sft"), lm)
+    loss_fn, frozen_fn = methods.SFT().objective(lm)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
     state = TrainState.create(lm.params, optimizer)
     step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn, state_shardings=state_shardings(state))

@@ -23,7 +23,7 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from plad_jax import checkpointing as ckpt, objectives, sharding as shd
+from plad_jax import checkpointing as ckpt, methods, sharding as shd
 from plad_jax.loop import train_loop
 from plad_jax.models import from_pretrained
 from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, state_shardings
@@ -54,7 +54,7 @@ def main():
     mesh = shd.make_mesh((2, 2, 2))
     lm = from_pretrained(args.model_dir, mesh=mesh)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=TOTAL_STEPS))
-    loss_fn, frozen_fn = objectives.make_objective(objectives.ObjectiveConfig(method="sft"), lm)
+    loss_fn, frozen_fn = methods.SFT().objective(lm)
     state = TrainState.create(lm.params, optimizer, seed=0)
     step_fn = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn, state_shardings=state_shardings(state))
 

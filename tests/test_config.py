@@ -120,23 +120,30 @@ def test_lora_settings_convert_to_the_models_lora_config():
     assert {f.name for f in dataclasses.fields(LoRAConfig)} == {f.name for f in dataclasses.fields(C.LoRASettings)}
 
 
-def test_distill_objective_fields_convert_to_objective_config():
-    from plad_jax.objectives import ObjectiveConfig
+def test_distill_knobs_become_the_methods_hyper_parameters():
+    from plad_jax import methods
 
-    d = C.DistillConfig(method="plad_margin", score="sum", beta=0.5, alpha=0.1, kd_temperature=2.0)
-    shared = [f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "lam"]  # lam: pbkd.lam_init
-    objective = ObjectiveConfig(**{name: getattr(d, name) for name in shared})
-    assert (objective.method, objective.score, objective.beta, objective.alpha) == ("plad_margin", "sum", 0.5, 0.1)
+    def configure(*sets):
+        return methods.configure(apply_overrides(Config(), list(sets)))
+
+    method = configure("distill.method=plad_margin", "distill.score=sum", "distill.beta=0.5",
+                       "distill.alpha=0.1", "distill.span_max_n=2")
+    assert isinstance(method, methods.PladMargin) and method.name == "plad_margin"
+    assert method.hparams_dict() == {"score": "sum", "beta": 0.5, "alpha": 0.1, "span_max_n": 2,
+                                     "span_reference": "target"}
+    assert configure("distill.method=kd", "distill.kd_temperature=2").hp.kd_temperature == 2.0
+    pbkd = configure("distill.method=pbkd_offline", "pbkd.num_samples=3")
+    assert pbkd.hp is not None and pbkd.hp.num_samples == 3  # the pbkd section, whole
 
 
 def test_choice_lists_live_in_one_place():
+    from plad_jax import methods
     from plad_jax.data.tasks import TASKS
-    from plad_jax.objectives import METHODS
 
-    assert C.TASKS is TASKS and C.METHODS is METHODS
+    assert C.TASKS is TASKS and not hasattr(C, "METHODS")  # the registry: plad_jax.methods
     with pytest.raises(ConfigError) as e:
-        apply_overrides(Config(), ["distill.method=nope"])
-    assert all(m in message(e) for m in METHODS)
+        methods.configure(apply_overrides(Config(), ["distill.method=nope"]))
+    assert all(m in message(e) for m in methods.names()) and "module:Class" in message(e)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,7 +267,12 @@ def test_unknown_key_without_a_close_match_lists_the_section():
 
 
 def valid(*overrides) -> Config:
-    return validate(apply_overrides(load_config("demo"), list(overrides)))
+    """The config checks, then the method's (`plad_jax.methods.configure`), as the CLI runs them."""
+    from plad_jax import methods
+
+    config = validate(apply_overrides(load_config("demo"), list(overrides)))
+    methods.configure(config)
+    return config
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -288,6 +300,24 @@ def valid(*overrides) -> Config:
     (["student.lora.dropout=1"], "student.lora.dropout must be in [0, 1)"),
     (["student.lora.targets="], "student.lora.targets must name at least one"),
     (["distill.method=dpo", "distill.beta=0"], "distill.beta must be positive for dpo"),
+    (["distill.method=slic", "distill.beta=0"], "distill.beta must be positive for slic"),
+    (["distill.beta=-1"], "distill.beta must be >= 0, got -1.0"),
+    (["distill.method=kd", "distill.kd_temperature=0"], "distill.kd_temperature must be positive"),
+    (["distill.method=dpo", "distill.label_smoothing=0.5"], "distill.label_smoothing must be in [0, 0.5)"),
+    (["distill.method=plad_margin", "distill.span_max_n=0"], "distill.span_max_n must be >= 1"),
+    (["distill.method=kd", "distill.beta=0.5"], "distill.beta=0.5 is not a hyper-parameter of distill.method=kd "
+                                                "(its hyper-parameters: distill.kd_temperature)"),
+    (["distill.method=sft", "distill.score=sum"], "distill.score=sum is not a hyper-parameter of distill.method=sft "
+                                                  "(its hyper-parameters: none)"),
+    (["distill.method=pbkd_cheap", "distill.alpha=0.1"], "distill.alpha=0.1 is not a hyper-parameter of "
+                                                          "distill.method=pbkd_cheap (its hyper-parameters: pbkd.*)"),
+    (["distill.hparams.betta=2"], "distill.hparams.betta is not a hyper-parameter of distill.method=plad_rank"),
+    (["distill.hparams.beta=2"], "distill.hparams.beta: set distill.beta instead"),
+    (["distill.method=pbkd_online", "pbkd.num_samples=1"], "pbkd num_samples=1: the leave-one-out baseline"),
+    (["distill.method=pbkd_mm", "pbkd.r_max=0"], "pbkd r_max must be > 0"),
+    (["distill.method=no_such_module:Method"], "distill.method=no_such_module:Method: cannot import no_such_module"),
+    (["distill.method=json:loads"], "distill.method=json:loads: json.loads is not a subclass of plad_jax.methods.Method"),
+    (["distill.method=plad_rnak"], "unknown distill.method 'plad_rnak'; did you mean plad_rank?"),
     (["name=a/b"], "name must be a non-empty directory name"),
     (['eval.stop=["x", ""]'], "eval.stop must not hold an empty string"),
 ])
@@ -321,15 +351,22 @@ class FakeTokenizer:
 
 
 def test_logit_methods_need_one_vocabulary():
+    from plad_jax import methods
+
+    def check(config, *tokenizers):
+        methods.check_shared_vocabulary(methods.configure(config), config, *tokenizers)
+
     a, b = FakeTokenizer({"x": 0, "y": 1}), FakeTokenizer({"x": 0, "z": 1})
-    for method in ("kd", "fdistill_tvd", "fdistill_js", "minillm"):
+    assert methods.names(lambda c: c.shared_vocabulary) == ("kd", "fdistill_tvd", "fdistill_js", "minillm",
+                                                              "pbkd_mm")
+    for method in ("kd", "fdistill_tvd", "fdistill_js", "minillm", "pbkd_mm"):
         config = apply_overrides(Config(), [f"distill.method={method}", "teacher.path=/t", "student.path=/s"])
-        C.check_shared_vocabulary(config, a, FakeTokenizer({"x": 0, "y": 1}))  # same vocabulary: fine
+        check(config, a, FakeTokenizer({"x": 0, "y": 1}))  # same vocabulary: fine
         with pytest.raises(ConfigError) as e:
-            C.check_shared_vocabulary(config, a, b)
+            check(config, a, b)
         assert message(e).startswith(f"distill.method={method} compares teacher and student token distributions")
         assert "/t: 2 tokens" in message(e) and "plad_rank" in message(e)
-    C.check_shared_vocabulary(apply_overrides(Config(), ["distill.method=plad_rank"]), a, b)  # text-level
+    check(apply_overrides(Config(), ["distill.method=plad_rank"]), a, b)  # text-level
 
 
 def test_stages_are_checked_and_ordered():

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
-from plad_jax import objectives, sharding as shd
+from plad_jax import methods, sharding as shd
 from plad_jax.models import LanguageModel, from_pretrained
 from plad_jax.models import lora
 from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, reduce_metrics
@@ -248,8 +248,7 @@ def test_training_moves_adapters_only(built, logits):
     moments = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim)
     assert moments == sorted(adapter_shapes * 2)  # Adam's mu and nu, for adapters only
 
-    loss_fn, frozen_fn = objectives.make_objective(objectives.ObjectiveConfig(method="sft"), lm,
-                                                   combine=lora.objective_combine)
+    loss_fn, frozen_fn = methods.SFT().objective(lm, combine=lora.objective_combine)
     step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn)
     batch = dict(zip(("prompt_ids", "prompt_mask", "response_ids", "response_mask"), map(jnp.asarray, BATCH)))
     seen = []

@@ -486,12 +486,17 @@ def test_run_pbkd_resumes_after_a_crash_mid_round(online_run, student, tokenizer
     assert summary["lam"] == expected["lam"] and summary["nll_star"] == expected["nll_star"]
 
 
-def test_objectives_offer_pbkd_cheap_and_point_the_game_methods_to_run_pbkd(student):
-    from plad_jax import objectives
-    from plad_jax.pbkd_config import PBKD_METHODS
-    assert set(PBKD_METHODS) <= set(objectives.METHODS)
-    loss_fn, frozen_fn = objectives.make_objective(objectives.ObjectiveConfig(method="pbkd_cheap", lam=0.5), student)
+def test_methods_offer_pbkd_cheap_and_point_the_game_methods_to_run_pbkd(student):
+    from plad_jax import methods
+    pbkd_methods = methods.names(lambda c: issubclass(c, methods.PbKD))
+    assert pbkd_methods == ("pbkd_cheap", "pbkd_offline", "pbkd_online", "pbkd_mm")
+    classes = [methods.resolve(m) for m in pbkd_methods]
+    assert all(c.own_loop and c.section == "pbkd" for c in classes)
+    loss_fn, frozen_fn = methods.get("pbkd_cheap", lam_init=0.5).objective(student)
     assert callable(loss_fn) and callable(frozen_fn)
     for method in ("pbkd_offline", "pbkd_online", "pbkd_mm"):
         with pytest.raises(ValueError, match="run_pbkd"):
-            objectives.make_objective(objectives.ObjectiveConfig(method=method), student)
+            methods.get(method).objective(student)
+    with pytest.raises(ValueError, match="leave-one-out baseline needs at least 2"):
+        methods.get("pbkd_offline", num_samples=1)
+    methods.get("pbkd_cheap", num_samples=1)  # no samples in the cheap variant

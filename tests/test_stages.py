@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from plad_jax import config as config_mod
-from plad_jax import launch, objectives, stages
+from plad_jax import launch, methods, stages
 from tests import tiny_run
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_first_stages_write_their_outputs_and_select_the_best_teacher_checkpoint
     assert pairs["pairs"] == 8
 
 
-@pytest.mark.parametrize("method", objectives.METHODS)
+@pytest.mark.parametrize("method", methods.names())
 def test_every_method_runs_distill_and_eval(prepared, tmp_path, paths, method):
     run_dir = fork(prepared, tmp_path)
     assert main(run_dir, *tiny_run.tiny_overrides(paths), f"distill.method={method}", stages_="distill,eval") == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from plad_jax import losses, objectives, sharding as shd
+from plad_jax import losses, methods, sharding as shd
 from plad_jax.models import from_pretrained, init_model, lora
 from plad_jax.train import (NonFiniteLossError, OptimizerConfig, TrainState, check_finite,
                             learning_rate_schedule, make_optimizer, make_train_step, reduce_metrics)
@@ -47,8 +47,8 @@ def test_schedule_warmup_then_linear_decay():
 
 
 def run_steps(lm, method, n=3, mesh=None, grad_accum=1, batch_fn=sft_batch):
-    cfg = objectives.ObjectiveConfig(method=method, beta=0.5)
-    loss_fn, frozen_fn = objectives.make_objective(cfg, lm)
+    knobs = {} if method == "sft" else {"beta": 0.5}
+    loss_fn, frozen_fn = methods.get(method, **knobs).objective(lm)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
     state = TrainState.create(lm.params, optimizer)
     step = make_train_step(loss_fn, optimizer, grad_accum=grad_accum, frozen_fn=frozen_fn)
@@ -124,10 +124,9 @@ TINY = {
 
 
 def sft_value_and_grad(lm, trainable, combine, logits_path: bool):
-    """Jitted (loss, grads) of one padded SFT batch, with a dropout key: through `objectives`
+    """Jitted (loss, grads) of one padded SFT batch, with a dropout key: through `methods.SFT`
     (chunked log-probs) or through the [B, R, V] logits and `losses.sft_loss` (the reference)."""
-    cfg = objectives.ObjectiveConfig(method="sft")
-    loss_fn, _ = objectives.make_objective(cfg, lm, combine=combine)
+    loss_fn, _ = methods.SFT().objective(lm, combine=combine)
     if logits_path:
         def loss_fn(params, frozen, b, rng):
             logits, _ = lm.apply(combine(params, frozen), b["prompt_ids"], b["prompt_mask"],
@@ -152,7 +151,7 @@ def test_remat_and_chunked_logprobs_keep_loss_and_gradients(family, adapters):
         trainable = jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape), trainable)
         combine = lora.combine
     else:
-        lm, trainable, frozen, combine = base, base.params, {}, objectives.full_params
+        lm, trainable, frozen, combine = base, base.params, {}, methods.full_params
     want_loss, want_grads = sft_value_and_grad(lm, (trainable, frozen), combine, logits_path=True)
     for remat in ("none", "full", "dots"):
         loss, grads = sft_value_and_grad(lm.with_remat(remat), (trainable, frozen), combine,
