@@ -42,9 +42,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from plad_jax import checkpointing as ckpt
-from plad_jax import methods, pbkd, pbkd_objectives as po, pbkd_rounds, reward_model, sampler
+from plad_jax import pbkd, pbkd_objectives as po, pbkd_rounds, reward_model, sampler
 from plad_jax import sharding as shd
 from plad_jax.loop import LossCurve, train_loop
+from plad_jax.methods.base import resolve
 from plad_jax.models import from_pretrained, lora
 from plad_jax.pbkd_config import PbKDConfig
 from plad_jax.train import OptimizerConfig, TrainState, check_finite, make_optimizer, make_train_step, \
@@ -80,8 +81,8 @@ def run_pbkd(method, student, rows, cfg: PbKDConfig, train, workdir: str, *, tok
         the same process, tests) reuses them instead of compiling again. None: compile afresh.
     """
     named = isinstance(method, str)
-    cls, name = (methods.resolve(method), method) if named else (type(method), method.name)
-    if not issubclass(cls, methods.PbKD):
+    cls, name = (resolve(method), method) if named else (type(method), method.name)
+    if not all(hasattr(cls, flag) for flag in ("cheap", "online", "white_box")):  # methods.PbKD's
         raise ValueError(f"run_pbkd runs the PbKD methods, not {name}")
     method = cls(cfg, name=name)
     method.validate()

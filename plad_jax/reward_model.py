@@ -12,20 +12,21 @@ Params are one pytree `{"backbone": nnx.State, "head": {"w": [D], "b": []}}`, tr
 model here (`bt_loss_fn` with `train.make_train_step`). On disk (`save` / `load`): the backbone as
 a Hugging Face directory (`save_pretrained`, config.json + safetensors) and the head beside it in
 `reward_head.safetensors` (`head.w`, `head.b`, `r_max`), and optionally its tokenizer; no pickle
-anywhere. `as_scorer` wraps it as a `plad_jax.rewards.JaxRewardModel` for evaluation and pair
+anywhere. `as_scorer` wraps it as a `JaxRewardModel` for evaluation and pair
 relabelling; `load_scorer(path)` does both from a saved directory.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plad_jax import data, rewards
+from plad_jax import data
 from plad_jax import sharding as shd
 from plad_jax.models import LanguageModel, from_pretrained
 from plad_jax.models.hf import CheckpointError
@@ -158,6 +159,38 @@ def load(path: str, *, dtype=jnp.float32, compute_dtype=None, mesh=None) -> Rewa
 
 # -- as a scorer -----------------------------------------------------------------------------------
 
+RewardFn = Callable[[Sequence[str], Sequence[str]], "np.ndarray"]
+
+
+class JaxRewardModel:
+    """Any `reward_fn(prompts, responses) -> [B] scores` (a jitted JAX model behind a tokenizer, say),
+    called in batches of `batch_size`; the last batch may be smaller (pad inside `reward_fn` if
+    it needs static shapes)."""
+
+    reference_based = False
+
+    def __init__(self, reward_fn: RewardFn, batch_size: int = 32, name: str = "jax_reward_model"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.reward_fn = reward_fn
+        self.batch_size = batch_size
+        self.name = name
+
+    def score(self, prompts, responses, references=None) -> np.ndarray:
+        del references
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        chunks = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch_p = list(prompts[start: start + self.batch_size])
+            batch_r = list(responses[start: start + self.batch_size])
+            scores = np.asarray(self.reward_fn(batch_p, batch_r), np.float64).reshape(-1)
+            if scores.shape != (len(batch_p),):
+                raise ValueError(f"{self.name} returned {scores.shape[0]} scores for {len(batch_p)} responses")
+            chunks.append(scores)
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float64)
+
+
 def as_scorer(rm: RewardModel, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int,
               batch_size: int = 32, name: str = "jax_reward_model"):
     """The reward model behind `plad_jax.rewards`' scorer interface (texts in, [N] scores out).
@@ -165,7 +198,7 @@ def as_scorer(rm: RewardModel, tokenizer, *, max_prompt_tokens: int, max_respons
     Texts are encoded like training data (`data.encode_texts`: prompt cut from the left, response
     + EOS cut to `max_response_tokens`), batches are filled to `batch_size` rows with bucketed
     lengths so a long scoring run compiles a handful of programs. Returns a
-    `plad_jax.rewards.JaxRewardModel`.
+    `JaxRewardModel`.
     """
     mesh = rm.backbone.mesh
     out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -179,7 +212,7 @@ def as_scorer(rm: RewardModel, tokenizer, *, max_prompt_tokens: int, max_respons
                                                             "response_mask")))
         return np.asarray(score(params, *arrays))[:len(prompts)]
 
-    return rewards.JaxRewardModel(reward_fn, batch_size=batch_size, name=name)
+    return JaxRewardModel(reward_fn, batch_size=batch_size, name=name)
 
 
 def load_scorer(path: str, tokenizer=None, *, max_prompt_tokens: int = 512, max_response_tokens: int = 128,

@@ -11,8 +11,9 @@
   response)` (question = prompt, answer = response) and the score is `logits[:, 0]`. Loads
   `safetensors` only, never remote code. Runs under PyTorch (on `device`), which the reward model
   scorer needs installed.
-- `JaxRewardModel`: wraps any `(prompts, responses) -> [N] scores` callable, so a JAX reward model
-  (e.g. PbKD's) plugs in without this module knowing its architecture.
+- `JaxRewardModel` (defined beside the JAX reward model in `plad_jax.reward_model`, below this
+  module): wraps any `(prompts, responses) -> [N] scores` callable, so a JAX reward model (e.g.
+  PbKD's) plugs in.
 - `python`: a scorer written in Python and named by its import path `module:attr` (config
   `reward_model`); `attr` is called with no arguments and must return an object with `score`
   (a class such as `bench.extraction.FieldF1Scorer`, or a factory). For programmatic, exact
@@ -25,12 +26,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from plad_jax.config import UserError
+from plad_jax.reward_model import JaxRewardModel, RewardFn, load_scorer  # noqa: F401 - part of this interface
 
 SCORER_KINDS = ("rouge", "reward_model", "jax_reward_model", "python")
 
@@ -185,37 +187,7 @@ def _import_torch_transformers():
     return torch, transformers
 
 
-# -- JAX reward model ----------------------------------------------------------------------------
-
-RewardFn = Callable[[Sequence[str], Sequence[str]], "np.ndarray"]
-
-
-class JaxRewardModel:
-    """Any `reward_fn(prompts, responses) -> [B] scores` (a jitted JAX model behind a tokenizer, say),
-    called in batches of `batch_size`; the last batch may be smaller (pad inside `reward_fn` if
-    it needs static shapes)."""
-
-    reference_based = False
-
-    def __init__(self, reward_fn: RewardFn, batch_size: int = 32, name: str = "jax_reward_model"):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.reward_fn = reward_fn
-        self.batch_size = batch_size
-        self.name = name
-
-    def score(self, prompts, responses, references=None) -> np.ndarray:
-        del references
-        _check_lengths(prompts, responses, None)
-        chunks = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch_p = list(prompts[start: start + self.batch_size])
-            batch_r = list(responses[start: start + self.batch_size])
-            scores = np.asarray(self.reward_fn(batch_p, batch_r), np.float64).reshape(-1)
-            if scores.shape != (len(batch_p),):
-                raise ValueError(f"{self.name} returned {scores.shape[0]} scores for {len(batch_p)} responses")
-            chunks.append(scores)
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.float64)
+# -- JAX reward model: `plad_jax.reward_model.JaxRewardModel` (imported above) --------------------
 
 
 # -- a scorer named by its import path --------------------------------------------------------------
@@ -258,8 +230,7 @@ def make_scorer(kind: str, path: str = "", batch_size: int = 32, *, device: str 
             if not path:
                 raise UserError("the jax_reward_model scorer needs a saved plad_jax reward model directory "
                                 "(e.g. runs/NAME/distill/reward_model of a PbKD run)")
-            from plad_jax import reward_model
-            return reward_model.load_scorer(path, batch_size=batch_size)
+            return load_scorer(path, batch_size=batch_size)
         return JaxRewardModel(reward_fn, batch_size=batch_size, name=f"jax_reward_model:{path}" if path else "jax_reward_model")
     if kind == "python":
         return python_scorer(path)
