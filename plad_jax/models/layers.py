@@ -94,7 +94,7 @@ def after(tree, dependency):
     layers compute, and XLA:CPU otherwise draws every layer's masks ([B, T, features] of u32
     random bits per projection) at the start of the forward pass (and again at the start of the
     backward pass for remat), all live at once: at the bench shape (SmolLM2-135M, batch 4 x 576,
-    LoRA dropout 0.1) 137 of the 143 MB per layer that `remat=full` still kept.
+    LoRA dropout 0.1) `remat=full` kept 137 MB of temporaries per layer, 5.7 MB with keys tied.
     """
     floats = [g for g in jax.tree.leaves(dependency) if jnp.issubdtype(g.dtype, jnp.inexact)]
     if not floats:
