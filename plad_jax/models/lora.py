@@ -55,7 +55,7 @@ from jax.sharding import NamedSharding
 
 from plad_jax import sharding as shd
 from plad_jax.models.language_model import LanguageModel
-from plad_jax.models.layers import Linear, activation_axes, constrain
+from plad_jax.models.layers import Linear, activation_axes, after, constrain
 
 _LLAMA = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 # HF model_type -> target group -> projection (Linear attribute) names.
@@ -111,8 +111,8 @@ class LoRALinear(Linear):
     def __call__(self, x):
         y = super().__call__(x)
         h = x
-        if self.dropout_key is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
+        if self.dropout_key is not None and self.dropout > 0:  # the mask drawn once x exists
+            keep = jax.random.bernoulli(after(self.dropout_key, x), 1.0 - self.dropout, x.shape)
             h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         low = constrain(h @ self.lora_a[...].astype(x.dtype), activation_axes(x))  # [..., rank]
         update = (low @ self.lora_b[...].astype(x.dtype)) * self.scale
