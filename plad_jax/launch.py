@@ -9,9 +9,9 @@
 --run-dir   where the run lives (default: runs/<name>); local path or gs://
 
 Exit status: 0 on success; 2 with one line on stderr for anything the user can fix (flag, key,
-value, contradiction, missing model or data, unwritable run directory: `plad_jax.config.UserError`,
-`plad_jax.models.CheckpointError`, `plad_jax.data.DataError`); 130 on Ctrl-C; anything else is a
-bug and keeps its traceback.
+value, contradiction, missing model or data, a `fetch:NAME` checkpoint not fetched yet, unwritable
+run directory: `plad_jax.config.UserError`, `plad_jax.models.CheckpointError`,
+`plad_jax.data.DataError`); 130 on Ctrl-C; anything else is a bug and keeps its traceback.
 
 Every host of a multi-host job runs the same command: `jax.distributed.initialize()` comes first
 when there are several processes (Cloud TPU VMs, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
@@ -308,8 +308,10 @@ def _run(args) -> int:
 
     stages = cfg.parse_stages(args.stages)
     config = cfg.resolve(args.config, args.overrides, run_dir=args.run_dir)
-    from plad_jax import methods
+    from plad_jax import fetch, methods
     methods.configure(config)  # the method and its hyper-parameters, before anything is written
+    # config.json keeps `fetch:NAME` (no machine's path in it); the stages get the cached files.
+    local = fetch.resolve_config(config)
     run_dir = config.run_dir
     check_run_dir(run_dir)
 
@@ -328,7 +330,7 @@ def _run(args) -> int:
     from plad_jax.train import NonFiniteLossError
 
     try:
-        pipeline.run(config, run_dir, stages, on_start=record_config)
+        pipeline.run(local, run_dir, stages, on_start=record_config)
     except NonFiniteLossError as e:  # a diverged run: the message names the last good checkpoint
         return _fail(str(e), code=1)
     return 0

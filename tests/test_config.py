@@ -14,7 +14,8 @@ from plad_jax import config as C, launch
 from plad_jax.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = ("demo", "tiny", "tldr_t5", "hh_t5", "tldr_llama", "hh_llama", "tldr_gptneo", "hh_gptneo")
+PRESETS = ("demo", "tiny", "tldr_t5", "hh_t5", "tldr_llama", "hh_llama", "tldr_gptneo", "hh_gptneo",
+           "docstrings_smollm2")
 PAPER = {  # preset -> (teacher, student, task)
     "tldr_t5": ("google/t5-v1_1-xxl", "google/t5-v1_1-large", "tldr"),
     "hh_t5": ("google/t5-v1_1-xxl", "google/t5-v1_1-large", "hh"),
@@ -89,6 +90,14 @@ def test_demo_is_offline_and_builds_its_models_from_scratch():
         assert m.path == "" and m.from_scratch and m.init["model_type"] == "llama"
     assert c.teacher.init["hidden_size"] > c.student.init["hidden_size"]  # the teacher must be the stronger
     assert c.eval.scorer == c.pairs.scorer == "rouge"  # no reward model to download
+
+
+def test_docstrings_smollm2_names_its_checkpoint_and_cuts_the_student_from_it():
+    c = load_config("docstrings_smollm2")
+    assert c.teacher.path == c.student.path == "fetch:smollm2-135m-instruct"  # no machine's path
+    assert c.teacher.layers is None and c.student.layers == (0, 5, 10, 15, 20, 25)
+    assert c.data.task == "demo" and c.distill.method == "plad_rank"
+    assert c.eval.scorer == c.pairs.scorer == "rouge"  # offline
 
 
 def test_tiny_without_paths_names_what_to_set():
@@ -607,9 +616,13 @@ def cli(tmp_path_factory):
         "flag": (cwd, launch_cmd + ["--bogus"]),
         "metod": (cwd, launch_cmd + ["--set", "distill.metod=x"]),
         "unwritable": (plain_cwd, launch_cmd + ["--run-dir", str(cwd / "file" / "run")]),
+        "unfetched": (cwd, launch_cmd + ["--config", "docstrings_smollm2",
+                                         "--run-dir", str(cwd / "smol")]),
     }
-    procs = {name: subprocess.Popen(cmd, cwd=where, env=subprocess_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name, (where, cmd) in commands.items()}
+    envs = {"unfetched": {"PLAD_JAX_CACHE": str(cwd / "cache")}}  # a machine that never fetched
+    procs = {name: subprocess.Popen(cmd, cwd=where, env={**subprocess_env(), **envs.get(name, {})},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (where, cmd) in commands.items()}
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -644,6 +657,14 @@ def test_cli_unknown_stage_and_bad_flags(cli):
 def test_cli_unwritable_run_dir(cli):
     assert_one_line_exit_2(cli["unwritable"], "cannot write the run directory")
     assert (cli["cwd"] / "file").read_text() == "keep me"
+
+
+def test_cli_a_checkpoint_not_fetched_stops_before_anything_with_the_fetch_command(cli):
+    assert_one_line_exit_2(cli["unfetched"],
+                           "teacher.path=fetch:smollm2-135m-instruct is not downloaded",
+                           "python -m plad_jax.fetch smollm2-135m-instruct")
+    assert not (cli["cwd"] / "smol").exists()  # no run directory, no config.json
+    assert not (cli["cwd"] / "cache").exists()  # and nothing fetched
 
 
 def test_unreachable_hub_switches_to_local_files():

