@@ -169,8 +169,7 @@ def compiled_temp_bytes(layers: int, remat: str, batch=2, prompt=120, response=8
                                        intermediate_size=2 * hidden)),
                        lora.LoRAConfig(rank=2, dropout=0.1)).with_remat(remat)
     trainable, frozen = lora.split_trainable(lm.params)
-    loss_fn, _ = objectives.make_objective(objectives.ObjectiveConfig(method="sft"), lm,
-                                           combine=lora.combine)
+    loss_fn, _ = methods.SFT().objective(lm, combine=lora.combine)
     ids = lambda n: jnp.asarray(np.random.default_rng(n).integers(0, VOCAB, (batch, n)), jnp.int32)
     b = {"prompt_ids": ids(prompt), "prompt_mask": jnp.ones((batch, prompt), jnp.int32),
          "response_ids": ids(response), "response_mask": jnp.ones((batch, response), jnp.int32)}
