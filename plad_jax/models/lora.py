@@ -2,7 +2,7 @@
 
     lm = add_lora(from_pretrained(path), LoRAConfig(rank=8, alpha=32, dropout=0.1), seed=0)
     adapters, base = split_trainable(lm.params)
-    loss_fn, frozen_fn = objectives.make_objective(cfg, lm, combine=lora.objective_combine)
+    loss_fn, frozen_fn = methods.get("plad_rank").objective(lm, combine=lora.objective_combine)
     state = TrainState.create(adapters, optimizer)         # optimizer moments exist for adapters only
     state, metrics = step(state, batch, {lora.FROZEN_KEY: base})
     trained = lm.with_params(combine(state.params, base))
@@ -178,7 +178,7 @@ def combine(adapters: nnx.State, base: nnx.State) -> nnx.State:
 
 
 def objective_combine(adapters, frozen) -> nnx.State:
-    """`combine` for `objectives.make_objective`: adapters plus the base in `frozen[FROZEN_KEY]`."""
+    """`combine` for `Method.objective` (plad_jax.methods): adapters plus the base in `frozen[FROZEN_KEY]`."""
     return combine(adapters, frozen[FROZEN_KEY])
 
 
