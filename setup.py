@@ -1,5 +1,6 @@
 """Install plad_jax: `pip install -e ".[test,tf]" -c constraints.txt` for development (the tested
 versions), `.[tf]` for the tf.data pipeline."""
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -36,7 +37,9 @@ setup(
     name="plad_jax",
     version="0.1.0",
     description="Preference-based distillation of language models (PLaD, PbKD) in JAX/Flax.",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read()
+    if __import__("os").path.exists("README.md")
+    else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The presets live in the repository's top-level configs/ and install as plad_jax.configs (a

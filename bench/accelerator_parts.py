@@ -387,8 +387,9 @@ def sampler_jax(rec, dry) -> bool:
         return
     # The CPU's cache layout and prefix switch at the first batch, to check this backend's choice.
     cpu, batch = backend.defaults("cpu"), s["batches"][0]
-    choices = dict(gqa_keys_slots_minor=cpu.gqa_keys_slots_minor,
-                   cache_prefix_switch=cpu.cache_prefix_switch)
+    choices = dict(
+        gqa_keys_slots_minor=cpu.gqa_keys_slots_minor, cache_prefix_switch=cpu.cache_prefix_switch
+    )
     with backend.override(**choices):
         row = measure_generate(lm, config, params, batch, s, bandwidth)
     rec.put(f"batch_{batch}_cpu_choices", row)

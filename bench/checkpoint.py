@@ -10,11 +10,13 @@ import os
 
 def model_type(path: str) -> str:
     from plad_jax.models.hf import read_config
+
     return read_config(path)["model_type"]
 
 
 def hf_config(path: str) -> dict:
     from plad_jax.models.hf import read_config
+
     return read_config(path)
 
 
@@ -24,11 +26,13 @@ def load_torch(path: str, seq2seq: bool = False):
     import transformers
 
     from plad_jax.models.gguf_io import find_gguf
+
     cls = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     gguf = find_gguf(path) if os.path.exists(path) else None
     if gguf is not None:
-        return cls.from_pretrained(os.path.dirname(gguf) or ".", gguf_file=os.path.basename(gguf),
-                                   dtype=torch.float32).eval()
+        return cls.from_pretrained(
+            os.path.dirname(gguf) or ".", gguf_file=os.path.basename(gguf), dtype=torch.float32
+        ).eval()
     return cls.from_pretrained(path, dtype=torch.float32).eval()
 
 
@@ -36,6 +40,14 @@ def without_eos(lm):
     """`lm` that never stops at EOS, so a real model generates exactly the tokens a bench asks for
     (transformers gets the same through `min_new_tokens`)."""
     from plad_jax.models import LanguageModel
+
     config = dataclasses.replace(lm.config, eos_token_id=())
-    return LanguageModel(lm.model_type, config, lm.graphdef, lm.params, lm.hf_config,
-                         compute_dtype=lm.compute_dtype, mesh=lm.mesh)
+    return LanguageModel(
+        lm.model_type,
+        config,
+        lm.graphdef,
+        lm.params,
+        lm.hf_config,
+        compute_dtype=lm.compute_dtype,
+        mesh=lm.mesh,
+    )

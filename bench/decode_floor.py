@@ -33,9 +33,22 @@ def shapes():
     import transformers
 
     from bench.sampler import llama_config
+
     c = llama_config(transformers)
-    d, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    layer = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    d, f, kv = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_key_value_heads * (c.hidden_size // c.num_attention_heads),
+    )
+    layer = {
+        "q": (d, d),
+        "k": (d, kv),
+        "v": (d, kv),
+        "o": (d, d),
+        "gate": (d, f),
+        "up": (d, f),
+        "down": (f, d),
+    }
     return layer, c.num_hidden_layers, (d, c.vocab_size)
 
 
@@ -70,10 +83,14 @@ def jax_step_ms(layers, head, batch):
     def step(params, x):
         ls, w_head = params
         for p in ls:
-            attn_in = x @ p["q"] + jnp.mean(x @ p["k"]) + jnp.mean(x @ p["v"])  # k and v feed the result
+            attn_in = (
+                x @ p["q"] + jnp.mean(x @ p["k"]) + jnp.mean(x @ p["v"])
+            )  # k and v feed the result
             x = x + attn_in @ p["o"]
             x = x + (jax.nn.silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
-        return x + (x @ w_head)[:, :d] * 1e-6  # the head's output feeds the next step, so it is kept
+        return (
+            x + (x @ w_head)[:, :d] * 1e-6
+        )  # the head's output feeds the next step, so it is kept
 
     run = jax.jit(lambda params, x: jax.lax.fori_loop(0, NEW, lambda i, x: step(params, x), x))
     params = jax.device_put((layers, head))
@@ -115,7 +132,7 @@ def matmul_peak_gflops():
     a = jnp.asarray(np.random.default_rng(2).standard_normal((n, n)).astype(np.float32))
     mm = jax.jit(lambda a: a @ a)
     mm(a).block_until_ready()
-    return 2 * n ** 3 / best_of(lambda: mm(a).block_until_ready()) / 1e9
+    return 2 * n**3 / best_of(lambda: mm(a).block_until_ready()) / 1e9
 
 
 def read_gb_per_s(nbytes):
@@ -130,7 +147,7 @@ def read_gb_per_s(nbytes):
 
 
 def copy_gb_per_s():
-    a = np.ones(64 * 2 ** 20 // 4, np.float32)
+    a = np.ones(64 * 2**20 // 4, np.float32)
     b = np.empty_like(a)
     return 2 * a.nbytes / best_of(lambda: np.copyto(b, a), repeats=10) / 1e9
 
@@ -142,22 +159,39 @@ def main(argv=None):
     layers, head = weights()
     layer_params = sum(a.size for p in layers for a in p.values())
     weight_mb = (layer_params + head.size) * 4 / 1e6
-    step_jax, step_torch = jax_step_ms(layers, head, args.batch), torch_step_ms(layers, head, args.batch)
+    step_jax, step_torch = (
+        jax_step_ms(layers, head, args.batch),
+        torch_step_ms(layers, head, args.batch),
+    )
     bandwidth, peak = copy_gb_per_s(), matmul_peak_gflops()
     prefill_s = 2 * layer_params * args.batch * PROMPT / (peak * 1e9)
     ceiling = args.batch * NEW / (prefill_s + NEW * step_jax / 1e3)
     per_slot = kv_bytes_per_slot(args.batch)
     read = read_gb_per_s(per_slot * (PROMPT + NEW))
-    cache_ms = [per_slot * (PROMPT + i + 1) / (read * 1e9) * 1e3 for i in range(NEW)]  # slots written at step i
+    cache_ms = [
+        per_slot * (PROMPT + i + 1) / (read * 1e9) * 1e3 for i in range(NEW)
+    ]  # slots written at step i
     with_cache = args.batch * NEW / (prefill_s + (NEW * step_jax + sum(cache_ms)) / 1e3)
-    print(f"decode floor, sampler-bench LLaMA ({weight_mb:.0f} MB of matmul weights), batch {args.batch}, fp32")
-    print(f"  weight matmuls per decode step: JAX {step_jax:.1f} ms, PyTorch eager {step_torch:.1f} ms")
-    print(f"  copy bandwidth {bandwidth:.1f} GB/s: reading the weights once takes {weight_mb / bandwidth:.1f} ms")
-    print(f"  fp32 matmul peak {peak:.0f} GFLOP/s: prefill of {args.batch} x {PROMPT} tokens >= {prefill_s:.2f} s")
-    print(f"  XLA read bandwidth {read:.1f} GB/s: reading the cache takes {cache_ms[0]:.1f} ms at the first decode "
-          f"step ({PROMPT + 1} slots), {cache_ms[-1]:.1f} ms at the last ({PROMPT + NEW})")
-    print(f"  ceiling for prompt {PROMPT} + {NEW} new tokens: {ceiling:.0f} tok/s "
-          f"(= {args.batch} x {NEW} / (prefill floor + {NEW} x step floor); attention, cache and sampling excluded)")
+    print(
+        f"decode floor, sampler-bench LLaMA ({weight_mb:.0f} MB of matmul weights), batch {args.batch}, fp32"
+    )
+    print(
+        f"  weight matmuls per decode step: JAX {step_jax:.1f} ms, PyTorch eager {step_torch:.1f} ms"
+    )
+    print(
+        f"  copy bandwidth {bandwidth:.1f} GB/s: reading the weights once takes {weight_mb / bandwidth:.1f} ms"
+    )
+    print(
+        f"  fp32 matmul peak {peak:.0f} GFLOP/s: prefill of {args.batch} x {PROMPT} tokens >= {prefill_s:.2f} s"
+    )
+    print(
+        f"  XLA read bandwidth {read:.1f} GB/s: reading the cache takes {cache_ms[0]:.1f} ms at the first decode "
+        f"step ({PROMPT + 1} slots), {cache_ms[-1]:.1f} ms at the last ({PROMPT + NEW})"
+    )
+    print(
+        f"  ceiling for prompt {PROMPT} + {NEW} new tokens: {ceiling:.0f} tok/s "
+        f"(= {args.batch} x {NEW} / (prefill floor + {NEW} x step floor); attention, cache and sampling excluded)"
+    )
     print(f"  ceiling with the cache read as well: {with_cache:.0f} tok/s")
 
 

@@ -87,14 +87,26 @@ METHODS = {
 }
 # --quick (CI): one method per kind of machinery, on tiny models for a few steps: targets (sft),
 # teacher logits (kd), pairs relabelled by the task's scorer (plad_real), PbKD. tests/test_stages.py runs every method and option on the pipeline itself.
-QUICK_METHODS = {"extraction": ("sft", "kd", "plad_real", "pbkd_cheap"), "demo": ("sft", "plad_rank")}
+QUICK_METHODS = {
+    "extraction": ("sft", "kd", "plad_real", "pbkd_cheap"),
+    "demo": ("sft", "plad_rank"),
+}
 RESAMPLE = {"plad_real"}  # methods whose pairs differ from the shared ones
 
 
 def _llama(hidden, layers, heads, positions):
-    return json.dumps({"model_type": "llama", "hidden_size": hidden, "intermediate_size": 4 * hidden,
-                       "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-                       "max_position_embeddings": positions, "tie_word_embeddings": True})
+    return json.dumps(
+        {
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": positions,
+            "tie_word_embeddings": True,
+        }
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,41 +132,90 @@ class Size:
     select_best: bool = True  # the teacher's best checkpoint on validation (quick: the last)
 
 
-QUICK = Size(teacher=(48, 2, 2), student=(16, 1, 1), n_examples=400, d0=96, d=32, test=24, validation=16,
-             teacher_epochs=3, student_epochs=1, distill_epochs=1, distill_max_steps=2, sft_max_steps=None,
-             batch=16, pbkd_rounds=1, pbkd_samples=2, pbkd_warmup=2,
-             select_best=False)
+QUICK = Size(
+    teacher=(48, 2, 2),
+    student=(16, 1, 1),
+    n_examples=400,
+    d0=96,
+    d=32,
+    test=24,
+    validation=16,
+    teacher_epochs=3,
+    student_epochs=1,
+    distill_epochs=1,
+    distill_max_steps=2,
+    sft_max_steps=None,
+    batch=16,
+    pbkd_rounds=1,
+    pbkd_samples=2,
+    pbkd_warmup=2,
+    select_best=False,
+)
 # Full: sized so that the whole run (both tasks, 3 seeds, 15 methods) fits in an hour on 2 CPU cores,
 # the teacher clearly beats the student (extraction: field F1 ~0.7 vs ~0.25) and the student has
 # learnt the answer format (so a method has something to move rather than a blank to fill).
-FULL = Size(teacher=(128, 4, 4), student=(48, 2, 2), n_examples=8000, d0=4000, d=512, test=256, validation=64,
-            teacher_epochs=6, student_epochs=4, distill_epochs=2, distill_max_steps=None, sft_max_steps=None,
-            batch=32, pbkd_rounds=1, pbkd_samples=2, pbkd_warmup=10)
+FULL = Size(
+    teacher=(128, 4, 4),
+    student=(48, 2, 2),
+    n_examples=8000,
+    d0=4000,
+    d=512,
+    test=256,
+    validation=64,
+    teacher_epochs=6,
+    student_epochs=4,
+    distill_epochs=2,
+    distill_max_steps=None,
+    sft_max_steps=None,
+    batch=32,
+    pbkd_rounds=1,
+    pbkd_samples=2,
+    pbkd_warmup=10,
+)
 
 
 def overrides(task: str, size: Size, seed: int, task_files: dict) -> list[str]:
     """`--set` items of the base config (the demo preset) for this task, size and seed."""
     t, s = size.teacher, size.student
-    sets = [f"seed={seed}",
-            f"teacher.init={_llama(*t, 256)}", f"student.init={_llama(*s, 256)}",
-            f"data.max_d0={size.d0}", f"data.max_d={size.d}", f"data.max_test={size.test}",
-            f"data.max_validation={size.validation}", f"eval.num_examples={size.test}",
-            f"sft_teacher.epochs={size.teacher_epochs}", f"sft_student.epochs={size.student_epochs}",
-            f"sft_teacher.validation_examples={size.validation}", f"distill.epochs={size.distill_epochs}",
-            f"distill.max_steps={size.distill_max_steps if size.distill_max_steps else 'none'}",
-            f"pbkd.rounds={size.pbkd_rounds}", f"pbkd.num_samples={size.pbkd_samples}",
-            f"pbkd.rm_warmup_steps={size.pbkd_warmup}", f"sft_teacher.select_best={str(size.select_best).lower()}"]
+    sets = [
+        f"seed={seed}",
+        f"teacher.init={_llama(*t, 256)}",
+        f"student.init={_llama(*s, 256)}",
+        f"data.max_d0={size.d0}",
+        f"data.max_d={size.d}",
+        f"data.max_test={size.test}",
+        f"data.max_validation={size.validation}",
+        f"eval.num_examples={size.test}",
+        f"sft_teacher.epochs={size.teacher_epochs}",
+        f"sft_student.epochs={size.student_epochs}",
+        f"sft_teacher.validation_examples={size.validation}",
+        f"distill.epochs={size.distill_epochs}",
+        f"distill.max_steps={size.distill_max_steps if size.distill_max_steps else 'none'}",
+        f"pbkd.rounds={size.pbkd_rounds}",
+        f"pbkd.num_samples={size.pbkd_samples}",
+        f"pbkd.rm_warmup_steps={size.pbkd_warmup}",
+        f"sft_teacher.select_best={str(size.select_best).lower()}",
+    ]
     for section in ("sft_teacher", "sft_student", "distill"):
         sets.append(f"{section}.batch_size={size.batch}")
         if section != "distill" and size.sft_max_steps:
             sets.append(f"{section}.max_steps={size.sft_max_steps}")
     if task == "extraction":
-        sets += ["data.task=jsonl", f"data.path={task_files['data']}",
-                 f"teacher.tokenizer={task_files['tokenizer']}", f"student.tokenizer={task_files['tokenizer']}",
-                 "data.max_prompt_tokens=80", "data.max_response_tokens=16",
-                 "sample.max_new_tokens=16", "eval.max_new_tokens=16", "pbkd.max_new_tokens=16",
-                 "eval.scorer=python", f"eval.reward_model={SCORER_SPEC}",
-                 "pairs.scorer=python", f"pairs.reward_model={SCORER_SPEC}"]
+        sets += [
+            "data.task=jsonl",
+            f"data.path={task_files['data']}",
+            f"teacher.tokenizer={task_files['tokenizer']}",
+            f"student.tokenizer={task_files['tokenizer']}",
+            "data.max_prompt_tokens=80",
+            "data.max_response_tokens=16",
+            "sample.max_new_tokens=16",
+            "eval.max_new_tokens=16",
+            "pbkd.max_new_tokens=16",
+            "eval.scorer=python",
+            f"eval.reward_model={SCORER_SPEC}",
+            "pairs.scorer=python",
+            f"pairs.reward_model={SCORER_SPEC}",
+        ]
     else:  # demo: its preset's scorer (ROUGE-L) for eval and relabelling
         sets += ["data.task=demo"]
     return sets
@@ -173,7 +234,9 @@ def prepare_extraction(out: str, size: Size) -> dict:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     texts = [t for r in rows for t in (r["prompt"], r["response"])]
-    tok = build_demo_tokenizer(os.path.join(folder, f"tokenizer-{size.n_examples}"), texts, vocab_size=600)
+    tok = build_demo_tokenizer(
+        os.path.join(folder, f"tokenizer-{size.n_examples}"), texts, vocab_size=600
+    )
     return {"data": path, "tokenizer": tok}
 
 
@@ -217,8 +280,20 @@ class SamplingMemo:
     def __exit__(self, *exc):
         self._stages.sample_responses = self._original
 
-    def _sample(self, ctx, lm, role, prompts, *, temperature, max_new_tokens, seed, desc="sample", sample_ids=None,
-                stop=()):
+    def _sample(
+        self,
+        ctx,
+        lm,
+        role,
+        prompts,
+        *,
+        temperature,
+        max_new_tokens,
+        seed,
+        desc="sample",
+        sample_ids=None,
+        stop=(),
+    ):
         import hashlib
 
         import jax
@@ -228,16 +303,40 @@ class SamplingMemo:
         for leaf in jax.tree.leaves(lm.params):
             digest.update(np.asarray(leaf).tobytes())
         cfg = ctx.config.sample
-        vocab = hashlib.sha256(json.dumps(sorted(ctx.tokenizer(role).get_vocab().items())).encode()).hexdigest()
-        key = (digest.hexdigest(), type(lm).__name__, vocab, tuple(prompts),
-               temperature, max_new_tokens, seed, None if sample_ids is None else tuple(sample_ids),
-               cfg.batch_size, cfg.top_k, cfg.top_p, ctx.config.data.max_prompt_tokens, tuple(stop))
+        vocab = hashlib.sha256(
+            json.dumps(sorted(ctx.tokenizer(role).get_vocab().items())).encode()
+        ).hexdigest()
+        key = (
+            digest.hexdigest(),
+            type(lm).__name__,
+            vocab,
+            tuple(prompts),
+            temperature,
+            max_new_tokens,
+            seed,
+            None if sample_ids is None else tuple(sample_ids),
+            cfg.batch_size,
+            cfg.top_k,
+            cfg.top_p,
+            ctx.config.data.max_prompt_tokens,
+            tuple(stop),
+        )
         if key in self.cache:
             self.hits += 1
             return self.cache[key]
         self.misses += 1
-        out = self._original(ctx, lm, role, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
-                             seed=seed, desc=desc, sample_ids=sample_ids, stop=stop)
+        out = self._original(
+            ctx,
+            lm,
+            role,
+            prompts,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            desc=desc,
+            sample_ids=sample_ids,
+            stop=stop,
+        )
         self.cache[key] = out
         return out
 
@@ -255,16 +354,28 @@ def exact_match_rate(task: str, eval_dir: str, model: str) -> float:
     with open(os.path.join(eval_dir, "responses.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     scorer = extraction.FieldF1Scorer() if task == "extraction" else RougeScorer()
-    scores = scorer.score([r["prompt"] for r in rows], [r[model] for r in rows], [r["reference"] for r in rows])
+    scores = scorer.score(
+        [r["prompt"] for r in rows], [r[model] for r in rows], [r["reference"] for r in rows]
+    )
     return float((scores >= 1.0 - 1e-9).mean())
 
 
 def model_row(task, seed, method, eval_dir, model, seconds):
     with open(os.path.join(eval_dir, "metrics.json"), encoding="utf-8") as f:
         m = json.load(f)["models"][model]
-    return {"task": task, "seed": seed, "method": method, "wr_ref": exact_match_rate(task, eval_dir, model),
-            "reward": m["mean_score"], "ts_wr": m["ts_win_rate"], "rouge1": m["rouge1"], "rouge2": m["rouge2"],
-            "rougeL": m["rougeL"], "length": m["mean_length"], "seconds": seconds}
+    return {
+        "task": task,
+        "seed": seed,
+        "method": method,
+        "wr_ref": exact_match_rate(task, eval_dir, model),
+        "reward": m["mean_score"],
+        "ts_wr": m["ts_win_rate"],
+        "rouge1": m["rouge1"],
+        "rouge2": m["rouge2"],
+        "rougeL": m["rougeL"],
+        "length": m["mean_length"],
+        "seconds": seconds,
+    }
 
 
 def run_task_seed(task, seed, size, out, task_files, methods, log):
@@ -277,9 +388,14 @@ def run_task_seed(task, seed, size, out, task_files, methods, log):
     teacher_run = os.path.join(out, "runs", task, "teacher")
     run_stages(overrides(task, size, 0, task_files), teacher_run, ("sft_teacher",))
     for name in ("sft_teacher", "tokenizer"):
-        if os.path.isdir(os.path.join(teacher_run, name)) and not os.path.exists(os.path.join(base, name)):
-            shutil.copytree(os.path.join(teacher_run, name), os.path.join(base, name),
-                            ignore=shutil.ignore_patterns("checkpoints*"))
+        if os.path.isdir(os.path.join(teacher_run, name)) and not os.path.exists(
+            os.path.join(base, name)
+        ):
+            shutil.copytree(
+                os.path.join(teacher_run, name),
+                os.path.join(base, name),
+                ignore=shutil.ignore_patterns("checkpoints*"),
+            )
     run_stages(sets, base, PRE)
     prep = time.perf_counter() - t0
     log(f"{task} seed {seed}: shared stages {prep:.0f} s")
@@ -298,10 +414,18 @@ def run_task_seed(task, seed, size, out, task_files, methods, log):
             rows.append(model_row(task, seed, "initial student", eval_dir, "initial student", 0.0))
         rows.append(model_row(task, seed, method, eval_dir, "distilled student", seconds))
         r = rows[-1]
-        log(f"{task} seed {seed} {method}: reward {r['reward']:.3f} (teacher {rows[0]['reward']:.3f}, "
-            f"initial student {rows[1]['reward']:.3f}), {seconds:.0f} s")
-        for sub in ("distill/checkpoints", "distill/checkpoints-round0", "distill/checkpoints-round1"):
-            shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)  # disk: the forks keep params only
+        log(
+            f"{task} seed {seed} {method}: reward {r['reward']:.3f} (teacher {rows[0]['reward']:.3f}, "
+            f"initial student {rows[1]['reward']:.3f}), {seconds:.0f} s"
+        )
+        for sub in (
+            "distill/checkpoints",
+            "distill/checkpoints-round0",
+            "distill/checkpoints-round1",
+        ):
+            shutil.rmtree(
+                os.path.join(run_dir, sub), ignore_errors=True
+            )  # disk: the forks keep params only
     return rows
 
 
@@ -315,7 +439,11 @@ def _mean_std(values):
     if not values:
         return None, None
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    std = (
+        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        if len(values) > 1
+        else 0.0
+    )
     return mean, std
 
 
@@ -342,8 +470,11 @@ def summarise(rows):
         elif len(group) < 2:
             s["beyond_noise"] = "n/a"
         else:
-            s["beyond_noise"] = (("yes (+)" if s["gain"] > 0 else "yes (-)")
-                                 if abs(s["gain"]) > 2 * s["gain_std"] else "no")
+            s["beyond_noise"] = (
+                ("yes (+)" if s["gain"] > 0 else "yes (-)")
+                if abs(s["gain"]) > 2 * s["gain_std"]
+                else "no"
+            )
         summary.append(s)
     return summary
 
@@ -364,15 +495,36 @@ def _render(head, lines) -> str:
 
 
 def table(summary) -> str:
-    head = ("task", "method", "WR ref %", "reward", "T-S WR %", "R-1", "R-2", "R-L", "len", "gap closed", "beyond noise")
+    head = (
+        "task",
+        "method",
+        "WR ref %",
+        "reward",
+        "T-S WR %",
+        "R-1",
+        "R-2",
+        "R-L",
+        "len",
+        "gap closed",
+        "beyond noise",
+    )
     lines = []
     for s in summary:
-        lines.append((s["task"], s["method"], _fmt(s["wr_ref"], s["wr_ref_std"], pct=True),
-                      _fmt(s["reward"], s["reward_std"]),
-                      _fmt(s["ts_wr"], s["ts_wr_std"], pct=True) if s["method"] != "teacher" else "-",
-                      _fmt(s["rouge1"], s["rouge1_std"]), _fmt(s["rouge2"], s["rouge2_std"]),
-                      _fmt(s["rougeL"], s["rougeL_std"]), _fmt(s["length"], s["length_std"], digits=1),
-                      _fmt(s["gap_closed"], s["gap_closed_std"], digits=2), s["beyond_noise"]))
+        lines.append(
+            (
+                s["task"],
+                s["method"],
+                _fmt(s["wr_ref"], s["wr_ref_std"], pct=True),
+                _fmt(s["reward"], s["reward_std"]),
+                _fmt(s["ts_wr"], s["ts_wr_std"], pct=True) if s["method"] != "teacher" else "-",
+                _fmt(s["rouge1"], s["rouge1_std"]),
+                _fmt(s["rouge2"], s["rouge2_std"]),
+                _fmt(s["rougeL"], s["rougeL_std"]),
+                _fmt(s["length"], s["length_std"], digits=1),
+                _fmt(s["gap_closed"], s["gap_closed_std"], digits=2),
+                s["beyond_noise"],
+            )
+        )
     return _render(head, lines)
 
 
@@ -400,19 +552,37 @@ def plot(path, summary):
     fig, axes = plt.subplots(len(tasks), 2, figsize=(15, 3.8 * len(tasks)), squeeze=False)
     for (left, right), task in zip(axes, tasks):
         rows = [s for s in summary if s["task"] == task]
-        colors = ["tab:green" if s["method"] == "teacher" else "tab:gray" if s["method"] == "initial student"
-                  else "tab:blue" for s in rows]
-        left.bar(range(len(rows)), [value(s, "reward") for s in rows], yerr=[value(s, "reward_std") for s in rows],
-                 capsize=3, color=colors)
+        colors = [
+            "tab:green"
+            if s["method"] == "teacher"
+            else "tab:gray"
+            if s["method"] == "initial student"
+            else "tab:blue"
+            for s in rows
+        ]
+        left.bar(
+            range(len(rows)),
+            [value(s, "reward") for s in rows],
+            yerr=[value(s, "reward_std") for s in rows],
+            capsize=3,
+            color=colors,
+        )
         left.set_xticks(range(len(rows)), [s["method"] for s in rows], rotation=45, ha="right")
         left.set_ylabel("mean reward")
         left.set_title(f"{task}: mean reward on test (mean +- std over seeds)")
         methods = [s for s in rows if s["method"] not in ("teacher", "initial student")]
-        right.bar(range(len(methods)), [value(s, "gap_closed") for s in methods],
-                  yerr=[value(s, "gap_closed_std") for s in methods], capsize=3, color="tab:blue")
+        right.bar(
+            range(len(methods)),
+            [value(s, "gap_closed") for s in methods],
+            yerr=[value(s, "gap_closed_std") for s in methods],
+            capsize=3,
+            color="tab:blue",
+        )
         right.axhline(0, color="black", linewidth=0.8)
         right.axhline(1, color="tab:green", linestyle="--", linewidth=0.8, label="teacher")
-        right.set_xticks(range(len(methods)), [s["method"] for s in methods], rotation=45, ha="right")
+        right.set_xticks(
+            range(len(methods)), [s["method"] for s in methods], rotation=45, ha="right"
+        )
         right.set_ylabel("share of T-S gap closed")
         right.set_title(f"{task}: (method - initial) / (teacher - initial)")
         right.legend(loc="upper left")
@@ -426,8 +596,22 @@ def read_rows(path):
     with open(path, encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        for key in ("seed", "wr_ref", "reward", "ts_wr", "rouge1", "rouge2", "rougeL", "length", "seconds"):
-            r[key] = None if r.get(key) in (None, "") else (int(r[key]) if key == "seed" else float(r[key]))
+        for key in (
+            "seed",
+            "wr_ref",
+            "reward",
+            "ts_wr",
+            "rouge1",
+            "rouge2",
+            "rougeL",
+            "length",
+            "seconds",
+        ):
+            r[key] = (
+                None
+                if r.get(key) in (None, "")
+                else (int(r[key]) if key == "seed" else float(r[key]))
+            )
     return [{k: v for k, v in r.items() if k not in ("gap_closed", "gain")} for r in rows]
 
 
@@ -436,8 +620,17 @@ def compare(summary, other_path) -> str:
     closed against the other's mean +- std, and whether this mean lies within the other's std."""
     with open(other_path, encoding="utf-8") as f:
         other = {(r["task"], r["method"]): r for r in csv.DictReader(f)}
-    head = ("task", "method", "reward (this)", "reward (other)", "in std", "gap closed (this)",
-            "gap closed (other)", "in std", "beyond noise (this / other)")
+    head = (
+        "task",
+        "method",
+        "reward (this)",
+        "reward (other)",
+        "in std",
+        "gap closed (this)",
+        "gap closed (other)",
+        "in std",
+        "beyond noise (this / other)",
+    )
     lines, inside, total = [], 0, 0
     for s in summary:
         o = other.get((s["task"], s["method"]))
@@ -452,7 +645,9 @@ def compare(summary, other_path) -> str:
             cells += [_fmt(s[key], s[key + "_std"]), _fmt(mean, std), "yes" if ok else "no"]
         cells.append(f"{s['beyond_noise']} / {o['beyond_noise']}")
         lines.append(tuple(cells))
-    return _render(head, lines) + f"\n{inside} of {total} means lie within the other run's mean +- std"
+    return (
+        _render(head, lines) + f"\n{inside} of {total} means lie within the other run's mean +- std"
+    )
 
 
 def report(out, rows, header, other=None):
@@ -474,29 +669,50 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 seed, few steps (CI)")
     parser.add_argument("--out", default=None, help="output folder (default runs/efficacy[-quick])")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
-    parser.add_argument("--first-seed", type=int, default=0,
-                        help="seeds run from here (a second run on new seeds: --first-seed 3)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds run from here (a second run on new seeds: --first-seed 3)",
+    )
     parser.add_argument("--tasks", default="extraction,demo")
-    parser.add_argument("--summarise", action="store_true",
-                        help="only summarise --out's efficacy.csv again (a finished or partial run)")
-    parser.add_argument("--compare", default=None, metavar="SUMMARY_CSV",
-                        help="also check this run's means against another run's summary.csv (mean +- std)")
-    parser.add_argument("--methods", default=None, help="comma-separated (default: all; quick: QUICK_METHODS)")
+    parser.add_argument(
+        "--summarise",
+        action="store_true",
+        help="only summarise --out's efficacy.csv again (a finished or partial run)",
+    )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="SUMMARY_CSV",
+        help="also check this run's means against another run's summary.csv (mean +- std)",
+    )
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated (default: all; quick: QUICK_METHODS)"
+    )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
-    out = os.path.abspath(args.out or os.path.join("runs", "efficacy-quick" if args.quick else "efficacy"))
+    out = os.path.abspath(
+        args.out or os.path.join("runs", "efficacy-quick" if args.quick else "efficacy")
+    )
     seeds = range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3)))
     tasks = [t for t in args.tasks.split(",") if t]
     chosen = [m for m in args.methods.split(",") if m] if args.methods else None
-    unknown = [m for m in chosen or () if m not in METHODS] + [t for t in tasks if t not in ("extraction", "demo")]
+    unknown = [m for m in chosen or () if m not in METHODS] + [
+        t for t in tasks if t not in ("extraction", "demo")
+    ]
     if unknown:
         parser.error(f"unknown methods or tasks: {', '.join(unknown)}")
     os.makedirs(out, exist_ok=True)
     if args.summarise:
         rows = read_rows(os.path.join(out, "efficacy.csv"))
-        report(out, rows, f"method efficacy from {out}/efficacy.csv: {len(rows)} rows", args.compare)
+        report(
+            out, rows, f"method efficacy from {out}/efficacy.csv: {len(rows)} rows", args.compare
+        )
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     import jax
 
     start = time.perf_counter()
@@ -513,16 +729,25 @@ def main(argv=None) -> int:
             for seed in seeds:
                 methods = chosen or (QUICK_METHODS[task] if args.quick else tuple(METHODS))
                 rows += run_task_seed(task, seed, size, out, task_files, methods, log)
-                write_csv(os.path.join(out, "efficacy.csv"), rows)  # a partial run keeps what it measured
+                write_csv(
+                    os.path.join(out, "efficacy.csv"), rows
+                )  # a partial run keeps what it measured
                 memo.cache.clear()  # the next seed's models differ
     log(f"decoding calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
     total, cpu = time.perf_counter() - start, time.process_time()
-    device = f"{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, " \
-             f"{os.cpu_count()} cores)"
-    report(out, rows, f"\nmethod efficacy ({'quick' if args.quick else 'full'}): tasks {', '.join(tasks)}; "
-                      f"seeds {len(seeds)}; teacher {size.teacher} vs student {size.student} (hidden, layers, heads); "
-                      f"device {device}; {total / 60:.1f} min wall, {cpu / 60:.1f} min CPU "
-                      f"(load average {os.getloadavg()[0]:.1f})", args.compare)
+    device = (
+        f"{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores)"
+    )
+    report(
+        out,
+        rows,
+        f"\nmethod efficacy ({'quick' if args.quick else 'full'}): tasks {', '.join(tasks)}; "
+        f"seeds {len(seeds)}; teacher {size.teacher} vs student {size.student} (hidden, layers, heads); "
+        f"device {device}; {total / 60:.1f} min wall, {cpu / 60:.1f} min CPU "
+        f"(load average {os.getloadavg()[0]:.1f})",
+        args.compare,
+    )
     return 0
 
 

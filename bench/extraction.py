@@ -32,22 +32,43 @@ import random
 
 import numpy as np
 
-NAMES = ("Ada Bruno Chen Dara Elif Femi Gus Hana Ivo Jun Kofi Lena Milo Nia Omar Pia Quin Rosa Sami Tara Uma "
-         "Vic Wen Xena Yuri Zoe Abel Bea Cyd Dov Eva Finn Gia Hugo Ines Jax Kai Lola Mats Noor").split()
-CITIES = ("Oslo Lima Cairo Delhi Paris Rome Quito Seoul Tunis Accra Dakar Hanoi Kyiv Lagos Minsk Riga Sofia "
-          "Tokyo Vienna Zagreb Porto Bern Dublin Havana").split()
-JOBS = ("baker nurse pilot farmer tailor judge miner poet chemist plumber teacher dentist sailor painter "
-        "butcher clerk").split()
+NAMES = (
+    "Ada Bruno Chen Dara Elif Femi Gus Hana Ivo Jun Kofi Lena Milo Nia Omar Pia Quin Rosa Sami Tara Uma "
+    "Vic Wen Xena Yuri Zoe Abel Bea Cyd Dov Eva Finn Gia Hugo Ines Jax Kai Lola Mats Noor"
+).split()
+CITIES = (
+    "Oslo Lima Cairo Delhi Paris Rome Quito Seoul Tunis Accra Dakar Hanoi Kyiv Lagos Minsk Riga Sofia "
+    "Tokyo Vienna Zagreb Porto Bern Dublin Havana"
+).split()
+JOBS = (
+    "baker nurse pilot farmer tailor judge miner poet chemist plumber teacher dentist sailor painter "
+    "butcher clerk"
+).split()
 PETS = "cat dog parrot rabbit turtle hamster goat pony snake ferret".split()
 COLORS = "red blue green yellow purple orange black white grey pink".split()
 
 ATTRIBUTES = {
-    "city": (CITIES, ("{n} lives in {v}.", "The home town of {n} is {v}.", "{n} moved to {v} last year.")),
-    "job": (JOBS, ("{n} works as a {v}.", "By trade {n} is a {v}.", "{n} earns a living as a {v}.")),
-    "age": (None, ("{n} is {v} years old.", "The age of {n} is {v}.", "{n} turned {v} this spring.")),
+    "city": (
+        CITIES,
+        ("{n} lives in {v}.", "The home town of {n} is {v}.", "{n} moved to {v} last year."),
+    ),
+    "job": (
+        JOBS,
+        ("{n} works as a {v}.", "By trade {n} is a {v}.", "{n} earns a living as a {v}."),
+    ),
+    "age": (
+        None,
+        ("{n} is {v} years old.", "The age of {n} is {v}.", "{n} turned {v} this spring."),
+    ),
     "pet": (PETS, ("{n} has a pet {v}.", "{n} keeps a {v} at home.", "The pet of {n} is a {v}.")),
-    "color": (COLORS, ("{n} likes the colour {v}.", "The favourite colour of {n} is {v}.",
-                       "{n} always wears {v}.")),
+    "color": (
+        COLORS,
+        (
+            "{n} likes the colour {v}.",
+            "The favourite colour of {n} is {v}.",
+            "{n} always wears {v}.",
+        ),
+    ),
 }
 QUESTION = "\nQUESTION: give the {a} and {b} of {n}.\nANSWER:"
 
@@ -115,7 +136,11 @@ class FieldF1Scorer:
 
     def score(self, prompts, responses, references=None) -> np.ndarray:
         if references is None:
-            raise ValueError("field_f1 compares each response with its gold answer; these rows have none")
+            raise ValueError(
+                "field_f1 compares each response with its gold answer; these rows have none"
+            )
         if not len(prompts) == len(responses) == len(references):
-            raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses, {len(references)} references")
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(responses)} responses, {len(references)} references"
+            )
         return np.array([field_f1(r, g) for r, g in zip(responses, references)], np.float64)

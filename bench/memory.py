@@ -45,11 +45,27 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.train_step
 from bench import train_step  # noqa: E402
 
-MODEL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-             num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5,
-             max_position_embeddings=8192, rms_norm_eps=1e-5)
-QUICK = dict(MODEL, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+MODEL = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+    rope_theta=1e5,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+)
+QUICK = dict(
+    MODEL,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 ROWS = ("old", "none", "dots", "full", "torch")
 LORA = dict(rank=8, alpha=32.0, dropout=0.1)
 LEARNING_RATE = 1e-4
@@ -66,6 +82,7 @@ def make_batch(args, vocab: int) -> dict:
 
 
 # -- measuring --------------------------------------------------------------------------------------
+
 
 def reset_peak_rss():
     """Reset the kernel's resident-set high-water mark (VmHWM) of this process (Linux)."""
@@ -109,12 +126,19 @@ def timed(run_step, steps: int):
 
 # -- workers (one row in a subprocess; print one JSON line) ----------------------------------------
 
+
 def jax_worker(args) -> dict:
     import jax
 
     from plad_jax import losses, methods
     from plad_jax.models import from_pretrained, lora
-    from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, reduce_metrics
+    from plad_jax.train import (
+        OptimizerConfig,
+        TrainState,
+        make_optimizer,
+        make_train_step,
+        reduce_metrics,
+    )
 
     remat = "none" if args.worker == "old" else args.worker
     lm = lora.add_lora(from_pretrained(args.path, remat=remat), lora.LoRAConfig(**LORA))
@@ -122,10 +146,18 @@ def jax_worker(args) -> dict:
     batch = {k: jax.numpy.asarray(v) for k, v in make_batch(args, lm.vocab_size).items()}
     loss_fn, _ = methods.SFT().objective(lm, combine=lora.objective_combine)
     if args.worker == "old":
+
         def loss_fn(params, frozen, b, rng):  # the logits path: [B, R, V] logits, then the loss
-            logits, _ = lm.apply(lora.objective_combine(params, frozen), b["prompt_ids"], b["prompt_mask"],
-                                 b["response_ids"], b["response_mask"], rng=rng)
+            logits, _ = lm.apply(
+                lora.objective_combine(params, frozen),
+                b["prompt_ids"],
+                b["prompt_mask"],
+                b["response_ids"],
+                b["response_mask"],
+                rng=rng,
+            )
             return losses.sft_loss(logits, b["response_ids"], b["response_mask"])
+
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, total_steps=10**6))
     state, frozen = TrainState.create(adapters, optimizer), {lora.FROZEN_KEY: base}
     start = time.perf_counter()
@@ -140,33 +172,63 @@ def jax_worker(args) -> dict:
         losses_seen.append(reduce_metrics(metrics)["loss"])  # blocks on the step
 
     before, run_peak, seconds = timed(run_step, args.steps)
-    return {"temp": analysis.temp_size_in_bytes, "before": before,
-            "compiled": (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                         + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes),
-            "run_peak": run_peak, "max_rss": max_rss_bytes(), "compile_s": compile_s,
-            "step_s": seconds[0] if args.steps == 0 else statistics.median(seconds),
-            "first_loss": losses_seen[0] if losses_seen else None, "version": jax.__version__}
+    return {
+        "temp": analysis.temp_size_in_bytes,
+        "before": before,
+        "compiled": (
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            + analysis.temp_size_in_bytes
+            - analysis.alias_size_in_bytes
+        ),
+        "run_peak": run_peak,
+        "max_rss": max_rss_bytes(),
+        "compile_s": compile_s,
+        "step_s": seconds[0] if args.steps == 0 else statistics.median(seconds),
+        "first_loss": losses_seen[0] if losses_seen else None,
+        "version": jax.__version__,
+    }
 
 
 def torch_worker(args) -> dict:
     import peft
     import torch
     import transformers
+
     torch.set_num_threads(os.cpu_count())
     model = transformers.LlamaForCausalLM.from_pretrained(args.path, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
-                                                       lora_dropout=LORA["dropout"], target_modules=targets))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=LORA["rank"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=targets,
+        ),
+    )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    b = {k: torch.tensor(v, dtype=torch.long) for k, v in make_batch(args, model.config.vocab_size).items()}
-    ids, mask = torch.cat([b["prompt_ids"], b["response_ids"]], 1), torch.cat([b["prompt_mask"], b["response_mask"]], 1)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
+    b = {
+        k: torch.tensor(v, dtype=torch.long)
+        for k, v in make_batch(args, model.config.vocab_size).items()
+    }
+    ids, mask = (
+        torch.cat([b["prompt_ids"], b["response_ids"]], 1),
+        torch.cat([b["prompt_mask"], b["response_mask"]], 1),
+    )
     losses_seen = []
 
     def run_step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=args.response + 1).logits[:, :-1].float()
+        logits = (
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=args.response + 1)
+            .logits[:, :-1]
+            .float()
+        )
         logp = torch.log_softmax(logits, -1).gather(-1, b["response_ids"][..., None])[..., 0]
         real = b["response_mask"].float()
         loss = -(logp * real).sum() / real.sum()
@@ -176,16 +238,39 @@ def torch_worker(args) -> dict:
         losses_seen.append(float(loss))
 
     before, run_peak, seconds = timed(run_step, args.steps)
-    return {"temp": None, "compiled": None, "before": before, "run_peak": run_peak, "max_rss": max_rss_bytes(), "compile_s": None,
-            "step_s": statistics.median(seconds), "first_loss": losses_seen[0],
-            "version": f"torch {torch.__version__}, peft {peft.__version__}"}
+    return {
+        "temp": None,
+        "compiled": None,
+        "before": before,
+        "run_peak": run_peak,
+        "max_rss": max_rss_bytes(),
+        "compile_s": None,
+        "step_s": statistics.median(seconds),
+        "first_loss": losses_seen[0],
+        "version": f"torch {torch.__version__}, peft {peft.__version__}",
+    }
 
 
 # -- driver -----------------------------------------------------------------------------------------
 
+
 def run_worker(row: str, path: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--path", path, "--batch", str(args.batch),
-           "--prompt", str(args.prompt), "--response", str(args.response), "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        row,
+        "--path",
+        path,
+        "--batch",
+        str(args.batch),
+        "--prompt",
+        str(args.prompt),
+        "--response",
+        str(args.response),
+        "--steps",
+        str(args.steps),
+    ]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -196,7 +281,12 @@ def run_worker(row: str, path: str, args) -> dict:
 def results_params(args) -> int:
     """Parameter count of the bench model (tied embeddings), without building it."""
     c = QUICK if args.quick else MODEL
-    d, f, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    d, f, layers, vocab = (
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_hidden_layers"],
+        c["vocab_size"],
+    )
     head_dim = d // c["num_attention_heads"]
     attention = d * head_dim * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
     return vocab * d + layers * (attention + 3 * d * f + 2 * d) + d
@@ -208,48 +298,81 @@ def mb(x) -> str:
 
 def print_table(results: dict, args, params: int):
     tokens = args.batch * (args.prompt + args.response)
-    print(f"LoRA SFT step, LLaMA {params / 1e6:.1f}M params ({'quick' if args.quick else 'SmolLM2-135M shape'}), "
-          f"batch {args.batch} x ({args.prompt} prompt + {args.response} response), fp32, "
-          f"{os.cpu_count()} CPU cores, median of {args.steps} steps")
-    head = (f"| {'row':<5} | {'compiled MB':>11} | {'temp MB':>8} | {'RSS before MB':>13} | "
-            f"{'run peak RSS MB':>15} | {'vs old':>6} | "
-            f"{'max RSS MB':>10} | {'tok/s':>6} | {'vs off':>7} | {'compile s':>9} | {'first loss':>10} |")
+    print(
+        f"LoRA SFT step, LLaMA {params / 1e6:.1f}M params ({'quick' if args.quick else 'SmolLM2-135M shape'}), "
+        f"batch {args.batch} x ({args.prompt} prompt + {args.response} response), fp32, "
+        f"{os.cpu_count()} CPU cores, median of {args.steps} steps"
+    )
+    head = (
+        f"| {'row':<5} | {'compiled MB':>11} | {'temp MB':>8} | {'RSS before MB':>13} | "
+        f"{'run peak RSS MB':>15} | {'vs old':>6} | "
+        f"{'max RSS MB':>10} | {'tok/s':>6} | {'vs off':>7} | {'compile s':>9} | {'first loss':>10} |"
+    )
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     old, none = results.get("old", {}), results.get("none", {})
-    off = none if none.get("step_s") else old  # remat off: the chunked path if it ran, else the old one
+    off = (
+        none if none.get("step_s") else old
+    )  # remat off: the chunked path if it ran, else the old one
     for row, r in results.items():
         if "error" in r:
             print(f"| {row:<5} | error: {r['error'][:100]}")
             continue
-        vs_old = f"{old['run_peak'] / r['run_peak']:5.2f}x" if old.get("run_peak") and r["run_peak"] else "-"
-        vs_off = f"{off['step_s'] / r['step_s']:6.2f}x" if off.get("step_s") and r["step_s"] else "-"
+        vs_old = (
+            f"{old['run_peak'] / r['run_peak']:5.2f}x"
+            if old.get("run_peak") and r["run_peak"]
+            else "-"
+        )
+        vs_off = (
+            f"{off['step_s'] / r['step_s']:6.2f}x" if off.get("step_s") and r["step_s"] else "-"
+        )
         tok_s = f"{tokens / r['step_s']:6.0f}" if r["step_s"] else "-"
         loss = "-" if r["first_loss"] is None else f"{r['first_loss']:10.6f}"
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
-        print(f"| {row:<5} | {mb(r['compiled']):>11} | {mb(r['temp']):>8} | {mb(r['before']):>13} | "
-              f"{mb(r['run_peak']):>15} | {vs_old:>6} | "
-              f"{mb(r['max_rss']):>10} | {tok_s:>6} | {vs_off:>7} | {compile_s:>9} | {loss:>10} |")
-    first = [r["first_loss"] for row, r in results.items() if r.get("first_loss") is not None and row != "torch"]
+        print(
+            f"| {row:<5} | {mb(r['compiled']):>11} | {mb(r['temp']):>8} | {mb(r['before']):>13} | "
+            f"{mb(r['run_peak']):>15} | {vs_old:>6} | "
+            f"{mb(r['max_rss']):>10} | {tok_s:>6} | {vs_off:>7} | {compile_s:>9} | {loss:>10} |"
+        )
+    first = [
+        r["first_loss"]
+        for row, r in results.items()
+        if r.get("first_loss") is not None and row != "torch"
+    ]
     if first:
         spread = (max(first) - min(first)) / abs(first[0])
-        print(f"plad_jax first-step losses agree to {spread:.1e} relative"
-              + (f"; torch differs by {abs(results['torch']['first_loss'] - first[0]) / abs(first[0]):.1e}"
-                 if results.get("torch", {}).get("first_loss") is not None else ""))
-    print("vs old = old row's run peak / this row's (higher is better); vs off = this row's tok/s / that of "
-          "remat off (the none row if it ran steps, else old).")
+        print(
+            f"plad_jax first-step losses agree to {spread:.1e} relative"
+            + (
+                f"; torch differs by {abs(results['torch']['first_loss'] - first[0]) / abs(first[0]):.1e}"
+                if results.get("torch", {}).get("first_loss") is not None
+                else ""
+            )
+        )
+    print(
+        "vs old = old row's run peak / this row's (higher is better); vs off = this row's tok/s / that of "
+        "remat off (the none row if it ran steps, else old)."
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, to check the script runs")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--response", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=2,
-                        help="timed steps after one untimed step (0: compile and analyse only, run nothing)")
-    parser.add_argument("--table-from", nargs="+", metavar="LOG", help="print one table from these runs' stderr")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="timed steps after one untimed step (0: compile and analyse only, run nothing)",
+    )
+    parser.add_argument(
+        "--table-from", nargs="+", metavar="LOG", help="print one table from these runs' stderr"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -262,9 +385,16 @@ def main():
         results = {}
         for log in args.table_from:
             with open(log, encoding="utf-8") as f:
-                results.update({row: json.loads(rest) for row, _, rest in
-                                (line.partition(": ") for line in f) if row in ROWS})
-        print_table({row: results[row] for row in ROWS if row in results}, args, results_params(args))
+                results.update(
+                    {
+                        row: json.loads(rest)
+                        for row, _, rest in (line.partition(": ") for line in f)
+                        if row in ROWS
+                    }
+                )
+        print_table(
+            {row: results[row] for row in ROWS if row in results}, args, results_params(args)
+        )
         return
     rows = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(rows) - set(ROWS))

@@ -63,10 +63,15 @@ def build(form: str, chunk, batch: int, length: int, vocab: int, width: int):
         return pbkd_mm.Projected(x[0], x[1], project) if form == "features" else x
 
     def objective(student, q_values, teacher, tokens, mask):
-        terms = pbkd_mm.mm_position_terms(source(teacher), source(student), source(q_values), tokens,
-                                          chunk=chunk, q_max=R_MAX)
+        terms = pbkd_mm.mm_position_terms(
+            source(teacher), source(student), source(q_values), tokens, chunk=chunk, q_max=R_MAX
+        )
         logq = jnp.sum(jnp.where(mask > 0, terms.logq_taken, 0.0))
-        return jnp.sum(pbkd_mm.mm_gap(terms, mask)) + jnp.sum(pbkd_mm.mm_sequence_reward(terms, mask)) + logq
+        return (
+            jnp.sum(pbkd_mm.mm_gap(terms, mask))
+            + jnp.sum(pbkd_mm.mm_sequence_reward(terms, mask))
+            + logq
+        )
 
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     if form == "features":
@@ -80,8 +85,12 @@ def build(form: str, chunk, batch: int, length: int, vocab: int, width: int):
 def compiled_bytes(form, chunk, shapes) -> dict:
     fn, args = build(form, chunk, **shapes)
     analysis = fn.lower(*args).compile().memory_analysis()
-    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-             - analysis.alias_size_in_bytes)
+    total = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
     return {"temp": analysis.temp_size_in_bytes, "total": total}
 
 
@@ -96,8 +105,11 @@ def worker(form: str, chunk, shapes) -> dict:
 
     fn, abstract = build(form, chunk, **shapes)
     rng = np.random.default_rng(0)
-    make = lambda s: (rng.integers(0, shapes["vocab"], s.shape).astype(np.int32) if s.dtype == np.int32
-                      else rng.normal(size=s.shape).astype(np.float32) * 0.05)
+    make = lambda s: (
+        rng.integers(0, shapes["vocab"], s.shape).astype(np.int32)
+        if s.dtype == np.int32
+        else rng.normal(size=s.shape).astype(np.float32) * 0.05
+    )
     args = jax.tree.map(make, abstract)
     args = (*args[:4], np.ones_like(args[4]))  # every position real
     device = jax.devices()[0]
@@ -108,8 +120,12 @@ def worker(form: str, chunk, shapes) -> dict:
     jax.block_until_ready(compiled(*args))
     seconds = time.perf_counter() - start
     peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
-    return {"peak": peak if peak is not None else peak_rss_bytes() - baseline, "seconds": seconds,
-            "device": device.device_kind, "measure": "device peak bytes" if peak is not None else "peak RSS growth"}
+    return {
+        "peak": peak if peak is not None else peak_rss_bytes() - baseline,
+        "seconds": seconds,
+        "device": device.device_kind,
+        "measure": "device peak bytes" if peak is not None else "peak RSS growth",
+    }
 
 
 def current_rss_bytes() -> int:
@@ -118,10 +134,18 @@ def current_rss_bytes() -> int:
 
 
 def run_worker(form, chunk, quick) -> dict:
-    cmd = [sys.executable, __file__, "--worker", form, str(chunk or 0)] + (["--quick"] if quick else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo()})
+    cmd = [sys.executable, __file__, "--worker", form, str(chunk or 0)] + (
+        ["--quick"] if quick else []
+    )
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo()}
+    )
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+        return {
+            "error": out.stderr.strip().splitlines()[-1]
+            if out.stderr.strip()
+            else f"exit {out.returncode}"
+        }
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -134,7 +158,9 @@ def mb(x) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--run", action="store_true", help="also execute each row in a subprocess")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -147,9 +173,11 @@ def main():
     sys.path.insert(0, _repo())
     import jax
 
-    print(f"PbKD MM terms, value + grad; batch {shapes['batch']}, length {shapes['length']}, vocab {shapes['vocab']}, "
-          f"width {shapes['width']} (features form); fp32; device {jax.devices()[0].device_kind} "
-          f"({jax.devices()[0].platform})")
+    print(
+        f"PbKD MM terms, value + grad; batch {shapes['batch']}, length {shapes['length']}, vocab {shapes['vocab']}, "
+        f"width {shapes['width']} (features form); fp32; device {jax.devices()[0].device_kind} "
+        f"({jax.devices()[0].platform})"
+    )
     header = f"{'form':<9} {'chunk':>5} | {'temp MB':>9} {'ratio':>6} {'peak MB':>9} {'ratio':>6} (compiled)"
     if args.run:
         header += f" | {'peak MB':>9} {'ratio':>6} {'s/call':>7} (measured)"
@@ -160,19 +188,25 @@ def main():
         for chunk in CHUNKS:
             c = compiled_bytes(form, chunk, shapes)
             reference = reference or c
-            line = (f"{form:<9} {chunk or 'all':>5} | {mb(c['temp']):>9} {reference['temp'] / c['temp']:>5.1f}x "
-                    f"{mb(c['total']):>9} {reference['total'] / c['total']:>5.1f}x")
+            line = (
+                f"{form:<9} {chunk or 'all':>5} | {mb(c['temp']):>9} {reference['temp'] / c['temp']:>5.1f}x "
+                f"{mb(c['total']):>9} {reference['total'] / c['total']:>5.1f}x"
+            )
             if args.run:
                 m = run_worker(form, chunk, args.quick)
                 if "error" in m:
                     line += f" | error: {m['error'][:60]}"
                 else:
                     measured_reference = measured_reference or m["peak"]
-                    line += (f" | {mb(m['peak']):>9} {measured_reference / m['peak']:>5.1f}x "
-                             f"{m['seconds']:>7.2f} ({m['measure']})")
+                    line += (
+                        f" | {mb(m['peak']):>9} {measured_reference / m['peak']:>5.1f}x "
+                        f"{m['seconds']:>7.2f} ({m['measure']})"
+                    )
             print(line, flush=True)
-    print("ratio = figure of the direct computation (chunk all) / figure of the row; higher is better. "
-          "temp = XLA temporaries; peak = arguments + outputs (gradients) + temporaries.")
+    print(
+        "ratio = figure of the direct computation (chunk all) / figure of the row; higher is better. "
+        "temp = XLA temporaries; peak = arguments + outputs (gradients) + temporaries."
+    )
 
 
 if __name__ == "__main__":

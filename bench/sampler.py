@@ -43,24 +43,47 @@ STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:", "</answer>")
 
 def llama_config(transformers):
     return transformers.LlamaConfig(
-        vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
 
 
 def t5_config(transformers):
     return transformers.T5Config(
-        vocab_size=8000, d_model=384, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6, num_heads=6,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, eos_token_id=None, pad_token_id=0,
-        decoder_start_token_id=0)
+        vocab_size=8000,
+        d_model=384,
+        d_kv=64,
+        d_ff=1024,
+        num_layers=6,
+        num_decoder_layers=6,
+        num_heads=6,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+    )
 
 
-MODELS = {"llama": ("LlamaForCausalLM", llama_config), "t5": ("T5ForConditionalGeneration", t5_config)}
+MODELS = {
+    "llama": ("LlamaForCausalLM", llama_config),
+    "t5": ("T5ForConditionalGeneration", t5_config),
+}
 
 
 def build(name, directory):
     """A random transformers model saved to `directory`, with no EOS so every row runs to the end."""
     import torch
     import transformers
+
     cls_name, make_config = MODELS[name]
     torch.manual_seed(0)
     model = getattr(transformers, cls_name)(make_config(transformers)).eval()
@@ -71,12 +94,15 @@ def build(name, directory):
 
 def prompts(batch, vocab, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.integers(3, vocab, (batch, PROMPT)).astype(np.int32), np.ones((batch, PROMPT), np.int32)
+    return rng.integers(3, vocab, (batch, PROMPT)).astype(np.int32), np.ones(
+        (batch, PROMPT), np.int32
+    )
 
 
 def ours(lm, ids, mask, new_tokens, stop=None):
     """Seconds for one plad_jax greedy generation (returns host arrays, so it is synchronous)."""
     from plad_jax.sampler import generate
+
     t0 = time.perf_counter()
     out = generate(lm, ids, mask, max_new_tokens=new_tokens, temperature=0.0, stop=stop)
     elapsed = time.perf_counter() - t0
@@ -88,12 +114,20 @@ def theirs(model, ids, mask, new_tokens, **generate_kwargs):
     """Seconds for one transformers greedy generation on the model's device, with its default
     (dynamic) KV cache unless `generate_kwargs` say otherwise (cache_implementation="static")."""
     import torch
+
     with torch.inference_mode():
         t0 = time.perf_counter()
         tensor = lambda x: torch.tensor(x, dtype=torch.long, device=model.device)
-        out = model.generate(input_ids=tensor(ids), attention_mask=tensor(mask),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0, use_cache=True, **generate_kwargs)
+        out = model.generate(
+            input_ids=tensor(ids),
+            attention_mask=tensor(mask),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+            **generate_kwargs,
+        )
         out = out.cpu()  # synchronises the device
         elapsed = time.perf_counter() - t0
     produced = out.shape[1] - (1 if model.config.is_encoder_decoder else ids.shape[1])
@@ -110,8 +144,11 @@ def throughput_row(name, model, lm, batch, repeats):
         ours_best = min(ours_best, ours(lm, ids, mask, NEW))
         theirs_best = min(theirs_best, theirs(model, ids, mask, NEW))
     tokens = batch * NEW
-    print(f"  {name} batch {batch}: plad_jax {tokens / ours_best:.0f} tok/s, transformers {tokens / theirs_best:.0f} "
-          f"tok/s", flush=True)
+    print(
+        f"  {name} batch {batch}: plad_jax {tokens / ours_best:.0f} tok/s, transformers {tokens / theirs_best:.0f} "
+        f"tok/s",
+        flush=True,
+    )
     return tokens / ours_best, tokens / theirs_best, first - ours_best
 
 
@@ -122,8 +159,10 @@ def decode_ms_per_token(model, lm, batch, repeats):
     for n in (1,) + LENGTHS:
         ours(lm, ids, mask, n)  # compiles
         runs = repeats if n < 256 else 1
-        best[n] = (min(ours(lm, ids, mask, n) for _ in range(runs)),
-                   min(theirs(model, ids, mask, n) for _ in range(runs)))
+        best[n] = (
+            min(ours(lm, ids, mask, n) for _ in range(runs)),
+            min(theirs(model, ids, mask, n) for _ in range(runs)),
+        )
     return tuple([(best[n][i] - best[1][i]) / (n - 1) * 1e3 for n in LENGTHS] for i in (0, 1))
 
 
@@ -141,9 +180,12 @@ def bench_tokenizer(vocab_size):
     raw.decoder = decoders.ByteLevel()
     stdlib = os.path.dirname(os.path.dirname(json_module.__file__))
     files = sorted(glob.glob(os.path.join(stdlib, "*.py")))[:60]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     raw.train(files, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>")
 
@@ -151,6 +193,7 @@ def bench_tokenizer(vocab_size):
 def stop_cost_row(name, lm, batch, repeats):
     """(tok/s without stop strings, with STOP_STRINGS): the same generation, runs alternating."""
     from plad_jax.sampler import stop_strings
+
     stop = stop_strings(bench_tokenizer(lm.vocab_size), STOP_STRINGS)
     assert stop.layout is not None
     ids, mask = prompts(batch, lm.vocab_size)
@@ -160,8 +203,11 @@ def stop_cost_row(name, lm, batch, repeats):
         plain = min(plain, ours(lm, ids, mask, NEW))
         with_stop = min(with_stop, ours(lm, ids, mask, NEW, stop))
     tokens = batch * NEW
-    print(f"  {name} batch {batch}: no stop strings {tokens / plain:.0f} tok/s, "
-          f"{len(STOP_STRINGS)} stop strings {tokens / with_stop:.0f} tok/s", flush=True)
+    print(
+        f"  {name} batch {batch}: no stop strings {tokens / plain:.0f} tok/s, "
+        f"{len(STOP_STRINGS)} stop strings {tokens / with_stop:.0f} tok/s",
+        flush=True,
+    )
     return tokens / plain, tokens / with_stop, stop_check_us(stop, batch), plain / NEW * 1e6
 
 
@@ -172,6 +218,7 @@ def stop_check_us(stop, batch, steps=2000):
     import jax.numpy as jnp
 
     from plad_jax.sampler import StopTable, stop_hit
+
     tables = StopTable(jnp.asarray(stop.table), jnp.asarray(stop.lengths))
 
     @jax.jit
@@ -180,6 +227,7 @@ def stop_check_us(stop, batch, steps=2000):
             recent, hits = carry
             recent = jnp.concatenate([recent[:, 1:], (recent[:, :1] * 7 + i) % 8000], axis=1)
             return recent, hits + stop_hit(recent, tables, stop.layout)
+
         return jax.lax.fori_loop(0, steps, body, (recent, jnp.zeros(batch, jnp.int32)))[1]
 
     recent = jnp.full((batch, stop.layout.window), 5, jnp.int32)
@@ -196,6 +244,7 @@ def real_checkpoint(path):
     """(name, transformers model, plad_jax model) of a real checkpoint, neither stopping at EOS."""
     from bench.checkpoint import load_torch, model_type, without_eos
     from plad_jax.models import from_pretrained
+
     seq2seq = model_type(path) == "t5"
     model = load_torch(path, seq2seq=seq2seq)
     model.generation_config.eos_token_id = None
@@ -207,18 +256,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--models", default="llama,t5")
-    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
-                                        "instead of the random configs")
+    parser.add_argument(
+        "--model",
+        help="a real checkpoint (safetensors directory or GGUF file) instead of the random configs",
+    )
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-decode", action="store_true", help="skip the 64 vs 512 new-token decode timing")
-    parser.add_argument("--stop-only", action="store_true",
-                        help="only the stop strings' cost (no transformers)")
+    parser.add_argument(
+        "--no-decode", action="store_true", help="skip the 64 vs 512 new-token decode timing"
+    )
+    parser.add_argument(
+        "--stop-only", action="store_true", help="only the stop strings' cost (no transformers)"
+    )
     args = parser.parse_args(argv)
 
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])  # before XLA sizes its pool
+    os.sched_setaffinity(
+        0, sorted(os.sched_getaffinity(0))[: args.threads]
+    )  # before XLA sizes its pool
     import jax
     import torch
+
     torch.set_num_threads(args.threads)
 
     from plad_jax.models import from_pretrained
@@ -226,7 +283,7 @@ def main(argv=None):
     device = f"{jax.devices()[0].platform.upper()} {platform.machine()}, {args.threads} threads"
     batches = [int(b) for b in args.batches.split(",")]
     rows, decode_rows, stop_rows = [], [], []
-    for name in ([None] if args.model else args.models.split(",")):
+    for name in [None] if args.model else args.models.split(","):
         if args.model:
             name, model, lm = real_checkpoint(args.model)
         else:
@@ -235,7 +292,9 @@ def main(argv=None):
                 lm = from_pretrained(directory)
         params = f"{lm.num_params() / 1e6:.1f}M"
         for batch in batches if not args.stop_only else ():
-            rows.append((name, params, batch, *throughput_row(name, model, lm, batch, args.repeats)))
+            rows.append(
+                (name, params, batch, *throughput_row(name, model, lm, batch, args.repeats))
+            )
         if not (args.no_decode or args.stop_only):
             decode_rows.append((name, *decode_ms_per_token(model, lm, batches[0], args.repeats)))
         stop_rows.append((name, params, *stop_cost_row(name, lm, batches[0], args.repeats)))
@@ -247,33 +306,51 @@ def main(argv=None):
 
 
 def print_throughput(rows, device):
-    print(f"\nsampler throughput: greedy, fp32, prompt {PROMPT}, {NEW} new tokens per row, device {device}")
-    print(f"{'model':<6} {'params':>7} {'batch':>5} {'prompt':>6} {'new':>4} {'plad_jax tok/s':>15} "
-          f"{'transformers tok/s':>19} {'ratio':>6} {'our compile s':>13}")
+    print(
+        f"\nsampler throughput: greedy, fp32, prompt {PROMPT}, {NEW} new tokens per row, device {device}"
+    )
+    print(
+        f"{'model':<6} {'params':>7} {'batch':>5} {'prompt':>6} {'new':>4} {'plad_jax tok/s':>15} "
+        f"{'transformers tok/s':>19} {'ratio':>6} {'our compile s':>13}"
+    )
     for name, params, batch, ours_tps, theirs_tps, compile_s in rows:
-        print(f"{name:<6} {params:>7} {batch:>5} {PROMPT:>6} {NEW:>4} {ours_tps:>15.0f} {theirs_tps:>19.0f} "
-              f"{ours_tps / theirs_tps:>5.2f}x {compile_s:>13.1f}")
+        print(
+            f"{name:<6} {params:>7} {batch:>5} {PROMPT:>6} {NEW:>4} {ours_tps:>15.0f} {theirs_tps:>19.0f} "
+            f"{ours_tps / theirs_tps:>5.2f}x {compile_s:>13.1f}"
+        )
 
 
 def print_decode(decode_rows, batch):
-    print(f"\ndecode time per token, prompt {PROMPT}, batch {batch} (prefill excluded), "
-          f"ms at {LENGTHS[0]} and {LENGTHS[1]} new tokens")
+    print(
+        f"\ndecode time per token, prompt {PROMPT}, batch {batch} (prefill excluded), "
+        f"ms at {LENGTHS[0]} and {LENGTHS[1]} new tokens"
+    )
     short, long = str(LENGTHS[0]), str(LENGTHS[1])
-    print(f"{'model':<6} {'plad_jax @' + short:>13} {'@' + long:>6} {'growth':>7} "
-          f"{'transformers @' + short:>17} {'@' + long:>6} {'growth':>7}")
+    print(
+        f"{'model':<6} {'plad_jax @' + short:>13} {'@' + long:>6} {'growth':>7} "
+        f"{'transformers @' + short:>17} {'@' + long:>6} {'growth':>7}"
+    )
     for name, (o_short, o_long), (t_short, t_long) in decode_rows:
-        print(f"{name:<6} {o_short:>13.1f} {o_long:>6.1f} {o_long / o_short:>6.2f}x "
-              f"{t_short:>17.1f} {t_long:>6.1f} {t_long / t_short:>6.2f}x")
+        print(
+            f"{name:<6} {o_short:>13.1f} {o_long:>6.1f} {o_long / o_short:>6.2f}x "
+            f"{t_short:>17.1f} {t_long:>6.1f} {t_long / t_short:>6.2f}x"
+        )
 
 
 def print_stop(stop_rows, batch, device):
-    print(f"\nstop strings: plad_jax greedy tok/s with {len(STOP_STRINGS)} that never match vs "
-          f"none, batch {batch}, prompt {PROMPT}, {NEW} new tokens, device {device}")
-    print(f"{'model':<6} {'params':>7} {'none tok/s':>11} {'stop tok/s':>11} {'ratio':>6} "
-          f"{'check us/step':>13} {'step us':>8}")
+    print(
+        f"\nstop strings: plad_jax greedy tok/s with {len(STOP_STRINGS)} that never match vs "
+        f"none, batch {batch}, prompt {PROMPT}, {NEW} new tokens, device {device}"
+    )
+    print(
+        f"{'model':<6} {'params':>7} {'none tok/s':>11} {'stop tok/s':>11} {'ratio':>6} "
+        f"{'check us/step':>13} {'step us':>8}"
+    )
     for name, params, plain, with_stop, check_us, step_us in stop_rows:
-        print(f"{name:<6} {params:>7} {plain:>11.0f} {with_stop:>11.0f} {with_stop / plain:>5.3f}x "
-              f"{check_us:>13.1f} {step_us:>8.0f}")
+        print(
+            f"{name:<6} {params:>7} {plain:>11.0f} {with_stop:>11.0f} {with_stop / plain:>5.3f}x "
+            f"{check_us:>13.1f} {step_us:>8.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,10 +40,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.checkpoint
 
-MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-             num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True)
-QUICK = dict(MODEL, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+MODEL = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    tie_word_embeddings=True,
+)
+QUICK = dict(
+    MODEL,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 STEPS = ("sft", "plad_rank")
 BETA = 1.0  # PLaD margin
 LEARNING_RATE = 1e-4
@@ -68,6 +82,7 @@ def save_random_llama(fields: dict, path: str) -> int:
     """A random-weight transformers LLaMA of config `fields` saved to `path`; its parameter count."""
     import torch
     import transformers
+
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
     model.save_pretrained(path)
@@ -77,13 +92,20 @@ def save_random_llama(fields: dict, path: str) -> int:
 def make_batch(args, vocab: int) -> dict:
     """Every token real (masks all 1); y- differs from y+."""
     import numpy as np
+
     rng = np.random.default_rng(0)
     ids = lambda length: rng.integers(3, vocab, (args.batch, length)).astype(np.int32)
     ones = lambda length: np.ones((args.batch, length), np.int32)
-    return {"prompt_ids": ids(args.prompt), "prompt_mask": ones(args.prompt),
-            "response_ids": ids(args.response), "response_mask": ones(args.response),
-            "pos_ids": ids(args.response), "pos_mask": ones(args.response),
-            "neg_ids": ids(args.response), "neg_mask": ones(args.response)}
+    return {
+        "prompt_ids": ids(args.prompt),
+        "prompt_mask": ones(args.prompt),
+        "response_ids": ids(args.response),
+        "response_mask": ones(args.response),
+        "pos_ids": ids(args.response),
+        "pos_mask": ones(args.response),
+        "neg_ids": ids(args.response),
+        "neg_mask": ones(args.response),
+    }
 
 
 def time_steps(run_step, iters: int) -> list[float]:
@@ -98,9 +120,11 @@ def time_steps(run_step, iters: int) -> list[float]:
 
 # -- workers (one framework, one step, in a subprocess; print one JSON line) ---------------------
 
+
 def jax_matmul_peak(n: int, repeats: int = 5) -> float:
     import jax
     import jax.numpy as jnp
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     mm = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
@@ -111,6 +135,7 @@ def jax_matmul_peak(n: int, repeats: int = 5) -> float:
 
 def torch_matmul_peak(n: int, repeats: int = 5) -> float:
     import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = min(time_steps(lambda: torch.mm(a, b), repeats))
@@ -126,13 +151,21 @@ def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, te
     import jax
 
     from plad_jax import methods
-    from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, reduce_metrics
+    from plad_jax.train import (
+        OptimizerConfig,
+        TrainState,
+        make_optimizer,
+        make_train_step,
+        reduce_metrics,
+    )
 
     batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
     method = methods.get(step_name, **({"beta": BETA} if step_name == "plad_rank" else {}))
     loss_fn, frozen_fn = method.objective(lm, teacher=teacher)
     frozen = {"teacher": teacher.params} if teacher is not None else {}
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, warmup_steps=0, total_steps=10**6))
+    optimizer = make_optimizer(
+        OptimizerConfig(learning_rate=LEARNING_RATE, warmup_steps=0, total_steps=10**6)
+    )
     state = TrainState.create(jax.tree.map(jax.numpy.copy, lm.params), optimizer)  # it is donated
     start = time.perf_counter()
     step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn)
@@ -148,8 +181,12 @@ def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, te
 
     warm = time_steps(run_step, warmup)
     seconds = time_steps(run_step, iters)
-    return {"compile_s": compile_s, "first_step_s": warm[0] if warm else None,
-            "step_s": statistics.median(seconds), "first_loss": first_loss}
+    return {
+        "compile_s": compile_s,
+        "first_step_s": warm[0] if warm else None,
+        "step_s": statistics.median(seconds),
+        "first_loss": first_loss,
+    }
 
 
 def jax_worker(args) -> dict:
@@ -162,13 +199,28 @@ def jax_worker(args) -> dict:
     batch = make_batch(args, lm.vocab_size)
     timing = jax_step_timing(lm, args.step, batch, args.iters, args.warmup)
     device = jax.devices()[0]
-    return {"device": cpu_name() if device.platform == "cpu" else device.device_kind,
-            "device_kind": device.device_kind, "platform": device.platform, "peak": peak,
-            **timing, "version": jax.__version__, "params": lm.num_params()}
+    return {
+        "device": cpu_name() if device.platform == "cpu" else device.device_kind,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "peak": peak,
+        **timing,
+        "version": jax.__version__,
+        "params": lm.num_params(),
+    }
 
 
-def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: int, *, autocast=None,
-                      fused=None, compiled=False) -> dict:
+def torch_step_timing(
+    model,
+    step_name: str,
+    batch: dict,
+    iters: int,
+    warmup: int,
+    *,
+    autocast=None,
+    fused=None,
+    compiled=False,
+) -> dict:
     """Time transformers + torch AdamW on the same step as `jax_step_timing` (sft or plad_rank).
 
     autocast: a torch dtype for `torch.autocast` on the model's device (bf16 compute over the
@@ -178,10 +230,17 @@ def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: in
     import contextlib
 
     import torch
+
     device = next(model.parameters()).device
     model.train()  # dropout is 0 in LLaMA configs; train() only matches the usual training setup
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.0, fused=fused)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=LEARNING_RATE,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        fused=fused,
+    )
     b = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
     r = b["response_ids"].shape[1]
     cast = contextlib.nullcontext
@@ -197,12 +256,18 @@ def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: in
 
     def loss_fn():
         if step_name == "sft":
-            logp = response_logprobs(b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+            logp = response_logprobs(
+                b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"]
+            )
             mask = b["response_mask"].float()
             return -(logp * mask).sum() / mask.sum()
         n = b["pos_ids"].shape[0]  # y+ and y- in one forward over 2B rows, as plad_jax does
-        logp = response_logprobs(torch.cat([b["prompt_ids"]] * 2), torch.cat([b["prompt_mask"]] * 2),
-                                 torch.cat([b["pos_ids"], b["neg_ids"]]), torch.cat([b["pos_mask"], b["neg_mask"]]))
+        logp = response_logprobs(
+            torch.cat([b["prompt_ids"]] * 2),
+            torch.cat([b["prompt_mask"]] * 2),
+            torch.cat([b["pos_ids"], b["neg_ids"]]),
+            torch.cat([b["pos_mask"], b["neg_mask"]]),
+        )
         mask = torch.cat([b["pos_mask"], b["neg_mask"]]).float()
         seq = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # length-normalised
         return torch.relu(BETA - seq[:n] + seq[n:]).mean()
@@ -223,35 +288,69 @@ def torch_step_timing(model, step_name: str, batch: dict, iters: int, warmup: in
 
     warm = time_steps(run_step, warmup)
     seconds = time_steps(run_step, iters)
-    return {"first_step_s": warm[0] if warm else None, "step_s": statistics.median(seconds),
-            "first_loss": first_loss}
+    return {
+        "first_step_s": warm[0] if warm else None,
+        "step_s": statistics.median(seconds),
+        "first_loss": first_loss,
+    }
 
 
 def torch_worker(args) -> dict:
     import torch
+
     torch.set_num_threads(os.cpu_count())
     peak = torch_matmul_peak(args.matmul)
     from bench.checkpoint import load_torch
+
     model = load_torch(args.path)
     batch = make_batch(args, model.config.vocab_size)
     timing = torch_step_timing(model, args.step, batch, args.iters, args.warmup)
-    return {"device": cpu_name(), "device_kind": "cpu", "platform": "cpu", "peak": peak, "compile_s": None,
-            **timing, "version": torch.__version__}
+    return {
+        "device": cpu_name(),
+        "device_kind": "cpu",
+        "platform": "cpu",
+        "peak": peak,
+        "compile_s": None,
+        **timing,
+        "version": torch.__version__,
+    }
 
 
 # -- driver ---------------------------------------------------------------------------------------
+
 
 def model_flops_per_step(step: str, args, params: int, hidden: int, vocab: int) -> float:
     """6 x non-head params per token + 6 x head params per response token, over the step's sequences."""
     sequences = args.batch * (2 if step == "plad_rank" else 1)
     head = hidden * vocab
-    return 6.0 * sequences * ((params - head) * (args.prompt + args.response) + head * args.response)
+    return (
+        6.0 * sequences * ((params - head) * (args.prompt + args.response) + head * args.response)
+    )
 
 
 def run_worker(framework, step, path, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", framework, "--step", step, "--path", path,
-           "--batch", str(args.batch), "--prompt", str(args.prompt), "--response", str(args.response),
-           "--iters", str(args.iters), "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        framework,
+        "--step",
+        step,
+        "--path",
+        path,
+        "--batch",
+        str(args.batch),
+        "--prompt",
+        str(args.prompt),
+        "--response",
+        str(args.response),
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--matmul",
+        str(args.matmul),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{framework} {step} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -259,17 +358,24 @@ def run_worker(framework, step, path, args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, to check the script runs")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--response", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    parser.add_argument("--matmul", type=int, default=None, help="size n of the n x n fp32 peak matmul")
+    parser.add_argument(
+        "--matmul", type=int, default=None, help="size n of the n x n fp32 peak matmul"
+    )
     parser.add_argument("--steps", default=",".join(STEPS))
-    parser.add_argument("--model", help="a real checkpoint (safetensors directory or GGUF file) "
-                                        "instead of the random ~110M config")
+    parser.add_argument(
+        "--model",
+        help="a real checkpoint (safetensors directory or GGUF file) "
+        "instead of the random ~110M config",
+    )
     parser.add_argument("--device-note", default="", help="free text appended to the device line")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
@@ -287,6 +393,7 @@ def main():
         path = args.model or tmp
         if args.model:
             from bench.checkpoint import hf_config
+
             config = hf_config(args.model)
         else:
             make_checkpoint(args.quick, tmp)
@@ -300,32 +407,59 @@ def main():
         for res in r.values():
             peaks[res["device"]] = max(peaks.get(res["device"], 0.0), res["peak"])
     jax0, torch0 = rows[0][1]["jax"], rows[0][1]["torch"]
-    print(f"train step, batch {args.batch}, prompt {args.prompt} + response {args.response} tokens, fp32, "
-          f"LLaMA-class {params / 1e6:.1f}M params "
-          f"({args.model or ('quick' if args.quick else 'full')}), median of {args.iters} steps")
-    print(f"devices: plad_jax on {jax0['platform']} (jax.devices()[0].device_kind '{jax0['device_kind']}', "
-          f"jax {jax0['version']}), torch {torch0['version']} on {torch0['platform']}; {jax0['device']}, "
-          f"{os.cpu_count()} cores{' - ' + args.device_note if args.device_note else ''}")
-    print("fp32 matmul peak (" + str(args.matmul) + "^3): " + ", ".join(
-        f"{fw} {max(r[fw]['peak'] for _, r in rows) / 1e9:.0f} GFLOP/s" for fw in ("jax", "torch")))
-    head = (f"| {'what':<9} | {'device':<28} | {'plad_jax tok/s':>14} | {'torch tok/s':>11} | {'ratio':>6} | "
-            f"{'plad_jax MFU':>12} | {'torch MFU':>9} | {'plad_jax compile s':>18} |")
+    print(
+        f"train step, batch {args.batch}, prompt {args.prompt} + response {args.response} tokens, fp32, "
+        f"LLaMA-class {params / 1e6:.1f}M params "
+        f"({args.model or ('quick' if args.quick else 'full')}), median of {args.iters} steps"
+    )
+    print(
+        f"devices: plad_jax on {jax0['platform']} (jax.devices()[0].device_kind '{jax0['device_kind']}', "
+        f"jax {jax0['version']}), torch {torch0['version']} on {torch0['platform']}; {jax0['device']}, "
+        f"{os.cpu_count()} cores{' - ' + args.device_note if args.device_note else ''}"
+    )
+    print(
+        "fp32 matmul peak ("
+        + str(args.matmul)
+        + "^3): "
+        + ", ".join(
+            f"{fw} {max(r[fw]['peak'] for _, r in rows) / 1e9:.0f} GFLOP/s"
+            for fw in ("jax", "torch")
+        )
+    )
+    head = (
+        f"| {'what':<9} | {'device':<28} | {'plad_jax tok/s':>14} | {'torch tok/s':>11} | {'ratio':>6} | "
+        f"{'plad_jax MFU':>12} | {'torch MFU':>9} | {'plad_jax compile s':>18} |"
+    )
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for step, r in rows:
         j, t = r["jax"], r["torch"]
         sequences = args.batch * (2 if step == "plad_rank" else 1)
         tokens = sequences * (args.prompt + args.response)
-        flops = model_flops_per_step(step, args, params, config["hidden_size"], config["vocab_size"])
+        flops = model_flops_per_step(
+            step, args, params, config["hidden_size"], config["vocab_size"]
+        )
         device = j["device"] if j["device"] == t["device"] else f"{j['device']} / {t['device']}"
         mfu = lambda res: flops / res["step_s"] / peaks[res["device"]]
-        print(f"| {step:<9} | {device[:28]:<28} | {tokens / j['step_s']:14.0f} | {tokens / t['step_s']:11.0f} | "
-              f"{t['step_s'] / j['step_s']:5.2f}x | {mfu(j):11.1%} | {mfu(t):8.1%} | {j['compile_s']:18.1f} |")
-    print("first-step loss (plad_jax / torch): " + ", ".join(
-        f"{step} {r['jax']['first_loss']:.5f} / {r['torch']['first_loss']:.5f}" for step, r in rows))
-    print("first step after compile, excluded (s, plad_jax / torch): " + ", ".join(
-        f"{step} {r['jax']['first_step_s']:.2f} / {r['torch']['first_step_s']:.2f}" for step, r in rows
-        if r["jax"]["first_step_s"] is not None))
+        print(
+            f"| {step:<9} | {device[:28]:<28} | {tokens / j['step_s']:14.0f} | {tokens / t['step_s']:11.0f} | "
+            f"{t['step_s'] / j['step_s']:5.2f}x | {mfu(j):11.1%} | {mfu(t):8.1%} | {j['compile_s']:18.1f} |"
+        )
+    print(
+        "first-step loss (plad_jax / torch): "
+        + ", ".join(
+            f"{step} {r['jax']['first_loss']:.5f} / {r['torch']['first_loss']:.5f}"
+            for step, r in rows
+        )
+    )
+    print(
+        "first step after compile, excluded (s, plad_jax / torch): "
+        + ", ".join(
+            f"{step} {r['jax']['first_step_s']:.2f} / {r['torch']['first_step_s']:.2f}"
+            for step, r in rows
+            if r["jax"]["first_step_s"] is not None
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,4 +7,6 @@ from plad_jax.paper_settings import paper_config
 
 
 def config():
-    return paper_config("hh_gptneo", "hh", teacher="EleutherAI/gpt-neo-2.7B", student="EleutherAI/gpt-neo-1.3B")
+    return paper_config(
+        "hh_gptneo", "hh", teacher="EleutherAI/gpt-neo-2.7B", student="EleutherAI/gpt-neo-1.3B"
+    )

@@ -7,4 +7,6 @@ from plad_jax.paper_settings import paper_config
 
 
 def config():
-    return paper_config("hh_llama", "hh", teacher="meta-llama/Llama-2-13b-hf", student="meta-llama/Llama-2-7b-hf")
+    return paper_config(
+        "hh_llama", "hh", teacher="meta-llama/Llama-2-13b-hf", student="meta-llama/Llama-2-7b-hf"
+    )

@@ -6,14 +6,30 @@ Tests point it at what they built:
 `response` fields).
 """
 
-from plad_jax.config import (Config, DataConfig, DistillConfig, EvalConfig, ModelConfig,
-                             PairsConfig, SampleConfig, TrainConfig)
+from plad_jax.config import (
+    Config,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    ModelConfig,
+    PairsConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from plad_jax.pbkd_config import PbKDConfig
 
 
 def _train(**kw) -> TrainConfig:
-    return TrainConfig(batch_size=4, learning_rate=1e-3, max_steps=2, checkpoint_every=1, keep=1,
-                       log_every=1, validation_examples=4, **kw)
+    return TrainConfig(
+        batch_size=4,
+        learning_rate=1e-3,
+        max_steps=2,
+        checkpoint_every=1,
+        keep=1,
+        log_every=1,
+        validation_examples=4,
+        **kw,
+    )
 
 
 def config() -> Config:
@@ -21,14 +37,27 @@ def config() -> Config:
         name="tiny",
         teacher=ModelConfig(path=""),
         student=ModelConfig(path=""),
-        data=DataConfig(task="jsonl", path="", max_prompt_tokens=16, max_response_tokens=8, test_size=4,
-                        validation_size=4, max_d0=8, max_d=8, max_validation=4, max_test=4),
+        data=DataConfig(
+            task="jsonl",
+            path="",
+            max_prompt_tokens=16,
+            max_response_tokens=8,
+            test_size=4,
+            validation_size=4,
+            max_d0=8,
+            max_d=8,
+            max_validation=4,
+            max_test=4,
+        ),
         sft_teacher=_train(select_best=True),
         sft_student=_train(),
         sample=SampleConfig(max_new_tokens=8, batch_size=4),
         pairs=PairsConfig(scorer="rouge", reward_model="", batch_size=4),
-        distill=DistillConfig(batch_size=4, learning_rate=1e-3, max_steps=2, checkpoint_every=1, keep=1,
-                              log_every=1),
+        distill=DistillConfig(
+            batch_size=4, learning_rate=1e-3, max_steps=2, checkpoint_every=1, keep=1, log_every=1
+        ),
         pbkd=PbKDConfig(num_samples=2, max_new_tokens=8, rm_warmup_steps=2, rounds=2, mm_chunk=4),
-        eval=EvalConfig(scorer="rouge", reward_model="", num_examples=4, max_new_tokens=8, batch_size=4),
+        eval=EvalConfig(
+            scorer="rouge", reward_model="", num_examples=4, max_new_tokens=8, batch_size=4
+        ),
     )

@@ -7,4 +7,6 @@ from plad_jax.paper_settings import paper_config
 
 
 def config():
-    return paper_config("tldr_t5", "tldr", teacher="google/t5-v1_1-xxl", student="google/t5-v1_1-large")
+    return paper_config(
+        "tldr_t5", "tldr", teacher="google/t5-v1_1-xxl", student="google/t5-v1_1-large"
+    )

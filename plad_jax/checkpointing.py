@@ -59,8 +59,12 @@ def abstract_like(tree, shardings=None):
     new mesh, or `abstract_like(nnx.eval_shape(...), param_shardings(...))` without materialising.
     """
     if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+        )
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def _path(directory) -> epath.Path:
@@ -71,34 +75,59 @@ def _path(directory) -> epath.Path:
 
 # -- resumable train state ----------------------------------------------------------------------
 
+
 def open_manager(directory, cfg: CheckpointConfig) -> ocp.CheckpointManager:
     """An Orbax `CheckpointManager` on `directory` that saves every `cfg.every_steps` and keeps `cfg.keep`.
 
     Unfinished saves left by a killed run are reported, then removed (they were never usable).
     """
     if cfg.every_steps < 1 or cfg.keep < 1:
-        raise ValueError(f"checkpoint every_steps={cfg.every_steps} and keep={cfg.keep} must both be >= 1")
+        raise ValueError(
+            f"checkpoint every_steps={cfg.every_steps} and keep={cfg.keep} must both be >= 1"
+        )
     directory = _path(directory)
     if directory.exists():
         for tmp in ocp.path.step.all_temporary_paths(directory):
-            logger.warning("ignoring unfinished checkpoint %s (a save interrupted before it completed)", tmp.get())
+            logger.warning(
+                "ignoring unfinished checkpoint %s (a save interrupted before it completed)",
+                tmp.get(),
+            )
     policies = ocp.checkpoint_managers
-    policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(cfg.every_steps),
-                                     policies.PreemptionCheckpointingPolicy()])
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
-                                           save_decision_policy=policy, cleanup_tmp_directories=True)
+    policy = policies.AnySavePolicy(
+        [policies.FixedIntervalPolicy(cfg.every_steps), policies.PreemptionCheckpointingPolicy()]
+    )
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep,
+        enable_async_checkpointing=cfg.async_save,
+        save_decision_policy=policy,
+        cleanup_tmp_directories=True,
+    )
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, position: DataPosition, *,
-         metrics: dict | None = None, config_hash: str | None = None, force: bool = False) -> bool:
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state,
+    position: DataPosition,
+    *,
+    metrics: dict | None = None,
+    config_hash: str | None = None,
+    force: bool = False,
+) -> bool:
     """Start saving `state` as `step` if the manager's policy says so (always with `force`).
 
     Returns whether a save started. It finishes in the background; `wait(manager)` before exit.
     """
-    meta = {"step": int(step), "position": dataclasses.asdict(position), "config_hash": config_hash,
-            "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
-    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)})
+    meta = {
+        "step": int(step),
+        "position": dataclasses.asdict(position),
+        "config_hash": config_hash,
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+    }
+    args = ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
+    )
     return manager.save(int(step), args=args, force=force)
 
 
@@ -107,7 +136,9 @@ def wait(manager: ocp.CheckpointManager):
     manager.wait_until_finished()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, config_hash: str | None = None):
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state, *, config_hash: str | None = None
+):
     """`(state, DataPosition)` from the newest readable checkpoint, or None when there is none.
 
     `abstract_state` (see `abstract_like`) gives the structure and the target shardings, so the
@@ -118,8 +149,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, config_has
     failures = []  # (step, reason), newest first
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardRestore(abstract_state),
+                        META: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
             meta = restored[META]
             position = DataPosition(**meta["position"])
         except Exception as e:  # noqa: BLE001 - any unreadable step is skipped the same way
@@ -127,8 +165,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, config_has
             continue
         saved_hash = meta.get("config_hash")
         if config_hash is not None and saved_hash is not None and saved_hash != config_hash:
-            raise CheckpointError(f"{manager.directory}: checkpoints were written by another config "
-                                  f"(hash {saved_hash}, this run {config_hash}); use a new run directory")
+            raise CheckpointError(
+                f"{manager.directory}: checkpoints were written by another config "
+                f"(hash {saved_hash}, this run {config_hash}); use a new run directory"
+            )
         for bad_step, reason in failures:
             _move_aside(manager, bad_step, reason, step)
         if failures:
@@ -136,8 +176,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, config_has
         return restored[STATE], position
     if failures:
         step, reason = failures[0]
-        raise CheckpointError(f"{manager.directory}: no checkpoint can be restored (step {step}: {reason}); "
-                              "if the model or optimizer changed, use a new run directory")
+        raise CheckpointError(
+            f"{manager.directory}: no checkpoint can be restored (step {step}: {reason}); "
+            "if the model or optimizer changed, use a new run directory"
+        )
     return None
 
 
@@ -151,11 +193,19 @@ def _move_aside(manager, step: int, reason: str, resume_step: int):
         try:
             path.rename(target)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: checkpoint is unreadable ({reason}) and could not be moved aside "
-                                  f"({_one_line(e)}); move or delete it, then restart") from None
+            raise CheckpointError(
+                f"{path}: checkpoint is unreadable ({reason}) and could not be moved aside "
+                f"({_one_line(e)}); move or delete it, then restart"
+            ) from None
     ocp.multihost.sync_global_processes(f"plad_jax_move_aside_{step}")
-    logger.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and resuming from step %d",
-                   step, manager.directory, reason, target.name, resume_step)
+    logger.warning(
+        "checkpoint step %d in %s is unreadable (%s); moved it to %s and resuming from step %d",
+        step,
+        manager.directory,
+        reason,
+        target.name,
+        resume_step,
+    )
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -165,6 +215,7 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 
 # -- params-only hand-off -----------------------------------------------------------------------
+
 
 def save_params(directory, params):
     """Write `params` to `directory` (replacing any previous hand-off there) and wait until complete.
@@ -184,13 +235,19 @@ def load_params(directory, abstract_params):
     """
     path = _path(directory)
     if not path.exists():
-        raise CheckpointError(f"{path}: no params hand-off here; run the stage that writes it first")
+        raise CheckpointError(
+            f"{path}: no params hand-off here; run the stage that writes it first"
+        )
     if not ocp.path.step.is_path_finalized(path):
-        raise CheckpointError(f"{path}: params hand-off is incomplete (its save never finished); "
-                              "rerun the stage that writes it")
+        raise CheckpointError(
+            f"{path}: params hand-off is incomplete (its save never finished); "
+            "rerun the stage that writes it"
+        )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path, abstract_params)
     except Exception as e:  # noqa: BLE001 - corrupt files and mismatched models alike
-        raise CheckpointError(f"{path}: params hand-off is unreadable or does not match the model "
-                              f"({_one_line(e)}); rerun the stage that writes it") from None
+        raise CheckpointError(
+            f"{path}: params hand-off is unreadable or does not match the model "
+            f"({_one_line(e)}); rerun the stage that writes it"
+        ) from None

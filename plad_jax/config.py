@@ -264,8 +264,15 @@ class DistillConfig(TrainConfig):
 
 
 # DistillConfig fields that are hyper-parameters of some methods (`plad_jax.methods.configure`).
-METHOD_KNOBS = ("score", "beta", "alpha", "kd_temperature", "label_smoothing", "span_max_n",
-                "span_reference")
+METHOD_KNOBS = (
+    "score",
+    "beta",
+    "alpha",
+    "kd_temperature",
+    "label_smoothing",
+    "span_max_n",
+    "span_reference",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +305,9 @@ class Config:
     teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     student: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    sft_teacher: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(select_best=True))
+    sft_teacher: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(select_best=True)
+    )
     sft_student: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
@@ -349,8 +358,12 @@ def describe(hint) -> str:
         return f"a {hint.__name__} (JSON object)"
     if hint is dict or typing.get_origin(hint) is dict:
         return "a JSON object"
-    return {int: "an integer", float: "a number", bool: "a boolean (true/false/1/0)", str: "a string"}.get(
-        hint, str(hint))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean (true/false/1/0)",
+        str: "a string",
+    }.get(hint, str(hint))
 
 
 class _BadValue(Exception):
@@ -515,7 +528,10 @@ def _unknown_key_message(key: str) -> str:
         section, siblings = "", [k for k in valid if "." not in k]
     else:
         siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
-        close = [f"{section}.{c}" if section else c for c in difflib.get_close_matches(leaf, siblings, n=2, cutoff=0.6)]
+        close = [
+            f"{section}.{c}" if section else c
+            for c in difflib.get_close_matches(leaf, siblings, n=2, cutoff=0.6)
+        ]
     if close:
         return f"unknown config key '{key}'; did you mean {' or '.join(close)}?"
     where = f"under '{section}'" if section else "at the top level"
@@ -589,8 +605,10 @@ def validate(config: Config) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"a config must be a plad_jax.config.Config, got {type(config).__name__}")
     config = check_value(config, Config, "")  # every leaf has its declared type
-    _need(bool(config.name) and "/" not in config.name and config.name not in (".", ".."),
-          f"name must be a non-empty directory name without '/', got {config.name!r}")
+    _need(
+        bool(config.name) and "/" not in config.name and config.name not in (".", ".."),
+        f"name must be a non-empty directory name without '/', got {config.name!r}",
+    )
     _validate_mesh(config.mesh)
     for role in ("teacher", "student"):
         _validate_model(getattr(config, role), role, config.data.task)
@@ -606,71 +624,115 @@ def validate(config: Config) -> Config:
 
 def _validate_mesh(mesh: MeshConfig):
     sizes = (mesh.data, mesh.fsdp, mesh.tensor)
-    _need(sizes.count(-1) <= 1, f"mesh {sizes}: at most one of mesh.data/fsdp/tensor may be -1 (fill with what is left)")
+    _need(
+        sizes.count(-1) <= 1,
+        f"mesh {sizes}: at most one of mesh.data/fsdp/tensor may be -1 (fill with what is left)",
+    )
     _need(all(s >= 1 or s == -1 for s in sizes), f"mesh {sizes}: axis sizes must be positive or -1")
 
 
 def _validate_model(m: ModelConfig, role: str, task: str):
-    _need(not (m.path and m.init is not None),
-          f"{role}.path and {role}.init are both set; keep path to load weights or init to build "
-          f"from scratch (--set {role}.init=none or --set {role}.path=)")
-    _need(bool(m.path) or m.init is not None,
-          f"{role} has no weights: set {role}.path to a Hugging Face model directory or hub id "
-          f"(or {role}.init to build one from scratch)")
+    _need(
+        not (m.path and m.init is not None),
+        f"{role}.path and {role}.init are both set; keep path to load weights or init to build "
+        f"from scratch (--set {role}.init=none or --set {role}.path=)",
+    )
+    _need(
+        bool(m.path) or m.init is not None,
+        f"{role} has no weights: set {role}.path to a Hugging Face model directory or hub id "
+        f"(or {role}.init to build one from scratch)",
+    )
     if m.init is not None:
         from plad_jax.models.hf import FAMILIES
+
         model_type = m.init.get("model_type")
-        _need(model_type in FAMILIES, f"{role}.init.model_type must be one of {', '.join(sorted(FAMILIES))}, "
-                                      f"got {model_type!r}")
-        _need(bool(m.tokenizer) or task == "demo",
-              f"{role}.init builds a model from scratch, so set {role}.tokenizer (a tokenizer directory or "
-              f"hub id); only data.task=demo brings its own tokenizer")
-    _need(not ((m.layers is not None or m.decoder_layers is not None) and m.init is not None),
-          f"{role}.layers cuts blocks out of a checkpoint, so it needs {role}.path, "
-          f"not {role}.init")
+        _need(
+            model_type in FAMILIES,
+            f"{role}.init.model_type must be one of {', '.join(sorted(FAMILIES))}, "
+            f"got {model_type!r}",
+        )
+        _need(
+            bool(m.tokenizer) or task == "demo",
+            f"{role}.init builds a model from scratch, so set {role}.tokenizer (a tokenizer directory or "
+            f"hub id); only data.task=demo brings its own tokenizer",
+        )
+    _need(
+        not ((m.layers is not None or m.decoder_layers is not None) and m.init is not None),
+        f"{role}.layers cuts blocks out of a checkpoint, so it needs {role}.path, not {role}.init",
+    )
     for key, blocks in (("layers", m.layers), ("decoder_layers", m.decoder_layers)):
-        _need(blocks is None or (len(blocks) > 0 and all(b >= 0 for b in blocks)),
-              f"{role}.{key} must be a non-empty list of block indices >= 0, got {blocks}")
+        _need(
+            blocks is None or (len(blocks) > 0 and all(b >= 0 for b in blocks)),
+            f"{role}.{key} must be a non-empty list of block indices >= 0, got {blocks}",
+        )
     if m.lora is not None:
         lora = m.lora
         _need(lora.rank >= 1, f"{role}.lora.rank must be >= 1, got {lora.rank}")
         _need(lora.alpha > 0, f"{role}.lora.alpha must be positive, got {lora.alpha}")
         _need(0 <= lora.dropout < 1, f"{role}.lora.dropout must be in [0, 1), got {lora.dropout}")
-        _need(bool(lora.targets) and all(lora.targets),
-              f"{role}.lora.targets must name at least one group (attention, mlp) or projection")
+        _need(
+            bool(lora.targets) and all(lora.targets),
+            f"{role}.lora.targets must name at least one group (attention, mlp) or projection",
+        )
 
 
 def _validate_data(d: DataConfig):
     if d.task in FILE_TASKS:
-        _need(bool(d.path), f"data.task={d.task} reads a local file: set data.path to a .{d.task} file or a folder of them")
-    _need(d.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1, got {d.max_prompt_tokens}")
-    _need(d.max_response_tokens >= 1, f"data.max_response_tokens must be >= 1, got {d.max_response_tokens}")
+        _need(
+            bool(d.path),
+            f"data.task={d.task} reads a local file: set data.path to a .{d.task} file or a folder of them",
+        )
+    _need(
+        d.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1, got {d.max_prompt_tokens}"
+    )
+    _need(
+        d.max_response_tokens >= 1,
+        f"data.max_response_tokens must be >= 1, got {d.max_response_tokens}",
+    )
     for name in ("test_size", "validation_size"):
         size = getattr(d, name)
-        _need(size >= 0 and (size < 1 or float(size).is_integer()),
-              f"data.{name} must be a count (0, 1, 2, ...) or a fraction in (0, 1), got {size}")
+        _need(
+            size >= 0 and (size < 1 or float(size).is_integer()),
+            f"data.{name} must be a count (0, 1, 2, ...) or a fraction in (0, 1), got {size}",
+        )
     for name in ("max_d0", "max_d", "max_validation", "max_test"):
         limit = getattr(d, name)
         _need(limit is None or limit >= 1, f"data.{name} must be >= 1 or none, got {limit}")
 
 
 def _validate_train(t: TrainConfig, section: str):
-    _need(t.epochs >= 1, f"{section}.epochs must be >= 1, got {t.epochs} (to skip the stage, leave it out of --stages)")
+    _need(
+        t.epochs >= 1,
+        f"{section}.epochs must be >= 1, got {t.epochs} (to skip the stage, leave it out of --stages)",
+    )
     _need(t.batch_size >= 1, f"{section}.batch_size must be >= 1, got {t.batch_size}")
     _need(t.grad_accum >= 1, f"{section}.grad_accum must be >= 1, got {t.grad_accum}")
-    _need(t.batch_size % t.grad_accum == 0,
-          f"{section}.batch_size ({t.batch_size}) must be a multiple of {section}.grad_accum ({t.grad_accum})")
+    _need(
+        t.batch_size % t.grad_accum == 0,
+        f"{section}.batch_size ({t.batch_size}) must be a multiple of {section}.grad_accum ({t.grad_accum})",
+    )
     _need(t.learning_rate > 0, f"{section}.learning_rate must be positive, got {t.learning_rate}")
     _need(t.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0, got {t.warmup_steps}")
     _need(t.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {t.weight_decay}")
-    _need(t.max_grad_norm >= 0, f"{section}.max_grad_norm must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
-    _need(t.max_steps is None or t.max_steps >= 1, f"{section}.max_steps must be >= 1 or none, got {t.max_steps}")
-    _need(t.checkpoint_every >= 1, f"{section}.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    _need(
+        t.max_grad_norm >= 0,
+        f"{section}.max_grad_norm must be >= 0 (0 disables clipping), got {t.max_grad_norm}",
+    )
+    _need(
+        t.max_steps is None or t.max_steps >= 1,
+        f"{section}.max_steps must be >= 1 or none, got {t.max_steps}",
+    )
+    _need(
+        t.checkpoint_every >= 1,
+        f"{section}.checkpoint_every must be >= 1, got {t.checkpoint_every}",
+    )
     _need(t.keep >= 1, f"{section}.keep must be >= 1, got {t.keep}")
     _need(t.log_every >= 1, f"{section}.log_every must be >= 1, got {t.log_every}")
     if t.select_best:
-        _need(t.validation_examples >= 1,
-              f"{section}.validation_examples must be >= 1 when {section}.select_best is true, got {t.validation_examples}")
+        _need(
+            t.validation_examples >= 1,
+            f"{section}.validation_examples must be >= 1 when {section}.select_best is true, got {t.validation_examples}",
+        )
 
 
 def _validate_sample(s: SampleConfig):
@@ -683,9 +745,11 @@ def _validate_sample(s: SampleConfig):
 
 
 def _validate_stop(stop, section: str):
-    _need(stop is None or all(stop),
-          f"{section}.stop must not hold an empty string (none = the task's default, an empty "
-          f"list = no stop strings), got {list(stop or ())!r}")
+    _need(
+        stop is None or all(stop),
+        f"{section}.stop must not hold an empty string (none = the task's default, an empty "
+        f"list = no stop strings), got {list(stop or ())!r}",
+    )
 
 
 def _validate_pairs(p: PairsConfig):
@@ -693,19 +757,30 @@ def _validate_pairs(p: PairsConfig):
     _need(p.batch_size >= 1, f"pairs.batch_size must be >= 1, got {p.batch_size}")
     if p.real_ratio > 0:
         if p.scorer in MODEL_SCORERS:
-            _need(bool(p.reward_model), f"pairs.scorer={p.scorer} needs pairs.reward_model (a model directory or hub id)")
+            _need(
+                bool(p.reward_model),
+                f"pairs.scorer={p.scorer} needs pairs.reward_model (a model directory or hub id)",
+            )
 
 
 def _validate_distill(d: DistillConfig):
-    _need(bool(d.method.strip()),
-          "distill.method must name a method (a registered name or module:Class)")
+    _need(
+        bool(d.method.strip()),
+        "distill.method must name a method (a registered name or module:Class)",
+    )
     _need(d.rounds >= 1, f"distill.rounds must be >= 1, got {d.rounds}")
 
 
 def _validate_eval(e: EvalConfig):
     if e.scorer in MODEL_SCORERS:
-        _need(bool(e.reward_model), f"eval.scorer={e.scorer} needs eval.reward_model (a model directory or hub id)")
-    _need(e.num_examples is None or e.num_examples >= 1, f"eval.num_examples must be >= 1 or none, got {e.num_examples}")
+        _need(
+            bool(e.reward_model),
+            f"eval.scorer={e.scorer} needs eval.reward_model (a model directory or hub id)",
+        )
+    _need(
+        e.num_examples is None or e.num_examples >= 1,
+        f"eval.num_examples must be >= 1 or none, got {e.num_examples}",
+    )
     _need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
     _need(e.temperature >= 0, f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
     _need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
@@ -755,7 +830,9 @@ def load_config(spec: str) -> Config:
         names = preset_names()
         close = difflib.get_close_matches(spec, names, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"unknown preset '{spec}'; {hint}presets: {', '.join(names)} (or pass a .py/.json path)")
+        raise ConfigError(
+            f"unknown preset '{spec}'; {hint}presets: {', '.join(names)} (or pass a .py/.json path)"
+        )
     return _call_config(_import_preset(spec), f"preset {spec}")
 
 
@@ -777,6 +854,7 @@ def _load_file(path: str) -> Config:
     if path.endswith(".json"):
         try:
             from etils import epath  # local paths and gs://
+
             text = epath.Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
@@ -785,14 +863,18 @@ def _load_file(path: str) -> Config:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise ConfigError(
+                f"config file {path} is not valid JSON (line {e.lineno}: {e.msg})"
+            ) from None
         return from_dict(data)
     if path.endswith(".py"):
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} does not exist")
         stem = os.path.splitext(os.path.basename(path))[0]
         return _call_config(_exec_file(path, f"plad_jax_user_config_{stem}"), path)
-    raise ConfigError(f"config {path} must be a preset name, a .py file with config(), or a .json file")
+    raise ConfigError(
+        f"config {path} must be a preset name, a .py file with config(), or a .json file"
+    )
 
 
 def _exec_file(path: str, module_name: str):
@@ -816,7 +898,9 @@ def _call_config(module, what: str) -> Config:
     except Exception as e:  # noqa: BLE001 - the user's code, reported in one line
         raise ConfigError(f"{what}: config() failed: {type(e).__name__}: {e}") from None
     if not isinstance(config, Config):
-        raise ConfigError(f"{what}: config() returned {type(config).__name__}, not a plad_jax.config.Config")
+        raise ConfigError(
+            f"{what}: config() returned {type(config).__name__}, not a plad_jax.config.Config"
+        )
     return config
 
 
@@ -831,8 +915,16 @@ def resolve(spec: str = "demo", overrides=(), *, run_dir: str | None = None) -> 
 
 
 # Fields that may name a local file or directory (else a hub id, `gs://` path or `module:attr`).
-PATH_FIELDS = ("data.path", "teacher.path", "teacher.tokenizer", "student.path", "student.tokenizer",
-               "pairs.reward_model", "eval.reward_model", "pbkd.rm_init")
+PATH_FIELDS = (
+    "data.path",
+    "teacher.path",
+    "teacher.tokenizer",
+    "student.path",
+    "student.tokenizer",
+    "pairs.reward_model",
+    "eval.reward_model",
+    "pbkd.rm_init",
+)
 
 
 def absolute_paths(config: Config, cwd: str | None = None) -> Config:

@@ -31,7 +31,11 @@ from plad_jax.rewards import is_reference_based, scorer_name, win_rate
 BUCKET_EDGES = (10, 20, 30, 40)
 BUCKETS = ("(0,10]", "(10,20]", "(20,30]", "(30,40]", ">40")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-PLOTS = {"curves": "training_curves.png", "models": "win_rate.png", "buckets": "win_rate_by_length.png"}
+PLOTS = {
+    "curves": "training_curves.png",
+    "models": "win_rate.png",
+    "buckets": "win_rate_by_length.png",
+}
 
 
 def word_count(text: str) -> int:
@@ -59,11 +63,18 @@ def rouge_f1(responses: Sequence[str], references: Sequence[str]) -> dict[str, f
     return {t: totals[t] / len(responses) if responses else math.nan for t in ROUGE_TYPES}
 
 
-def teacher_student_win_rate(teacher_texts: Sequence[str], student_texts: Sequence[str], prompts: Sequence[str],
-                             scorer, references: Sequence[str] | None = None) -> float:
+def teacher_student_win_rate(
+    teacher_texts: Sequence[str],
+    student_texts: Sequence[str],
+    prompts: Sequence[str],
+    scorer,
+    references: Sequence[str] | None = None,
+) -> float:
     """T-S WR: share of prompts where `scorer` prefers the teacher's response to the student's (ties 1/2)."""
     if not len(teacher_texts) == len(student_texts) == len(prompts):
-        raise ValueError(f"{len(prompts)} prompts, {len(teacher_texts)} teacher and {len(student_texts)} student texts")
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(teacher_texts)} teacher and {len(student_texts)} student texts"
+        )
     prompts, teacher_texts, student_texts = list(prompts), list(teacher_texts), list(student_texts)
     scores = _score_both(scorer, prompts, teacher_texts, student_texts, references)
     return win_rate(scores[0], scores[1])
@@ -79,8 +90,14 @@ def _score_both(scorer, prompts, first, second, references):
     return scores[:n], scores[n:]
 
 
-def evaluate_responses(prompts: Sequence[str], responses_by_model: Mapping[str, Sequence[str]],
-                       references: Sequence[str] | None, scorer, *, teacher: str | None = None) -> dict:
+def evaluate_responses(
+    prompts: Sequence[str],
+    responses_by_model: Mapping[str, Sequence[str]],
+    references: Sequence[str] | None,
+    scorer,
+    *,
+    teacher: str | None = None,
+) -> dict:
     """Metrics of every model's responses to `prompts` (see the module docstring).
 
     references: the human targets, one per prompt, or None (then no win rate vs reference and
@@ -105,27 +122,53 @@ def evaluate_responses(prompts: Sequence[str], responses_by_model: Mapping[str, 
     # A reference-based scorer (ROUGE) cannot score without references, nor judge the reference itself.
     can_score = references is not None or not is_reference_based(scorer)
     versus_reference = references is not None and not is_reference_based(scorer)
-    reference_scores = np.asarray(scorer.score(prompts, references, references), np.float64) if versus_reference else None
+    reference_scores = (
+        np.asarray(scorer.score(prompts, references, references), np.float64)
+        if versus_reference
+        else None
+    )
 
     models, scores_by_model = {}, {}
     for name, responses in responses_by_model.items():
         responses = list(responses)
-        scores = np.asarray(scorer.score(prompts, responses, references), np.float64) if can_score else None
+        scores = (
+            np.asarray(scorer.score(prompts, responses, references), np.float64)
+            if can_score
+            else None
+        )
         scores_by_model[name] = scores
         wins = None if reference_scores is None else _wins(scores, reference_scores)
         lengths = [word_count(r) for r in responses]
-        metrics = {"n": n, "win_rate": _mean(wins), "ts_win_rate": None, "mean_score": _mean(scores)}
-        rouge = rouge_f1(responses, references) if references is not None else dict.fromkeys(ROUGE_TYPES)
+        metrics = {
+            "n": n,
+            "win_rate": _mean(wins),
+            "ts_win_rate": None,
+            "mean_score": _mean(scores),
+        }
+        rouge = (
+            rouge_f1(responses, references)
+            if references is not None
+            else dict.fromkeys(ROUGE_TYPES)
+        )
         metrics.update({t: _finite(v) for t, v in rouge.items()})
         metrics["mean_length"] = _mean(np.asarray(lengths, np.float64))
         metrics["length_buckets"] = _bucket_metrics(lengths, scores, wins)
         models[name] = metrics
-    if teacher is not None and can_score:  # T-S WR from the scores above: each response is scored once
+    if (
+        teacher is not None and can_score
+    ):  # T-S WR from the scores above: each response is scored once
         for name, metrics in models.items():
             if name != teacher:
-                metrics["ts_win_rate"] = _finite(win_rate(scores_by_model[teacher], scores_by_model[name]))
-    return {"n": n, "scorer": scorer_name(scorer), "reference_based": is_reference_based(scorer),
-            "buckets": list(BUCKETS), "models": models}
+                metrics["ts_win_rate"] = _finite(
+                    win_rate(scores_by_model[teacher], scores_by_model[name])
+                )
+    return {
+        "n": n,
+        "scorer": scorer_name(scorer),
+        "reference_based": is_reference_based(scorer),
+        "buckets": list(BUCKETS),
+        "models": models,
+    }
 
 
 def _wins(scores, reference_scores):
@@ -138,8 +181,11 @@ def _bucket_metrics(lengths, scores, wins) -> dict:
     out = {}
     for label in BUCKETS:
         rows = labels == label
-        out[label] = {"n": int(rows.sum()), "win_rate": None if wins is None else _mean(wins[rows]),
-                      "mean_score": None if scores is None else _mean(scores[rows])}
+        out[label] = {
+            "n": int(rows.sum()),
+            "win_rate": None if wins is None else _mean(wins[rows]),
+            "mean_score": None if scores is None else _mean(scores[rows]),
+        }
     return out
 
 
@@ -153,8 +199,14 @@ def _finite(value) -> float | None:
 
 # -- report --------------------------------------------------------------------------------------
 
-def write_report(out_dir, metrics: dict, curves: Mapping[str, Sequence[tuple[int, float]]] | None = None, *,
-                 process_index: int = 0) -> list[epath.Path]:
+
+def write_report(
+    out_dir,
+    metrics: dict,
+    curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    *,
+    process_index: int = 0,
+) -> list[epath.Path]:
     """Write metrics.json, report.md and the PNG plots into `out_dir` (local or gs://).
 
     Only process 0 writes; other processes return []. `curves` maps a run name (a stage, a
@@ -172,8 +224,12 @@ def write_report(out_dir, metrics: dict, curves: Mapping[str, Sequence[tuple[int
     written = []
     for key, png in figures.items():
         written.append(_write(out / PLOTS[key], png))
-    written.append(_write(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode()))
-    written.append(_write(out / "report.md", _markdown(metrics, [k for k in PLOTS if k in figures]).encode()))
+    written.append(
+        _write(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
+    )
+    written.append(
+        _write(out / "report.md", _markdown(metrics, [k for k in PLOTS if k in figures]).encode())
+    )
     return written
 
 
@@ -201,25 +257,52 @@ def _pct(value) -> str:
 def _markdown(metrics: dict, plots: list[str]) -> str:
     models = metrics["models"]
     key, label = _headline(metrics)
-    lines = ["# Evaluation\n",
-             (f"{metrics['n']} test prompts; scorer: `{metrics['scorer']}`. Rates and ROUGE in percent; win rates "
-              f"count ties as one half. T-S WR: how often the scorer prefers the teacher's response to this model's.")]
+    lines = [
+        "# Evaluation\n",
+        (
+            f"{metrics['n']} test prompts; scorer: `{metrics['scorer']}`. Rates and ROUGE in percent; win rates "
+            f"count ties as one half. T-S WR: how often the scorer prefers the teacher's response to this model's."
+        ),
+    ]
     if metrics.get("reference_based"):
-        lines.append(f"The scorer measures closeness to the reference, so there is no win rate against it; "
-                     f"the tables give the {label} instead.")
-    lines += ["", "| model | win rate vs ref | T-S WR | ROUGE-1 | ROUGE-2 | ROUGE-L | mean length (words) |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"The scorer measures closeness to the reference, so there is no win rate against it; "
+            f"the tables give the {label} instead."
+        )
+    lines += [
+        "",
+        "| model | win rate vs ref | T-S WR | ROUGE-1 | ROUGE-2 | ROUGE-L | mean length (words) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in models.items():
-        win = _pct(m["win_rate"]) if key == "win_rate" else f"n/a (mean score {_pct(m['mean_score'])})"
+        win = (
+            _pct(m["win_rate"])
+            if key == "win_rate"
+            else f"n/a (mean score {_pct(m['mean_score'])})"
+        )
         length = "n/a" if m["mean_length"] is None else f"{m['mean_length']:.1f}"
-        lines.append(f"| {name} | {win} | {_pct(m['ts_win_rate'])} | {_pct(m['rouge1'])} | {_pct(m['rouge2'])} | "
-                     f"{_pct(m['rougeL'])} | {length} |")
-    lines += ["", f"{_upper_first(label)} by the model's response length in words (n = responses in the bucket):", "",
-              "| model | " + " | ".join(metrics["buckets"]) + " |", "|---|" + "---|" * len(metrics["buckets"])]
+        lines.append(
+            f"| {name} | {win} | {_pct(m['ts_win_rate'])} | {_pct(m['rouge1'])} | {_pct(m['rouge2'])} | "
+            f"{_pct(m['rougeL'])} | {length} |"
+        )
+    lines += [
+        "",
+        f"{_upper_first(label)} by the model's response length in words (n = responses in the bucket):",
+        "",
+        "| model | " + " | ".join(metrics["buckets"]) + " |",
+        "|---|" + "---|" * len(metrics["buckets"]),
+    ]
     for name, m in models.items():
-        cells = [f"{_pct(m['length_buckets'][b][key])} (n={m['length_buckets'][b]['n']})" for b in metrics["buckets"]]
+        cells = [
+            f"{_pct(m['length_buckets'][b][key])} (n={m['length_buckets'][b]['n']})"
+            for b in metrics["buckets"]
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    titles = {"curves": "Training curves", "models": _upper_first(label), "buckets": f"{_upper_first(label)} by length"}
+    titles = {
+        "curves": "Training curves",
+        "models": _upper_first(label),
+        "buckets": f"{_upper_first(label)} by length",
+    }
     for plot in plots:
         lines += ["", f"## {titles[plot]}", "", f"![{titles[plot]}]({PLOTS[plot]})"]
     return "\n".join(lines) + "\n"
@@ -274,11 +357,23 @@ def _bucket_plot(metrics) -> bytes:
     for i, name in enumerate(names):
         cells = metrics["models"][name]["length_buckets"]
         values = [cells[b][key] for b in buckets]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, [np.nan if v is None else 100 * v for v in values],
-                      width, label=name)
-        ax.bar_label(bars, labels=[f"n={cells[b]['n']}" if cells[b]["n"] else "" for b in buckets], fontsize=7)
+        bars = ax.bar(
+            x + (i - (len(names) - 1) / 2) * width,
+            [np.nan if v is None else 100 * v for v in values],
+            width,
+            label=name,
+        )
+        ax.bar_label(
+            bars,
+            labels=[f"n={cells[b]['n']}" if cells[b]["n"] else "" for b in buckets],
+            fontsize=7,
+        )
     ax.set_xticks(x, buckets)
-    ax.set(xlabel="response length (words)", ylabel=f"{label} (%)", title=f"{_upper_first(label)} by length",
-           ylim=(0, 110))
+    ax.set(
+        xlabel="response length (words)",
+        ylabel=f"{label} (%)",
+        title=f"{_upper_first(label)} by length",
+        ylim=(0, 110),
+    )
     ax.legend()
     return _png(figure)

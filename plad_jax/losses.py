@@ -22,6 +22,7 @@ Families (the function names are the contract):
 
 Shapes: B batch, T response length, V vocabulary, D hidden width.
 """
+
 from __future__ import annotations
 
 import jax
@@ -181,7 +182,9 @@ def sft_loss_tokens(
     return masked_mean(nll, mask), metrics
 
 
-def seqkd_loss(logits: jax.Array, teacher_tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, Metrics]:
+def seqkd_loss(
+    logits: jax.Array, teacher_tokens: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, Metrics]:
     """SeqKD (Kim & Rush, 2016): `sft_loss` on teacher-generated responses.
 
     `logits` [B, T, V] are the student's, teacher-forced on `teacher_tokens` [B, T]; `mask` [B, T]
@@ -196,7 +199,10 @@ def seqkd_loss(logits: jax.Array, teacher_tokens: jax.Array, mask: jax.Array) ->
 
 
 def rank_calibration(
-    logp_pos: jax.Array, logp_neg: jax.Array, margin: float | jax.Array, mask: jax.Array | None = None
+    logp_pos: jax.Array,
+    logp_neg: jax.Array,
+    margin: float | jax.Array,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """PLaD ranking calibration loss (Eq. 4), mean over real pairs.
 

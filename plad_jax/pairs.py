@@ -39,26 +39,37 @@ from etils import epath
 
 from plad_jax.data.example import DataError
 
-PAIR_SCHEMA = pa.schema([
-    ("prompt", pa.string()),
-    ("reference", pa.string()),
-    ("teacher", pa.string()),
-    ("student", pa.string()),
-    ("chosen", pa.string()),
-    ("teacher_ids", pa.list_(pa.int32())),
-    ("student_ids", pa.list_(pa.int32())),
-    ("teacher_logp", pa.float32()),
-    ("student_logp", pa.float32()),
-    ("score_teacher", pa.float32()),
-    ("score_student", pa.float32()),
-    ("relabelled", pa.bool_()),
-    ("index", pa.int64()),
-])
+PAIR_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("teacher", pa.string()),
+        ("student", pa.string()),
+        ("chosen", pa.string()),
+        ("teacher_ids", pa.list_(pa.int32())),
+        ("student_ids", pa.list_(pa.int32())),
+        ("teacher_logp", pa.float32()),
+        ("student_logp", pa.float32()),
+        ("score_teacher", pa.float32()),
+        ("score_student", pa.float32()),
+        ("relabelled", pa.bool_()),
+        ("index", pa.int64()),
+    ]
+)
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
 REQUIRED = ("prompt", "teacher", "student")
-DEFAULTS = {"reference": "", "chosen": "teacher", "teacher_ids": [], "student_ids": [], "teacher_logp": None,
-            "student_logp": None, "score_teacher": None, "score_student": None, "relabelled": False,
-            "index": None}
+DEFAULTS = {
+    "reference": "",
+    "chosen": "teacher",
+    "teacher_ids": [],
+    "student_ids": [],
+    "teacher_logp": None,
+    "student_logp": None,
+    "score_teacher": None,
+    "score_student": None,
+    "relabelled": False,
+    "index": None,
+}
 CHOICES = ("teacher", "student")
 SHARD_PATTERN = re.compile(r"pairs-(\d{5})\.parquet")
 
@@ -71,20 +82,36 @@ def shard_name(process_index: int) -> str:
     return f"pairs-{process_index:05d}.parquet"
 
 
-def build_pairs(prompts: Sequence[str], teacher: Sequence[str], student: Sequence[str], *,
-                references: Sequence[str] | None = None,
-                teacher_ids: Sequence[Sequence[int]] | None = None, student_ids: Sequence[Sequence[int]] | None = None,
-                teacher_logp: Sequence[float] | None = None, student_logp: Sequence[float] | None = None) -> list[dict]:
+def build_pairs(
+    prompts: Sequence[str],
+    teacher: Sequence[str],
+    student: Sequence[str],
+    *,
+    references: Sequence[str] | None = None,
+    teacher_ids: Sequence[Sequence[int]] | None = None,
+    student_ids: Sequence[Sequence[int]] | None = None,
+    teacher_logp: Sequence[float] | None = None,
+    student_logp: Sequence[float] | None = None,
+) -> list[dict]:
     """Pseudo-preference rows (teacher chosen) from parallel columns; omitted columns take defaults."""
     n = len(prompts)
-    columns = {"prompt": prompts, "teacher": teacher, "student": student, "reference": references,
-               "teacher_ids": teacher_ids, "student_ids": student_ids,
-               "teacher_logp": teacher_logp, "student_logp": student_logp}
+    columns = {
+        "prompt": prompts,
+        "teacher": teacher,
+        "student": student,
+        "reference": references,
+        "teacher_ids": teacher_ids,
+        "student_ids": student_ids,
+        "teacher_logp": teacher_logp,
+        "student_logp": student_logp,
+    }
     for name, values in columns.items():
         if values is not None and len(values) != n:
             raise ValueError(f"build_pairs: {len(values)} {name} for {n} prompts")
-    return [_complete({name: values[i] for name, values in columns.items() if values is not None})
-            for i in range(n)]
+    return [
+        _complete({name: values[i] for name, values in columns.items() if values is not None})
+        for i in range(n)
+    ]
 
 
 def _complete(row: dict) -> dict:
@@ -106,6 +133,7 @@ def _complete(row: dict) -> dict:
 
 
 # -- storage -------------------------------------------------------------------------------------
+
 
 def write_pairs(stage_dir, rows: Sequence[dict], process_index: int) -> epath.Path:
     """Write this process's rows as `stage_dir/pairs-{process_index:05d}.parquet`, atomically.
@@ -138,11 +166,15 @@ def shard_paths(stage_dir) -> list[epath.Path]:
         if match:
             found[int(match.group(1))] = path
     if not found:
-        raise PairsError(f"no pair shards (pairs-*.parquet) in {directory}; run the sample stage first")
+        raise PairsError(
+            f"no pair shards (pairs-*.parquet) in {directory}; run the sample stage first"
+        )
     for index in range(max(found) + 1):
         if index not in found:
-            raise PairsError(f"pair shard {directory / shard_name(index)} is missing (shards up to "
-                             f"{shard_name(max(found))} exist); rerun the sample stage")
+            raise PairsError(
+                f"pair shard {directory / shard_name(index)} is missing (shards up to "
+                f"{shard_name(max(found))} exist); rerun the sample stage"
+            )
     return [found[i] for i in sorted(found)]
 
 
@@ -161,26 +193,34 @@ def _read_shard(path: epath.Path) -> list[dict]:
     try:
         table = pq.read_table(io.BytesIO(path.read_bytes()))
     except (OSError, pa.ArrowException) as e:
-        raise PairsError(f"pair shard {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                         f"delete it and rerun the sample stage") from None
+        raise PairsError(
+            f"pair shard {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            f"delete it and rerun the sample stage"
+        ) from None
     if "index" not in table.column_names:  # shards written before the column existed
         table = table.append_column("index", pa.nulls(table.num_rows, pa.int64()))
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
     if missing:
-        raise PairsError(f"pair shard {path} lacks the columns {', '.join(missing)}; it was not written by "
-                         f"plad_jax.pairs.write_pairs, rerun the sample stage")
+        raise PairsError(
+            f"pair shard {path} lacks the columns {', '.join(missing)}; it was not written by "
+            f"plad_jax.pairs.write_pairs, rerun the sample stage"
+        )
     try:
         table = table.select(list(PAIR_COLUMNS)).cast(PAIR_SCHEMA)
     except (pa.ArrowException, ValueError) as e:
-        raise PairsError(f"pair shard {path} has columns of the wrong type ({' '.join(str(e).split())[:200]}); "
-                         f"rerun the sample stage") from None
+        raise PairsError(
+            f"pair shard {path} has columns of the wrong type ({' '.join(str(e).split())[:200]}); "
+            f"rerun the sample stage"
+        ) from None
     return table.to_pylist()
 
 
 # -- real-preference relabelling -----------------------------------------------------------------
 
-def relabel(pairs: Sequence[dict], scorer, real_ratio: float, seed: int, *,
-            population: int | None = None) -> tuple[list[dict], dict]:
+
+def relabel(
+    pairs: Sequence[dict], scorer, real_ratio: float, seed: int, *, population: int | None = None
+) -> tuple[list[dict], dict]:
     """Score a `real_ratio` share of pairs with `scorer` and prefer the student where it scores higher.
 
     The share is `round(real_ratio * population)` pair positions drawn without replacement by
@@ -201,8 +241,11 @@ def relabel(pairs: Sequence[dict], scorer, real_ratio: float, seed: int, *,
         population, positions = len(rows), range(len(rows))
     else:
         positions = [r["index"] for r in rows]
-    drawn = set(np.random.default_rng(seed).choice(population, size=round(real_ratio * population),
-                                                   replace=False).tolist())
+    drawn = set(
+        np.random.default_rng(seed)
+        .choice(population, size=round(real_ratio * population), replace=False)
+        .tolist()
+    )
     picked = [i for i, position in enumerate(positions) if position in drawn]
     count = len(picked)
     stats = {"pairs": len(rows), "scored": count, "swapped": 0}
@@ -213,13 +256,23 @@ def relabel(pairs: Sequence[dict], scorer, real_ratio: float, seed: int, *,
     references = [r.get("reference") or "" for r in chosen_rows]
     references = references if any(references) else None
     # One call with both sides, so a batched scorer fills its batches.
-    scores = np.asarray(scorer.score(prompts + prompts, [r["teacher"] for r in chosen_rows] + [r["student"] for r in chosen_rows],
-                                     None if references is None else references + references), np.float64)
+    scores = np.asarray(
+        scorer.score(
+            prompts + prompts,
+            [r["teacher"] for r in chosen_rows] + [r["student"] for r in chosen_rows],
+            None if references is None else references + references,
+        ),
+        np.float64,
+    )
     if scores.shape != (2 * count,):
         raise ValueError(f"scorer returned {scores.shape} scores for {2 * count} responses")
     for row, s_teacher, s_student in zip(chosen_rows, scores[:count], scores[count:]):
-        row.update(score_teacher=float(s_teacher), score_student=float(s_student), relabelled=True,
-                   chosen="student" if s_student > s_teacher else "teacher")
+        row.update(
+            score_teacher=float(s_teacher),
+            score_student=float(s_student),
+            relabelled=True,
+            chosen="student" if s_student > s_teacher else "teacher",
+        )
         stats["swapped"] += int(row["chosen"] == "student")
     return rows, stats
 

@@ -11,8 +11,16 @@ distill.batch_size=256. The presets need the hub, or local copies: --set teacher
 student.path=DIR (tokenizers default to the model directories) --set data.path=FILE.
 """
 
-from plad_jax.config import (Config, DataConfig, DistillConfig, EvalConfig, LoRASettings,
-                             ModelConfig, SampleConfig, TrainConfig)
+from plad_jax.config import (
+    Config,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    LoRASettings,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from plad_jax.sharding import MeshConfig
 
 TASKS = {  # task -> (data settings, response tokens)
@@ -32,7 +40,8 @@ def paper_config(name: str, task: str, teacher: str, student: str) -> Config:
         sft_teacher=TrainConfig(epochs=1, batch_size=64, learning_rate=1e-4, select_best=True),
         sft_student=TrainConfig(epochs=1, batch_size=64, learning_rate=1e-4),
         sample=SampleConfig(temperature=0.7, max_new_tokens=new_tokens, batch_size=64),
-        distill=DistillConfig(method="plad_rank", beta=1.0, score="mean", epochs=1, batch_size=64,
-                              learning_rate=1e-4),
+        distill=DistillConfig(
+            method="plad_rank", beta=1.0, score="mean", epochs=1, batch_size=64, learning_rate=1e-4
+        ),
         eval=EvalConfig(scorer="reward_model", max_new_tokens=new_tokens, batch_size=64),
     )

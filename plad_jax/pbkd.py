@@ -30,6 +30,7 @@ the expected per-sequence MM gap over student samples, exactly (no approximation
 Monte-Carlo average over samples). Shapes: B rows (prompts), k samples per prompt, T positions,
 V vocabulary, F feature width.
 """
+
 from __future__ import annotations
 
 import jax
@@ -41,7 +42,9 @@ from plad_jax.losses import Metrics, _masked_sum_count, _metric, masked_mean
 F32 = jnp.float32
 
 
-def _rows_loss_metric(loss: jax.Array, mask: jax.Array | None, rows: int) -> tuple[jax.Array, jax.Array]:
+def _rows_loss_metric(
+    loss: jax.Array, mask: jax.Array | None, rows: int
+) -> tuple[jax.Array, jax.Array]:
     """`(loss * n, n)` with `n` the real rows: a metric whose ratio is `loss`, weighted by rows."""
     n = jnp.asarray(rows, F32) if mask is None else jnp.sum(mask.astype(bool).astype(F32))
     return jax.lax.stop_gradient(loss * n), n
@@ -59,7 +62,9 @@ def bounded_reward(raw: jax.Array, r_max: float) -> jax.Array:
     return r_max * jnp.tanh(raw.astype(F32) / r_max)
 
 
-def bradley_terry_nll(r_w: jax.Array, r_l: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+def bradley_terry_nll(
+    r_w: jax.Array, r_l: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
     """Bradley-Terry negative log-likelihood, `-mean_b log sigmoid(r_w[b] - r_l[b])`, over real pairs.
 
     Args:
@@ -69,8 +74,11 @@ def bradley_terry_nll(r_w: jax.Array, r_l: jax.Array, mask: jax.Array | None = N
     """
     diff = r_w.astype(F32) - r_l.astype(F32)  # [B]
     nll = -jax.nn.log_sigmoid(diff)
-    metrics = {"loss": _metric(nll, mask), "accuracy": _metric((diff > 0).astype(F32), mask),
-               "margin": _metric(diff, mask)}
+    metrics = {
+        "loss": _metric(nll, mask),
+        "accuracy": _metric((diff > 0).astype(F32), mask),
+        "margin": _metric(diff, mask),
+    }
     return masked_mean(nll, mask), metrics
 
 
@@ -79,10 +87,18 @@ def bradley_terry_nll(r_w: jax.Array, r_l: jax.Array, mask: jax.Array | None = N
 # --------------------------------------------------------------------------------------------
 
 
-def reward_model_loss(r_teacher: jax.Array, r_student: jax.Array, r_chosen: jax.Array, r_rejected: jax.Array,
-                      lam: float | jax.Array, c: float, *, teacher_mask: jax.Array | None = None,
-                      student_mask: jax.Array | None = None,
-                      pair_mask: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+def reward_model_loss(
+    r_teacher: jax.Array,
+    r_student: jax.Array,
+    r_chosen: jax.Array,
+    r_rejected: jax.Array,
+    lam: float | jax.Array,
+    c: float,
+    *,
+    teacher_mask: jax.Array | None = None,
+    student_mask: jax.Array | None = None,
+    pair_mask: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
     """The reward model's loss: `-gap + lam * NLL + c * mean(r^2)` (minimised).
 
     `gap = mean r(teacher samples) - mean r(student samples)` estimates `J(p, r) - J(q, r)`; the
@@ -98,20 +114,38 @@ def reward_model_loss(r_teacher: jax.Array, r_student: jax.Array, r_chosen: jax.
     """
     gap = masked_mean(r_teacher, teacher_mask) - masked_mean(r_student, student_mask)
     nll, bt = bradley_terry_nll(r_chosen, r_rejected, pair_mask)
-    sq = [_masked_sum_count(jnp.square(r.astype(F32)), m) for r, m in
-          ((r_teacher, teacher_mask), (r_student, student_mask), (r_chosen, pair_mask), (r_rejected, pair_mask))]
+    sq = [
+        _masked_sum_count(jnp.square(r.astype(F32)), m)
+        for r, m in (
+            (r_teacher, teacher_mask),
+            (r_student, student_mask),
+            (r_chosen, pair_mask),
+            (r_rejected, pair_mask),
+        )
+    ]
     reward_sq = sum(s for s, _ in sq) / jnp.maximum(sum(n for _, n in sq), 1.0)
     loss = -gap + jax.lax.stop_gradient(jnp.asarray(lam, F32)) * nll + c * reward_sq
-    metrics = {"loss": _rows_loss_metric(loss, teacher_mask, r_teacher.shape[0]),
-               "gap": (jax.lax.stop_gradient(gap), jnp.ones((), F32)), "nll": bt["loss"],
-               "bt_accuracy": bt["accuracy"], "reward_sq": (jax.lax.stop_gradient(reward_sq), jnp.ones((), F32)),
-               "r_teacher": _metric(r_teacher.astype(F32), teacher_mask),
-               "r_student": _metric(r_student.astype(F32), student_mask)}
+    metrics = {
+        "loss": _rows_loss_metric(loss, teacher_mask, r_teacher.shape[0]),
+        "gap": (jax.lax.stop_gradient(gap), jnp.ones((), F32)),
+        "nll": bt["loss"],
+        "bt_accuracy": bt["accuracy"],
+        "reward_sq": (jax.lax.stop_gradient(reward_sq), jnp.ones((), F32)),
+        "r_teacher": _metric(r_teacher.astype(F32), teacher_mask),
+        "r_student": _metric(r_student.astype(F32), student_mask),
+    }
     return loss, metrics
 
 
-def dual_ascent(lam: float | jax.Array, nll: float | jax.Array, nll_star: float | jax.Array, *,
-                alpha_lam: float, eps: float, lam_max: float) -> jax.Array:
+def dual_ascent(
+    lam: float | jax.Array,
+    nll: float | jax.Array,
+    nll_star: float | jax.Array,
+    *,
+    alpha_lam: float,
+    eps: float,
+    lam_max: float,
+) -> jax.Array:
     """One dual-ascent step on the multiplier: `clip(lam + alpha_lam * (NLL - NLL* - eps), 0, lam_max)`.
 
     `lam` grows while the reward model fits the preferences worse than the warm-up fit `NLL*`
@@ -146,8 +180,13 @@ def leave_one_out_advantages(rewards: jax.Array, mask: jax.Array | None = None) 
     return jnp.where((m > 0) & (others > 0), r - baseline, 0.0)
 
 
-def reinforce_loss(logp: jax.Array, rewards: jax.Array, logp_ref: jax.Array, beta_kl: float,
-                   mask: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+def reinforce_loss(
+    logp: jax.Array,
+    rewards: jax.Array,
+    logp_ref: jax.Array,
+    beta_kl: float,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
     """REINFORCE with the leave-one-out baseline on the KL-shaped reward, mean over real samples.
 
     `shaped = r - beta_kl * (logp - logp_ref)` (the sequence log-ratio to the frozen reference is
@@ -169,15 +208,28 @@ def reinforce_loss(logp: jax.Array, rewards: jax.Array, logp_ref: jax.Array, bet
     advantages = leave_one_out_advantages(shaped, mask)  # [B, k]
     per_sample = -advantages * logp
     loss = masked_mean(per_sample, mask)
-    metrics = {"loss": _rows_loss_metric(loss, mask, logp.size), "reward": _metric(rewards.astype(F32), mask),
-               "kl": _metric(kl, mask), "shaped_reward": _metric(shaped, mask),
-               "abs_advantage": _metric(jnp.abs(advantages), mask)}
+    metrics = {
+        "loss": _rows_loss_metric(loss, mask, logp.size),
+        "reward": _metric(rewards.astype(F32), mask),
+        "kl": _metric(kl, mask),
+        "shaped_reward": _metric(shaped, mask),
+        "abs_advantage": _metric(jnp.abs(advantages), mask),
+    }
     return loss, metrics
 
 
-def cheap_loss(ce: jax.Array, ce_metrics: Metrics, policy_pos: jax.Array, policy_neg: jax.Array,
-               ref_pos: jax.Array, ref_neg: jax.Array, *, lam: float, beta: float,
-               mask: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+def cheap_loss(
+    ce: jax.Array,
+    ce_metrics: Metrics,
+    policy_pos: jax.Array,
+    policy_neg: jax.Array,
+    ref_pos: jax.Array,
+    ref_neg: jax.Array,
+    *,
+    lam: float,
+    beta: float,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
     """Cheap PbKD: `CE(teacher samples) + lam * DPO(preference pairs)`, one model, no sampling.
 
     `ce, ce_metrics` come from `losses.sft_loss` on the teacher samples; the DPO arguments are as
@@ -187,6 +239,10 @@ def cheap_loss(ce: jax.Array, ce_metrics: Metrics, policy_pos: jax.Array, policy
     """
     dpo, dpo_metrics = losses.dpo_loss(policy_pos, policy_neg, ref_pos, ref_neg, beta, mask=mask)
     loss = ce + lam * dpo
-    metrics = {**{k: v for k, v in dpo_metrics.items() if k != "loss"}, "ce": ce_metrics["loss"],
-               "dpo": dpo_metrics["loss"], "loss": _rows_loss_metric(loss, mask, policy_pos.shape[0])}
+    metrics = {
+        **{k: v for k, v in dpo_metrics.items() if k != "loss"},
+        "ce": ce_metrics["loss"],
+        "dpo": dpo_metrics["loss"],
+        "loss": _rows_loss_metric(loss, mask, policy_pos.shape[0]),
+    }
     return loss, metrics

@@ -4,6 +4,7 @@ Kept free of other plad_jax imports so the config tree can hold it without impor
 student's own optimizer settings (batch size, learning rate, warm-up, steps, checkpoints) come
 from the distillation `TrainConfig`; these are the method's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,17 @@ class PbKDConfig:
     def validate(self):
         """Raise ValueError (one line naming the field) for settings no PbKD variant runs with;
         each variant adds its own checks (`plad_jax.methods.pbkd`)."""
-        if self.r_max <= 0 or self.lam_max < 0 or self.lam_init < 0 or self.mm_chunk < 1 or self.rounds < 1:
-            raise ValueError("pbkd r_max must be > 0, lam_init and lam_max >= 0, mm_chunk and rounds >= 1")
+        if (
+            self.r_max <= 0
+            or self.lam_max < 0
+            or self.lam_init < 0
+            or self.mm_chunk < 1
+            or self.rounds < 1
+        ):
+            raise ValueError(
+                "pbkd r_max must be > 0, lam_init and lam_max >= 0, mm_chunk and rounds >= 1"
+            )
         if self.rm_warmup_steps < 0 or self.steps_per_round < 0 or self.max_new_tokens < 1:
-            raise ValueError("pbkd rm_warmup_steps and steps_per_round must be >= 0, max_new_tokens >= 1")
+            raise ValueError(
+                "pbkd rm_warmup_steps and steps_per_round must be >= 0, max_new_tokens >= 1"
+            )

@@ -28,6 +28,7 @@ log_every): the student's optimizer and the schedule. Written beside the checkpo
 (step, student loss) and the final adversary: `reward_model/` (`reward_model.save` with the student's
 tokenizer, so `reward_model.load_scorer(<workdir>/reward_model)` is a scorer) or `q_network/`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,23 +43,44 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from plad_jax import checkpointing as ckpt
-from plad_jax import pbkd, pbkd_objectives as po, pbkd_rounds, reward_model, sampler
+from plad_jax import pbkd, pbkd_rounds, reward_model, sampler
+from plad_jax import pbkd_objectives as po
 from plad_jax import sharding as shd
 from plad_jax.loop import LossCurve, train_loop
 from plad_jax.methods.base import resolve
 from plad_jax.models import from_pretrained, lora
 from plad_jax.pbkd_config import PbKDConfig
-from plad_jax.train import OptimizerConfig, TrainState, check_finite, make_optimizer, make_train_step, \
-    reduce_metrics, state_shardings
+from plad_jax.train import (
+    OptimizerConfig,
+    TrainState,
+    check_finite,
+    make_optimizer,
+    make_train_step,
+    reduce_metrics,
+    state_shardings,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PbKDConfig", "run_pbkd"]
 
 
-def run_pbkd(method, student, rows, cfg: PbKDConfig, train, workdir: str, *, tokenizer,
-             max_prompt_tokens: int, max_response_tokens: int, teacher=None, scorer=None, seed: int = 0,
-             programs: dict | None = None):
+def run_pbkd(
+    method,
+    student,
+    rows,
+    cfg: PbKDConfig,
+    train,
+    workdir: str,
+    *,
+    tokenizer,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    teacher=None,
+    scorer=None,
+    seed: int = 0,
+    programs: dict | None = None,
+):
     """Distil `student` with PbKD `method`; returns `(distilled student LanguageModel, summary dict)`.
 
     Args:
@@ -90,25 +112,50 @@ def run_pbkd(method, student, rows, cfg: PbKDConfig, train, workdir: str, *, tok
         raise ValueError("run_pbkd: no pair rows to distil on; run the sample stage first")
     if method.white_box:
         if teacher is None or teacher.vocab_size != student.vocab_size:
-            raise ValueError(f"{method.name} compares token distributions: it needs the teacher "
-                             f"model, with the student's vocabulary (student {student.vocab_size}, teacher "
-                             f"{None if teacher is None else teacher.vocab_size})")
+            raise ValueError(
+                f"{method.name} compares token distributions: it needs the teacher "
+                f"model, with the student's vocabulary (student {student.vocab_size}, teacher "
+                f"{None if teacher is None else teacher.vocab_size})"
+            )
     os.makedirs(workdir, exist_ok=True)
-    run = _Run(method, student, rows, cfg, train, workdir, tokenizer, max_prompt_tokens, max_response_tokens,
-               teacher, scorer, seed, programs)
+    run = _Run(
+        method,
+        student,
+        rows,
+        cfg,
+        train,
+        workdir,
+        tokenizer,
+        max_prompt_tokens,
+        max_response_tokens,
+        teacher,
+        scorer,
+        seed,
+        programs,
+    )
     return run.cheap() if method.cheap else run.game()
 
 
 def _optimizer(train, learning_rate: float, total: int):
-    return make_optimizer(OptimizerConfig(learning_rate=learning_rate, warmup_steps=train.warmup_steps,
-                                          total_steps=max(total, 1), weight_decay=train.weight_decay,
-                                          max_grad_norm=train.max_grad_norm))
+    return make_optimizer(
+        OptimizerConfig(
+            learning_rate=learning_rate,
+            warmup_steps=train.warmup_steps,
+            total_steps=max(total, 1),
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+        )
+    )
 
 
 def _replicated(value, mesh, dtype=jnp.float32):
     """A scalar of the game state, replicated on the mesh (where the checkpoint restores it)."""
     x = jnp.asarray(value, dtype)
-    return _commit(x, None) if mesh is None else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    return (
+        _commit(x, None)
+        if mesh is None
+        else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    )
 
 
 def _commit(tree, mesh):
@@ -121,8 +168,16 @@ def _model_key(lm):
     """What a model's traced programs depend on, besides its params (None for no model)."""
     if lm is None:
         return None
-    return (type(lm).__name__, lm.model_type, lm.config, lm.graphdef, str(lm.compute_dtype), lm.mesh,
-            getattr(lm, "lora", None), getattr(lm, "remat", None))
+    return (
+        type(lm).__name__,
+        lm.model_type,
+        lm.config,
+        lm.graphdef,
+        str(lm.compute_dtype),
+        lm.mesh,
+        getattr(lm, "lora", None),
+        getattr(lm, "remat", None),
+    )
 
 
 def _place(mesh, batch: dict) -> dict:
@@ -145,11 +200,37 @@ def _local(mesh, batch: dict) -> dict:
 class _Run:
     """The setup shared by the variants: models, schedule, data, checkpoints."""
 
-    def __init__(self, method, student, rows, cfg, train, workdir, tokenizer, max_prompt_tokens,
-                 max_response_tokens, teacher, scorer, seed, programs):
+    def __init__(
+        self,
+        method,
+        student,
+        rows,
+        cfg,
+        train,
+        workdir,
+        tokenizer,
+        max_prompt_tokens,
+        max_response_tokens,
+        teacher,
+        scorer,
+        seed,
+        programs,
+    ):
         self.programs = programs
-        self.method, self.student, self.rows, self.cfg, self.train = method, student, list(rows), cfg, train
-        self.workdir, self.tokenizer, self.teacher, self.scorer, self.seed = workdir, tokenizer, teacher, scorer, seed
+        self.method, self.student, self.rows, self.cfg, self.train = (
+            method,
+            student,
+            list(rows),
+            cfg,
+            train,
+        )
+        self.workdir, self.tokenizer, self.teacher, self.scorer, self.seed = (
+            workdir,
+            tokenizer,
+            teacher,
+            scorer,
+            seed,
+        )
         self.max_prompt, self.max_response = max_prompt_tokens, max_response_tokens
         self.mesh = student.mesh
         self.rounds = cfg.rounds if method.online else 1
@@ -159,9 +240,15 @@ class _Run:
             adapters, base = lora.split_trainable(student.params)
             self.trainable, self.combine = jax.tree.map(jnp.copy, adapters), lora.objective_combine
         else:
-            base, self.trainable, self.combine = None, jax.tree.map(jnp.copy, student.params), po.full_params
+            base, self.trainable, self.combine = (
+                None,
+                jax.tree.map(jnp.copy, student.params),
+                po.full_params,
+            )
         self.trainable, self.base = _commit(self.trainable, self.mesh), _commit(base, self.mesh)
-        self.reference = _commit(student.params, self.mesh)  # the initial student (KL, DPO); never donated
+        self.reference = _commit(
+            student.params, self.mesh
+        )  # the initial student (KL, DPO); never donated
         self.teacher_params = None if teacher is None else _commit(teacher.params, self.mesh)
 
     # -- shared pieces -----------------------------------------------------------------------
@@ -182,13 +269,37 @@ class _Run:
         """
         if self.programs is None:
             return build()
-        host_side = dict(rounds=0, steps_per_round=0, rm_warmup_steps=0, temperature=0.0, max_new_tokens=1,
-                         alpha_lam=0.0, eps=0.0, lam_max=0.0, head_std=0.0)
-        train = tuple(getattr(self.train, k) for k in ("learning_rate", "warmup_steps", "weight_decay",
-                                                        "max_grad_norm", "grad_accum"))
+        host_side = dict(
+            rounds=0,
+            steps_per_round=0,
+            rm_warmup_steps=0,
+            temperature=0.0,
+            max_new_tokens=1,
+            alpha_lam=0.0,
+            eps=0.0,
+            lam_max=0.0,
+            head_std=0.0,
+        )
+        train = tuple(
+            getattr(self.train, k)
+            for k in (
+                "learning_rate",
+                "warmup_steps",
+                "weight_decay",
+                "max_grad_norm",
+                "grad_accum",
+            )
+        )
         kind = "mm" if self.method.white_box else "cheap" if self.method.cheap else "reward_model"
-        key = (name, kind, dataclasses.replace(self.cfg, **host_side), train, totals,
-               _model_key(self.student), _model_key(self.teacher))
+        key = (
+            name,
+            kind,
+            dataclasses.replace(self.cfg, **host_side),
+            train,
+            totals,
+            _model_key(self.student),
+            _model_key(self.teacher),
+        )
         try:
             hash(key)
         except TypeError:  # a model from another stack without hashable structure: no reuse
@@ -204,36 +315,64 @@ class _Run:
         return self.student.with_params(self.combine(params, self.student_frozen()))
 
     def config_hash(self) -> str:
-        fields = {k: getattr(self.train, k, None) for k in ("batch_size", "epochs", "max_steps", "learning_rate",
-                                                            "warmup_steps", "weight_decay", "max_grad_norm",
-                                                            "grad_accum")}
-        text = json.dumps([self.method.name, dataclasses.asdict(self.cfg), fields, self.seed,
-                           len(self.rows)],
-                          sort_keys=True, default=str)
+        fields = {
+            k: getattr(self.train, k, None)
+            for k in (
+                "batch_size",
+                "epochs",
+                "max_steps",
+                "learning_rate",
+                "warmup_steps",
+                "weight_decay",
+                "max_grad_norm",
+                "grad_accum",
+            )
+        }
+        text = json.dumps(
+            [self.method.name, dataclasses.asdict(self.cfg), fields, self.seed, len(self.rows)],
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def manager(self):
-        return ckpt.open_manager(os.path.join(self.workdir, "checkpoints"),
-                                 ckpt.CheckpointConfig(every_steps=self.train.checkpoint_every, keep=self.train.keep))
+        return ckpt.open_manager(
+            os.path.join(self.workdir, "checkpoints"),
+            ckpt.CheckpointConfig(every_steps=self.train.checkpoint_every, keep=self.train.keep),
+        )
 
     def round_encoding(self, r: int, student_params) -> tuple[pbkd_rounds.Encoding, dict]:
         """Encoding of round r's preference set (chunks 0..r), sampling chunk r first if new."""
         rows, stats = [], {}
         for j in range(r + 1):
             begin, end = self.bounds[j]
-            make = lambda j=j, chunk=self.rows[begin:end]: chunk if j == 0 else self.fresh_rows(chunk, j, student_params)
-            chunk_rows, stats = pbkd_rounds.round_rows(self.workdir, j, make, self.scorer, self.seed)
+            make = lambda j=j, chunk=self.rows[begin:end]: (
+                chunk if j == 0 else self.fresh_rows(chunk, j, student_params)
+            )
+            chunk_rows, stats = pbkd_rounds.round_rows(
+                self.workdir, j, make, self.scorer, self.seed
+            )
             rows.extend(chunk_rows)
-        stats = {**stats, "pairs": len(rows), "swapped": sum(x["chosen"] == "student" for x in rows)}
+        stats = {
+            **stats,
+            "pairs": len(rows),
+            "swapped": sum(x["chosen"] == "student" for x in rows),
+        }
         return pbkd_rounds.encode(self.tokenizer, rows, self.max_prompt, self.max_response), stats
 
     def fresh_rows(self, chunk, round_: int, student_params):
         """Chunk rows with new samples of the current student (online rounds >= 1)."""
         # As many rows per sampler call as a game step samples (B prompts x k): one compiled sampler.
         return pbkd_rounds.fresh_student_rows(
-            chunk, self.student_lm(student_params), self.tokenizer, max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature, batch_size=self.train.batch_size * self.cfg.num_samples,
-            max_prompt_tokens=self.max_prompt, seed=self.seed + 7919 * round_)
+            chunk,
+            self.student_lm(student_params),
+            self.tokenizer,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            batch_size=self.train.batch_size * self.cfg.num_samples,
+            max_prompt_tokens=self.max_prompt,
+            seed=self.seed + 7919 * round_,
+        )
 
     def curve(self) -> LossCurve:
         return LossCurve(os.path.join(self.workdir, "curve.json"))
@@ -246,27 +385,53 @@ class _Run:
         state = _commit(TrainState.create(self.trainable, optimizer, seed=self.seed), self.mesh)
 
         def build():
-            loss_fn, frozen_fn = po.cheap_objective(self.student, lam=self.cfg.lam_init, beta=self.cfg.dpo_beta,
-                                                    combine=self.combine)
-            return make_train_step(loss_fn, optimizer, grad_accum=self.train.grad_accum, frozen_fn=frozen_fn,
-                                   state_shardings=state_shardings(state))
+            loss_fn, frozen_fn = po.cheap_objective(
+                self.student, lam=self.cfg.lam_init, beta=self.cfg.dpo_beta, combine=self.combine
+            )
+            return make_train_step(
+                loss_fn,
+                optimizer,
+                grad_accum=self.train.grad_accum,
+                frozen_fn=frozen_fn,
+                state_shardings=state_shardings(state),
+            )
 
         step = self.compiled("cheap", (total,), build)
         frozen = {**self.student_frozen(), "reference": self.reference}
 
         def batches(epoch, index):
-            b = pbkd_rounds.make_batch(encoding, pbkd_rounds.batch_rows(len(encoding), self.train.batch_size,
-                                                                        self.seed, index))
-            return _place(self.mesh, _local(self.mesh, {**b, "response_ids": b["teacher_ids"],
-                                                        "response_mask": b["teacher_mask"]}))
+            b = pbkd_rounds.make_batch(
+                encoding,
+                pbkd_rounds.batch_rows(len(encoding), self.train.batch_size, self.seed, index),
+            )
+            return _place(
+                self.mesh,
+                _local(
+                    self.mesh,
+                    {**b, "response_ids": b["teacher_ids"], "response_mask": b["teacher_mask"]},
+                ),
+            )
 
         curve, manager = self.curve(), self.manager()
-        state = train_loop(step, state, batches, frozen, total_steps=total, steps_per_epoch=max(total, 1),
-                           manager=manager, log_every=self.train.log_every,
-                           on_metrics=lambda s, m: curve.add(s, m["loss"]), config_hash=self.config_hash())
+        state = train_loop(
+            step,
+            state,
+            batches,
+            frozen,
+            total_steps=total,
+            steps_per_epoch=max(total, 1),
+            manager=manager,
+            log_every=self.train.log_every,
+            on_metrics=lambda s, m: curve.add(s, m["loss"]),
+            config_hash=self.config_hash(),
+        )
         manager.close()
-        summary = {"method": self.method.name, "steps": total, "final_loss": curve.final_loss,
-                   **stats}
+        summary = {
+            "method": self.method.name,
+            "steps": total,
+            "final_loss": curve.final_loss,
+            **stats,
+        }
         return self.student_lm(state.params), summary
 
     # -- the two-player game ---------------------------------------------------------------------
@@ -285,25 +450,51 @@ class _Game:
         student_opt = _optimizer(run.train, run.train.learning_rate, sum(self.game_steps))
         adversary_opt = _optimizer(run.train, cfg.rm_learning_rate, self.phases[-1][3])
         self.adversary = self._adversary()
-        student_state = _commit(TrainState.create(run.trainable, student_opt, seed=run.seed), run.mesh)
-        adversary_state = _commit(TrainState.create(self.adversary.params, adversary_opt, seed=run.seed + 1), run.mesh)
-        self.state = {"step": _replicated(0, run.mesh, jnp.int32), "student": student_state,
-                      "adversary": adversary_state, "lam": _replicated(cfg.lam_init, run.mesh),
-                      "nll_star": _replicated(0.0, run.mesh)}
+        student_state = _commit(
+            TrainState.create(run.trainable, student_opt, seed=run.seed), run.mesh
+        )
+        adversary_state = _commit(
+            TrainState.create(self.adversary.params, adversary_opt, seed=run.seed + 1), run.mesh
+        )
+        self.state = {
+            "step": _replicated(0, run.mesh, jnp.int32),
+            "student": student_state,
+            "adversary": adversary_state,
+            "lam": _replicated(cfg.lam_init, run.mesh),
+            "nll_star": _replicated(0.0, run.mesh),
+        }
         totals = (sum(self.game_steps), self.phases[-1][3])
         self.warm_step, self.adv_step, self.student_step, self.nll_fn = run.compiled(
-            "game", totals, lambda: self._programs(student_opt, adversary_opt, student_state, adversary_state))
+            "game",
+            totals,
+            lambda: self._programs(student_opt, adversary_opt, student_state, adversary_state),
+        )
 
     def _programs(self, student_opt, adversary_opt, student_state, adversary_state):
         """The jitted warm-up, adversary and student steps and the NLL evaluation."""
         accum = self.run_.train.grad_accum
         warm_loss, warm_frozen, adv_loss, adv_frozen, st_loss, st_frozen = self._objectives()
-        warm_step = make_train_step(warm_loss, adversary_opt, grad_accum=accum, frozen_fn=warm_frozen,
-                                    state_shardings=state_shardings(adversary_state))
-        adv_step = make_train_step(adv_loss, adversary_opt, grad_accum=accum, frozen_fn=adv_frozen,
-                                   state_shardings=state_shardings(adversary_state))
-        student_step = make_train_step(st_loss, student_opt, grad_accum=accum, frozen_fn=st_frozen,
-                                       state_shardings=state_shardings(student_state))
+        warm_step = make_train_step(
+            warm_loss,
+            adversary_opt,
+            grad_accum=accum,
+            frozen_fn=warm_frozen,
+            state_shardings=state_shardings(adversary_state),
+        )
+        adv_step = make_train_step(
+            adv_loss,
+            adversary_opt,
+            grad_accum=accum,
+            frozen_fn=adv_frozen,
+            state_shardings=state_shardings(adversary_state),
+        )
+        student_step = make_train_step(
+            st_loss,
+            student_opt,
+            grad_accum=accum,
+            frozen_fn=st_frozen,
+            state_shardings=state_shardings(student_state),
+        )
 
         def nll(params, frozen, batch):
             batch = {**batch, **(warm_frozen(frozen, batch) if warm_frozen else {})}
@@ -327,18 +518,24 @@ class _Game:
         if cfg.rm_init:
             backbone = from_pretrained(cfg.rm_init, mesh=run.mesh)
             if backbone.vocab_size != run.student.vocab_size:
-                raise ValueError(f"pbkd rm_init {cfg.rm_init}: vocabulary {backbone.vocab_size} differs from the "
-                                 f"student's {run.student.vocab_size}; the adversary reads the student's tokens")
+                raise ValueError(
+                    f"pbkd rm_init {cfg.rm_init}: vocabulary {backbone.vocab_size} differs from the "
+                    f"student's {run.student.vocab_size}; the adversary reads the student's tokens"
+                )
         if run.method.white_box:
             return backbone.with_params(jax.tree.map(jnp.copy, backbone.params))
-        return reward_model.from_backbone(backbone, r_max=cfg.r_max, seed=run.seed, head_std=cfg.head_std)
+        return reward_model.from_backbone(
+            backbone, r_max=cfg.r_max, seed=run.seed, head_std=cfg.head_std
+        )
 
     def _objectives(self):
         run, cfg, adv = self.run_, self.run_.cfg, self.adversary
         if run.method.white_box:
             warm_loss, warm_frozen = po.mm_bt_objective(cfg, adv, run.teacher)
             adv_loss, adv_frozen = po.mm_q_objective(cfg, adv, run.teacher, run.student)
-            st_loss, st_frozen = po.mm_student_objective(cfg, run.student, run.teacher, adv, run.combine)
+            st_loss, st_frozen = po.mm_student_objective(
+                cfg, run.student, run.teacher, adv, run.combine
+            )
         else:
             warm_loss, warm_frozen = reward_model.bt_loss_fn(adv, cfg.c_reg), None
             adv_loss, adv_frozen = po.reward_model_objective(cfg, adv), None
@@ -365,18 +562,26 @@ class _Game:
     # -- the loop --------------------------------------------------------------------------------
     def run(self):
         run, manager = self.run_, self.run_.manager()
-        restored = ckpt.restore_latest(manager, ckpt.abstract_like(self.state), config_hash=run.config_hash())
+        restored = ckpt.restore_latest(
+            manager, ckpt.abstract_like(self.state), config_hash=run.config_hash()
+        )
         if restored is not None:
             self.state = restored[0]
-            logger.info("pbkd: resumed at step %d from %s", int(self.state["step"]), manager.directory)
+            logger.info(
+                "pbkd: resumed at step %d from %s", int(self.state["step"]), manager.directory
+            )
         curve, last, stats = run.curve(), {}, {}
         try:
             for r in range(run.rounds):
                 if int(self.state["step"]) >= self._round_end(r):
                     continue
                 encoding, stats = run.round_encoding(r, self.state["student"].params)
-                logger.info("pbkd round %d: %d preference pairs (%d prefer the student)", r, stats["pairs"],
-                            stats["swapped"])
+                logger.info(
+                    "pbkd round %d: %d preference pairs (%d prefer the student)",
+                    r,
+                    stats["pairs"],
+                    stats["swapped"],
+                )
                 for phase in (p for p in self.phases if p[0] == r):
                     last.update(self._phase(phase, encoding, manager, curve))
         finally:
@@ -384,9 +589,16 @@ class _Game:
             manager.close()
         curve.save()
         self._save_adversary()
-        summary = {"method": run.method.name, "rounds": run.rounds, "steps": self.phases[-1][3],
-                   "student_steps": sum(self.game_steps),
-                   "lam": float(self.state["lam"]), "nll_star": float(self.state["nll_star"]), **stats, **last}
+        summary = {
+            "method": run.method.name,
+            "rounds": run.rounds,
+            "steps": self.phases[-1][3],
+            "student_steps": sum(self.game_steps),
+            "lam": float(self.state["lam"]),
+            "nll_star": float(self.state["nll_star"]),
+            **stats,
+            **last,
+        }
         return run.student_lm(self.state["student"].params), summary
 
     def _round_end(self, r: int) -> int:
@@ -407,23 +619,41 @@ class _Game:
             self.state["step"] = _replicated(step, self.run_.mesh, jnp.int32)
             out = metrics
             if step == last_step or manager.should_save(step):
-                ckpt.save(manager, step, self.state, ckpt.DataPosition(r, index + 1), metrics=metrics,
-                          config_hash=self.run_.config_hash(), force=True)
+                ckpt.save(
+                    manager,
+                    step,
+                    self.state,
+                    ckpt.DataPosition(r, index + 1),
+                    metrics=metrics,
+                    config_hash=self.run_.config_hash(),
+                    force=True,
+                )
                 curve.save()
             if self.run_.train.log_every and step % self.run_.train.log_every == 0:
-                logger.info("pbkd %s round %d step %d: %s", kind, r, step,
-                            " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        if kind == "warmup" and last_step < first and int(self.state["step"]) < first:  # no warm-up steps
+                logger.info(
+                    "pbkd %s round %d step %d: %s",
+                    kind,
+                    r,
+                    step,
+                    " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
+                )
+        if (
+            kind == "warmup" and last_step < first and int(self.state["step"]) < first
+        ):  # no warm-up steps
             self.state["nll_star"] = _replicated(self._nll(encoding), self.run_.mesh)
         return out
 
     def _batch(self, encoding, r: int, index: int) -> dict:
-        rows = pbkd_rounds.batch_rows(len(encoding), self.run_.train.batch_size, self.run_.seed + r, index)
+        rows = pbkd_rounds.batch_rows(
+            len(encoding), self.run_.train.batch_size, self.run_.seed + r, index
+        )
         return _local(self.run_.mesh, pbkd_rounds.make_batch(encoding, rows))
 
     def _warmup_step(self, encoding, r, index, step) -> dict:
         batch = _place(self.run_.mesh, self._batch(encoding, r, index))
-        self.state["adversary"], metrics = self.warm_step(self.state["adversary"], batch, self.warm_frozen())
+        self.state["adversary"], metrics = self.warm_step(
+            self.state["adversary"], batch, self.warm_frozen()
+        )
         check_finite(metrics, step)
         return {f"warmup_{k}": v for k, v in reduce_metrics(metrics).items() if k != "finite"}
 
@@ -433,18 +663,38 @@ class _Game:
         # Each row samples from the stream of its place in the global batch: the same samples on any
         # number of processes.
         positions = _local(run.mesh, {"row": np.arange(run.train.batch_size)})["row"]
-        generation = sampler.generate(run.student_lm(self.state["student"].params), batch["prompt_ids"],
-                                      batch["prompt_mask"], max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, num_samples=cfg.num_samples,
-                                      seed=(run.seed * 1_000_003 + step) % 2**31, sample_ids=positions)
-        batch = _place(run.mesh, {**batch, "sample_ids": generation.tokens, "sample_mask": generation.mask})
-        self.state["adversary"], adv = self.adv_step(self.state["adversary"], batch, self.adversary_frozen())
+        generation = sampler.generate(
+            run.student_lm(self.state["student"].params),
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            num_samples=cfg.num_samples,
+            seed=(run.seed * 1_000_003 + step) % 2**31,
+            sample_ids=positions,
+        )
+        batch = _place(
+            run.mesh, {**batch, "sample_ids": generation.tokens, "sample_mask": generation.mask}
+        )
+        self.state["adversary"], adv = self.adv_step(
+            self.state["adversary"], batch, self.adversary_frozen()
+        )
         check_finite(adv, step)
         adv = reduce_metrics(adv)
-        self.state["lam"] = _replicated(pbkd.dual_ascent(self.state["lam"], adv["nll"], self.state["nll_star"],
-                                                         alpha_lam=cfg.alpha_lam, eps=cfg.eps, lam_max=cfg.lam_max),
-                                        run.mesh)
-        self.state["student"], st = self.student_step(self.state["student"], batch, self.student_frozen())
+        self.state["lam"] = _replicated(
+            pbkd.dual_ascent(
+                self.state["lam"],
+                adv["nll"],
+                self.state["nll_star"],
+                alpha_lam=cfg.alpha_lam,
+                eps=cfg.eps,
+                lam_max=cfg.lam_max,
+            ),
+            run.mesh,
+        )
+        self.state["student"], st = self.student_step(
+            self.state["student"], batch, self.student_frozen()
+        )
         check_finite(st, step)
         st = reduce_metrics(st)
         out = {f"adversary_{k}": v for k, v in adv.items() if k != "finite"}
@@ -457,18 +707,28 @@ class _Game:
         total, count = 0.0, 0.0
         for start in range(0, len(encoding), size):
             real = min(size, len(encoding) - start)
-            rows = np.minimum(np.arange(start, start + size), start + real - 1)  # full batch: one program
+            rows = np.minimum(
+                np.arange(start, start + size), start + real - 1
+            )  # full batch: one program
             batch = pbkd_rounds.make_batch(encoding, rows)
             batch["prompt_mask"][real:] = 0  # repeated rows count as padding (`real_pairs`)
-            s, n = self.nll_fn(self.state["adversary"].params, self.warm_frozen(),
-                               _place(run.mesh, _local(run.mesh, batch)))
+            s, n = self.nll_fn(
+                self.state["adversary"].params,
+                self.warm_frozen(),
+                _place(run.mesh, _local(run.mesh, batch)),
+            )
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
     def _save_adversary(self):
         run, params = self.run_, self.state["adversary"].params
         if run.method.white_box:
-            self.adversary.with_params(params).save_pretrained(os.path.join(run.workdir, "q_network"))
+            self.adversary.with_params(params).save_pretrained(
+                os.path.join(run.workdir, "q_network")
+            )
         else:
-            reward_model.save(self.adversary.with_params(params), os.path.join(run.workdir, "reward_model"),
-                              tokenizer=run.tokenizer)
+            reward_model.save(
+                self.adversary.with_params(params),
+                os.path.join(run.workdir, "reward_model"),
+                tokenizer=run.tokenizer,
+            )

@@ -21,6 +21,7 @@ student step (`mm_student_loss`) minimises the gap: the exact expectation over t
 (gradient through `q(.|s_h)`) plus a score-function term for the states the student visits, with a
 leave-one-out baseline over its k samples per prompt.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from plad_jax.losses import Metrics, _masked_sum_count, _metric, masked_mean
-from plad_jax.pbkd import _rows_loss_metric, bounded_reward, bradley_terry_nll, leave_one_out_advantages
+from plad_jax.pbkd import (
+    _rows_loss_metric,
+    bounded_reward,
+    bradley_terry_nll,
+    leave_one_out_advantages,
+)
 
 F32 = jnp.float32
 
@@ -70,7 +76,9 @@ def _block(source: Source, start, size: int) -> jax.Array:
 
 def _block_terms(teacher, student, q_values, tokens, start, size: int, q_max) -> MMTerms:
     """`MMTerms` of positions `[start, start + size)`; the teacher carries no gradient."""
-    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(_block(teacher, start, size)), axis=-1)  # [B, c, V]
+    log_p = jax.nn.log_softmax(
+        jax.lax.stop_gradient(_block(teacher, start, size)), axis=-1
+    )  # [B, c, V]
     log_q = jax.nn.log_softmax(_block(student, start, size), axis=-1)  # [B, c, V]
     q = _block(q_values, start, size)
     q = q if q_max is None else bounded_reward(q, q_max)  # [B, c, V]
@@ -79,11 +87,19 @@ def _block_terms(teacher, student, q_values, tokens, start, size: int, q_max) ->
         v_teacher=jnp.sum(jnp.exp(log_p) * q, axis=-1),
         v_student=jnp.sum(jnp.exp(log_q) * q, axis=-1),
         q_taken=jnp.take_along_axis(q, y, axis=-1, mode="clip")[..., 0],
-        logq_taken=jnp.take_along_axis(log_q, y, axis=-1, mode="clip")[..., 0])
+        logq_taken=jnp.take_along_axis(log_q, y, axis=-1, mode="clip")[..., 0],
+    )
 
 
-def mm_position_terms(teacher: Source, student: Source, q_values: Source, tokens: jax.Array, *,
-                      chunk: int | None = None, q_max: float | None = None) -> MMTerms:
+def mm_position_terms(
+    teacher: Source,
+    student: Source,
+    q_values: Source,
+    tokens: jax.Array,
+    *,
+    chunk: int | None = None,
+    q_max: float | None = None,
+) -> MMTerms:
     """The per-position MM terms over a sequence, `chunk` positions at a time.
 
     Args:
@@ -106,14 +122,16 @@ def mm_position_terms(teacher: Source, student: Source, q_values: Source, tokens
     n = -(-length // chunk)
     starts = jnp.minimum(jnp.arange(n) * chunk, length - chunk)  # [n]
     # Remat: the backward pass recomputes each block from its inputs instead of keeping n blocks.
-    body = jax.checkpoint(lambda s: _block_terms(teacher, student, q_values, tokens, s, chunk, q_max),
-                          prevent_cse=False)
+    body = jax.checkpoint(
+        lambda s: _block_terms(teacher, student, q_values, tokens, s, chunk, q_max),
+        prevent_cse=False,
+    )
     stacked = jax.lax.map(body, starts)  # each field [n, B, chunk]
     overlap = n * chunk - length  # leading positions of the last block already computed
 
     def join(x):
         x = jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n * chunk)  # [B, n * chunk]
-        return jnp.concatenate([x[:, :(n - 1) * chunk], x[:, (n - 1) * chunk + overlap:]], axis=1)
+        return jnp.concatenate([x[:, : (n - 1) * chunk], x[:, (n - 1) * chunk + overlap :]], axis=1)
 
     return MMTerms(*(join(x) for x in stacked))
 
@@ -147,9 +165,16 @@ def _real_rows(mask: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def mm_q_loss(samples: MMTerms, sample_mask: jax.Array, chosen: MMTerms, chosen_mask: jax.Array,
-              rejected: MMTerms, rejected_mask: jax.Array, lam: float | jax.Array,
-              c: float) -> tuple[jax.Array, Metrics]:
+def mm_q_loss(
+    samples: MMTerms,
+    sample_mask: jax.Array,
+    chosen: MMTerms,
+    chosen_mask: jax.Array,
+    rejected: MMTerms,
+    rejected_mask: jax.Array,
+    lam: float | jax.Array,
+    c: float,
+) -> tuple[jax.Array, Metrics]:
     """The Q-network's loss: `-gap + lam * NLL(R) + c * mean(R^2)` (minimised).
 
     `gap` = mean over student-sampled rows of `mm_gap`; `NLL` = Bradley-Terry on the sequence
@@ -171,8 +196,13 @@ def mm_q_loss(samples: MMTerms, sample_mask: jax.Array, chosen: MMTerms, chosen_
     reward_sq = (sq_w + sq_l) / jnp.maximum(n_w + n_l, 1.0)
     loss = -gap + jax.lax.stop_gradient(jnp.asarray(lam, F32)) * nll + c * reward_sq
     one = jnp.ones((), F32)
-    metrics = {"loss": _rows_loss_metric(loss, rows, rows.shape[0]), "gap": _metric(mm_gap(samples, sample_mask), rows),
-               "nll": bt["loss"], "bt_accuracy": bt["accuracy"], "reward_sq": (jax.lax.stop_gradient(reward_sq), one)}
+    metrics = {
+        "loss": _rows_loss_metric(loss, rows, rows.shape[0]),
+        "gap": _metric(mm_gap(samples, sample_mask), rows),
+        "nll": bt["loss"],
+        "bt_accuracy": bt["accuracy"],
+        "reward_sq": (jax.lax.stop_gradient(reward_sq), one),
+    }
     return loss, metrics
 
 
@@ -194,9 +224,14 @@ def mm_student_loss(samples: MMTerms, sample_mask: jax.Array, k: int) -> tuple[j
     rows = _real_rows(sample_mask)  # [B*k]
     gap = mm_gap(samples, sample_mask)  # [B*k], differentiable
     logq = _masked_row_sum(samples.logq_taken, sample_mask)  # [B*k]
-    advantages = leave_one_out_advantages(jax.lax.stop_gradient(gap).reshape(-1, k), rows.reshape(-1, k))
+    advantages = leave_one_out_advantages(
+        jax.lax.stop_gradient(gap).reshape(-1, k), rows.reshape(-1, k)
+    )
     surrogate = gap + jax.lax.stop_gradient(advantages.reshape(-1)) * logq
     loss = masked_mean(surrogate, rows)
-    metrics = {"loss": _rows_loss_metric(loss, rows, rows.shape[0]), "gap": _metric(gap, rows),
-               "abs_advantage": _metric(jnp.abs(advantages.reshape(-1)), rows)}
+    metrics = {
+        "loss": _rows_loss_metric(loss, rows, rows.shape[0]),
+        "gap": _metric(gap, rows),
+        "abs_advantage": _metric(jnp.abs(advantages.reshape(-1)), rows),
+    }
     return loss, metrics

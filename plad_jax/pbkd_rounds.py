@@ -11,6 +11,7 @@ Each round's labelled rows are written once to `<workdir>/rounds/round-<t>/pairs
 (`pairs.write_pairs`, atomic) and read back on resume, so a restarted run trains on exactly the
 samples and labels it had, without sampling or scoring again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,14 +50,42 @@ def round_dir(workdir: str, round_: int) -> str:
     return os.path.join(workdir, "rounds", f"round-{round_}")
 
 
-def fresh_student_rows(rows, student, tokenizer, *, max_new_tokens: int, temperature: float, batch_size: int,
-                       max_prompt_tokens: int, seed: int) -> list[dict]:
+def fresh_student_rows(
+    rows,
+    student,
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    max_prompt_tokens: int,
+    seed: int,
+) -> list[dict]:
     """`rows` with their student samples replaced by new ones from `student` (labels reset to teacher)."""
-    texts = sampler.generate_text(student, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-                                  temperature=temperature, seed=seed, progress=False)
-    return [{**r, "student": t, "chosen": "teacher", "student_ids": [], "student_logp": None,
-             "score_teacher": None, "score_student": None, "relabelled": False} for r, t in zip(rows, texts)]
+    texts = sampler.generate_text(
+        student,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens,
+        temperature=temperature,
+        seed=seed,
+        progress=False,
+    )
+    return [
+        {
+            **r,
+            "student": t,
+            "chosen": "teacher",
+            "student_ids": [],
+            "student_logp": None,
+            "score_teacher": None,
+            "score_student": None,
+            "relabelled": False,
+        }
+        for r, t in zip(rows, texts)
+    ]
 
 
 def round_rows(workdir: str, round_: int, make_rows, scorer, seed: int) -> tuple[list[dict], dict]:
@@ -67,7 +96,11 @@ def round_rows(workdir: str, round_: int, make_rows, scorer, seed: int) -> tuple
     directory = round_dir(workdir, round_)
     try:
         rows = pairs.read_pairs(directory)
-        return rows, {"pairs": len(rows), "swapped": sum(r["chosen"] == "student" for r in rows), "resumed": True}
+        return rows, {
+            "pairs": len(rows),
+            "swapped": sum(r["chosen"] == "student" for r in rows),
+            "resumed": True,
+        }
     except pairs.PairsError:
         pass
     rows, stats = preferences.label_pairs(make_rows(), scorer, seed=seed + round_)
@@ -78,10 +111,16 @@ def round_rows(workdir: str, round_: int, make_rows, scorer, seed: int) -> tuple
 
 def encode(tokenizer, rows, max_prompt_tokens: int, max_response_tokens: int) -> Encoding:
     """The student-token encoding of a labelled preference set."""
-    teacher = data.encode_texts(tokenizer, [r["prompt"] for r in rows], [r["teacher"] for r in rows],
-                                max_prompt_tokens, max_response_tokens)
-    chosen, rejected = preferences.encode_preferences(tokenizer, preferences.preference_rows(rows),
-                                                      max_prompt_tokens, max_response_tokens)
+    teacher = data.encode_texts(
+        tokenizer,
+        [r["prompt"] for r in rows],
+        [r["teacher"] for r in rows],
+        max_prompt_tokens,
+        max_response_tokens,
+    )
+    chosen, rejected = preferences.encode_preferences(
+        tokenizer, preferences.preference_rows(rows), max_prompt_tokens, max_response_tokens
+    )
     return Encoding(teacher, chosen, rejected)
 
 
@@ -93,7 +132,9 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, index: int) -> np.ndar
     """
     positions = np.arange(index * batch_size, (index + 1) * batch_size)
     epochs, offsets = np.divmod(positions, num_rows)
-    orders = {e: data.epoch_order(num_rows, shuffle_seed=seed, epoch=int(e)) for e in np.unique(epochs)}
+    orders = {
+        e: data.epoch_order(num_rows, shuffle_seed=seed, epoch=int(e)) for e in np.unique(epochs)
+    }
     return np.array([orders[e][o] for e, o in zip(epochs, offsets)], np.int64)
 
 
@@ -103,7 +144,13 @@ def make_batch(encoding: Encoding, rows) -> dict[str, np.ndarray]:
     teacher samples `response_*`)."""
     t = data.make_batch(encoding.teacher, rows)
     c, r = data.make_batch(encoding.chosen, rows), data.make_batch(encoding.rejected, rows)
-    return {"prompt_ids": t["prompt_ids"], "prompt_mask": t["prompt_mask"],
-            "teacher_ids": t["response_ids"], "teacher_mask": t["response_mask"],
-            "pos_ids": c["response_ids"], "pos_mask": c["response_mask"],
-            "neg_ids": r["response_ids"], "neg_mask": r["response_mask"]}
+    return {
+        "prompt_ids": t["prompt_ids"],
+        "prompt_mask": t["prompt_mask"],
+        "teacher_ids": t["response_ids"],
+        "teacher_mask": t["response_mask"],
+        "pos_ids": c["response_ids"],
+        "pos_mask": c["response_mask"],
+        "neg_ids": r["response_ids"],
+        "neg_mask": r["response_mask"],
+    }

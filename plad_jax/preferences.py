@@ -13,6 +13,7 @@ preferred, from one of two sources:
 `preference_rows` turns labelled rows into `{"prompt", "chosen", "rejected", "reference"}` texts,
 and `encode_preferences` tokenizes them for a model that reads the student's vocabulary.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,15 +37,19 @@ def label_pairs(rows: Sequence[dict], scorer=None, *, seed: int = 0) -> tuple[li
 def preference_rows(rows: Sequence[dict]) -> list[dict]:
     """`{"prompt", "chosen", "rejected", "reference"}` text rows from labelled pair rows."""
     prompts, chosen, rejected = pairs.preference_texts(rows)
-    return [{"prompt": p, "chosen": c, "rejected": r, "reference": row.get("reference") or ""}
-            for p, c, r, row in zip(prompts, chosen, rejected, rows)]
+    return [
+        {"prompt": p, "chosen": c, "rejected": r, "reference": row.get("reference") or ""}
+        for p, c, r, row in zip(prompts, chosen, rejected, rows)
+    ]
 
 
-def encode_preferences(tokenizer, prefs: Sequence[dict], max_prompt_tokens: int,
-                       max_response_tokens: int) -> tuple[data.EncodedExamples, data.EncodedExamples]:
+def encode_preferences(
+    tokenizer, prefs: Sequence[dict], max_prompt_tokens: int, max_response_tokens: int
+) -> tuple[data.EncodedExamples, data.EncodedExamples]:
     """`(chosen, rejected)` encodings sharing their prompts (`data.encode_texts` rules: prompt cut
     from the left, response + EOS cut to `max_response_tokens`)."""
     prompts = [p["prompt"] for p in prefs]
-    encode = lambda key: data.encode_texts(tokenizer, prompts, [p[key] for p in prefs], max_prompt_tokens,
-                                           max_response_tokens)
+    encode = lambda key: data.encode_texts(
+        tokenizer, prompts, [p[key] for p in prefs], max_prompt_tokens, max_response_tokens
+    )
     return encode("chosen"), encode("rejected")

@@ -15,6 +15,7 @@ a Hugging Face directory (`save_pretrained`, config.json + safetensors) and the 
 anywhere. `as_scorer` wraps it as a `JaxRewardModel` for evaluation and pair
 relabelling; `load_scorer(path)` does both from a saved directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,10 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from plad_jax import data
 from plad_jax import sharding as shd
+from plad_jax.losses import _masked_sum_count
 from plad_jax.models import LanguageModel, from_pretrained
 from plad_jax.models.hf import CheckpointError
 from plad_jax.models.safetensors_io import SafetensorsFile, write_safetensors
-from plad_jax.losses import _masked_sum_count
 from plad_jax.pbkd import bounded_reward, bradley_terry_nll
 
 F32 = jnp.float32
@@ -50,12 +51,16 @@ class RewardModel:
     def params(self) -> dict:
         return {"backbone": self.backbone.params, "head": self.head}
 
-    def with_params(self, params) -> "RewardModel":
-        return RewardModel(self.backbone.with_params(params["backbone"]), params["head"], self.r_max)
+    def with_params(self, params) -> RewardModel:
+        return RewardModel(
+            self.backbone.with_params(params["backbone"]), params["head"], self.r_max
+        )
 
     def apply(self, params, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
         """[B] bounded rewards of right-padded (prompt, response) batches ([B, P], [B, R] int)."""
-        _, hidden = self.backbone.apply(params["backbone"], prompt_ids, prompt_mask, response_ids, response_mask)
+        _, hidden = self.backbone.apply(
+            params["backbone"], prompt_ids, prompt_mask, response_ids, response_mask
+        )
         return self.head_rewards(params["head"], hidden, response_mask)
 
     def head_rewards(self, head, hidden, response_mask) -> jax.Array:
@@ -63,7 +68,9 @@ class RewardModel:
         real = response_mask.astype(bool)
         last = jnp.max(jnp.where(real, jnp.arange(real.shape[1]), 0), axis=1)  # [B]
         h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(F32)  # [B, D]
-        raw = jnp.dot(h, head["w"].astype(F32), precision=jax.lax.Precision.HIGHEST) + head["b"].astype(F32)
+        raw = jnp.dot(h, head["w"].astype(F32), precision=jax.lax.Precision.HIGHEST) + head[
+            "b"
+        ].astype(F32)
         return bounded_reward(raw, self.r_max)
 
 
@@ -79,7 +86,9 @@ def _place(tree, mesh):
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def from_backbone(lm: LanguageModel, *, r_max: float = 5.0, seed: int = 0, head_std: float = 0.0) -> RewardModel:
+def from_backbone(
+    lm: LanguageModel, *, r_max: float = 5.0, seed: int = 0, head_std: float = 0.0
+) -> RewardModel:
     """A reward model on `lm` (its params are copied, so training it never touches `lm`).
 
     The head starts at `w ~ N(0, head_std^2)` (0 by default: every reward 0, a neutral start, BT
@@ -93,13 +102,18 @@ def from_backbone(lm: LanguageModel, *, r_max: float = 5.0, seed: int = 0, head_
 
 # -- Bradley-Terry training ------------------------------------------------------------------------
 
+
 def pair_rewards(rm: RewardModel, params, batch) -> tuple[jax.Array, jax.Array]:
     """([B], [B]) rewards of `pos_*` and `neg_*` responses to `prompt_*`, in one 2B forward."""
     r = max(batch["pos_ids"].shape[1], batch["neg_ids"].shape[1])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, r - x.shape[1])))
-    both = rm.apply(params, jnp.concatenate([batch["prompt_ids"]] * 2), jnp.concatenate([batch["prompt_mask"]] * 2),
-                    jnp.concatenate([pad(batch["pos_ids"]), pad(batch["neg_ids"])]),
-                    jnp.concatenate([pad(batch["pos_mask"]), pad(batch["neg_mask"])]))
+    both = rm.apply(
+        params,
+        jnp.concatenate([batch["prompt_ids"]] * 2),
+        jnp.concatenate([batch["prompt_mask"]] * 2),
+        jnp.concatenate([pad(batch["pos_ids"]), pad(batch["neg_ids"])]),
+        jnp.concatenate([pad(batch["pos_mask"]), pad(batch["neg_mask"])]),
+    )
     b = batch["pos_ids"].shape[0]
     return both[:b], both[b:]
 
@@ -132,6 +146,7 @@ def bt_loss_fn(rm: RewardModel, c: float = 0.0):
 
 # -- disk ------------------------------------------------------------------------------------------
 
+
 def save(rm: RewardModel, path: str, tokenizer=None):
     """Write the backbone as an HF directory at `path`, the head as `path/reward_head.safetensors`,
     and the tokenizer beside them when given (then `load_scorer(path)` needs nothing else)."""
@@ -140,8 +155,11 @@ def save(rm: RewardModel, path: str, tokenizer=None):
         return
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    tensors = {"head.w": np.asarray(rm.head["w"], np.float32), "head.b": np.asarray(rm.head["b"], np.float32),
-               "r_max": np.asarray(rm.r_max, np.float32)}
+    tensors = {
+        "head.w": np.asarray(rm.head["w"], np.float32),
+        "head.b": np.asarray(rm.head["b"], np.float32),
+        "r_max": np.asarray(rm.r_max, np.float32),
+    }
     write_safetensors(os.path.join(path, HEAD_FILE), tensors)
 
 
@@ -149,11 +167,15 @@ def load(path: str, *, dtype=jnp.float32, compute_dtype=None, mesh=None) -> Rewa
     """Read what `save` wrote; a directory without the head file is named in a `CheckpointError`."""
     head_path = os.path.join(path, HEAD_FILE)
     if not os.path.exists(head_path):
-        raise CheckpointError(f"{path}: no {HEAD_FILE} here, so it is not a saved plad_jax reward model "
-                              f"(plad_jax.reward_model.save writes one)")
+        raise CheckpointError(
+            f"{path}: no {HEAD_FILE} here, so it is not a saved plad_jax reward model "
+            f"(plad_jax.reward_model.save writes one)"
+        )
     backbone = from_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
     f = SafetensorsFile(head_path)
-    head = _place({"w": jnp.asarray(f.read("head.w"), F32), "b": jnp.asarray(f.read("head.b"), F32)}, mesh)
+    head = _place(
+        {"w": jnp.asarray(f.read("head.w"), F32), "b": jnp.asarray(f.read("head.b"), F32)}, mesh
+    )
     return RewardModel(backbone, head, float(f.read("r_max")))
 
 
@@ -182,17 +204,26 @@ class JaxRewardModel:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         chunks = []
         for start in range(0, len(prompts), self.batch_size):
-            batch_p = list(prompts[start: start + self.batch_size])
-            batch_r = list(responses[start: start + self.batch_size])
+            batch_p = list(prompts[start : start + self.batch_size])
+            batch_r = list(responses[start : start + self.batch_size])
             scores = np.asarray(self.reward_fn(batch_p, batch_r), np.float64).reshape(-1)
             if scores.shape != (len(batch_p),):
-                raise ValueError(f"{self.name} returned {scores.shape[0]} scores for {len(batch_p)} responses")
+                raise ValueError(
+                    f"{self.name} returned {scores.shape[0]} scores for {len(batch_p)} responses"
+                )
             chunks.append(scores)
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float64)
 
 
-def as_scorer(rm: RewardModel, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int,
-              batch_size: int = 32, name: str = "jax_reward_model"):
+def as_scorer(
+    rm: RewardModel,
+    tokenizer,
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    batch_size: int = 32,
+    name: str = "jax_reward_model",
+):
     """The reward model behind `plad_jax.rewards`' scorer interface (texts in, [N] scores out).
 
     Texts are encoded like training data (`data.encode_texts`: prompt cut from the left, response
@@ -206,17 +237,30 @@ def as_scorer(rm: RewardModel, tokenizer, *, max_prompt_tokens: int, max_respons
     params = rm.params
 
     def reward_fn(prompts, responses):
-        encoded = data.encode_texts(tokenizer, prompts, responses, max_prompt_tokens, max_response_tokens)
-        batch = data.make_batch(encoded, range(len(prompts)), num_rows=batch_size, pad_id=rm.backbone.pad_token_id)
-        arrays = shd.shard_batch(mesh, *(batch[k] for k in ("prompt_ids", "prompt_mask", "response_ids",
-                                                            "response_mask")))
-        return np.asarray(score(params, *arrays))[:len(prompts)]
+        encoded = data.encode_texts(
+            tokenizer, prompts, responses, max_prompt_tokens, max_response_tokens
+        )
+        batch = data.make_batch(
+            encoded, range(len(prompts)), num_rows=batch_size, pad_id=rm.backbone.pad_token_id
+        )
+        arrays = shd.shard_batch(
+            mesh,
+            *(batch[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")),
+        )
+        return np.asarray(score(params, *arrays))[: len(prompts)]
 
     return JaxRewardModel(reward_fn, batch_size=batch_size, name=name)
 
 
-def load_scorer(path: str, tokenizer=None, *, max_prompt_tokens: int = 512, max_response_tokens: int = 128,
-                batch_size: int = 32, mesh=None):
+def load_scorer(
+    path: str,
+    tokenizer=None,
+    *,
+    max_prompt_tokens: int = 512,
+    max_response_tokens: int = 128,
+    batch_size: int = 32,
+    mesh=None,
+):
     """`as_scorer(load(path))`: a saved reward model as a `plad_jax.rewards` scorer.
 
     tokenizer: the one its backbone reads; None loads the tokenizer saved beside it (`save(...,
@@ -224,9 +268,18 @@ def load_scorer(path: str, tokenizer=None, *, max_prompt_tokens: int = 512, max_
     """
     if tokenizer is None:
         if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
-            raise CheckpointError(f"{path}: no tokenizer saved beside this reward model; pass the tokenizer its "
-                                  f"backbone reads")
+            raise CheckpointError(
+                f"{path}: no tokenizer saved beside this reward model; pass the tokenizer its "
+                f"backbone reads"
+            )
         from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return as_scorer(load(path, mesh=mesh), tokenizer, max_prompt_tokens=max_prompt_tokens,
-                     max_response_tokens=max_response_tokens, batch_size=batch_size, name=f"jax_reward_model:{path}")
+    return as_scorer(
+        load(path, mesh=mesh),
+        tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        batch_size=batch_size,
+        name=f"jax_reward_model:{path}",
+    )

@@ -87,7 +87,9 @@ class Generation(NamedTuple):
 
     tokens: np.ndarray  # [rows, max_new_tokens] int32: new tokens, first EOS / stop end, then pad
     mask: np.ndarray  # [rows, max_new_tokens] int32: 1 up to and including the first EOS / stop end
-    logprobs: np.ndarray  # [rows, max_new_tokens] float32: log p(token) under the sampling distribution
+    logprobs: (
+        np.ndarray
+    )  # [rows, max_new_tokens] float32: log p(token) under the sampling distribution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,7 @@ class SamplingConfig:
 
 # -- one sampling step -------------------------------------------------------------------------
 
+
 def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """Draw one token per row from `logits` [B, V]; returns (tokens [B] int32, logprobs [B] fp32).
 
@@ -151,7 +154,11 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: 
     candidates, candidate_ids = _filter(logits / temperature, top_k, top_p)
     choice = jax.vmap(jax.random.categorical)(keys, candidates)  # [B], index into candidates
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(candidates), choice[:, None], axis=-1)[:, 0]
-    tokens = choice if candidate_ids is None else jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0]
+    tokens = (
+        choice
+        if candidate_ids is None
+        else jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0]
+    )
     return tokens.astype(jnp.int32), logprobs
 
 
@@ -185,6 +192,7 @@ def row_keys(seed, row_ids, step):
 
 # -- the model-agnostic decoding loop ----------------------------------------------------------
 
+
 @struct.dataclass
 class DecodeState:
     """The `lax.while_loop` carry. `step` tokens of every row have been written so far."""
@@ -217,8 +225,8 @@ def stop_hit(recent, stops: StopTable, layout: StopLayout):
     ids = recent[:, ::-1]
     rows = table[jnp.where(ids < 0, none, jnp.minimum(ids, none))]  # [B, W, C]
     b, w = ids.shape
-    ends = rows[:, :1, n * p:n * (p + e)].reshape(b, 1, n, e)
-    positions = rows[:, 1:, :n * p].reshape(b, w - 1, n, p)
+    ends = rows[:, :1, n * p : n * (p + e)].reshape(b, 1, n, e)
+    positions = rows[:, 1:, : n * p].reshape(b, w - 1, n, p)
     sizes = jnp.broadcast_to(rows[:, 1:, -1, None, None], (b, w - 1, n, e))
     matched = jnp.cumsum(jnp.concatenate([ends, sizes], axis=1), axis=1)  # [B, W, n, e] characters
     fits = jnp.any(matched[:, :-1, :, :, None] == positions[:, :, :, None, :], axis=-1)
@@ -227,43 +235,84 @@ def stop_hit(recent, stops: StopTable, layout: StopLayout):
     return jnp.any(reach >= jnp.asarray(stops.lengths)[None, :, None], axis=(1, 2))
 
 
-def _write(state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache,
-           stops=None) -> DecodeState:
+def _write(
+    state: DecodeState, logits, sampling: SamplingConfig, eos_ids, pad_id, cache, stops=None
+) -> DecodeState:
     """Draw the token for column `state.step` from `logits` and record it."""
-    tokens, logprobs = sample_logits(logits, row_keys(state.seed, state.row_ids, state.step),
-                                     sampling.temperature, sampling.top_k, sampling.top_p)
+    tokens, logprobs = sample_logits(
+        logits,
+        row_keys(state.seed, state.row_ids, state.step),
+        sampling.temperature,
+        sampling.top_k,
+        sampling.top_p,
+    )
     tokens = jnp.where(state.done, pad_id, tokens)
     logprobs = jnp.where(state.done, 0.0, logprobs)
-    hit_eos = jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(state.done)
-    column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None].astype(buf.dtype), state.step, 1)
+    hit_eos = (
+        jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(state.done)
+    )
+    column = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+        buf, x[:, None].astype(buf.dtype), state.step, 1
+    )
     extra = {}
     if sampling.stop is not None:
         recent = jnp.concatenate([state.recent[:, 1:], tokens[:, None]], axis=1)
         hit = stop_hit(recent, stops, sampling.stop) & ~state.done
         extra = dict(recent=recent, stop_end=jnp.where(hit, state.step + 1, state.stop_end))
         hit_eos = hit_eos | hit  # a stop string ends the row as an EOS would
-    return state.replace(step=state.step + 1, last=tokens, done=state.done | hit_eos,
-                         tokens=column(state.tokens, tokens), logprobs=column(state.logprobs, logprobs),
-                         cache=cache, **extra)
+    return state.replace(
+        step=state.step + 1,
+        last=tokens,
+        done=state.done | hit_eos,
+        tokens=column(state.tokens, tokens),
+        logprobs=column(state.logprobs, logprobs),
+        cache=cache,
+        **extra,
+    )
 
 
-def start_state(logits, cache, valid, row_ids, seed, sampling: SamplingConfig, eos_ids, pad_id,
-                stops: StopTable | None = None) -> DecodeState:
+def start_state(
+    logits,
+    cache,
+    valid,
+    row_ids,
+    seed,
+    sampling: SamplingConfig,
+    eos_ids,
+    pad_id,
+    stops: StopTable | None = None,
+) -> DecodeState:
     """The loop state after prefill: the first token of every row drawn from `logits` [B, V]."""
     rows, n = valid.shape[0], sampling.max_new_tokens
     extra = {}
     if sampling.stop is not None:
-        extra = dict(recent=jnp.full((rows, sampling.stop.window), -1, jnp.int32),
-                     stop_end=jnp.full((rows,), n, jnp.int32))
-    state = DecodeState(step=jnp.zeros((), jnp.int32), last=jnp.full((rows,), pad_id, jnp.int32),
-                        done=~valid.astype(bool), tokens=jnp.full((rows, n), pad_id, jnp.int32),
-                        logprobs=jnp.zeros((rows, n), jnp.float32), seed=jnp.asarray(seed, jnp.uint32),
-                        row_ids=row_ids.astype(jnp.uint32), cache=cache, **extra)
+        extra = dict(
+            recent=jnp.full((rows, sampling.stop.window), -1, jnp.int32),
+            stop_end=jnp.full((rows,), n, jnp.int32),
+        )
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        last=jnp.full((rows,), pad_id, jnp.int32),
+        done=~valid.astype(bool),
+        tokens=jnp.full((rows, n), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, n), jnp.float32),
+        seed=jnp.asarray(seed, jnp.uint32),
+        row_ids=row_ids.astype(jnp.uint32),
+        cache=cache,
+        **extra,
+    )
     return _write(state, logits, sampling, eos_ids, pad_id, cache, stops)
 
 
-def decode_loop(step_fn, state: DecodeState, sampling: SamplingConfig, eos_ids, pad_id,
-                constrain=lambda s: s, stops: StopTable | None = None) -> DecodeState:
+def decode_loop(
+    step_fn,
+    state: DecodeState,
+    sampling: SamplingConfig,
+    eos_ids,
+    pad_id,
+    constrain=lambda s: s,
+    stops: StopTable | None = None,
+) -> DecodeState:
     """Run `step_fn(tokens [B], cache) -> (logits [B, V], cache)` until every row is done or full.
 
     `constrain` maps the state to itself with sharding constraints (identity off-mesh); `stops`
@@ -290,6 +339,7 @@ def response_mask(tokens, eos_ids) -> np.ndarray:
 
 # -- stop strings -------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StopStrings:
     """Stop strings bound to a tokenizer: the device table of `stop_hit` (None when the tokenizer's
@@ -315,16 +365,25 @@ def stop_strings(tokenizer, strings: Sequence[str]) -> StopStrings | None:
     if not all(isinstance(x, str) and x for x in strings):
         raise ValueError(f"stop strings must be non-empty strings, got {strings!r}")
     from transformers import StopStringCriteria
+
     try:
         criteria = StopStringCriteria(tokenizer, list(strings))
     except ValueError as e:  # the vocabulary cannot be read as text pieces
-        logger.warning("stop strings %r: %s's tokens are not text pieces (%s); responses are cut "
-                       "after sampling, rows do not stop early", strings,
-                       type(tokenizer).__name__, e)
+        logger.warning(
+            "stop strings %r: %s's tokens are not text pieces (%s); responses are cut "
+            "after sampling, rows do not stop early",
+            strings,
+            type(tokenizer).__name__,
+            e,
+        )
         return StopStrings(strings, tokenizer, None, None, None)
     table = criteria.embedding_vec.numpy().astype(np.int32)
-    layout = StopLayout(len(strings), int(criteria.maximum_token_len),
-                        int(criteria.max_valid_positions), int(criteria.max_valid_end_lens))
+    layout = StopLayout(
+        len(strings),
+        int(criteria.maximum_token_len),
+        int(criteria.max_valid_positions),
+        int(criteria.max_valid_end_lens),
+    )
     lengths = criteria.target_lens.numpy().astype(np.int32)
     return StopStrings(strings, tokenizer, layout, table, lengths)
 
@@ -339,7 +398,7 @@ def cut_at_stop(stop: StopStrings, ids: Sequence[int]) -> list[int]:
     starts = [i for i in (text.find(x) for x in stop.strings) if i >= 0]
     if not starts:
         return list(ids)
-    head = text[:min(starts)]
+    head = text[: min(starts)]
     k = len(ids) - 1  # the stop string is usually in the last few tokens: walk back from the end
     while k > 0 and not head.startswith(decode(ids[:k])):
         k -= 1
@@ -347,6 +406,7 @@ def cut_at_stop(stop: StopStrings, ids: Sequence[int]) -> list[int]:
 
 
 # -- binding a model into jitted programs ------------------------------------------------------
+
 
 class _StaticModel:
     """A model as a static jit argument: its pure functions and facts, never its params.
@@ -362,8 +422,16 @@ class _StaticModel:
         self.mesh = getattr(lm, "mesh", None)
         key = None
         if hasattr(lm, "graphdef") and hasattr(lm, "with_params"):
-            key = (type(lm), getattr(lm, "model_type", None), getattr(lm, "config", None), lm.graphdef,
-                   str(getattr(lm, "compute_dtype", "")), self.mesh, self.eos_ids, self.pad_id)
+            key = (
+                type(lm),
+                getattr(lm, "model_type", None),
+                getattr(lm, "config", None),
+                lm.graphdef,
+                str(getattr(lm, "compute_dtype", "")),
+                self.mesh,
+                self.eos_ids,
+                self.pad_id,
+            )
             try:
                 hash(key)
             except TypeError:
@@ -422,30 +490,59 @@ def _constrainer(model: _StaticModel, params, cache):
         put = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
         rows = P(shd.BATCH_AXES) if s.done.shape[0] % batch_shards == 0 else P()
         matrix = P(*rows, None)
-        extra = {} if s.recent is None else dict(recent=put(s.recent, matrix),
-                                                 stop_end=put(s.stop_end, rows))
-        return s.replace(last=put(s.last, rows), done=put(s.done, rows), row_ids=put(s.row_ids, rows),
-                         tokens=put(s.tokens, matrix), logprobs=put(s.logprobs, matrix),
-                         cache=jax.tree.map(put, s.cache, cache_specs), **extra)
+        extra = (
+            {}
+            if s.recent is None
+            else dict(recent=put(s.recent, matrix), stop_end=put(s.stop_end, rows))
+        )
+        return s.replace(
+            last=put(s.last, rows),
+            done=put(s.done, rows),
+            row_ids=put(s.row_ids, rows),
+            tokens=put(s.tokens, matrix),
+            logprobs=put(s.logprobs, matrix),
+            cache=jax.tree.map(put, s.cache, cache_specs),
+            **extra,
+        )
 
     return constrain
 
 
-def _prefill_program(model: _StaticModel, sampling: SamplingConfig, params, prompt_ids, prompt_mask, valid, row_ids,
-                     seed, stops):
+def _prefill_program(
+    model: _StaticModel,
+    sampling: SamplingConfig,
+    params,
+    prompt_ids,
+    prompt_mask,
+    valid,
+    row_ids,
+    seed,
+    stops,
+):
     logits, cache = model.fns.prefill(params, prompt_ids, prompt_mask, sampling.max_new_tokens)
     constrain = _constrainer(model, params, cache)
-    return constrain(start_state(logits, cache, valid, row_ids, seed, sampling, model.eos_ids,
-                                 model.pad_id, stops))
+    return constrain(
+        start_state(
+            logits, cache, valid, row_ids, seed, sampling, model.eos_ids, model.pad_id, stops
+        )
+    )
 
 
-def _decode_program(model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState,
-                    stops):
+def _decode_program(
+    model: _StaticModel, sampling: SamplingConfig, params, state: DecodeState, stops
+):
     constrain = _constrainer(model, params, state.cache)
     # The whole state is returned so that every donated buffer (the cache above all) aliases an
     # output and the loop runs in place in it.
-    return decode_loop(lambda tokens, cache: model.fns.decode(params, tokens, cache), state, sampling,
-                       model.eos_ids, model.pad_id, constrain, stops)
+    return decode_loop(
+        lambda tokens, cache: model.fns.decode(params, tokens, cache),
+        state,
+        sampling,
+        model.eos_ids,
+        model.pad_id,
+        constrain,
+        stops,
+    )
 
 
 _prefill_jit = jax.jit(_prefill_program, static_argnums=(0, 1))
@@ -470,6 +567,7 @@ def _decode_fn():
 
 # -- shapes, hosts and the public entry points -------------------------------------------------
 
+
 def bucket_length(n: int) -> int:
     """Padded prompt length: powers of two from 16 up to 128, then multiples of 128."""
     if n <= POW2_PROMPT_BUCKET_UP_TO:
@@ -482,6 +580,7 @@ def _agree_max(*values: int) -> tuple[int, ...]:
     if jax.process_count() == 1:
         return values
     from jax.experimental import multihost_utils
+
     gathered = multihost_utils.process_allgather(np.asarray(values, np.int64))
     return tuple(int(v) for v in np.max(gathered.reshape(-1, len(values)), axis=0))
 
@@ -489,7 +588,13 @@ def _agree_max(*values: int) -> tuple[int, ...]:
 def _local_batch_shards(mesh) -> int:
     """How many of the data*fsdp batch shards this process's devices hold (all of them on one host)."""
     fsdp, me = mesh.shape["fsdp"], jax.process_index()
-    return len({d * fsdp + f for (d, f, _), device in np.ndenumerate(mesh.devices) if device.process_index == me})
+    return len(
+        {
+            d * fsdp + f
+            for (d, f, _), device in np.ndenumerate(mesh.devices)
+            if device.process_index == me
+        }
+    )
 
 
 def _to_device(mesh, *arrays):
@@ -498,8 +603,12 @@ def _to_device(mesh, *arrays):
         return tuple(jnp.asarray(a) for a in arrays)
     split = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
     local = _local_batch_shards(mesh)
-    return tuple(jax.make_array_from_process_local_data(
-        shd.batch_sharding(mesh, a.ndim), a, (a.shape[0] // local * split,) + a.shape[1:]) for a in arrays)
+    return tuple(
+        jax.make_array_from_process_local_data(
+            shd.batch_sharding(mesh, a.ndim), a, (a.shape[0] // local * split,) + a.shape[1:]
+        )
+        for a in arrays
+    )
 
 
 def _to_host(mesh, x) -> np.ndarray:
@@ -507,6 +616,7 @@ def _to_host(mesh, x) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(shd.BATCH_AXES)))
 
 
@@ -520,9 +630,21 @@ def _pad_rows(prompt_ids, prompt_mask, rows: int, pad_id: int):
     return np.concatenate([prompt_ids, ids]), np.concatenate([prompt_mask, mask]), valid
 
 
-def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, num_samples: int = 1, seed: int = 0, pad_batch_to: int | None = None,
-             sample_ids=None, stop: StopStrings | None = None) -> Generation:
+def generate(
+    lm,
+    prompt_ids,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    pad_batch_to: int | None = None,
+    sample_ids=None,
+    stop: StopStrings | None = None,
+) -> Generation:
     """Sample `num_samples` continuations of every prompt row; see the module docstring.
 
     prompt_ids, prompt_mask: `[B, P]` host int arrays (this process's rows on several hosts).
@@ -537,25 +659,43 @@ def generate(lm, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: f
     string itself off the text is `generate_many`'s / `cut_at_stop`'s.
     """
     layout = stop.layout if stop is not None else None
-    sampling = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
-                              layout)
+    sampling = SamplingConfig(
+        int(max_new_tokens), float(temperature), int(top_k), float(top_p), layout
+    )
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"num_samples={num_samples!r}: must be a positive integer")
     ids, mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
     if ids.ndim != 2 or ids.shape != mask.shape:
-        raise ValueError(f"prompt_ids {ids.shape} and prompt_mask {mask.shape} must both be [batch, length]")
+        raise ValueError(
+            f"prompt_ids {ids.shape} and prompt_mask {mask.shape} must both be [batch, length]"
+        )
     empty = np.flatnonzero(mask.sum(axis=1) == 0)
     if empty.size:
-        raise ValueError(f"prompt row {int(empty[0])} has no real token (mask all 0); every prompt needs one")
-    if hasattr(lm, "check_length"):  # a model with a position table: prompt + new tokens must fit it
-        lm.check_length(mask.sum(axis=1) + sampling.max_new_tokens, f"prompt + max_new_tokens={sampling.max_new_tokens}")
-    used = int(np.max(np.nonzero(mask.any(axis=0))[0], initial=-1)) + 1  # columns past this are padding
+        raise ValueError(
+            f"prompt row {int(empty[0])} has no real token (mask all 0); every prompt needs one"
+        )
+    if hasattr(
+        lm, "check_length"
+    ):  # a model with a position table: prompt + new tokens must fit it
+        lm.check_length(
+            mask.sum(axis=1) + sampling.max_new_tokens,
+            f"prompt + max_new_tokens={sampling.max_new_tokens}",
+        )
+    used = (
+        int(np.max(np.nonzero(mask.any(axis=0))[0], initial=-1)) + 1
+    )  # columns past this are padding
     ids, mask = ids[:, :used], mask[:, :used]
     ids, mask = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
-    sample_ids = np.arange(len(prompt_ids)) if sample_ids is None else np.asarray(sample_ids, np.int64)
+    sample_ids = (
+        np.arange(len(prompt_ids)) if sample_ids is None else np.asarray(sample_ids, np.int64)
+    )
     if sample_ids.shape != (len(prompt_ids),) or (sample_ids < 0).any():
-        raise ValueError(f"sample_ids must be [batch] non-negative ints, got shape {sample_ids.shape}")
-    streams = ((sample_ids[:, None] * num_samples + np.arange(num_samples)).reshape(-1) % 2**32).astype(np.uint32)
+        raise ValueError(
+            f"sample_ids must be [batch] non-negative ints, got shape {sample_ids.shape}"
+        )
+    streams = (
+        (sample_ids[:, None] * num_samples + np.arange(num_samples)).reshape(-1) % 2**32
+    ).astype(np.uint32)
 
     model = _StaticModel(lm)
     rows = max(ids.shape[0], pad_batch_to or 0, 1)
@@ -591,10 +731,22 @@ class Sampled:
     logprob: float
 
 
-def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-                  seed: int = 0, sample_ids: Sequence[int] | None = None, progress: bool = True,
-                  desc: str = "generate", stop: StopStrings | None = None) -> list[Sampled]:
+def generate_many(
+    lm,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    sample_ids: Sequence[int] | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+    stop: StopStrings | None = None,
+) -> list[Sampled]:
     """Any number of tokenized prompts, batched: `num_samples` responses per prompt, grouped by prompt
     (`Sampled` `i * num_samples + s` for prompt `i`).
 
@@ -619,22 +771,37 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
     out: list[Sampled | None] = [None] * (len(prompts) * num_samples)
 
     from tqdm.auto import tqdm
+
     # On a terminal only (disable=None): a log file gets the one tokens/s line below, not bar redraws.
-    bar = tqdm(total=len(prompts), unit="prompt", desc=desc,
-               disable=True if not progress or jax.process_index() != 0 else None)
+    bar = tqdm(
+        total=len(prompts),
+        unit="prompt",
+        desc=desc,
+        disable=True if not progress or jax.process_index() != 0 else None,
+    )
     speed = _SamplingSpeed()
     for j in range(num_batches):
-        chunk = order[j * batch_size:(j + 1) * batch_size]
+        chunk = order[j * batch_size : (j + 1) * batch_size]
         width = max([len(prompts[i]) for i in chunk] + [1])
         ids = np.full((len(chunk), width), int(lm.pad_token_id), np.int32)
         mask = np.zeros_like(ids)
         for r, i in enumerate(chunk):
-            ids[r, :len(prompts[i])], mask[r, :len(prompts[i])] = prompts[i], 1
+            ids[r, : len(prompts[i])], mask[r, : len(prompts[i])] = prompts[i], 1
         with speed.batch() as count:
-            gen = generate(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
-                           pad_batch_to=batch_size * num_samples, sample_ids=[sample_ids[i] for i in chunk],
-                           stop=stop)
+            gen = generate(
+                lm,
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                num_samples=num_samples,
+                seed=seed,
+                pad_batch_to=batch_size * num_samples,
+                sample_ids=[sample_ids[i] for i in chunk],
+                stop=stop,
+            )
             count(int(gen.mask.sum()))
         for r in range(gen.tokens.shape[0]):
             row = chunk[r // num_samples] * num_samples + r % num_samples
@@ -642,7 +809,9 @@ def generate_many(lm, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, 
         bar.update(len(chunk))
         bar.set_postfix(tokens_per_s=f"{speed.tokens_per_s():.0f}")
     bar.close()
-    logger.info("%s: %d responses for %d prompts, %s", desc, len(out), len(prompts), speed.summary())
+    logger.info(
+        "%s: %d responses for %d prompts, %s", desc, len(out), len(prompts), speed.summary()
+    )
     return out
 
 
@@ -666,7 +835,10 @@ class _SamplingSpeed:
         took, tokens = time.perf_counter() - started, sum(counted)
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + took
         if self._compiled() == before:
-            self.warm_tokens, self.warm_seconds = self.warm_tokens + tokens, self.warm_seconds + took
+            self.warm_tokens, self.warm_seconds = (
+                self.warm_tokens + tokens,
+                self.warm_seconds + took,
+            )
 
     def tokens_per_s(self) -> float:
         if self.warm_seconds > 0:
@@ -690,13 +862,26 @@ def _sampled(gen: Generation, r: int, eos: set[int], stop: StopStrings | None) -
     if stop is None:
         return Sampled(ids, float(gen.logprobs[r][real].sum()))
     cut, logprobs = cut_at_stop(stop, ids), gen.logprobs[r][real]
-    return Sampled(cut, float((logprobs if len(cut) == len(ids) else logprobs[:len(cut)]).sum()))
+    return Sampled(cut, float((logprobs if len(cut) == len(ids) else logprobs[: len(cut)]).sum()))
 
 
-def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-                  max_prompt_tokens: int = 512, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  num_samples: int = 1, seed: int = 0, truncation_side: str = "left",
-                  progress: bool = True, stop: Sequence[str] = ()) -> list[str]:
+def generate_text(
+    lm,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 512,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    truncation_side: str = "left",
+    progress: bool = True,
+    stop: Sequence[str] = (),
+) -> list[str]:
     """Strings in, strings out: `num_samples` responses per prompt, grouped by prompt.
 
     Prompts are tokenized with the tokenizer's special tokens and cut to `max_prompt_tokens`
@@ -711,8 +896,21 @@ def generate_text(lm, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be positive")
     prompts = list(prompts)
     encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
-    encoded = [e[-max_prompt_tokens:] if truncation_side == "left" else e[:max_prompt_tokens] for e in encoded]
-    sampled = generate_many(lm, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
-                            seed=seed, progress=progress, stop=stop_strings(tokenizer, stop))
+    encoded = [
+        e[-max_prompt_tokens:] if truncation_side == "left" else e[:max_prompt_tokens]
+        for e in encoded
+    ]
+    sampled = generate_many(
+        lm,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        seed=seed,
+        progress=progress,
+        stop=stop_strings(tokenizer, stop),
+    )
     return [tokenizer.decode(s.ids, skip_special_tokens=True) for s in sampled]

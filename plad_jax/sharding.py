@@ -28,7 +28,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -76,11 +77,15 @@ class MeshConfig:
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(f"mesh {tuple(sizes)}: {num_devices} devices are not divisible by {known}")
+                raise ValueError(
+                    f"mesh {tuple(sizes)}: {num_devices} devices are not divisible by {known}"
+                )
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise ValueError(f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} are available; "
-                             "make data*fsdp*tensor equal the device count or set one axis to -1")
+            raise ValueError(
+                f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} are available; "
+                "make data*fsdp*tensor equal the device count or set one axis to -1"
+            )
         return tuple(sizes)
 
 
@@ -93,7 +98,9 @@ def make_mesh(config: MeshConfig | tuple = MeshConfig(), devices=None) -> Mesh:
     try:
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (AssertionError, ValueError, NotImplementedError):
-        grid = np.asarray(devices).reshape(shape)  # CPU or unusual topologies: plain row-major order
+        grid = np.asarray(devices).reshape(
+            shape
+        )  # CPU or unusual topologies: plain row-major order
     return Mesh(grid, MESH_AXES)
 
 
@@ -145,25 +152,38 @@ def shard_batch(mesh: Mesh | None, *arrays):
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     out = []
     for a in arrays:
-        sharding = batch_sharding(mesh, a.ndim) if a.shape[0] % split == 0 else NamedSharding(mesh, P())
+        sharding = (
+            batch_sharding(mesh, a.ndim) if a.shape[0] % split == 0 else NamedSharding(mesh, P())
+        )
         if jax.process_count() == 1:
             out.append(jax.device_put(a, sharding))
         else:  # only the addressable shards are read; the others live on other hosts
             host = np.asarray(a)
-            out.append(jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index]))
+            out.append(
+                jax.make_array_from_callback(
+                    host.shape, sharding, lambda index, host=host: host[index]
+                )
+            )
     return tuple(out)
 
 
 def local_batch_shards(mesh: Mesh) -> range:
     """The batch shards (of data*fsdp, in batch order) that this process's devices hold."""
     fsdp, me = mesh.shape["fsdp"], jax.process_index()
-    shards = sorted({d * fsdp + f for (d, f, _), device in np.ndenumerate(mesh.devices)
-                     if device.process_index == me})
+    shards = sorted(
+        {
+            d * fsdp + f
+            for (d, f, _), device in np.ndenumerate(mesh.devices)
+            if device.process_index == me
+        }
+    )
     if not shards:
         raise ValueError(f"process {me} has no device in the mesh {dict(mesh.shape)}")
     if shards != list(range(shards[0], shards[-1] + 1)):
-        raise ValueError(f"process {me} holds batch shards {shards} of the mesh {dict(mesh.shape)}, which are not "
-                         "contiguous; build the mesh so that each process's devices are adjacent along data/fsdp")
+        raise ValueError(
+            f"process {me} holds batch shards {shards} of the mesh {dict(mesh.shape)}, which are not "
+            "contiguous; build the mesh so that each process's devices are adjacent along data/fsdp"
+        )
     return range(shards[0], shards[-1] + 1)
 
 
@@ -178,8 +198,10 @@ def process_batch_rows(mesh: Mesh, global_rows: int) -> slice:
     """
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_rows % split:
-        raise ValueError(f"global batch of {global_rows} rows cannot be split over data*fsdp = {split} "
-                         f"devices; make the batch size a multiple of {split}")
+        raise ValueError(
+            f"global batch of {global_rows} rows cannot be split over data*fsdp = {split} "
+            f"devices; make the batch size a multiple of {split}"
+        )
     shards, per_shard = local_batch_shards(mesh), global_rows // split
     return slice(shards.start * per_shard, shards.stop * per_shard)
 
@@ -201,9 +223,11 @@ def global_batch(mesh: Mesh | None, local_arrays):
     def place(a):
         rows = a.shape[0]
         if rows % shards:
-            raise ValueError(f"process {jax.process_index()} passed {rows} rows, which cannot be split over the "
-                             f"{shards} batch shards its devices hold; make the per-process batch a multiple "
-                             f"of {shards}")
+            raise ValueError(
+                f"process {jax.process_index()} passed {rows} rows, which cannot be split over the "
+                f"{shards} batch shards its devices hold; make the per-process batch a multiple "
+                f"of {shards}"
+            )
         sharding = batch_sharding(mesh, a.ndim)
         if jax.process_count() == 1:
             return jax.device_put(a, sharding)

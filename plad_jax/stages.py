@@ -33,7 +33,13 @@ from plad_jax.config import Config, ConfigError, to_dict
 from plad_jax.loop import LossCurve, train_loop
 from plad_jax.methods import Method
 from plad_jax.models import from_pretrained, hf, init_model, lora
-from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, state_shardings
+from plad_jax.train import (
+    OptimizerConfig,
+    TrainState,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +72,27 @@ class Context:
         if self._splits is None:
             d = self.config.data
             self._splits = data.load_splits(
-                d.task, d.path or None, prompt_field=d.prompt_field, response_field=d.response_field,
-                hub_data_dir=d.hub_data_dir, seed=d.split_seed, test_size=d.test_size,
-                validation_size=d.validation_size, max_d0=d.max_d0, max_d=d.max_d,
-                max_validation=d.max_validation, max_test=d.max_test)
-            logger.info("data %s: D0 %d, D %d, validation %d, test %d", d.task, len(self._splits.d0),
-                        len(self._splits.d), len(self._splits.validation), len(self._splits.test))
+                d.task,
+                d.path or None,
+                prompt_field=d.prompt_field,
+                response_field=d.response_field,
+                hub_data_dir=d.hub_data_dir,
+                seed=d.split_seed,
+                test_size=d.test_size,
+                validation_size=d.validation_size,
+                max_d0=d.max_d0,
+                max_d=d.max_d,
+                max_validation=d.max_validation,
+                max_test=d.max_test,
+            )
+            logger.info(
+                "data %s: D0 %d, D %d, validation %d, test %d",
+                d.task,
+                len(self._splits.d0),
+                len(self._splits.d),
+                len(self._splits.validation),
+                len(self._splits.test),
+            )
         return self._splits
 
     def tokenizer(self, role: str):
@@ -88,40 +109,60 @@ class Context:
         """The role's starting weights: a local/hub HF model or GGUF file (cut to `layers` when
         set), or a fresh init from config fields."""
         model = getattr(self.config, role)
-        kwargs = dict(dtype=model.dtype, compute_dtype=model.compute_dtype, remat=model.remat,
-                      mesh=self.mesh)
+        kwargs = dict(
+            dtype=model.dtype, compute_dtype=model.compute_dtype, remat=model.remat, mesh=self.mesh
+        )
         if model.path:
             return self._fits(from_pretrained(model.path, layers=model.cut, **kwargs), role)
         tok = self.tokenizer(role)
-        fields = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                  "pad_token_id": tok.pad_token_id, **model.init}
-        return self._fits(init_model(fields, seed=self.config.seed + (role == "student"), **kwargs), role)
+        fields = {
+            "vocab_size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            **model.init,
+        }
+        return self._fits(
+            init_model(fields, seed=self.config.seed + (role == "student"), **kwargs), role
+        )
 
     def _fits(self, lm, role: str):
         """`lm`, after one clear error, before any stage work, if the longest sequence the run can
         make is past its position table (GPT-Neo), instead of a silent clamp mid-run."""
         c = self.config
-        longest = c.data.max_prompt_tokens + max(c.data.max_response_tokens, c.sample.max_new_tokens,
-                                                 c.eval.max_new_tokens)
+        longest = c.data.max_prompt_tokens + max(
+            c.data.max_response_tokens, c.sample.max_new_tokens, c.eval.max_new_tokens
+        )
         if lm.max_positions is not None and longest > lm.max_positions:
-            raise ValueError(f"{role}: data.max_prompt_tokens {c.data.max_prompt_tokens} + the longest response "
-                             f"(data.max_response_tokens / sample.max_new_tokens / eval.max_new_tokens) = {longest} "
-                             f"tokens exceeds the model's {lm.max_positions} positions (max_position_embeddings)")
+            raise ValueError(
+                f"{role}: data.max_prompt_tokens {c.data.max_prompt_tokens} + the longest response "
+                f"(data.max_response_tokens / sample.max_new_tokens / eval.max_new_tokens) = {longest} "
+                f"tokens exceeds the model's {lm.max_positions} positions (max_position_embeddings)"
+            )
         return lm
 
     def stage_model(self, stage: str, role: str):
         model = getattr(self.config, role)
-        return self._fits(from_pretrained(self.path(stage, "params"), dtype=model.dtype,
-                                          compute_dtype=model.compute_dtype, remat=model.remat,
-                                          mesh=self.mesh), role)
+        return self._fits(
+            from_pretrained(
+                self.path(stage, "params"),
+                dtype=model.dtype,
+                compute_dtype=model.compute_dtype,
+                remat=model.remat,
+                mesh=self.mesh,
+            ),
+            role,
+        )
 
     def encode(self, role: str, prompts, responses):
         d = self.config.data
-        return data.encode_texts(self.tokenizer(role), prompts, responses, d.max_prompt_tokens,
-                                 d.max_response_tokens)
+        return data.encode_texts(
+            self.tokenizer(role), prompts, responses, d.max_prompt_tokens, d.max_response_tokens
+        )
 
 
 # -- running stages -------------------------------------------------------------------------------
+
 
 def run(config: Config, run_dir: str, stages=STAGES, *, on_start=None):
     """Run the selected stages in pipeline order, skipping those already DONE.
@@ -130,7 +171,9 @@ def run(config: Config, run_dir: str, stages=STAGES, *, on_start=None):
     that check and before any stage (the CLI records config.json there), so input that cannot
     work changes nothing in the run directory."""
     ctx = Context(config, run_dir)
-    pending = [name for name in STAGES if name in stages and not os.path.exists(ctx.path(name, "DONE"))]
+    pending = [
+        name for name in STAGES if name in stages and not os.path.exists(ctx.path(name, "DONE"))
+    ]
     check_inputs(ctx, pending)
     if on_start is not None:
         on_start()
@@ -146,13 +189,16 @@ def run(config: Config, run_dir: str, stages=STAGES, *, on_start=None):
         summary = STAGE_FUNCTIONS[name](ctx, ctx.path(name))
         if jax.process_index() == 0:
             _write_json(done, summary)
-        _barrier(f"stage {name} done")  # no process reads a stage's output before every process wrote it
+        _barrier(
+            f"stage {name} done"
+        )  # no process reads a stage's output before every process wrote it
         logger.info("stage %s: done %s", name, json.dumps(summary))
 
 
 def _barrier(name: str):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -202,12 +248,16 @@ def _check_inputs(ctx: Context, pending) -> None:
             raise data_problem
         check_checkpoints(cfg, pending)
         if "distill" in pending and method.shared_vocabulary:
-            methods.check_shared_vocabulary(method, cfg, ctx.tokenizer("teacher"),
-                                            ctx.tokenizer("student"))
+            methods.check_shared_vocabulary(
+                method, cfg, ctx.tokenizer("teacher"), ctx.tokenizer("student")
+            )
         return
     parts = [_missing_weights(missing)] if missing else []
-    parts += [f"{inputs.describe(need, readers)} cannot be loaded ({why}); a python scorer is "
-              "module:attr on the Python path" for need, readers, why in unusable]
+    parts += [
+        f"{inputs.describe(need, readers)} cannot be loaded ({why}); a python scorer is "
+        "module:attr on the Python path"
+        for need, readers, why in unusable
+    ]
     if data_problem is not None:
         parts.append(f"and the data: {data_problem}")
     raise ConfigError("; ".join(parts))
@@ -221,9 +271,11 @@ def _check_upstream(ctx: Context, pending):
         for before in inputs.upstream(ctx.config, stage):
             if before not in pending and not os.path.exists(ctx.path(before, "DONE")):
                 marker = ctx.path(before, "DONE")
-                raise ConfigError(f"stage {stage} reads the output of stage {before}, which is not "
-                                  f"done in {ctx.run_dir} ({marker} is missing); add {before} to "
-                                  "--stages or point --run-dir at the run that has it")
+                raise ConfigError(
+                    f"stage {stage} reads the output of stage {before}, which is not "
+                    f"done in {ctx.run_dir} ({marker} is missing); add {before} to "
+                    "--stages or point --run-dir at the run that has it"
+                )
 
 
 def _unavailable(ctx: Context, needs: dict, pending):
@@ -259,10 +311,12 @@ def _missing_weights(missing) -> str:
     selections = sorted({r for _, rs in missing for r in rs if r.endswith(".select_best")})
     extra += "".join(f"; or --set {r}=false keeps the last checkpoint" for r in selections)
     one = len(missing) == 1
-    return (f"missing weights: {names} {'is' if one else 'are'} neither a local directory nor "
-            f"reachable on the Hugging Face hub; download {'it' if one else 'them'} (config.json, "
-            f"safetensors, tokenizer files) and point at the local {'copy' if one else 'copies'}: "
-            f"{fix}{extra}")
+    return (
+        f"missing weights: {names} {'is' if one else 'are'} neither a local directory nor "
+        f"reachable on the Hugging Face hub; download {'it' if one else 'them'} (config.json, "
+        f"safetensors, tokenizer files) and point at the local {'copy' if one else 'copies'}: "
+        f"{fix}{extra}"
+    )
 
 
 def check_checkpoints(cfg: Config, pending) -> None:
@@ -280,7 +334,11 @@ def check_checkpoints(cfg: Config, pending) -> None:
 
 
 def _local_hint(key: str, source: str) -> str:
-    return "/models/" + source.rstrip("/").rpartition("/")[2] if "/" in source else f"/models/{key.split('.')[0]}"
+    return (
+        "/models/" + source.rstrip("/").rpartition("/")[2]
+        if "/" in source
+        else f"/models/{key.split('.')[0]}"
+    )
 
 
 def _write_json(path: str, obj):
@@ -295,6 +353,7 @@ def _config_hash(*parts) -> str:
 
 
 # -- training ---------------------------------------------------------------------------------------
+
 
 def with_lora(ctx: Context, lm, role: str):
     """The model with LoRA adapters when the role's config asks for them (exports merge them)."""
@@ -334,8 +393,14 @@ class BestCheckpoint:
             return
         lm = self.model_at(state.params)
         score = float(self.score_fn(lm))
-        logger.info("step %d: validation score %.4f (best so far %s)", step, score,
-                    "none" if self.best_step is None else f"{self.scores[self.best_step]:.4f} at step {self.best_step}")
+        logger.info(
+            "step %d: validation score %.4f (best so far %s)",
+            step,
+            score,
+            "none"
+            if self.best_step is None
+            else f"{self.scores[self.best_step]:.4f} at step {self.best_step}",
+        )
         if self.best_step is None or score > self.scores[self.best_step]:
             tmp = self.best_dir + ".tmp"
             lm.save_pretrained(tmp)
@@ -347,12 +412,27 @@ class BestCheckpoint:
             _write_json(self.record_path, {str(k): v for k, v in sorted(self.scores.items())})
 
     def summary(self) -> dict:
-        return {"best_step": self.best_step, "validation_score": self.scores.get(self.best_step),
-                "validation_by_step": {str(k): v for k, v in sorted(self.scores.items())}}
+        return {
+            "best_step": self.best_step,
+            "validation_score": self.scores.get(self.best_step),
+            "validation_by_step": {str(k): v for k, v in sorted(self.scores.items())},
+        }
 
 
-def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, batch_fn,
-                num_examples: int, *, teacher=None, reference=None, tag: str = "", select=None):
+def train_model(
+    ctx: Context,
+    lm,
+    stage_dir: str,
+    train_cfg,
+    method: Method,
+    batch_fn,
+    num_examples: int,
+    *,
+    teacher=None,
+    reference=None,
+    tag: str = "",
+    select=None,
+):
     """Train `lm` with `method`'s loss on `batch_fn(rows) -> batch`; returns (trained lm, summary).
 
     select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint, the best
@@ -361,9 +441,15 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, bat
     total = steps_per_epoch * train_cfg.epochs
     if train_cfg.max_steps:
         total = min(total, train_cfg.max_steps)
-    optimizer = make_optimizer(OptimizerConfig(
-        learning_rate=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps, total_steps=total,
-        weight_decay=train_cfg.weight_decay, max_grad_norm=train_cfg.max_grad_norm))
+    optimizer = make_optimizer(
+        OptimizerConfig(
+            learning_rate=train_cfg.learning_rate,
+            warmup_steps=train_cfg.warmup_steps,
+            total_steps=total,
+            weight_decay=train_cfg.weight_decay,
+            max_grad_norm=train_cfg.max_grad_norm,
+        )
+    )
     frozen, trainable, combine = {}, lm.params, methods.full_params
     if isinstance(lm, lora.LoRAModel):  # adapters train, base weights ride along frozen
         trainable, frozen[lora.FROZEN_KEY] = lora.split_trainable(lm.params)
@@ -374,18 +460,29 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, bat
     if reference is not None:
         frozen["reference"] = reference
     state = TrainState.create(trainable, optimizer, seed=ctx.config.seed)
-    step = make_train_step(loss_fn, optimizer, grad_accum=train_cfg.grad_accum, frozen_fn=frozen_fn,
-                           state_shardings=state_shardings(state))
+    step = make_train_step(
+        loss_fn,
+        optimizer,
+        grad_accum=train_cfg.grad_accum,
+        frozen_fn=frozen_fn,
+        state_shardings=state_shardings(state),
+    )
     seed = ctx.config.seed
 
     def batches(epoch: int, index: int):
         order = data.epoch_order(num_examples, shuffle_seed=seed, epoch=epoch)
-        rows = order[index * train_cfg.batch_size:(index + 1) * train_cfg.batch_size]
+        rows = order[index * train_cfg.batch_size : (index + 1) * train_cfg.batch_size]
         batch = batch_fn(rows)
         return dict(zip(batch, shd.shard_batch(ctx.mesh, *batch.values())))
 
-    to_full = (lambda p: lora.combine(p, frozen[lora.FROZEN_KEY])) if lora.FROZEN_KEY in frozen else (lambda p: p)
-    selector = BestCheckpoint(stage_dir, lambda p: lm.with_params(to_full(p)), select) if select else None
+    to_full = (
+        (lambda p: lora.combine(p, frozen[lora.FROZEN_KEY]))
+        if lora.FROZEN_KEY in frozen
+        else (lambda p: p)
+    )
+    selector = (
+        BestCheckpoint(stage_dir, lambda p: lm.with_params(to_full(p)), select) if select else None
+    )
     curve = LossCurve(os.path.join(stage_dir, f"curve{tag}.json"))
     board = _board(ctx, os.path.basename(stage_dir) + tag)
 
@@ -395,14 +492,24 @@ def train_model(ctx: Context, lm, stage_dir: str, train_cfg, method: Method, bat
             for name, value in means.items():
                 board.add_scalar(f"train/{name}", value, step)
 
-    manager = ckpt.open_manager(os.path.join(stage_dir, f"checkpoints{tag}"),
-                                ckpt.CheckpointConfig(every_steps=train_cfg.checkpoint_every, keep=train_cfg.keep))
-    state = train_loop(step, state, batches, frozen, total_steps=total, steps_per_epoch=steps_per_epoch,
-                       manager=manager, log_every=train_cfg.log_every,
-                       on_metrics=on_metrics, progress=os.path.basename(stage_dir) + tag,
-                       config_hash=_config_hash(to_dict(train_cfg), method.name,
-                                                method.hparams_dict(), tag),
-                       on_checkpoint=selector)
+    manager = ckpt.open_manager(
+        os.path.join(stage_dir, f"checkpoints{tag}"),
+        ckpt.CheckpointConfig(every_steps=train_cfg.checkpoint_every, keep=train_cfg.keep),
+    )
+    state = train_loop(
+        step,
+        state,
+        batches,
+        frozen,
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        manager=manager,
+        log_every=train_cfg.log_every,
+        on_metrics=on_metrics,
+        progress=os.path.basename(stage_dir) + tag,
+        config_hash=_config_hash(to_dict(train_cfg), method.name, method.hparams_dict(), tag),
+        on_checkpoint=selector,
+    )
     manager.close()
     if board is not None:
         if selector is not None:
@@ -420,6 +527,7 @@ def _board(ctx: Context, name: str):
     if jax.process_index() != 0:
         return None
     from tensorboardX import SummaryWriter
+
     return SummaryWriter(ctx.path("tb", name), flush_secs=30)
 
 
@@ -430,6 +538,7 @@ def sft_batches(encoded: data.EncodedExamples, batch_size: int):
 
 # -- sampling -----------------------------------------------------------------------------------------
 
+
 def stop_strings(ctx: Context, section) -> tuple[str, ...]:
     """`section.stop` (`sample` or `eval`), or the task's own stop strings when it is None."""
     if section.stop is not None:
@@ -437,8 +546,19 @@ def stop_strings(ctx: Context, section) -> tuple[str, ...]:
     return data.task_stop_strings(ctx.config.data.task)
 
 
-def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_new_tokens, seed, desc="sample",
-                     sample_ids=None, stop=()):
+def sample_responses(
+    ctx: Context,
+    lm,
+    role: str,
+    prompts,
+    *,
+    temperature,
+    max_new_tokens,
+    seed,
+    desc="sample",
+    sample_ids=None,
+    stop=(),
+):
     """(texts, token id lists, sequence log-probs) of one sample per prompt (`sampler.generate_many`:
     batched by length, progress bar, tokens/s in the log). Prompts are encoded as for training.
     sample_ids: each prompt's index in its split, so that its sample is the same on any number
@@ -447,15 +567,25 @@ def sample_responses(ctx: Context, lm, role: str, prompts, *, temperature, max_n
     cfg = ctx.config.sample
     tok = ctx.tokenizer(role)
     encoded = ctx.encode(role, prompts, [""] * len(prompts))
-    sampled = sampler.generate_many(lm, encoded.prompts, max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
-                                    temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed,
-                                    sample_ids=sample_ids, desc=f"{desc} ({role})",
-                                    stop=sampler.stop_strings(tok, stop))
+    sampled = sampler.generate_many(
+        lm,
+        encoded.prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=cfg.batch_size,
+        temperature=temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=seed,
+        sample_ids=sample_ids,
+        desc=f"{desc} ({role})",
+        stop=sampler.stop_strings(tok, stop),
+    )
     texts = [tok.decode(s.ids, skip_special_tokens=True) for s in sampled]
     return texts, [s.ids for s in sampled], np.array([s.logprob for s in sampled], np.float32)
 
 
 # -- the stages ---------------------------------------------------------------------------------------
+
 
 def _sft_stage(role: str):
     def stage(ctx: Context, stage_dir: str):
@@ -463,16 +593,30 @@ def _sft_stage(role: str):
         train_cfg = getattr(ctx.config, f"sft_{role}")
         d0 = ctx.splits.d0
         encoded = ctx.encode(role, [e.prompt for e in d0], [e.response for e in d0])
-        logger.info("sft_%s: %d examples, %d prompts cut to %d tokens", role, len(d0), encoded.num_prompts_cut,
-                    ctx.config.data.max_prompt_tokens)
+        logger.info(
+            "sft_%s: %d examples, %d prompts cut to %d tokens",
+            role,
+            len(d0),
+            encoded.num_prompts_cut,
+            ctx.config.data.max_prompt_tokens,
+        )
         select = None
         if train_cfg.select_best and ctx.splits.validation:
             select = lambda model: validation_score(ctx, model, role, train_cfg.validation_examples)  # noqa: E731
-        lm, summary = train_model(ctx, lm, stage_dir, train_cfg, methods.SFT(),
-                                  sft_batches(encoded, train_cfg.batch_size), len(d0), select=select)
+        lm, summary = train_model(
+            ctx,
+            lm,
+            stage_dir,
+            train_cfg,
+            methods.SFT(),
+            sft_batches(encoded, train_cfg.batch_size),
+            len(d0),
+            select=select,
+        )
         if lm is not None:  # else the selection already wrote the best checkpoint there
             lm.save_pretrained(os.path.join(stage_dir, "params"))
         return {**summary, "examples": len(d0), "prompts_cut": encoded.num_prompts_cut}
+
     return stage
 
 
@@ -482,9 +626,17 @@ def validation_score(ctx: Context, lm, role: str, n: int) -> float:
     the mean score (a win rate against the target itself would always be 0)."""
     examples = ctx.splits.validation[:n]
     prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
-    texts, _, _ = sample_responses(ctx, lm, role, prompts, temperature=0.0,
-                                   max_new_tokens=ctx.config.eval.max_new_tokens, seed=ctx.config.seed,
-                                   desc="validation", stop=stop_strings(ctx, ctx.config.eval))
+    texts, _, _ = sample_responses(
+        ctx,
+        lm,
+        role,
+        prompts,
+        temperature=0.0,
+        max_new_tokens=ctx.config.eval.max_new_tokens,
+        seed=ctx.config.seed,
+        desc="validation",
+        stop=stop_strings(ctx, ctx.config.eval),
+    )
     scorer = _scorer(ctx, ctx.config.eval)
     scores = scorer.score(prompts, texts, refs)
     if rewards.is_reference_based(scorer):
@@ -500,23 +652,51 @@ def sample_stage(ctx: Context, stage_dir: str):
     """One teacher and one student sample per prompt of D. Each process samples every
     `process_count`-th prompt; a prompt's samples depend only on its index in D and the seed, so
     the pairs are the same on any number of processes."""
-    teacher, student = ctx.stage_model("sft_teacher", "teacher"), ctx.stage_model("sft_student", "student")
+    teacher, student = (
+        ctx.stage_model("sft_teacher", "teacher"),
+        ctx.stage_model("sft_student", "student"),
+    )
     everything = ctx.splits.d
     indices = list(range(jax.process_index(), len(everything), jax.process_count()))
     examples = [everything[i] for i in indices]
     prompts = [e.prompt for e in examples]
     cfg, seed = ctx.config.sample, ctx.config.seed
-    common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                  sample_ids=indices, stop=stop_strings(ctx, cfg))
+    common = dict(
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        sample_ids=indices,
+        stop=stop_strings(ctx, cfg),
+    )
     t_texts, t_ids, t_logp = sample_responses(ctx, teacher, "teacher", prompts, seed=seed, **common)
-    s_texts, s_ids, s_logp = sample_responses(ctx, student, "student", prompts, seed=seed + 1, **common)
-    rows = [dict(prompt=e.prompt, reference=e.response, teacher=t, student=s, chosen="teacher", index=i,
-                 teacher_ids=ti, student_ids=si, teacher_logp=float(tl), student_logp=float(sl))
-            for i, e, t, s, ti, si, tl, sl in zip(indices, examples, t_texts, s_texts, t_ids, s_ids, t_logp, s_logp)]
+    s_texts, s_ids, s_logp = sample_responses(
+        ctx, student, "student", prompts, seed=seed + 1, **common
+    )
+    rows = [
+        dict(
+            prompt=e.prompt,
+            reference=e.response,
+            teacher=t,
+            student=s,
+            chosen="teacher",
+            index=i,
+            teacher_ids=ti,
+            student_ids=si,
+            teacher_logp=float(tl),
+            student_logp=float(sl),
+        )
+        for i, e, t, s, ti, si, tl, sl in zip(
+            indices, examples, t_texts, s_texts, t_ids, s_ids, t_logp, s_logp
+        )
+    ]
     stats = {}
     if ctx.config.pairs.real_ratio > 0:
-        rows, stats = pairs.relabel(rows, _scorer(ctx, ctx.config.pairs), ctx.config.pairs.real_ratio, seed,
-                                    population=len(everything))
+        rows, stats = pairs.relabel(
+            rows,
+            _scorer(ctx, ctx.config.pairs),
+            ctx.config.pairs.real_ratio,
+            seed,
+            population=len(everything),
+        )
         stats = {k: v for k, v in stats.items() if k != "pairs"}  # this process's counts
     pairs.write_pairs(stage_dir, rows, jax.process_index())
     return {"pairs": len(everything), **stats}
@@ -527,8 +707,9 @@ def distill_stage(ctx: Context, stage_dir: str):
     student = with_lora(ctx, ctx.stage_model("sft_student", "student"), "student")
     teacher = None
     if method.shared_vocabulary:
-        methods.check_shared_vocabulary(method, ctx.config, ctx.tokenizer("teacher"),
-                                        ctx.tokenizer("student"))
+        methods.check_shared_vocabulary(
+            method, ctx.config, ctx.tokenizer("teacher"), ctx.tokenizer("student")
+        )
     if "teacher" in method.frozen_models:
         teacher = ctx.stage_model("sft_teacher", "teacher")
     rows = pairs.read_pairs(ctx.path("sample"))
@@ -545,8 +726,18 @@ def distill_stage(ctx: Context, stage_dir: str):
         if "reference" in method.frozen_models:
             reference = jax.tree.map(jnp.copy, student.params)
         tag = "" if cfg.rounds == 1 else f"-round{round_}"
-        student, summary = train_model(ctx, student, stage_dir, cfg, method, batch_fn, n,
-                                       teacher=teacher, reference=reference, tag=tag)
+        student, summary = train_model(
+            ctx,
+            student,
+            stage_dir,
+            cfg,
+            method,
+            batch_fn,
+            n,
+            teacher=teacher,
+            reference=reference,
+            tag=tag,
+        )
     student.save_pretrained(os.path.join(stage_dir, "params"))
     exported = export_gguf(ctx, student, stage_dir)
     return {"method": method.name, "rounds": cfg.rounds, **summary, **exported}
@@ -555,11 +746,18 @@ def distill_stage(ctx: Context, stage_dir: str):
 def resampled_rows(ctx: Context, student, rows, round_: int):
     """The pair rows with a new student sample each, from `student` (iterative distillation)."""
     ids = [r["index"] if r["index"] is not None else i for i, r in enumerate(rows)]
-    texts, _, _ = sample_responses(ctx, student, "student", [r["prompt"] for r in rows], sample_ids=ids,
-                                   temperature=ctx.config.sample.temperature,
-                                   max_new_tokens=ctx.config.sample.max_new_tokens,
-                                   seed=ctx.config.seed + 100 * round_, desc=f"round {round_}",
-                                   stop=stop_strings(ctx, ctx.config.sample))
+    texts, _, _ = sample_responses(
+        ctx,
+        student,
+        "student",
+        [r["prompt"] for r in rows],
+        sample_ids=ids,
+        temperature=ctx.config.sample.temperature,
+        max_new_tokens=ctx.config.sample.max_new_tokens,
+        seed=ctx.config.seed + 100 * round_,
+        desc=f"round {round_}",
+        stop=stop_strings(ctx, ctx.config.sample),
+    )
     return [{**r, "student": t, "chosen": "teacher"} for r, t in zip(rows, texts)]
 
 
@@ -581,9 +779,17 @@ def own_loop_distill(ctx: Context, stage_dir: str, method: Method, student, teac
     d = ctx.config.data
     scorer = _scorer(ctx, ctx.config.pairs) if ctx.config.pairs.real_ratio > 0 else None
     student, summary = method.train_own(
-        student, rows, teacher=teacher, workdir=stage_dir, train=ctx.config.distill,
-        tokenizer=ctx.tokenizer("student"), max_prompt_tokens=d.max_prompt_tokens,
-        max_response_tokens=d.max_response_tokens, scorer=scorer, seed=ctx.config.seed)
+        student,
+        rows,
+        teacher=teacher,
+        workdir=stage_dir,
+        train=ctx.config.distill,
+        tokenizer=ctx.tokenizer("student"),
+        max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_response_tokens,
+        scorer=scorer,
+        seed=ctx.config.seed,
+    )
     student.save_pretrained(os.path.join(stage_dir, "params"))
     return {"method": method.name, **summary, **export_gguf(ctx, student, stage_dir)}
 
@@ -618,6 +824,7 @@ def _texts(rows, source: str) -> list[str]:
 def parts_batches(parts: dict, batch_size: int):
     """Batches of the same rows of several encodings: `<prefix>_ids` / `<prefix>_mask` of each
     part's responses, and the prompts (the first part's)."""
+
     def batch_fn(rows):
         batch = {}
         for prefix, encoded in parts.items():
@@ -626,26 +833,42 @@ def parts_batches(parts: dict, batch_size: int):
                 batch.update(prompt_ids=b["prompt_ids"], prompt_mask=b["prompt_mask"])
             batch.update({f"{prefix}_ids": b["response_ids"], f"{prefix}_mask": b["response_mask"]})
         return batch
+
     return batch_fn
 
 
 def eval_stage(ctx: Context, stage_dir: str):
     cfg = ctx.config.eval
-    examples = ctx.splits.test[:cfg.num_examples] if cfg.num_examples else ctx.splits.test
+    examples = ctx.splits.test[: cfg.num_examples] if cfg.num_examples else ctx.splits.test
     prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
     responses = {}
-    for name, stage, role in (("teacher", "sft_teacher", "teacher"), ("initial student", "sft_student", "student"),
-                              ("distilled student", "distill", "student")):
+    for name, stage, role in (
+        ("teacher", "sft_teacher", "teacher"),
+        ("initial student", "sft_student", "student"),
+        ("distilled student", "distill", "student"),
+    ):
         lm = ctx.stage_model(stage, role)
-        responses[name], _, _ = sample_responses(ctx, lm, role, prompts, temperature=cfg.temperature,
-                                                 max_new_tokens=cfg.max_new_tokens, seed=ctx.config.seed,
-                                                 desc=f"eval {name}", stop=stop_strings(ctx, cfg))
+        responses[name], _, _ = sample_responses(
+            ctx,
+            lm,
+            role,
+            prompts,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=ctx.config.seed,
+            desc=f"eval {name}",
+            stop=stop_strings(ctx, cfg),
+        )
     scorer = _scorer(ctx, cfg)
     metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer, teacher="teacher")
     rows = pairs.read_pairs(ctx.path("sample"))
     metrics["teacher_student_win_rate"] = evaluate.teacher_student_win_rate(
-        [r["teacher"] for r in rows], [r["student"] for r in rows], [r["prompt"] for r in rows], scorer,
-        references=[r["reference"] for r in rows])
+        [r["teacher"] for r in rows],
+        [r["student"] for r in rows],
+        [r["prompt"] for r in rows],
+        scorer,
+        references=[r["reference"] for r in rows],
+    )
     curves = {}
     for stage in ("sft_teacher", "sft_student", "distill"):
         path = ctx.path(stage, "curve.json")
@@ -653,13 +876,28 @@ def eval_stage(ctx: Context, stage_dir: str):
             with open(path, encoding="utf-8") as f:
                 curves[stage] = [tuple(x) for x in json.load(f)]
     evaluate.write_report(stage_dir, metrics, curves, process_index=jax.process_index())
-    if jax.process_index() == 0:  # every model's text per test prompt, for per-row analysis after the run
+    if (
+        jax.process_index() == 0
+    ):  # every model's text per test prompt, for per-row analysis after the run
         from etils import epath  # local or gs://, as the report
-        epath.Path(stage_dir, "responses.jsonl").write_text("".join(
-            json.dumps({"prompt": p, "reference": r, **{name: texts[i] for name, texts in responses.items()}}) + "\n"
-            for i, (p, r) in enumerate(zip(prompts, refs))))
-    return {name: {"win_rate": m.get("win_rate"), "mean_score": m.get("mean_score")}
-            for name, m in metrics.get("models", {}).items()}
+
+        epath.Path(stage_dir, "responses.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "prompt": p,
+                        "reference": r,
+                        **{name: texts[i] for name, texts in responses.items()},
+                    }
+                )
+                + "\n"
+                for i, (p, r) in enumerate(zip(prompts, refs))
+            )
+        )
+    return {
+        name: {"win_rate": m.get("win_rate"), "mean_score": m.get("mean_score")}
+        for name, m in metrics.get("models", {}).items()
+    }
 
 
 STAGE_FUNCTIONS = {

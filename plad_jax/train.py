@@ -50,15 +50,25 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     warmup = max(cfg.warmup_steps, 0)
     decay = max(cfg.total_steps - warmup, 1)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
-         optax.linear_schedule(cfg.learning_rate, 0.0, decay)],
-        boundaries=[warmup])
+        [
+            optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+            optax.linear_schedule(cfg.learning_rate, 0.0, decay),
+        ],
+        boundaries=[warmup],
+    )
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
-    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay))
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -70,7 +80,7 @@ class TrainState:
     rng: jax.Array  # base key; step k uses fold_in(rng, k)
 
     @classmethod
-    def create(cls, params, optimizer: optax.GradientTransformation, seed: int = 0) -> "TrainState":
+    def create(cls, params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
         """Optimizer moments take their param's sharding; counters and rng are replicated beside them."""
         step, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed))
         sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
@@ -78,11 +88,19 @@ class TrainState:
             return cls(step=step, params=params, opt_state=jax.jit(optimizer.init)(params), rng=rng)
         replicated = NamedSharding(sharding.mesh, PartitionSpec())
         opt_shardings = optax.tree_map_params(
-            optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params),
-            jax.tree.map(lambda x: x.sharding, params), transform_non_params=lambda _: replicated)
+            optimizer,
+            lambda _, s: s,
+            jax.eval_shape(optimizer.init, params),
+            jax.tree.map(lambda x: x.sharding, params),
+            transform_non_params=lambda _: replicated,
+        )
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-        return cls(step=jax.device_put(step, replicated), params=params, opt_state=opt_state,
-                   rng=jax.device_put(rng, replicated))
+        return cls(
+            step=jax.device_put(step, replicated),
+            params=params,
+            opt_state=opt_state,
+            rng=jax.device_put(rng, replicated),
+        )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,8 +110,10 @@ class NonFiniteLossError(FloatingPointError):
 def check_finite(metrics, step: int):
     """Raise `NonFiniteLossError` (one line) if the step reported a non-finite loss or gradient."""
     if not bool(metrics["finite"]):
-        raise NonFiniteLossError(f"step {step}: loss or gradient is NaN/Inf; training stopped, "
-                                 "the last saved checkpoint is intact (lower the learning rate or check the data)")
+        raise NonFiniteLossError(
+            f"step {step}: loss or gradient is NaN/Inf; training stopped, "
+            "the last saved checkpoint is intact (lower the learning rate or check the data)"
+        )
 
 
 def _split_micro(batch, n):
@@ -101,6 +121,7 @@ def _split_micro(batch, n):
         if x.shape[0] % n:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={n}")
         return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
     return jax.tree.map(split, batch)
 
 
@@ -116,6 +137,7 @@ def _accumulate(loss_fn, params, frozen, batch, rng, grad_accum):
     if grad_accum == 1:
         (_, metrics), grads = grad_fn(params, batch, rng)
     else:
+
         def body(carry, xs):
             micro, i = xs
             (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
@@ -129,8 +151,15 @@ def _accumulate(loss_fn, params, frozen, batch, rng, grad_accum):
     return jax.tree.map(lambda g: g / total, grads), metrics
 
 
-def make_train_step(loss_fn, optimizer: optax.GradientTransformation, *, grad_accum: int = 1,
-                    frozen_fn=None, state_shardings=None, donate: bool | None = None):
+def make_train_step(
+    loss_fn,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    frozen_fn=None,
+    state_shardings=None,
+    donate: bool | None = None,
+):
     """A jitted `step(state, batch, frozen) -> (state, metrics)`.
 
     `state_shardings` (see `state_shardings(state)`) pins the new state to the layout of the old

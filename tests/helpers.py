@@ -25,17 +25,48 @@ RESPONSE_LENS = (7, 5, 3, 2)
 
 # Tiny configs of each family, as the sampler tests build them (transformers config kwargs).
 VOCAB = 96
-LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, pad_token_id=0,
-             initializer_range=0.2)
+LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    pad_token_id=0,
+    initializer_range=0.2,
+)
 # num_decoder_layers == num_layers: transformers 5.24 T5 `generate` breaks (cache IndexError) otherwise.
-T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-          relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-          feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
-          initializer_factor=2.0)  # 3.0 gave logits up to 180, where fp32 rounding alone is ~1e-4
-GPT_NEO = dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_layers=2, window_size=4,
-               attention_types=[[["global", "local"], 1]], max_position_embeddings=128, bos_token_id=1,
-               pad_token_id=0, initializer_range=0.2)
+T5 = dict(
+    vocab_size=VOCAB,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    initializer_factor=2.0,
+)  # 3.0 gave logits up to 180, where fp32 rounding alone is ~1e-4
+GPT_NEO = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_heads=4,
+    num_layers=2,
+    window_size=4,
+    attention_types=[[["global", "local"], 1]],
+    max_position_embeddings=128,
+    bos_token_id=1,
+    pad_token_id=0,
+    initializer_range=0.2,
+)
 FAMILIES = {
     "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", LLAMA),
     "t5_v1_1": ("T5Config", "T5ForConditionalGeneration", T5),
@@ -58,12 +89,16 @@ def hf_greedy(model, ids, mask, new_tokens):
     enc = model.config.is_encoder_decoder
     left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
     for b, n in enumerate(lens):  # decoder-only: transformers' convention is left padding
-        left_ids[b, ids.shape[1] - n:], left_mask[b, ids.shape[1] - n:] = ids[b, :n], 1
+        left_ids[b, ids.shape[1] - n :], left_mask[b, ids.shape[1] - n :] = ids[b, :n], 1
     feed_ids, feed_mask = (ids, mask) if enc else (left_ids, left_mask)
-    out = model.generate(input_ids=torch.tensor(feed_ids, dtype=torch.long, device=model.device),
-                         attention_mask=torch.tensor(feed_mask, dtype=torch.long, device=model.device),
-                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
-    new = out[:, 1:] if enc else out[:, ids.shape[1]:]  # T5: drop the decoder start token
+    out = model.generate(
+        input_ids=torch.tensor(feed_ids, dtype=torch.long, device=model.device),
+        attention_mask=torch.tensor(feed_mask, dtype=torch.long, device=model.device),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.pad_token_id,
+    )
+    new = out[:, 1:] if enc else out[:, ids.shape[1] :]  # T5: drop the decoder start token
     eos = model.generation_config.eos_token_id
     rows = []
     for row in new.cpu().numpy().tolist():
@@ -86,12 +121,14 @@ def reference_logits(hf_model, pi, pm, ri, rm):
         if hf_model.config.is_encoder_decoder:
             start = hf_model.config.decoder_start_token_id
             dec = np.concatenate([[start], r[:-1]])
-            logits = hf_model(input_ids=torch.tensor(p, device=dev)[None],
-                              decoder_input_ids=torch.tensor(dec, device=dev)[None]).logits[0]
+            logits = hf_model(
+                input_ids=torch.tensor(p, device=dev)[None],
+                decoder_input_ids=torch.tensor(dec, device=dev)[None],
+            ).logits[0]
         else:
             ids = np.concatenate([p, r])
             logits = hf_model(input_ids=torch.tensor(ids, device=dev)[None]).logits
-            logits = logits[0, len(p) - 1: len(p) - 1 + len(r)]
+            logits = logits[0, len(p) - 1 : len(p) - 1 + len(r)]
         out[b, : len(r)] = logits.float().cpu().numpy()
     return out
 

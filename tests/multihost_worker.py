@@ -24,7 +24,9 @@ PROMPT_LENS, RESPONSE_LENS = (6, 3, 5, 2, 6, 4, 1, 5), (4, 2, 5, 1, 3, 5, 2, 4)
 MESHES = ((2, 2, 2), (8, 1, 1))
 STEPS = 3
 NEW_TOKENS = 5
-MANY_SPLIT = 5  # generate_many: process 0 gets prompts [0, 5), process 1 [5, 8): uneven batch counts
+MANY_SPLIT = (
+    5  # generate_many: process 0 gets prompts [0, 5), process 1 [5, 8): uneven batch counts
+)
 
 
 def mesh_name(shape) -> str:
@@ -39,8 +41,12 @@ def global_sft_batch(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(step)
     pm = (np.arange(max(PROMPT_LENS))[None] < np.asarray(PROMPT_LENS)[:, None]).astype(np.int32)
     rm = (np.arange(max(RESPONSE_LENS))[None] < np.asarray(RESPONSE_LENS)[:, None]).astype(np.int32)
-    return {"prompt_ids": rng.integers(3, VOCAB, pm.shape).astype(np.int32) * pm, "prompt_mask": pm,
-            "response_ids": rng.integers(3, VOCAB, rm.shape).astype(np.int32) * rm, "response_mask": rm}
+    return {
+        "prompt_ids": rng.integers(3, VOCAB, pm.shape).astype(np.int32) * pm,
+        "prompt_mask": pm,
+        "response_ids": rng.integers(3, VOCAB, rm.shape).astype(np.int32) * rm,
+        "response_mask": rm,
+    }
 
 
 def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool = False) -> dict:
@@ -52,17 +58,27 @@ def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool =
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from plad_jax import methods, sharding as shd
+    from plad_jax import methods
+    from plad_jax import sharding as shd
     from plad_jax.models import from_pretrained
-    from plad_jax.train import (OptimizerConfig, TrainState, check_finite, make_optimizer, make_train_step,
-                                reduce_metrics, state_shardings)
+    from plad_jax.train import (
+        OptimizerConfig,
+        TrainState,
+        check_finite,
+        make_optimizer,
+        make_train_step,
+        reduce_metrics,
+        state_shardings,
+    )
 
     mesh = shd.make_mesh(tuple(mesh_shape))
     lm = from_pretrained(model_dir, mesh=mesh)
     loss_fn, frozen_fn = methods.SFT().objective(lm)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
     state = TrainState.create(lm.params, optimizer)
-    step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn, state_shardings=state_shardings(state))
+    step = make_train_step(
+        loss_fn, optimizer, frozen_fn=frozen_fn, state_shardings=state_shardings(state)
+    )
     rows = shd.process_batch_rows(mesh, ROWS)
     out = {"rows": [rows.start, rows.stop], "loss": [], "grad_norm": []}
     for i in range(steps):
@@ -91,7 +107,8 @@ def sample_run(model_dir: str, mesh_shape=MESHES[0]) -> dict:
     """
     import jax
 
-    from plad_jax import sampler, sharding as shd
+    from plad_jax import sampler
+    from plad_jax import sharding as shd
     from plad_jax.models import from_pretrained
 
     lm = from_pretrained(model_dir, mesh=shd.make_mesh(tuple(mesh_shape)))
@@ -100,15 +117,41 @@ def sample_run(model_dir: str, mesh_shape=MESHES[0]) -> dict:
     me, count = jax.process_index(), jax.process_count()
     rows = np.array_split(np.arange(ROWS), count)[me]
     greedy = sampler.generate(lm, ids[rows], mask[rows], max_new_tokens=NEW_TOKENS, temperature=0.0)
-    sampled = sampler.generate(lm, ids[rows], mask[rows], max_new_tokens=NEW_TOKENS, temperature=1.0,
-                               num_samples=2, seed=7, sample_ids=rows)
-    mine = list(range(ROWS)) if count == 1 else [list(range(MANY_SPLIT)), list(range(MANY_SPLIT, ROWS))][me]
-    prompts = [ids[i, :PROMPT_LENS[i]].tolist() for i in mine]
-    many = sampler.generate_many(lm, prompts, max_new_tokens=NEW_TOKENS, batch_size=2, temperature=1.0, seed=3,
-                                 sample_ids=mine, progress=False)
-    return {"rows": rows.tolist(), "greedy": greedy.tokens.tolist(), "greedy_logprobs": greedy.logprobs.tolist(),
-            "sampled": sampled.tokens.tolist(), "many_prompts": mine, "many": [s.ids for s in many],
-            "many_logprob": [s.logprob for s in many]}
+    sampled = sampler.generate(
+        lm,
+        ids[rows],
+        mask[rows],
+        max_new_tokens=NEW_TOKENS,
+        temperature=1.0,
+        num_samples=2,
+        seed=7,
+        sample_ids=rows,
+    )
+    mine = (
+        list(range(ROWS))
+        if count == 1
+        else [list(range(MANY_SPLIT)), list(range(MANY_SPLIT, ROWS))][me]
+    )
+    prompts = [ids[i, : PROMPT_LENS[i]].tolist() for i in mine]
+    many = sampler.generate_many(
+        lm,
+        prompts,
+        max_new_tokens=NEW_TOKENS,
+        batch_size=2,
+        temperature=1.0,
+        seed=3,
+        sample_ids=mine,
+        progress=False,
+    )
+    return {
+        "rows": rows.tolist(),
+        "greedy": greedy.tokens.tolist(),
+        "greedy_logprobs": greedy.logprobs.tolist(),
+        "sampled": sampled.tokens.tolist(),
+        "many_prompts": mine,
+        "many": [s.ids for s in many],
+        "many_logprob": [s.logprob for s in many],
+    }
 
 
 def main():
@@ -117,20 +160,40 @@ def main():
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--timeout", type=int, default=60, help="seconds to wait for the other processes")
+    parser.add_argument(
+        "--timeout", type=int, default=60, help="seconds to wait for the other processes"
+    )
     args = parser.parse_args()
 
     import jax
+
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
     address = f"127.0.0.1:{args.port}"
-    jax.distributed.initialize(coordinator_address=address, coordinator_bind_address=address,
-                               num_processes=args.num_processes, process_id=args.process_id,
-                               initialization_timeout=args.timeout)
-    runs = {mesh_name(shape): sft_run(args.model_dir, shape, eager_logits=shape == MESHES[0]) for shape in MESHES}
+    jax.distributed.initialize(
+        coordinator_address=address,
+        coordinator_bind_address=address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=args.timeout,
+    )
+    runs = {
+        mesh_name(shape): sft_run(args.model_dir, shape, eager_logits=shape == MESHES[0])
+        for shape in MESHES
+    }
     samples = sample_run(args.model_dir)
-    print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                      "local_devices": jax.local_device_count(), "runs": runs, "samples": samples}), flush=True)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "devices": jax.device_count(),
+                "local_devices": jax.local_device_count(),
+                "runs": runs,
+                "samples": samples,
+            }
+        ),
+        flush=True,
+    )
     jax.distributed.shutdown()
 
 

@@ -17,10 +17,17 @@ import torch
 import transformers
 from jax.sharding import SingleDeviceSharding
 
-from plad_jax import checkpointing as ckpt, sharding as shd
+from plad_jax import checkpointing as ckpt
+from plad_jax import sharding as shd
 from plad_jax.loop import train_loop
 from plad_jax.models import CheckpointError, from_pretrained
-from plad_jax.train import NonFiniteLossError, OptimizerConfig, TrainState, make_optimizer, make_train_step
+from plad_jax.train import (
+    NonFiniteLossError,
+    OptimizerConfig,
+    TrainState,
+    make_optimizer,
+    make_train_step,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20))
@@ -29,8 +36,14 @@ OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, t
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     path = str(tmp_path_factory.mktemp("llama"))
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -41,10 +54,19 @@ def llama_state(model_dir, mesh, seed=0, step=0):
     state = TrainState.create(from_pretrained(model_dir, mesh=mesh).params, OPTIMIZER, seed=seed)
     rng = np.random.default_rng(seed + 1)
     leaves, treedef = jax.tree.flatten(state.opt_state)
-    noisy = [jax.device_put(rng.standard_normal(x.shape).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                            else np.asarray(x) + 5, x.sharding) for x in leaves]
-    return state.replace(opt_state=jax.tree.unflatten(treedef, noisy),
-                         step=jax.device_put(jnp.int32(step), state.step.sharding))
+    noisy = [
+        jax.device_put(
+            rng.standard_normal(x.shape).astype(x.dtype)
+            if jnp.issubdtype(x.dtype, jnp.floating)
+            else np.asarray(x) + 5,
+            x.sharding,
+        )
+        for x in leaves
+    ]
+    return state.replace(
+        opt_state=jax.tree.unflatten(treedef, noisy),
+        step=jax.device_put(jnp.int32(step), state.step.sharding),
+    )
 
 
 def host(tree):
@@ -95,7 +117,9 @@ def test_restore_onto_another_mesh(model_dir, tmp_path, target):
         abstract = ckpt.abstract_like(state, jax.tree.map(lambda _: device, state))
     else:
         abstract = ckpt.abstract_like(llama_state(model_dir, shd.make_mesh(target)))
-    restored, _ = ckpt.restore_latest(ckpt.open_manager(tmp_path, ckpt.CheckpointConfig()), abstract)
+    restored, _ = ckpt.restore_latest(
+        ckpt.open_manager(tmp_path, ckpt.CheckpointConfig()), abstract
+    )
     assert_trees_equal(restored, state)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
         assert got.sharding == want.sharding
@@ -139,7 +163,9 @@ def test_corrupt_latest_is_reported_and_previous_used(tmp_path, caplog, corrupt)
     assert_trees_equal(restored, want)
     assert position == ckpt.DataPosition(0, 3)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("unfinished checkpoint" in m and "9.orbax-checkpoint-tmp" in m for m in messages), messages
+    assert any("unfinished checkpoint" in m and "9.orbax-checkpoint-tmp" in m for m in messages), (
+        messages
+    )
     moved = [m for m in messages if m.startswith("checkpoint step 6 ")]
     assert len(moved) == 1 and "\n" not in moved[0] and "resuming from step 3" in moved[0], messages
     # Nothing is deleted: the unreadable step is kept aside, and its number can be saved again.
@@ -147,7 +173,9 @@ def test_corrupt_latest_is_reported_and_previous_used(tmp_path, caplog, corrupt)
     ckpt.save(manager, 6, toy_state(6.5), ckpt.DataPosition(0, 6), force=True)
     ckpt.wait(manager)
     manager.close()
-    assert ckpt.open_manager(tmp_path, ckpt.CheckpointConfig(every_steps=3, keep=2)).all_steps() == [3, 6]
+    assert ckpt.open_manager(
+        tmp_path, ckpt.CheckpointConfig(every_steps=3, keep=2)
+    ).all_steps() == [3, 6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "6", "6.corrupt"]
 
 
@@ -173,6 +201,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
 
 # -- the loop: resume, NaN stop -----------------------------------------------------------------
 
+
 def toy_loss(params, frozen, batch, rng):
     noise = jax.random.normal(rng, (4,)) * 0.01  # the step rng must be restored too
     loss = jnp.sum((params["w"] - batch["target"] + noise) ** 2)
@@ -180,7 +209,9 @@ def toy_loss(params, frozen, batch, rng):
 
 
 TOY_OPTIMIZER = optax.adam(0.1)
-TOY_STEP = make_train_step(toy_loss, TOY_OPTIMIZER)  # one jitted step for every toy test: compiled once
+TOY_STEP = make_train_step(
+    toy_loss, TOY_OPTIMIZER
+)  # one jitted step for every toy test: compiled once
 
 
 def toy_problem(nan_step=None, steps_per_epoch=4):
@@ -197,22 +228,47 @@ def toy_problem(nan_step=None, steps_per_epoch=4):
 def test_loop_resumed_in_process_equals_uninterrupted(tmp_path):
     step_fn, state, batches = toy_problem()
     cfg = ckpt.CheckpointConfig(every_steps=3, keep=2)
-    straight = train_loop(step_fn, state, batches, total_steps=10, steps_per_epoch=4,
-                          manager=ckpt.open_manager(tmp_path / "a", cfg))
+    straight = train_loop(
+        step_fn,
+        state,
+        batches,
+        total_steps=10,
+        steps_per_epoch=4,
+        manager=ckpt.open_manager(tmp_path / "a", cfg),
+    )
 
     step_fn, state, batches = toy_problem()
-    train_loop(step_fn, state, batches, total_steps=7, steps_per_epoch=4, manager=ckpt.open_manager(tmp_path / "b", cfg))
+    train_loop(
+        step_fn,
+        state,
+        batches,
+        total_steps=7,
+        steps_per_epoch=4,
+        manager=ckpt.open_manager(tmp_path / "b", cfg),
+    )
     logged = []
     step_fn, state, batches = toy_problem()
-    resumed = train_loop(step_fn, state, batches, total_steps=10, steps_per_epoch=4, log_every=1,
-                         on_metrics=lambda step, m: logged.append(step), manager=ckpt.open_manager(tmp_path / "b", cfg))
+    resumed = train_loop(
+        step_fn,
+        state,
+        batches,
+        total_steps=10,
+        steps_per_epoch=4,
+        log_every=1,
+        on_metrics=lambda step, m: logged.append(step),
+        manager=ckpt.open_manager(tmp_path / "b", cfg),
+    )
     assert logged == [8, 9, 10]  # started from the checkpoint at step 7, not from scratch
     assert_trees_equal(resumed, straight)
-    _, position = ckpt.restore_latest(ckpt.open_manager(tmp_path / "b", cfg), ckpt.abstract_like(resumed))
+    _, position = ckpt.restore_latest(
+        ckpt.open_manager(tmp_path / "b", cfg), ckpt.abstract_like(resumed)
+    )
     assert position == ckpt.DataPosition(2, 2)
 
 
-@pytest.mark.parametrize("nan_step", [5, 6])  # 6 is itself a save step: the NaN state must not be saved
+@pytest.mark.parametrize(
+    "nan_step", [5, 6]
+)  # 6 is itself a save step: the NaN state must not be saved
 def test_nan_stops_with_clear_error_and_last_good_checkpoint(tmp_path, nan_step):
     step_fn, state, batches = toy_problem(nan_step=nan_step)
     reference = state
@@ -226,7 +282,9 @@ def test_nan_stops_with_clear_error_and_last_good_checkpoint(tmp_path, nan_step)
         train_loop(step_fn, state, batches, total_steps=10, steps_per_epoch=4, manager=manager)
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"step {nan_step} (epoch 1, batch {nan_step - 5}): loss or gradient is NaN/Inf")
+    assert message.startswith(
+        f"step {nan_step} (epoch 1, batch {nan_step - 5}): loss or gradient is NaN/Inf"
+    )
     assert f"the last good checkpoint is step 4 in {tmp_path}" in message
 
     manager = ckpt.open_manager(tmp_path, ckpt.CheckpointConfig(every_steps=2, keep=3))
@@ -238,6 +296,7 @@ def test_nan_stops_with_clear_error_and_last_good_checkpoint(tmp_path, nan_step)
 
 
 # -- params hand-off ----------------------------------------------------------------------------
+
 
 def test_params_hand_off_round_trip_onto_another_mesh(model_dir, tmp_path):
     params = from_pretrained(model_dir, mesh=shd.make_mesh((8, 1, 1))).params
@@ -274,18 +333,34 @@ def test_corrupt_hand_off_is_one_line_error(tmp_path):
     path = tmp_path / "params"
     ckpt.save_params(path, {"w": jnp.arange(6.0), "b": jnp.ones(2)})
     (path / "manifest.ocdbt").write_bytes(b"garbage")
-    abstract = {"w": jax.ShapeDtypeStruct((6,), jnp.float32), "b": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    abstract = {
+        "w": jax.ShapeDtypeStruct((6,), jnp.float32),
+        "b": jax.ShapeDtypeStruct((2,), jnp.float32),
+    }
     with pytest.raises(CheckpointError) as error:
         ckpt.load_params(path, abstract)
-    assert "\n" not in str(error.value) and str(error.value).startswith(f"{path}: params hand-off is unreadable")
+    assert "\n" not in str(error.value) and str(error.value).startswith(
+        f"{path}: params hand-off is unreadable"
+    )
 
 
 # -- preemption: SIGKILL mid-run, restart, same params bit for bit ------------------------------
 
+
 def run_script(model_dir, run_dir, env, *extra):
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "resumable_train.py"), model_dir,
-                             str(run_dir), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(REPO, "tests", "resumable_train.py"),
+            model_dir,
+            str(run_dir),
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process, timeout=240):
@@ -305,10 +380,14 @@ def final_params(run_dir):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_restart_equals_uninterrupted(model_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           # Later runs reuse the first run's compiled step: same executable, and ~10 s faster each.
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        # Later runs reuse the first run's compiled step: same executable, and ~10 s faster each.
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
     env.pop("XLA_FLAGS", None)  # the script sets its own 8 fake devices
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     finish(run_script(model_dir, straight_dir, env))
@@ -322,7 +401,9 @@ def test_sigkill_mid_run_then_restart_equals_uninterrupted(model_dir, tmp_path):
                 break
         assert lines and lines[-1].strip() == "paused", "".join(lines)[-3000:]
         # Only look: a manager opened here would clean up the running save's temporary directory.
-        step_6 = killed_dir / "checkpoints" / "6"  # appears, by atomic rename, once the save is complete
+        step_6 = (
+            killed_dir / "checkpoints" / "6"
+        )  # appears, by atomic rename, once the save is complete
         deadline = time.time() + 60
         while not step_6.exists() and time.time() < deadline:
             time.sleep(0.2)

@@ -10,12 +10,30 @@ import types
 
 import pytest
 
-from plad_jax import config as C, launch
-from plad_jax.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict, validate
+from plad_jax import config as C
+from plad_jax import launch
+from plad_jax.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+    validate,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = ("demo", "tiny", "tldr_t5", "hh_t5", "tldr_llama", "hh_llama", "tldr_gptneo", "hh_gptneo",
-           "docstrings_smollm2")
+PRESETS = (
+    "demo",
+    "tiny",
+    "tldr_t5",
+    "hh_t5",
+    "tldr_llama",
+    "hh_llama",
+    "tldr_gptneo",
+    "hh_gptneo",
+    "docstrings_smollm2",
+)
 PAPER = {  # preset -> (teacher, student, task)
     "tldr_t5": ("google/t5-v1_1-xxl", "google/t5-v1_1-large", "tldr"),
     "hh_t5": ("google/t5-v1_1-xxl", "google/t5-v1_1-large", "hh"),
@@ -44,16 +62,38 @@ def test_installed_package_carries_the_presets_under_plad_jax(tmp_path):
     clash in site-packages), and `--config NAME` finds them from any directory."""
     source, target, cwd = tmp_path / "source", tmp_path / "site", tmp_path / "elsewhere"
     cwd.mkdir()
-    skip = shutil.ignore_patterns(".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".venv", ".whl")
+    skip = shutil.ignore_patterns(
+        ".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".venv", ".whl"
+    )
     shutil.copytree(ROOT, source, ignore=skip)  # setuptools builds in the source tree: not ours
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, cwd=cwd, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        cwd=cwd,
+        capture_output=True,
+    )
     assert (target / "plad_jax" / "configs" / "demo.py").is_file()
     assert not (target / "configs").exists()
-    code = ("import plad_jax.config as c; m = c._import_preset('demo'); "
-            "print(m.__name__, c.load_config('demo').name, c.preset_names() == sorted(%r))" % list(PRESETS))
+    code = (
+        "import plad_jax.config as c; m = c._import_preset('demo'); "
+        "print(m.__name__, c.load_config('demo').name, c.preset_names() == sorted(%r))"
+        % list(PRESETS)
+    )
     env = {**subprocess_env(), "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True
+    )
     assert out.stdout.split() == ["plad_jax.configs.demo", "demo", "True"], out.stderr
 
 
@@ -77,7 +117,12 @@ def test_paper_presets_use_the_paper_models_and_hyper_parameters(name):
         assert c.data.hub_data_dir == "helpful-base"
     assert c.teacher.lora == c.student.lora == C.LoRASettings(rank=8, alpha=32.0, dropout=0.1)
     assert c.sample.temperature == 0.7 and c.distill.beta == 1.0 and c.distill.score == "mean"
-    assert c.sft_teacher.learning_rate == c.sft_student.learning_rate == c.distill.learning_rate == 1e-4
+    assert (
+        c.sft_teacher.learning_rate
+        == c.sft_student.learning_rate
+        == c.distill.learning_rate
+        == 1e-4
+    )
     assert c.sft_teacher.epochs == c.sft_student.epochs == 1
     assert c.sft_teacher.select_best and not c.sft_student.select_best
     assert c.eval.scorer == "reward_model"
@@ -88,7 +133,9 @@ def test_demo_is_offline_and_builds_its_models_from_scratch():
     assert c.data.task == "demo"
     for m in (c.teacher, c.student):
         assert m.path == "" and m.from_scratch and m.init["model_type"] == "llama"
-    assert c.teacher.init["hidden_size"] > c.student.init["hidden_size"]  # the teacher must be the stronger
+    assert (
+        c.teacher.init["hidden_size"] > c.student.init["hidden_size"]
+    )  # the teacher must be the stronger
     assert c.eval.scorer == c.pairs.scorer == "rouge"  # no reward model to download
 
 
@@ -110,12 +157,19 @@ def test_tiny_without_paths_names_what_to_set():
 def test_defaults_follow_the_paper():
     c = Config()
     assert (c.sample.temperature, c.sample.top_k, c.sample.top_p) == (0.7, 0, 1.0)
-    assert (c.distill.method, c.distill.score, c.distill.beta, c.distill.alpha, c.distill.rounds) == (
-        "plad_rank", "mean", 1.0, 0.0, 1)
+    assert (
+        c.distill.method,
+        c.distill.score,
+        c.distill.beta,
+        c.distill.alpha,
+        c.distill.rounds,
+    ) == ("plad_rank", "mean", 1.0, 0.0, 1)
     assert c.distill.learning_rate == c.sft_teacher.learning_rate == 1e-4
     assert c.sft_teacher.epochs == c.sft_student.epochs == c.distill.epochs == 1
     assert c.sft_teacher.select_best and not c.sft_student.select_best
-    assert C.LoRASettings() == C.LoRASettings(rank=8, alpha=32.0, dropout=0.1, targets=("attention", "mlp"))
+    assert C.LoRASettings() == C.LoRASettings(
+        rank=8, alpha=32.0, dropout=0.1, targets=("attention", "mlp")
+    )
     assert c.pairs.real_ratio == 0.0
     assert c.resolved_run_dir() == os.path.join("runs", "plad")
 
@@ -126,7 +180,9 @@ def test_lora_settings_convert_to_the_models_lora_config():
     settings = C.LoRASettings(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj",))
     lora = LoRAConfig(**dataclasses.asdict(settings))
     assert (lora.rank, lora.alpha, lora.dropout, lora.targets) == (4, 8.0, 0.0, ("q_proj",))
-    assert {f.name for f in dataclasses.fields(LoRAConfig)} == {f.name for f in dataclasses.fields(C.LoRASettings)}
+    assert {f.name for f in dataclasses.fields(LoRAConfig)} == {
+        f.name for f in dataclasses.fields(C.LoRASettings)
+    }
 
 
 def test_distill_knobs_become_the_methods_hyper_parameters():
@@ -135,11 +191,21 @@ def test_distill_knobs_become_the_methods_hyper_parameters():
     def configure(*sets):
         return methods.configure(apply_overrides(Config(), list(sets)))
 
-    method = configure("distill.method=plad_margin", "distill.score=sum", "distill.beta=0.5",
-                       "distill.alpha=0.1", "distill.span_max_n=2")
+    method = configure(
+        "distill.method=plad_margin",
+        "distill.score=sum",
+        "distill.beta=0.5",
+        "distill.alpha=0.1",
+        "distill.span_max_n=2",
+    )
     assert isinstance(method, methods.PladMargin) and method.name == "plad_margin"
-    assert method.hparams_dict() == {"score": "sum", "beta": 0.5, "alpha": 0.1, "span_max_n": 2,
-                                     "span_reference": "target"}
+    assert method.hparams_dict() == {
+        "score": "sum",
+        "beta": 0.5,
+        "alpha": 0.1,
+        "span_max_n": 2,
+        "span_reference": "target",
+    }
     assert configure("distill.method=kd", "distill.kd_temperature=2").hp.kd_temperature == 2.0
     pbkd = configure("distill.method=pbkd_offline", "pbkd.num_samples=3")
     assert pbkd.hp is not None and pbkd.hp.num_samples == 3  # the pbkd section, whole
@@ -160,21 +226,24 @@ def test_choice_lists_live_in_one_place():
 
 
 def test_overrides_parse_each_type():
-    c = apply_overrides(Config(), [
-        "seed=7",                           # int
-        "distill.beta=0.5",                 # float
-        "distill.learning_rate=3e-5",
-        "distill.kd_temperature=2",         # an int where a float is expected
-        "sft_student.select_best=true",     # bool
-        "sft_teacher.select_best=0",
-        "name=my run",                      # str, kept as given
-        "eval.num_examples=100",            # Optional[int]
-        "data.max_d=none",
-        "teacher.compute_dtype=bfloat16",   # Optional[Literal]
-        "data.task=hh",                     # Literal
-        "mesh.fsdp=-1",
-        "mesh.data=1",
-    ])
+    c = apply_overrides(
+        Config(),
+        [
+            "seed=7",  # int
+            "distill.beta=0.5",  # float
+            "distill.learning_rate=3e-5",
+            "distill.kd_temperature=2",  # an int where a float is expected
+            "sft_student.select_best=true",  # bool
+            "sft_teacher.select_best=0",
+            "name=my run",  # str, kept as given
+            "eval.num_examples=100",  # Optional[int]
+            "data.max_d=none",
+            "teacher.compute_dtype=bfloat16",  # Optional[Literal]
+            "data.task=hh",  # Literal
+            "mesh.fsdp=-1",
+            "mesh.data=1",
+        ],
+    )
     assert c.seed == 7 and c.distill.beta == 0.5 and c.distill.learning_rate == 3e-5
     assert c.distill.kd_temperature == 2.0 and isinstance(c.distill.kd_temperature, float)
     assert c.sft_student.select_best is True and c.sft_teacher.select_best is False
@@ -218,11 +287,22 @@ def test_optional_section_starts_from_its_defaults_and_can_be_removed():
 
 
 def test_init_dict_takes_json_or_single_keys():
-    c = apply_overrides(Config(), ['student.init={"model_type": "llama", "hidden_size": 32}',
-                                   "student.init.num_hidden_layers=2", "student.init.hidden_act=silu",
-                                   "student.init.rope_scaling.factor=2.0"])
-    assert c.student.init == {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,
-                              "hidden_act": "silu", "rope_scaling": {"factor": 2.0}}
+    c = apply_overrides(
+        Config(),
+        [
+            'student.init={"model_type": "llama", "hidden_size": 32}',
+            "student.init.num_hidden_layers=2",
+            "student.init.hidden_act=silu",
+            "student.init.rope_scaling.factor=2.0",
+        ],
+    )
+    assert c.student.init == {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "hidden_act": "silu",
+        "rope_scaling": {"factor": 2.0},
+    }
     assert Config().student.init is None  # the default was not mutated
 
 
@@ -232,28 +312,40 @@ def test_overrides_apply_in_order_and_leave_the_input_alone():
     assert c.distill.beta == 3.0 and base.distill.beta == 1.0
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("distill.beta=abc", "distill.beta expects a number, got 'abc'"),
-    ("seed=1.5", "seed expects an integer, got '1.5'"),
-    ("sft_teacher.select_best=yes", "sft_teacher.select_best expects a boolean (true/false/1/0), got 'yes'"),
-    ("eval.num_examples=lots", "eval.num_examples expects an integer or none, got 'lots'"),
-    ("distill.score=avg", "distill.score expects one of mean, sum, got 'avg'"),
-    ("student.lora.targets=[1]", "student.lora.targets expects a comma-separated list (or JSON list) of strings, got "),
-    ("teacher.init=[1]", "teacher.init expects a JSON object or none, got '[1]'"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("distill.beta=abc", "distill.beta expects a number, got 'abc'"),
+        ("seed=1.5", "seed expects an integer, got '1.5'"),
+        (
+            "sft_teacher.select_best=yes",
+            "sft_teacher.select_best expects a boolean (true/false/1/0), got 'yes'",
+        ),
+        ("eval.num_examples=lots", "eval.num_examples expects an integer or none, got 'lots'"),
+        ("distill.score=avg", "distill.score expects one of mean, sum, got 'avg'"),
+        (
+            "student.lora.targets=[1]",
+            "student.lora.targets expects a comma-separated list (or JSON list) of strings, got ",
+        ),
+        ("teacher.init=[1]", "teacher.init expects a JSON object or none, got '[1]'"),
+    ],
+)
 def test_wrong_type_names_key_expected_type_and_value(override, expected):
     with pytest.raises(ConfigError) as e:
         apply_overrides(Config(), [override])
     assert message(e).startswith(expected)
 
 
-@pytest.mark.parametrize("key, suggestion", [
-    ("distill.metod", "distill.method"),
-    ("disitll.method", "distill.method"),
-    ("student.lora.rnk", "student.lora.rank"),
-    ("sample.temprature", "sample.temperature"),
-    ("nme", "name"),
-])
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("distill.metod", "distill.method"),
+        ("disitll.method", "distill.method"),
+        ("student.lora.rnk", "student.lora.rank"),
+        ("sample.temprature", "sample.temperature"),
+        ("nme", "name"),
+    ],
+)
 def test_unknown_key_suggests_the_closest(key, suggestion):
     with pytest.raises(ConfigError) as e:
         apply_overrides(Config(), [f"{key}=1"])
@@ -284,52 +376,103 @@ def valid(*overrides) -> Config:
     return config
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["pairs.real_ratio=1.5"], "pairs.real_ratio must be in [0, 1], got 1.5"),
-    (["pairs.real_ratio=-0.1"], "pairs.real_ratio must be in [0, 1]"),
-    (["distill.rounds=0"], "distill.rounds must be >= 1, got 0"),
-    (["distill.rounds=2", "distill.method=kd"], "distill.rounds=2 (iterative distillation)"),
-    (["pairs.real_ratio=0.5", "distill.method=seqkd"], "pairs.real_ratio=0.5 relabels preference pairs"),
-    (["pairs.real_ratio=0.5", "pairs.scorer=reward_model", "pairs.reward_model="], "pairs.scorer=reward_model needs pairs.reward_model"),
-    (["eval.scorer=jax_reward_model", "eval.reward_model="], "eval.scorer=jax_reward_model needs eval.reward_model"),
-    (["distill.batch_size=6", "distill.grad_accum=4"], "distill.batch_size (6) must be a multiple of distill.grad_accum (4)"),
-    (["sft_teacher.epochs=0"], "sft_teacher.epochs must be >= 1"),
-    (["sft_student.learning_rate=0"], "sft_student.learning_rate must be positive"),
-    (["sample.top_p=0"], "sample.top_p must be in (0, 1]"),
-    (["sample.temperature=-1"], "sample.temperature must be >= 0"),
-    (["mesh.data=-1", "mesh.fsdp=-1"], "mesh (-1, -1, 1): at most one of mesh.data/fsdp/tensor may be -1"),
-    (["mesh.tensor=0"], "mesh (-1, 1, 0): axis sizes must be positive or -1"),
-    (["teacher.path=/some/dir"], "teacher.path and teacher.init are both set"),
-    (["student.init=none"], "student has no weights: set student.path"),
-    (['teacher.init={"model_type": "gpt2"}'], "teacher.init.model_type must be one of"),
-    (["data.task=tldr"], "teacher.init builds a model from scratch, so set teacher.tokenizer"),
-    (["data.task=csv", "teacher.tokenizer=/t", "student.tokenizer=/t"], "data.task=csv reads a local file: set data.path"),
-    (["data.test_size=2.5"], "data.test_size must be a count"),
-    (["data.max_d0=0"], "data.max_d0 must be >= 1 or none"),
-    (["student.lora.dropout=1"], "student.lora.dropout must be in [0, 1)"),
-    (["student.lora.targets="], "student.lora.targets must name at least one"),
-    (["distill.method=dpo", "distill.beta=0"], "distill.beta must be positive for dpo"),
-    (["distill.method=slic", "distill.beta=0"], "distill.beta must be positive for slic"),
-    (["distill.beta=-1"], "distill.beta must be >= 0, got -1.0"),
-    (["distill.method=kd", "distill.kd_temperature=0"], "distill.kd_temperature must be positive"),
-    (["distill.method=dpo", "distill.label_smoothing=0.5"], "distill.label_smoothing must be in [0, 0.5)"),
-    (["distill.method=plad_margin", "distill.span_max_n=0"], "distill.span_max_n must be >= 1"),
-    (["distill.method=kd", "distill.beta=0.5"], "distill.beta=0.5 is not a hyper-parameter of distill.method=kd "
-                                                "(its hyper-parameters: distill.kd_temperature)"),
-    (["distill.method=sft", "distill.score=sum"], "distill.score=sum is not a hyper-parameter of distill.method=sft "
-                                                  "(its hyper-parameters: none)"),
-    (["distill.method=pbkd_cheap", "distill.alpha=0.1"], "distill.alpha=0.1 is not a hyper-parameter of "
-                                                          "distill.method=pbkd_cheap (its hyper-parameters: pbkd.*)"),
-    (["distill.hparams.betta=2"], "distill.hparams.betta is not a hyper-parameter of distill.method=plad_rank"),
-    (["distill.hparams.beta=2"], "distill.hparams.beta: set distill.beta instead"),
-    (["distill.method=pbkd_online", "pbkd.num_samples=1"], "pbkd num_samples=1: the leave-one-out baseline"),
-    (["distill.method=pbkd_mm", "pbkd.r_max=0"], "pbkd r_max must be > 0"),
-    (["distill.method=no_such_module:Method"], "distill.method=no_such_module:Method: cannot import no_such_module"),
-    (["distill.method=json:loads"], "distill.method=json:loads: json.loads is not a subclass of plad_jax.methods.Method"),
-    (["distill.method=plad_rnak"], "unknown distill.method 'plad_rnak'; did you mean plad_rank?"),
-    (["name=a/b"], "name must be a non-empty directory name"),
-    (['eval.stop=["x", ""]'], "eval.stop must not hold an empty string"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["pairs.real_ratio=1.5"], "pairs.real_ratio must be in [0, 1], got 1.5"),
+        (["pairs.real_ratio=-0.1"], "pairs.real_ratio must be in [0, 1]"),
+        (["distill.rounds=0"], "distill.rounds must be >= 1, got 0"),
+        (["distill.rounds=2", "distill.method=kd"], "distill.rounds=2 (iterative distillation)"),
+        (
+            ["pairs.real_ratio=0.5", "distill.method=seqkd"],
+            "pairs.real_ratio=0.5 relabels preference pairs",
+        ),
+        (
+            ["pairs.real_ratio=0.5", "pairs.scorer=reward_model", "pairs.reward_model="],
+            "pairs.scorer=reward_model needs pairs.reward_model",
+        ),
+        (
+            ["eval.scorer=jax_reward_model", "eval.reward_model="],
+            "eval.scorer=jax_reward_model needs eval.reward_model",
+        ),
+        (
+            ["distill.batch_size=6", "distill.grad_accum=4"],
+            "distill.batch_size (6) must be a multiple of distill.grad_accum (4)",
+        ),
+        (["sft_teacher.epochs=0"], "sft_teacher.epochs must be >= 1"),
+        (["sft_student.learning_rate=0"], "sft_student.learning_rate must be positive"),
+        (["sample.top_p=0"], "sample.top_p must be in (0, 1]"),
+        (["sample.temperature=-1"], "sample.temperature must be >= 0"),
+        (
+            ["mesh.data=-1", "mesh.fsdp=-1"],
+            "mesh (-1, -1, 1): at most one of mesh.data/fsdp/tensor may be -1",
+        ),
+        (["mesh.tensor=0"], "mesh (-1, 1, 0): axis sizes must be positive or -1"),
+        (["teacher.path=/some/dir"], "teacher.path and teacher.init are both set"),
+        (["student.init=none"], "student has no weights: set student.path"),
+        (['teacher.init={"model_type": "gpt2"}'], "teacher.init.model_type must be one of"),
+        (["data.task=tldr"], "teacher.init builds a model from scratch, so set teacher.tokenizer"),
+        (
+            ["data.task=csv", "teacher.tokenizer=/t", "student.tokenizer=/t"],
+            "data.task=csv reads a local file: set data.path",
+        ),
+        (["data.test_size=2.5"], "data.test_size must be a count"),
+        (["data.max_d0=0"], "data.max_d0 must be >= 1 or none"),
+        (["student.lora.dropout=1"], "student.lora.dropout must be in [0, 1)"),
+        (["student.lora.targets="], "student.lora.targets must name at least one"),
+        (["distill.method=dpo", "distill.beta=0"], "distill.beta must be positive for dpo"),
+        (["distill.method=slic", "distill.beta=0"], "distill.beta must be positive for slic"),
+        (["distill.beta=-1"], "distill.beta must be >= 0, got -1.0"),
+        (
+            ["distill.method=kd", "distill.kd_temperature=0"],
+            "distill.kd_temperature must be positive",
+        ),
+        (
+            ["distill.method=dpo", "distill.label_smoothing=0.5"],
+            "distill.label_smoothing must be in [0, 0.5)",
+        ),
+        (["distill.method=plad_margin", "distill.span_max_n=0"], "distill.span_max_n must be >= 1"),
+        (
+            ["distill.method=kd", "distill.beta=0.5"],
+            "distill.beta=0.5 is not a hyper-parameter of distill.method=kd "
+            "(its hyper-parameters: distill.kd_temperature)",
+        ),
+        (
+            ["distill.method=sft", "distill.score=sum"],
+            "distill.score=sum is not a hyper-parameter of distill.method=sft "
+            "(its hyper-parameters: none)",
+        ),
+        (
+            ["distill.method=pbkd_cheap", "distill.alpha=0.1"],
+            "distill.alpha=0.1 is not a hyper-parameter of "
+            "distill.method=pbkd_cheap (its hyper-parameters: pbkd.*)",
+        ),
+        (
+            ["distill.hparams.betta=2"],
+            "distill.hparams.betta is not a hyper-parameter of distill.method=plad_rank",
+        ),
+        (["distill.hparams.beta=2"], "distill.hparams.beta: set distill.beta instead"),
+        (
+            ["distill.method=pbkd_online", "pbkd.num_samples=1"],
+            "pbkd num_samples=1: the leave-one-out baseline",
+        ),
+        (["distill.method=pbkd_mm", "pbkd.r_max=0"], "pbkd r_max must be > 0"),
+        (
+            ["distill.method=no_such_module:Method"],
+            "distill.method=no_such_module:Method: cannot import no_such_module",
+        ),
+        (
+            ["distill.method=json:loads"],
+            "distill.method=json:loads: json.loads is not a subclass of plad_jax.methods.Method",
+        ),
+        (
+            ["distill.method=plad_rnak"],
+            "unknown distill.method 'plad_rnak'; did you mean plad_rank?",
+        ),
+        (["name=a/b"], "name must be a non-empty directory name"),
+        (['eval.stop=["x", ""]'], "eval.stop must not hold an empty string"),
+    ],
+)
 def test_validation_rejects_contradictions_in_one_sentence(overrides, expected):
     with pytest.raises(ConfigError) as e:
         valid(*overrides)
@@ -338,11 +481,20 @@ def test_validation_rejects_contradictions_in_one_sentence(overrides, expected):
 
 
 def test_validation_accepts_the_extensions():
-    c = valid("pairs.real_ratio=0.5", "pairs.scorer=rouge", "distill.rounds=3", "distill.method=plad_margin")
+    c = valid(
+        "pairs.real_ratio=0.5",
+        "pairs.scorer=rouge",
+        "distill.rounds=3",
+        "distill.method=plad_margin",
+    )
     assert (c.pairs.real_ratio, c.distill.rounds) == (0.5, 3)
-    c = valid("teacher.tokenizer=/tok", "student.tokenizer=/tok", "data.task=jsonl", "data.path=/x.jsonl")
+    c = valid(
+        "teacher.tokenizer=/tok", "student.tokenizer=/tok", "data.task=jsonl", "data.path=/x.jsonl"
+    )
     assert c.teacher.tokenizer_path == "/tok"  # init models with an explicit tokenizer
-    assert Config().student.tokenizer_path is None and C.ModelConfig(path="/m").tokenizer_path == "/m"
+    assert (
+        Config().student.tokenizer_path is None and C.ModelConfig(path="/m").tokenizer_path == "/m"
+    )
 
 
 def test_validate_checks_leaf_types_of_hand_built_configs():
@@ -366,20 +518,33 @@ def test_logit_methods_need_one_vocabulary():
         methods.check_shared_vocabulary(methods.configure(config), config, *tokenizers)
 
     a, b = FakeTokenizer({"x": 0, "y": 1}), FakeTokenizer({"x": 0, "z": 1})
-    assert methods.names(lambda c: c.shared_vocabulary) == ("kd", "fdistill_tvd", "fdistill_js", "minillm",
-                                                              "pbkd_mm")
+    assert methods.names(lambda c: c.shared_vocabulary) == (
+        "kd",
+        "fdistill_tvd",
+        "fdistill_js",
+        "minillm",
+        "pbkd_mm",
+    )
     for method in ("kd", "fdistill_tvd", "fdistill_js", "minillm", "pbkd_mm"):
-        config = apply_overrides(Config(), [f"distill.method={method}", "teacher.path=/t", "student.path=/s"])
+        config = apply_overrides(
+            Config(), [f"distill.method={method}", "teacher.path=/t", "student.path=/s"]
+        )
         check(config, a, FakeTokenizer({"x": 0, "y": 1}))  # same vocabulary: fine
         with pytest.raises(ConfigError) as e:
             check(config, a, b)
-        assert message(e).startswith(f"distill.method={method} compares teacher and student token distributions")
+        assert message(e).startswith(
+            f"distill.method={method} compares teacher and student token distributions"
+        )
         assert "/t: 2 tokens" in message(e) and "plad_rank" in message(e)
     check(apply_overrides(Config(), ["distill.method=plad_rank"]), a, b)  # text-level
 
 
 def test_stages_are_checked_and_ordered():
-    assert C.parse_stages(None) == C.STAGES == ("sft_teacher", "sft_student", "sample", "distill", "eval")
+    assert (
+        C.parse_stages(None)
+        == C.STAGES
+        == ("sft_teacher", "sft_student", "sample", "distill", "eval")
+    )
     assert C.parse_stages("eval, sample") == ("sample", "eval")
     with pytest.raises(ConfigError, match="unknown stage 'distil'; did you mean distill?"):
         C.parse_stages("sample,distil")
@@ -390,17 +555,32 @@ def test_stages_are_checked_and_ordered():
 
 
 def test_to_dict_is_json_and_from_dict_round_trips():
-    c = apply_overrides(load_config("tldr_llama"), ["student.lora.targets=q_proj,v_proj", "eval.num_examples=9",
-                                                    "teacher.init.x=1", "teacher.path="])
+    c = apply_overrides(
+        load_config("tldr_llama"),
+        [
+            "student.lora.targets=q_proj,v_proj",
+            "eval.num_examples=9",
+            "teacher.init.x=1",
+            "teacher.path=",
+        ],
+    )
     d = to_dict(c)
-    assert d["student"]["lora"]["targets"] == ["q_proj", "v_proj"] and d["mesh"] == {"data": 1, "fsdp": -1, "tensor": 1}
+    assert d["student"]["lora"]["targets"] == ["q_proj", "v_proj"] and d["mesh"] == {
+        "data": 1,
+        "fsdp": -1,
+        "tensor": 1,
+    }
     back = from_dict(json.loads(json.dumps(d)))
     assert back == c and isinstance(back.student.lora.targets, tuple)
 
 
 def test_from_dict_fills_missing_keys_and_rejects_unknown_or_mistyped_ones():
-    assert from_dict({"distill": {"beta": 2}}) == dataclasses.replace(Config(), distill=C.DistillConfig(beta=2.0))
-    with pytest.raises(ConfigError, match="unknown config key 'distill.metod'; did you mean distill.method?"):
+    assert from_dict({"distill": {"beta": 2}}) == dataclasses.replace(
+        Config(), distill=C.DistillConfig(beta=2.0)
+    )
+    with pytest.raises(
+        ConfigError, match="unknown config key 'distill.metod'; did you mean distill.method?"
+    ):
         from_dict({"distill": {"metod": "kd"}})
     with pytest.raises(ConfigError, match="sample.max_new_tokens expects an integer, got '64'"):
         from_dict({"sample": {"max_new_tokens": "64"}})
@@ -410,22 +590,29 @@ def test_from_dict_fills_missing_keys_and_rejects_unknown_or_mistyped_ones():
 
 def test_config_from_json_and_py_files(tmp_path):
     path = tmp_path / "run.json"
-    path.write_text(json.dumps(to_dict(apply_overrides(load_config("demo"), ["distill.beta=0.25"]))))
+    path.write_text(
+        json.dumps(to_dict(apply_overrides(load_config("demo"), ["distill.beta=0.25"])))
+    )
     assert load_config(str(path)).distill.beta == 0.25
     py = tmp_path / "mine.py"
-    py.write_text("from plad_jax.config import Config, DistillConfig\n\n"
-                  "def config():\n    return Config(name='mine', distill=DistillConfig(method='kd'))\n")
+    py.write_text(
+        "from plad_jax.config import Config, DistillConfig\n\n"
+        "def config():\n    return Config(name='mine', distill=DistillConfig(method='kd'))\n"
+    )
     assert load_config(str(py)).distill.method == "kd"
 
 
-@pytest.mark.parametrize("content, suffix, expected", [
-    ("{not json", ".json", "is not valid JSON"),
-    ("[1, 2]", ".json", "a config must be a JSON object"),
-    ("x = 1\n", ".py", "defines no config() function"),
-    ("def config():\n    raise KeyError('k')\n", ".py", "config() failed: KeyError"),
-    ("def config():\n    return {}\n", ".py", "config() returned dict"),
-    ("import nosuchmodule_xyz\n", ".py", "failed to load: ModuleNotFoundError"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, expected",
+    [
+        ("{not json", ".json", "is not valid JSON"),
+        ("[1, 2]", ".json", "a config must be a JSON object"),
+        ("x = 1\n", ".py", "defines no config() function"),
+        ("def config():\n    raise KeyError('k')\n", ".py", "config() failed: KeyError"),
+        ("def config():\n    return {}\n", ".py", "config() returned dict"),
+        ("import nosuchmodule_xyz\n", ".py", "failed to load: ModuleNotFoundError"),
+    ],
+)
 def test_bad_config_files_are_one_line_errors(tmp_path, content, suffix, expected):
     path = tmp_path / f"bad{suffix}"
     path.write_text(content)
@@ -437,7 +624,9 @@ def test_bad_config_files_are_one_line_errors(tmp_path, content, suffix, expecte
 def test_unknown_preset_suggests_and_lists():
     with pytest.raises(ConfigError) as e:
         load_config("tldr_lama")
-    assert "unknown preset 'tldr_lama'; did you mean tldr_llama?" in message(e) and "hh_gptneo" in message(e)
+    assert "unknown preset 'tldr_lama'; did you mean tldr_llama?" in message(
+        e
+    ) and "hh_gptneo" in message(e)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such/file.json")
 
@@ -450,11 +639,17 @@ def test_resolve_fills_the_run_dir_and_makes_local_paths_absolute(tmp_path, monk
     assert C.resolve("demo", run_dir="gs://bucket/run").run_dir == "gs://bucket/run"
     (tmp_path / "data.jsonl").write_text("")
     (tmp_path / "teacher").mkdir()
-    c = C.resolve("tiny", TINY_PATHS + ["data.path=data.jsonl", "teacher.path=teacher",
-                                        "student.path=org/hub-model"])
-    assert c.data.path == str(tmp_path / "data.jsonl") and c.teacher.path == str(tmp_path / "teacher")
+    c = C.resolve(
+        "tiny",
+        TINY_PATHS + ["data.path=data.jsonl", "teacher.path=teacher", "student.path=org/hub-model"],
+    )
+    assert c.data.path == str(tmp_path / "data.jsonl") and c.teacher.path == str(
+        tmp_path / "teacher"
+    )
     assert c.student.path == "org/hub-model"  # not a local path: a hub id, kept as given
-    assert C.resolve("tiny", TINY_PATHS + ["teacher.path=./not-there"]).teacher.path == str(tmp_path / "not-there")
+    assert C.resolve("tiny", TINY_PATHS + ["teacher.path=./not-there"]).teacher.path == str(
+        tmp_path / "not-there"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -485,24 +680,36 @@ def test_unwritable_run_dir_is_a_user_error(tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
-@pytest.mark.parametrize("env, tpu, expected", [
-    ({}, False, None),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}, False,
-     {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, False, {"coordinator_address": "h:1"}),
-    ({}, True, {}),
-    ({"PLAD_JAX_DISTRIBUTED": "0"}, True, None),
-    ({"PLAD_JAX_DISTRIBUTED": "1"}, False, {}),
-    ({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "8"}, False, {}),
-    ({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "1"}, False, None),
-])
+@pytest.mark.parametrize(
+    "env, tpu, expected",
+    [
+        ({}, False, None),
+        (
+            {
+                "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                "JAX_NUM_PROCESSES": "4",
+                "JAX_PROCESS_ID": "2",
+            },
+            False,
+            {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2},
+        ),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, False, {"coordinator_address": "h:1"}),
+        ({}, True, {}),
+        ({"PLAD_JAX_DISTRIBUTED": "0"}, True, None),
+        ({"PLAD_JAX_DISTRIBUTED": "1"}, False, {}),
+        ({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "8"}, False, {}),
+        ({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "1"}, False, None),
+    ],
+)
 def test_distributed_initialization_is_decided_from_the_environment(env, tpu, expected):
     assert launch.distributed_kwargs(env, on_cloud_tpu=tpu) == expected
 
 
 def test_bad_distributed_environment_is_a_usage_error():
     with pytest.raises(launch.UsageError, match="JAX_NUM_PROCESSES must be an integer"):
-        launch.distributed_kwargs({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "four"}, on_cloud_tpu=False)
+        launch.distributed_kwargs(
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "four"}, on_cloud_tpu=False
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,12 +721,15 @@ def fake_stages(monkeypatch):
     calls = []
     module = types.ModuleType("plad_jax.stages")
 
-    def run(config, run_dir, stages, on_start=None):  # the real one calls on_start once inputs are checked
+    def run(
+        config, run_dir, stages, on_start=None
+    ):  # the real one calls on_start once inputs are checked
         on_start()
         calls.append((config, run_dir, stages))
 
     module.run = run
     import plad_jax
+
     monkeypatch.setitem(sys.modules, "plad_jax.stages", module)
     monkeypatch.setattr(plad_jax, "stages", module, raising=False)
     for name in ("JAX_COORDINATOR_ADDRESS", "PLAD_JAX_DISTRIBUTED", "SLURM_JOB_ID"):
@@ -530,8 +740,21 @@ def fake_stages(monkeypatch):
 
 def test_main_writes_config_and_runs_the_stages(tmp_path, fake_stages, capsys):
     run = tmp_path / "run"
-    assert launch.main(["--config", "demo", "--set", "distill.beta=0.5", "--stages", "distill,sample",
-                        "--run-dir", str(run)]) == 0
+    assert (
+        launch.main(
+            [
+                "--config",
+                "demo",
+                "--set",
+                "distill.beta=0.5",
+                "--stages",
+                "distill,sample",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     [(config, run_dir, stages)] = fake_stages
     assert run_dir == str(run) and config.run_dir == str(run) and stages == ("sample", "distill")
     assert config.distill.beta == 0.5
@@ -560,8 +783,10 @@ def test_user_errors_from_the_stages_are_one_line_and_exit_2(tmp_path, fake_stag
     from plad_jax.data import DataError
     from plad_jax.models import CheckpointError
 
-    error = {"checkpoint": CheckpointError("/m: no config.json"), "data": DataError("x.jsonl has\nno rows")}.get(
-        error, error)
+    error = {
+        "checkpoint": CheckpointError("/m: no config.json"),
+        "data": DataError("x.jsonl has\nno rows"),
+    }.get(error, error)
 
     def boom(config, run_dir, stages, on_start=None):
         raise error
@@ -569,8 +794,14 @@ def test_user_errors_from_the_stages_are_one_line_and_exit_2(tmp_path, fake_stag
     sys.modules["plad_jax.stages"].run = boom
     assert launch.main(["--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("plad_jax.launch: error: ") and "Traceback" not in err
-    assert not (tmp_path / "run").exists()  # a run that cannot start writes nothing, not even config.json
+    assert (
+        err.count("\n") == 1
+        and err.startswith("plad_jax.launch: error: ")
+        and "Traceback" not in err
+    )
+    assert not (
+        tmp_path / "run"
+    ).exists()  # a run that cannot start writes nothing, not even config.json
 
 
 def test_bugs_keep_their_traceback(tmp_path, fake_stages):
@@ -595,7 +826,9 @@ def test_help_exits_0(capsys):
 
 
 def subprocess_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID")
+    }
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["PLAD_JAX_DISTRIBUTED"] = "0"
     return env
@@ -616,13 +849,23 @@ def cli(tmp_path_factory):
         "flag": (cwd, launch_cmd + ["--bogus"]),
         "metod": (cwd, launch_cmd + ["--set", "distill.metod=x"]),
         "unwritable": (plain_cwd, launch_cmd + ["--run-dir", str(cwd / "file" / "run")]),
-        "unfetched": (cwd, launch_cmd + ["--config", "docstrings_smollm2",
-                                         "--run-dir", str(cwd / "smol")]),
+        "unfetched": (
+            cwd,
+            launch_cmd + ["--config", "docstrings_smollm2", "--run-dir", str(cwd / "smol")],
+        ),
     }
     envs = {"unfetched": {"PLAD_JAX_CACHE": str(cwd / "cache")}}  # a machine that never fetched
-    procs = {name: subprocess.Popen(cmd, cwd=where, env={**subprocess_env(), **envs.get(name, {})},
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (where, cmd) in commands.items()}
+    procs = {
+        name: subprocess.Popen(
+            cmd,
+            cwd=where,
+            env={**subprocess_env(), **envs.get(name, {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (where, cmd) in commands.items()
+    }
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -646,7 +889,9 @@ def test_cli_unknown_preset(cli):
 
 
 def test_cli_unknown_key_names_the_closest(cli):
-    assert_one_line_exit_2(cli["metod"], "unknown config key 'distill.metod'; did you mean distill.method?")
+    assert_one_line_exit_2(
+        cli["metod"], "unknown config key 'distill.metod'; did you mean distill.method?"
+    )
 
 
 def test_cli_unknown_stage_and_bad_flags(cli):
@@ -660,9 +905,11 @@ def test_cli_unwritable_run_dir(cli):
 
 
 def test_cli_a_checkpoint_not_fetched_stops_before_anything_with_the_fetch_command(cli):
-    assert_one_line_exit_2(cli["unfetched"],
-                           "teacher.path=fetch:smollm2-135m-instruct is not downloaded",
-                           "python -m plad_jax.fetch smollm2-135m-instruct")
+    assert_one_line_exit_2(
+        cli["unfetched"],
+        "teacher.path=fetch:smollm2-135m-instruct is not downloaded",
+        "python -m plad_jax.fetch smollm2-135m-instruct",
+    )
     assert not (cli["cwd"] / "smol").exists()  # no run directory, no config.json
     assert not (cli["cwd"] / "cache").exists()  # and nothing fetched
 
@@ -681,7 +928,9 @@ def test_unreachable_hub_switches_to_local_files():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        assert launch.hub_reachable({"HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}"}, timeout=1.0)
+        assert launch.hub_reachable(
+            {"HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}"}, timeout=1.0
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -700,24 +949,32 @@ def test_select_best_reads_the_eval_scorers_model_while_its_stage_trains():
     rm = ["eval.scorer=reward_model", "eval.reward_model=org/rm", "sft_student.select_best=true"]
     needs = _needs(rm, ("sft_teacher", "sft_student", "sample"))
     assert needs[("eval.reward_model", "org/rm", "eval.scorer=reward_model")] == [
-        "sft_teacher.select_best", "sft_student.select_best"]
+        "sft_teacher.select_best",
+        "sft_student.select_best",
+    ]
     assert needs[("teacher.path", "/m/teacher", "")] == ["sft_teacher", "sample"]  # tokenizer
     everything = _needs(rm, C.STAGES)[("eval.reward_model", "org/rm", "eval.scorer=reward_model")]
     assert everything == ["sft_teacher.select_best", "sft_student.select_best", "eval"]
     # No reader, no need: selection off, no validation split to score on, a scorer reading nothing.
     off = ["sft_teacher.select_best=false", "sft_student.select_best=false"]
     no_validation = {"validation": False}
-    for sets, stages, kw in ((rm + off, C.STAGES[:3], {}), (rm, C.STAGES[:3], no_validation),
-                             (["eval.scorer=rouge"], C.STAGES, {})):
+    for sets, stages, kw in (
+        (rm + off, C.STAGES[:3], {}),
+        (rm, C.STAGES[:3], no_validation),
+        (["eval.scorer=rouge"], C.STAGES, {}),
+    ):
         assert not any(key == "eval.reward_model" for key, _, _ in _needs(sets, stages, **kw))
 
 
-@pytest.mark.parametrize("method,pairs_readers", [("pbkd_online", ["sample", "distill"]),
-                                                  ("plad_rank", ["sample"])])
+@pytest.mark.parametrize(
+    "method,pairs_readers", [("pbkd_online", ["sample", "distill"]), ("plad_rank", ["sample"])]
+)
 def test_the_pairs_scorer_is_read_by_sample_and_by_pbkd(method, pairs_readers):
     method = f"distill.method={method}"
-    needs = _needs([method, "pairs.real_ratio=0.5", "pairs.scorer=jax_reward_model",
-                    "pairs.reward_model=/rm"], C.STAGES)
+    needs = _needs(
+        [method, "pairs.real_ratio=0.5", "pairs.scorer=jax_reward_model", "pairs.reward_model=/rm"],
+        C.STAGES,
+    )
     assert needs[("pairs.reward_model", "/rm", "pairs.scorer=jax_reward_model")] == pairs_readers
     assert not any(key == "pairs.reward_model" for key, _, _ in _needs([method], C.STAGES))
 
@@ -726,8 +983,10 @@ def test_the_pairs_scorer_is_read_by_sample_and_by_pbkd(method, pairs_readers):
 def test_distill_reads_the_teacher_only_for_methods_comparing_token_distributions(method, teacher):
     from plad_jax import inputs
 
-    config = apply_overrides(load_config("tiny"), TINY_PATHS + [f"distill.method={method}",
-                                                                "teacher.tokenizer=/m/teacher-tok"])
+    config = apply_overrides(
+        load_config("tiny"),
+        TINY_PATHS + [f"distill.method={method}", "teacher.tokenizer=/m/teacher-tok"],
+    )
     keys = {n.key for n in inputs.stage_needs(config, "distill")}
     assert keys == ({"teacher.tokenizer", "student.path"} if teacher else {"student.path"})
     assert ("sft_teacher" in inputs.upstream(config, "distill")) == teacher

@@ -22,7 +22,9 @@ def test_field_f1_is_exact():
     assert extraction.field_f1(" age: 41; job: baker", gold) == 1.0  # order does not matter
     assert extraction.field_f1(" JOB: Baker ;age:41", gold) == 1.0  # nor case and spaces
     assert extraction.field_f1(" job: baker", gold) == pytest.approx(2 / 3)  # P 1, R 1/2
-    assert extraction.field_f1(" job: baker; age: 42; city: Oslo", gold) == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert extraction.field_f1(" job: baker; age: 42; city: Oslo", gold) == pytest.approx(
+        2 * (1 / 3) * 0.5 / (1 / 3 + 0.5)
+    )
     assert extraction.field_f1("baker 41", gold) == 0.0 and extraction.field_f1("", gold) == 0.0
 
 
@@ -41,11 +43,20 @@ def test_examples_answer_from_the_record():
 def test_python_scorer_from_the_config():
     scorer = rewards.make_scorer("python", "bench.extraction:FieldF1Scorer")
     assert scorer.name == "field_f1" and rewards.is_reference_based(scorer)
-    assert list(scorer.score(["p", "p"], [" a: 1; b: 2", " a: 1"], [" a: 1; b: 2"] * 2)) == pytest.approx([1.0, 2 / 3])
-    for spec in ("bench.extraction", "bench.nothing_here:X", "bench.extraction:NoSuchScorer", "bench.extraction:NAMES"):
+    assert list(
+        scorer.score(["p", "p"], [" a: 1; b: 2", " a: 1"], [" a: 1; b: 2"] * 2)
+    ) == pytest.approx([1.0, 2 / 3])
+    for spec in (
+        "bench.extraction",
+        "bench.nothing_here:X",
+        "bench.extraction:NoSuchScorer",
+        "bench.extraction:NAMES",
+    ):
         with pytest.raises(rewards.UserError):
             rewards.make_scorer("python", spec)
-    config = resolve("demo", ["eval.scorer=python", "eval.reward_model=bench.extraction:FieldF1Scorer"])
+    config = resolve(
+        "demo", ["eval.scorer=python", "eval.reward_model=bench.extraction:FieldF1Scorer"]
+    )
     assert config.eval.scorer == "python"
     with pytest.raises(ConfigError, match="eval.reward_model"):
         resolve("demo", ["eval.scorer=python", "eval.reward_model="])
@@ -63,7 +74,10 @@ def test_quick_benchmark_runs_every_method_with_sane_numbers(tmp_path, capsys):
     for task in ("extraction", "demo"):
         rows = {r["method"]: r for r in summary if r["task"] == task}
         assert set(rows) == {"teacher", "initial student", *efficacy.QUICK_METHODS[task]}, task
-        teacher, student = float(rows["teacher"]["reward"]), float(rows["initial student"]["reward"])
+        teacher, student = (
+            float(rows["teacher"]["reward"]),
+            float(rows["initial student"]["reward"]),
+        )
         for method, r in rows.items():
             for key in ("wr_ref", "reward", "rouge1", "rouge2", "rougeL"):
                 assert 0.0 <= float(r[key]) <= 1.0, (task, method, key, r[key])
@@ -72,10 +86,14 @@ def test_quick_benchmark_runs_every_method_with_sane_numbers(tmp_path, capsys):
                 assert 0.0 <= float(r["ts_wr"]) <= 1.0, (task, method, r["ts_wr"])
             if teacher != student:
                 assert math.isfinite(float(r["gap_closed"])), (task, method)
-        assert float(rows["teacher"]["gap_closed"] or 1.0) == pytest.approx(1.0) or teacher == student
+        assert (
+            float(rows["teacher"]["gap_closed"] or 1.0) == pytest.approx(1.0) or teacher == student
+        )
     with open(tmp_path / "efficacy.csv", encoding="utf-8") as f:
         per_seed = list(csv.DictReader(f))
-    assert len(per_seed) == sum(2 + len(m) for m in efficacy.QUICK_METHODS.values())  # teacher, initial, methods; 1 seed
+    assert len(per_seed) == sum(
+        2 + len(m) for m in efficacy.QUICK_METHODS.values()
+    )  # teacher, initial, methods; 1 seed
     assert os.path.getsize(tmp_path / "efficacy.png") > 1000
     # Its budget, as CPU time (all threads) so that other jobs on a shared runner do not count: under
     # 5 minutes of CPU means under 5 minutes of wall time on 2 cores of its own. Measured: ~2 min CPU.
@@ -87,22 +105,53 @@ def _rows(rewards_by_method):
     rows = []
     for method, rewards in rewards_by_method.items():
         for seed, reward in enumerate(rewards):
-            rows.append({"task": "t", "seed": seed, "method": method, "wr_ref": 0.0, "reward": reward, "ts_wr": 0.5,
-                         "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "length": 1.0, "seconds": 0.0})
+            rows.append(
+                {
+                    "task": "t",
+                    "seed": seed,
+                    "method": method,
+                    "wr_ref": 0.0,
+                    "reward": reward,
+                    "ts_wr": 0.5,
+                    "rouge1": 0.0,
+                    "rouge2": 0.0,
+                    "rougeL": 0.0,
+                    "length": 1.0,
+                    "seconds": 0.0,
+                }
+            )
     return rows
 
 
 def test_summary_gap_noise_and_reproduction_check(tmp_path):
-    first = efficacy.summarise(_rows({"teacher": [0.8] * 3, "initial student": [0.2, 0.3, 0.25],
-                                      "up": [0.5, 0.6, 0.55], "flat": [0.1, 0.4, 0.25]}))
+    first = efficacy.summarise(
+        _rows(
+            {
+                "teacher": [0.8] * 3,
+                "initial student": [0.2, 0.3, 0.25],
+                "up": [0.5, 0.6, 0.55],
+                "flat": [0.1, 0.4, 0.25],
+            }
+        )
+    )
     by = {s["method"]: s for s in first}
     # gap closed is taken per seed, then averaged
     assert by["up"]["gap_closed"] == pytest.approx((0.3 / 0.6 + 0.3 / 0.5 + 0.3 / 0.55) / 3)
-    assert by["up"]["gain"] == pytest.approx(0.3) and by["teacher"]["gap_closed"] == pytest.approx(1.0)
+    assert by["up"]["gain"] == pytest.approx(0.3) and by["teacher"]["gap_closed"] == pytest.approx(
+        1.0
+    )
     assert by["up"]["beyond_noise"] == "yes (+)" and by["flat"]["beyond_noise"] == "no"
     efficacy.write_csv(tmp_path / "summary.csv", first)
-    second = efficacy.summarise(_rows({"teacher": [0.8] * 3, "initial student": [0.25] * 3,
-                                       "up": [0.56, 0.56, 0.56], "flat": [0.9, 0.9, 0.9]}))
+    second = efficacy.summarise(
+        _rows(
+            {
+                "teacher": [0.8] * 3,
+                "initial student": [0.25] * 3,
+                "up": [0.56, 0.56, 0.56],
+                "flat": [0.9, 0.9, 0.9],
+            }
+        )
+    )
     text = efficacy.compare(second, tmp_path / "summary.csv")
     lines = {line.split()[1]: line for line in text.splitlines()[2:-1]}
     assert lines["up"].split()[4] == "yes" and lines["flat"].split()[4] == "no"

@@ -43,13 +43,28 @@ RESPONSES = {
 
 def test_length_buckets_edges():
     assert [length_bucket(w) for w in (0, 1, 10, 11, 20, 21, 30, 31, 40, 41, 500)] == [
-        "(0,10]", "(0,10]", "(0,10]", "(10,20]", "(10,20]", "(20,30]", "(20,30]", "(30,40]", "(30,40]", ">40", ">40"]
+        "(0,10]",
+        "(0,10]",
+        "(0,10]",
+        "(10,20]",
+        "(10,20]",
+        "(20,30]",
+        "(20,30]",
+        "(30,40]",
+        "(30,40]",
+        ">40",
+        ">40",
+    ]
 
 
 def test_win_rates_lengths_and_buckets_are_exact():
     metrics = evaluate_responses(PROMPTS, RESPONSES, REFERENCES, GoodCounter(), teacher="A")
     a, b = metrics["models"]["A"], metrics["models"]["B"]
-    assert metrics["n"] == 4 and metrics["scorer"] == "good-counter" and metrics["buckets"] == list(BUCKETS)
+    assert (
+        metrics["n"] == 4
+        and metrics["scorer"] == "good-counter"
+        and metrics["buckets"] == list(BUCKETS)
+    )
     assert a["win_rate"] == (1 + 0 + 0.5 + 1) / 4 and b["win_rate"] == 3 / 4
     assert a["mean_length"] == (2 + 15 + 0 + 45) / 4 and b["mean_length"] == 6 / 4
     assert a["mean_score"] == 1.0 and b["mean_score"] == 5 / 4
@@ -60,14 +75,15 @@ def test_win_rates_lengths_and_buckets_are_exact():
         "(10,20]": {"n": 1, "win_rate": 0.0, "mean_score": 1.0},
         "(20,30]": {"n": 0, "win_rate": None, "mean_score": None},
         "(30,40]": {"n": 0, "win_rate": None, "mean_score": None},
-        ">40": {"n": 1, "win_rate": 1.0, "mean_score": 1.0}}
+        ">40": {"n": 1, "win_rate": 1.0, "mean_score": 1.0},
+    }
     assert b["length_buckets"]["(0,10]"] == {"n": 4, "win_rate": 0.75, "mean_score": 1.25}
     assert all(b["length_buckets"][k]["n"] == 0 for k in BUCKETS[1:])
 
 
 def _ngrams(text, n):
     tokens = re.findall(r"[a-z0-9]+", text.lower())
-    return Counter(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)), tokens
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)), tokens
 
 
 def _rouge_n(prediction, reference, n):
@@ -86,7 +102,9 @@ def _rouge_l(prediction, reference):
     table = np.zeros((len(a) + 1, len(b) + 1), int)
     for i, x in enumerate(a):
         for j, y in enumerate(b):
-            table[i + 1, j + 1] = table[i, j] + 1 if x == y else max(table[i, j + 1], table[i + 1, j])
+            table[i + 1, j + 1] = (
+                table[i, j] + 1 if x == y else max(table[i, j + 1], table[i + 1, j])
+            )
     lcs = table[-1, -1]
     return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))  # F1 of P = lcs/|a|, R = lcs/|b|
 
@@ -95,8 +113,11 @@ def test_rouge_against_independent_ngram_counts():
     references = ["the cat sat on the mat", "a dog ran", "it was a red car", "so big"]
     responses = {"m": ["the cat is on the mat", "the dog ran off", "red car", "not it"]}
     m = evaluate_responses(PROMPTS, responses, references, GoodCounter())["models"]["m"]
-    for key, fn in (("rouge1", lambda p, r: _rouge_n(p, r, 1)), ("rouge2", lambda p, r: _rouge_n(p, r, 2)),
-                    ("rougeL", _rouge_l)):
+    for key, fn in (
+        ("rouge1", lambda p, r: _rouge_n(p, r, 1)),
+        ("rouge2", lambda p, r: _rouge_n(p, r, 2)),
+        ("rougeL", _rouge_l),
+    ):
         expected = np.mean([fn(p, r) for p, r in zip(responses["m"], references)])
         assert m[key] == pytest.approx(expected, abs=1e-12), key
     assert m["rouge1"] == pytest.approx((5 / 6 + 4 / 7 + 4 / 7 + 0) / 4)
@@ -104,11 +125,21 @@ def test_rouge_against_independent_ngram_counts():
 
 def test_reference_based_scorer_has_no_win_rate_vs_reference():
     references = ["the cat sat", "a dog ran", "it was red", "so big"]
-    responses = {"t": ["the cat sat", "a dog", "red", "big so"], "s": ["a cat", "dog", "it was", "no"]}
+    responses = {
+        "t": ["the cat sat", "a dog", "red", "big so"],
+        "s": ["a cat", "dog", "it was", "no"],
+    }
     metrics = evaluate_responses(PROMPTS, responses, references, RougeScorer(), teacher="t")
     t, s = metrics["models"]["t"], metrics["models"]["s"]
-    assert metrics["reference_based"] and t["win_rate"] is None and t["length_buckets"]["(0,10]"]["win_rate"] is None
-    assert t["mean_score"] == pytest.approx(t["rougeL"]) and t["length_buckets"]["(0,10]"]["mean_score"] is not None
+    assert (
+        metrics["reference_based"]
+        and t["win_rate"] is None
+        and t["length_buckets"]["(0,10]"]["win_rate"] is None
+    )
+    assert (
+        t["mean_score"] == pytest.approx(t["rougeL"])
+        and t["length_buckets"]["(0,10]"]["mean_score"] is not None
+    )
     # rougeL t: 1, 0.8, 0.5, 0.5 ; s: 0.4, 0.5, 0.8, 0 -> teacher wins 3 of 4
     assert s["ts_win_rate"] == 0.75
 
@@ -116,14 +147,23 @@ def test_reference_based_scorer_has_no_win_rate_vs_reference():
 def test_without_references():
     metrics = evaluate_responses(PROMPTS, RESPONSES, None, GoodCounter())
     a = metrics["models"]["A"]
-    assert a["win_rate"] is None and a["rouge1"] is None and a["mean_score"] == 1.0 and a["ts_win_rate"] is None
+    assert (
+        a["win_rate"] is None
+        and a["rouge1"] is None
+        and a["mean_score"] == 1.0
+        and a["ts_win_rate"] is None
+    )
     metrics = evaluate_responses(PROMPTS, RESPONSES, None, RougeScorer())
     assert metrics["models"]["A"]["mean_score"] is None
 
 
 def test_teacher_student_win_rate_and_length_checks():
-    assert teacher_student_win_rate(["good", "x", "good good"], ["x", "good", "good good"], ["p"] * 3,
-                                    GoodCounter()) == 0.5
+    assert (
+        teacher_student_win_rate(
+            ["good", "x", "good good"], ["x", "good", "good good"], ["p"] * 3, GoodCounter()
+        )
+        == 0.5
+    )
     with pytest.raises(ValueError, match="has 1 responses for 4 prompts"):
         evaluate_responses(PROMPTS, {"A": ["x"]}, None, GoodCounter())
 
@@ -137,12 +177,21 @@ def test_write_report_files_and_images(tmp_path):
     metrics = evaluate_responses(PROMPTS, RESPONSES, REFERENCES, GoodCounter(), teacher="A")
     curves = {"sft_student": [(0, 3.0), (5, 2.0), (10, 1.5)], "distill": [(0, 1.0), (10, 0.6)]}
     written = write_report(tmp_path, metrics, curves, process_index=0)
-    names = {"metrics.json", "report.md", "training_curves.png", "win_rate.png", "win_rate_by_length.png"}
+    names = {
+        "metrics.json",
+        "report.md",
+        "training_curves.png",
+        "win_rate.png",
+        "win_rate_by_length.png",
+    }
     assert {p.name for p in written} == names == {p.name for p in tmp_path.iterdir()}
 
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     report = (tmp_path / "report.md").read_text()
-    assert "| model | win rate vs ref | T-S WR | ROUGE-1 | ROUGE-2 | ROUGE-L | mean length (words) |" in report
+    assert (
+        "| model | win rate vs ref | T-S WR | ROUGE-1 | ROUGE-2 | ROUGE-L | mean length (words) |"
+        in report
+    )
     assert "| A | 62.5 | n/a |" in report and "| B | 75.0 | 37.5 |" in report
     assert "| B | 75.0 (n=4) | n/a (n=0) |" in report
     for png in ("training_curves.png", "win_rate.png", "win_rate_by_length.png"):

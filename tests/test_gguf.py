@@ -22,41 +22,76 @@ from plad_jax import launch
 from plad_jax import sharding as shd
 from plad_jax.models import CheckpointError, from_pretrained, lora
 from plad_jax.models.gguf_io import GGUFFile
-from tests.helpers import (PROMPT_LENS, RESPONSE_LENS, max_abs_diff_real, padded_batch,
-                           reference_logits)
+from tests.helpers import (
+    PROMPT_LENS,
+    RESPONSE_LENS,
+    max_abs_diff_real,
+    padded_batch,
+    reference_logits,
+)
 
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's tensor names (convert_hf_to_gguf.py / gguf.TensorNameMap), written out independently.
-LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight",
-               "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj": "attn_q",
-               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
-             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
-         "Return the sum of two numbers.", "for i in range(10): print(i)"] * 4
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "Return the sum of two numbers.",
+    "for i in range(10): print(i)",
+] * 4
 
 
 # -- fixtures: a tiny byte-level tokenizer, tiny models, and GGUF files written from them ----------
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TEXTS, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                                eos_token="<|endoftext|>", pad_token="<pad>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
 
 
 def tiny_model(kind, vocab, *, hidden=32, inter=64, layers=2, seed=0):
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     if kind == "qwen2":
         config = transformers.Qwen2Config(tie_word_embeddings=False, **common)
         model = transformers.Qwen2ForCausalLM(config)
@@ -81,7 +116,7 @@ def gguf_tensor_name(hf_name):
     block, rest = hf_name.removeprefix("model.layers.").split(".", 1)
     for ours, theirs in LAYER_NAMES.items():
         if rest.startswith(ours):
-            return f"blk.{block}.{theirs}{rest[len(ours):]}"
+            return f"blk.{block}.{theirs}{rest[len(ours) :]}"
     raise KeyError(hf_name)
 
 
@@ -108,7 +143,7 @@ def random_k_blocks(kind, shape, rng):
     blocks = rng.integers(0, 256, (shape[0] * shape[1] // block, size), dtype=np.uint8)
     for offset in K_SCALES[kind.name]:
         scale = rng.uniform(1e-3, 4e-3, len(blocks)).astype(np.float16)
-        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(-1, 2)
+        blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(shape[0], -1)
 
 
@@ -148,8 +183,9 @@ def write_gguf(model, path, qtype="F32", tok=None, arch=None):
 
 
 def hf_from_gguf(path, cls=transformers.AutoModelForCausalLM):
-    return cls.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                               dtype=torch.float32).eval()
+    return cls.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
 
 
 def batch_for(vocab):
@@ -157,6 +193,7 @@ def batch_for(vocab):
 
 
 # -- import ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("qtype", READ_TYPES)
 def test_dequantized_tensors_equal_the_gguf_packages(tmp_path, tokenizer, qtype):
@@ -167,10 +204,12 @@ def test_dequantized_tensors_equal_the_gguf_packages(tmp_path, tokenizer, qtype)
     for t in theirs.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))
         expected = dequantize(t.data, t.tensor_type).reshape(shape)
-        hf_name = {"token_embd.weight": "model.embed_tokens.weight",
-                   "output_norm.weight": "model.norm.weight",
-                   "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
-                   "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight"}.get(t.name)
+        hf_name = {
+            "token_embd.weight": "model.embed_tokens.weight",
+            "output_norm.weight": "model.norm.weight",
+            "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+            "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+        }.get(t.name)
         if hf_name is None:
             continue
         np.testing.assert_array_equal(ours.read(hf_name), expected)
@@ -181,9 +220,17 @@ def test_dequantized_tensors_equal_the_gguf_packages(tmp_path, tokenizer, qtype)
         assert {t.tensor_type.name for t in theirs.tensors if len(t.shape) == 2} == {qtype}
 
 
-@pytest.mark.parametrize("kind,qtype", [
-    ("llama_tied", "F32"), ("llama_untied", "F32"), ("qwen2", "F32"),
-    ("llama_tied", "Q8_0"), ("qwen2", "Q4_1"), ("llama_untied", "Q5_0")])
+@pytest.mark.parametrize(
+    "kind,qtype",
+    [
+        ("llama_tied", "F32"),
+        ("llama_untied", "F32"),
+        ("qwen2", "F32"),
+        ("llama_tied", "Q8_0"),
+        ("qwen2", "Q4_1"),
+        ("llama_untied", "Q5_0"),
+    ],
+)
 def test_logits_equal_transformers_on_the_same_gguf(tmp_path, tokenizer, kind, qtype):
     model = tiny_model(kind, len(tokenizer))
     path = write_gguf(model, tmp_path / "m.gguf", qtype, tokenizer)
@@ -228,11 +275,13 @@ def test_sharded_loading_equals_single_device(tmp_path, tokenizer):
 
 def jax_flat(state):
     from flax import nnx
+
     return [(k, v.get_value()) for k, v in nnx.to_flat_state(state)]
 
 
 def test_tokenizer_from_gguf_metadata(tmp_path, tokenizer):
     from plad_jax.models.hf import load_tokenizer
+
     model = tiny_model("llama_tied", len(tokenizer))
     tok = load_tokenizer(write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer))
     for text in TEXTS[:4]:
@@ -241,6 +290,7 @@ def test_tokenizer_from_gguf_metadata(tmp_path, tokenizer):
 
 
 # -- students cut from a checkpoint's blocks -------------------------------------------------------
+
 
 def torch_cut(model, keep):
     """The same cut in torch: the kept decoder blocks, in order, everything else untouched."""
@@ -287,9 +337,15 @@ def test_cut_student_from_gguf_equals_the_torch_cut_and_exports(tmp_path, tokeni
 
 def test_cut_gpt_neo_blocks_keep_their_attention_kind(tmp_path):
     torch.manual_seed(0)
-    config = transformers.GPTNeoConfig(vocab_size=64, hidden_size=16, num_layers=4, num_heads=4,
-                                       attention_types=[[["global", "local"], 2]], window_size=3,
-                                       max_position_embeddings=32)
+    config = transformers.GPTNeoConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=4,
+        num_heads=4,
+        attention_types=[[["global", "local"], 2]],
+        window_size=3,
+        max_position_embeddings=32,
+    )
     model = transformers.GPTNeoForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -309,10 +365,20 @@ def test_cut_gpt_neo_blocks_keep_their_attention_kind(tmp_path):
 
 def test_cut_t5_keeps_the_shared_position_table(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
+
     torch.manual_seed(0)
-    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3,
-                      num_decoder_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
-                      tie_word_embeddings=False, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+    )
     model = T5ForConditionalGeneration(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -330,6 +396,7 @@ def test_cut_t5_keeps_the_shared_position_table(tmp_path):
 
 
 # -- export ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer):
@@ -371,6 +438,7 @@ def test_export_round_trip_through_transformers(exported, tokenizer, kind):
 
 def test_exported_tokenizer_reads_back(exported, tokenizer):
     from plad_jax.models.hf import load_tokenizer
+
     tok = load_tokenizer(exported["qwen2"][2]["f16"])
     for text in TEXTS[:4]:
         assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
@@ -378,15 +446,25 @@ def test_exported_tokenizer_reads_back(exported, tokenizer):
 
 def test_export_refuses_what_gguf_cannot_say(tmp_path, tokenizer):
     from plad_jax.models import init_model
-    lm = init_model({"model_type": "gpt_neo", "vocab_size": 64, "hidden_size": 16, "num_layers": 2,
-                     "num_heads": 4, "attention_types": [[["global", "local"], 1]],
-                     "max_position_embeddings": 32})
+
+    lm = init_model(
+        {
+            "model_type": "gpt_neo",
+            "vocab_size": 64,
+            "hidden_size": 16,
+            "num_layers": 2,
+            "num_heads": 4,
+            "attention_types": [[["global", "local"], 1]],
+            "max_position_embeddings": 32,
+        }
+    )
     with pytest.raises(CheckpointError, match="GGUF export supports"):
         lm.save_gguf(str(tmp_path / "x.gguf"), "f16")
     assert not os.path.exists(tmp_path / "x.gguf")
 
 
 # -- bad input: one line, exit 2, before any work --------------------------------------------------
+
 
 def run_cli(tmp_path, capsys, *sets):
     sets += tuple(f"{s.split('.')[0]}.init=none" for s in sets if ".path=" in s)  # demo: init
@@ -400,8 +478,12 @@ def run_cli(tmp_path, capsys, *sets):
 
 @pytest.fixture(scope="module")
 def good_gguf(tmp_path_factory, tokenizer):
-    return write_gguf(tiny_model("llama_tied", len(tokenizer), layers=2),
-                      tmp_path_factory.mktemp("good") / "m.gguf", "F32", tokenizer)
+    return write_gguf(
+        tiny_model("llama_tied", len(tokenizer), layers=2),
+        tmp_path_factory.mktemp("good") / "m.gguf",
+        "F32",
+        tokenizer,
+    )
 
 
 def test_cli_truncated_gguf(tmp_path, capsys, good_gguf):
@@ -463,17 +545,24 @@ def test_cli_layers_out_of_range(tmp_path, capsys, good_gguf):
 
 # -- the pipeline on a GGUF teacher and a student cut from it -------------------------------
 
+
 @pytest.mark.slow
 def test_pipeline_gguf_teacher_cut_student_gguf_export(tmp_path, tokenizer):
     """Nothing but one .gguf and a data file: the teacher is the file, the student its block 1, and
     the distilled student comes out as GGUF too (loadable by transformers and by plad_jax)."""
     from tests import tiny_run
+
     model = tiny_model("llama_untied", len(tokenizer))
     path = write_gguf(model, tmp_path / "teacher.gguf", "Q8_0", tokenizer)
     run = tmp_path / "run"
-    sets = {"teacher.path": path, "student.path": path, "student.layers": "1", "data.task": "tldr",
-            "data.path": tiny_run.write_tldr_jsonl(str(tmp_path / "tldr.jsonl")),
-            "distill.export_gguf": "f16"}
+    sets = {
+        "teacher.path": path,
+        "student.path": path,
+        "student.layers": "1",
+        "data.task": "tldr",
+        "data.path": tiny_run.write_tldr_jsonl(str(tmp_path / "tldr.jsonl")),
+        "distill.export_gguf": "f16",
+    }
     argv = ["--config", "tiny", "--run-dir", str(run)]
     argv += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     assert launch.main(argv) == 0
@@ -486,4 +575,3 @@ def test_pipeline_gguf_teacher_cut_student_gguf_export(tmp_path, tokenizer):
     ours = np.asarray(distilled.logits(*batch))
     scale = np.max(np.abs(ours[batch[3].astype(bool)]))
     assert max_abs_diff_real(ours, theirs, batch[3]) <= 1e-2 * scale
-

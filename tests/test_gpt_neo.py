@@ -20,7 +20,13 @@ import transformers
 
 from plad_jax.models import CheckpointError, from_pretrained
 from plad_jax.models.gpt_neo import GPTNeoConfig
-from tests.helpers import PROMPT_LENS, RESPONSE_LENS, max_abs_diff_real, padded_batch, reference_logits
+from tests.helpers import (
+    PROMPT_LENS,
+    RESPONSE_LENS,
+    max_abs_diff_real,
+    padded_batch,
+    reference_logits,
+)
 
 VOCAB = 96
 WINDOW = 4
@@ -28,14 +34,27 @@ VARIANTS = {
     # the GPT-Neo default: alternating global/local layers, gelu_new, output layer tied to wte
     "tied": dict(num_layers=4, attention_types=[[["global", "local"], 2]]),
     # untied lm_head, exact gelu, explicit MLP width, a local layer first
-    "untied": dict(num_layers=2, attention_types=[[["local"], 1], [["global"], 1]],
-                   tie_word_embeddings=False, activation_function="gelu", intermediate_size=48),
+    "untied": dict(
+        num_layers=2,
+        attention_types=[[["local"], 1], [["global"], 1]],
+        tie_word_embeddings=False,
+        activation_function="gelu",
+        intermediate_size=48,
+    ),
 }
 
 
 def hf_config(**overrides):
-    base = dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, window_size=WINDOW,
-                max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_heads=4,
+        window_size=WINDOW,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return transformers.GPTNeoConfig(**{**base, **overrides})
 
 
@@ -76,18 +95,23 @@ def scores(models, batch):
 
 
 def test_config_from_hf_expands_attention_types():
-    config = GPTNeoConfig.from_hf(hf_config(num_layers=4, attention_types=[[["global", "local"], 2]]).to_dict())
+    config = GPTNeoConfig.from_hf(
+        hf_config(num_layers=4, attention_types=[[["global", "local"], 2]]).to_dict()
+    )
     assert config.attention_layers == (None, WINDOW, None, WINDOW)
     assert config.intermediate_size == 4 * 32 and config.head_dim == 8
     assert config.tie_word_embeddings and config.eos_token_id == (2,)
     assert config.activation_function == "gelu_new"
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(num_layers=3), "expands to 4 layers"),
-    (dict(attention_types=[[["global", "sparse"], 2]]), "only 'global' and 'local'"),
-    (dict(activation_function="gelu_10"), "activation_function 'gelu_10'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(num_layers=3), "expands to 4 layers"),
+        (dict(attention_types=[[["global", "sparse"], 2]]), "only 'global' and 'local'"),
+        (dict(activation_function="gelu_10"), "activation_function 'gelu_10'"),
+    ],
+)
 def test_config_from_hf_rejects_bad_fields(bad, message):
     hf = {**hf_config(num_layers=4, attention_types=[[["global", "local"], 2]]).to_dict(), **bad}
     with pytest.raises(ValueError, match=message):
@@ -122,8 +146,9 @@ def test_local_window_cuts_inside_the_test_rows(variant, models, scores, batch):
     assert set(lm.config.attention_layers) == {None, WINDOW}
     assert max(p + r for p, r in zip(PROMPT_LENS, RESPONSE_LENS)) > WINDOW
     layers = model.config.num_layers
-    all_global = transformers.GPTNeoForCausalLM(hf_config(**{
-        **VARIANTS[variant], "attention_types": [[["global"], layers]]})).eval()
+    all_global = transformers.GPTNeoForCausalLM(
+        hf_config(**{**VARIANTS[variant], "attention_types": [[["global"], layers]]})
+    ).eval()
     all_global.load_state_dict(model.state_dict())
     assert max_abs_diff_real(scores[variant], reference_logits(all_global, *batch), batch[3]) > 1e-2
 
@@ -148,6 +173,7 @@ def test_prefill_then_teacher_forced_decode_equals_logits(variant, models, score
 
 # The next three check variant-independent plumbing, on the default (tied) variant only.
 
+
 def test_padding_never_changes_real_positions(models, scores, batch):
     """More padding, filled with arbitrary ids, after both prompt and response: same real logits."""
     _, _, lm = models["tied"]
@@ -156,7 +182,9 @@ def test_padding_never_changes_real_positions(models, scores, batch):
     junk_prompt = np.where(pm == 0, 77, pi)
     padded = np.asarray(lm.logits(pad(junk_prompt, 55), pad(pm, 0), pad(ri, 66), pad(rm, 0)))
     real = rm.astype(bool)
-    np.testing.assert_allclose(padded[:, : ri.shape[1]][real], scores["tied"][real], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        padded[:, : ri.shape[1]][real], scores["tied"][real], rtol=0, atol=1e-5
+    )
 
 
 def test_response_hidden_states_are_final_layer_states(models, batch):
@@ -167,7 +195,7 @@ def test_response_hidden_states_are_final_layer_states(models, batch):
         for b in range(pi.shape[0]):
             p, r = pi[b, : pm[b].sum()], ri[b, : rm[b].sum()]
             ids = torch.tensor(np.concatenate([p, r]))[None]
-            ref = model.transformer(input_ids=ids).last_hidden_state[0, len(p):].numpy()
+            ref = model.transformer(input_ids=ids).last_hidden_state[0, len(p) :].numpy()
             np.testing.assert_allclose(np.asarray(hidden)[b, : len(r)], ref, rtol=0, atol=1e-4)
 
 
@@ -193,7 +221,9 @@ def test_save_pretrained_round_trips_through_transformers(variant, models, batch
         assert torch.equal(expected[name], got[name]), name
     assert reloaded.config.attention_layers == model.config.attention_layers
     assert reloaded.config.tie_word_embeddings == model.config.tie_word_embeddings
-    np.testing.assert_array_equal(reference_logits(reloaded, *batch), reference_logits(model, *batch))
+    np.testing.assert_array_equal(
+        reference_logits(reloaded, *batch), reference_logits(model, *batch)
+    )
     # and back: the directory we wrote loads into the same params
     again = jax.tree.leaves(from_pretrained(str(tmp_path)).params)
     assert all(np.array_equal(a, b) for a, b in zip(again, jax.tree.leaves(lm.params), strict=True))

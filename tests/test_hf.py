@@ -11,7 +11,13 @@ import transformers
 
 from plad_jax.models import CheckpointError, from_pretrained
 from plad_jax.models.safetensors_io import SafetensorsFile, write_safetensors
-from tests.helpers import PROMPT_LENS, RESPONSE_LENS, max_abs_diff_real, padded_batch, reference_logits
+from tests.helpers import (
+    PROMPT_LENS,
+    RESPONSE_LENS,
+    max_abs_diff_real,
+    padded_batch,
+    reference_logits,
+)
 
 VOCAB = 64
 
@@ -19,8 +25,14 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     path = str(tmp_path_factory.mktemp("llama"))
     model.save_pretrained(path)
@@ -54,17 +66,28 @@ def test_sharded_index_both_directions(llama_dir, tmp_path):
     out = str(tmp_path / "sharded")
     lm.save_pretrained(out, max_shard_bytes=8 * 1024)
     files = sorted(os.listdir(out))
-    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    assert (
+        "model.safetensors.index.json" in files
+        and sum(f.endswith(".safetensors") for f in files) > 2
+    )
     batch = padded_batch(0, VOCAB, PROMPT_LENS, RESPONSE_LENS)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert max_abs_diff_real(lm.logits(*batch), reference_logits(reloaded, *batch), batch[3]) <= 1e-4
-    np.testing.assert_array_equal(np.asarray(from_pretrained(out).logits(*batch)), np.asarray(lm.logits(*batch)))
+    assert (
+        max_abs_diff_real(lm.logits(*batch), reference_logits(reloaded, *batch), batch[3]) <= 1e-4
+    )
+    np.testing.assert_array_equal(
+        np.asarray(from_pretrained(out).logits(*batch)), np.asarray(lm.logits(*batch))
+    )
 
 
 def test_safetensors_reader_matches_reference_library(tmp_path):
     from safetensors.numpy import load_file
+
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.integers(0, 9, (7,)).astype(np.int64)}
+    tensors = {
+        "a": rng.normal(size=(3, 5)).astype(np.float32),
+        "b": rng.integers(0, 9, (7,)).astype(np.int64),
+    }
     write_safetensors(str(tmp_path / "x.safetensors"), tensors)
     loaded = load_file(str(tmp_path / "x.safetensors"))
     f = SafetensorsFile(str(tmp_path / "x.safetensors"))
@@ -148,13 +171,26 @@ def test_corrupt_safetensors(llama_dir, tmp_path):
 def test_init_model_from_config_fields_round_trips_through_transformers(tmp_path):
     from plad_jax import sharding as shd
     from plad_jax.models import init_model
-    fields = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "tie_word_embeddings": True, "eos_token_id": 2}
+
+    fields = {
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
+    }
     lm = init_model(fields, seed=3)
     again = init_model(fields, seed=3, mesh=shd.make_mesh((1, 2, 4)))
     batch = padded_batch(0, VOCAB, PROMPT_LENS, RESPONSE_LENS)
-    np.testing.assert_allclose(np.asarray(again.logits(*batch)), np.asarray(lm.logits(*batch)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(again.logits(*batch)), np.asarray(lm.logits(*batch)), atol=1e-6
+    )
     lm.save_pretrained(str(tmp_path / "fresh"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fresh")).eval()
-    assert max_abs_diff_real(lm.logits(*batch), reference_logits(reloaded, *batch), batch[3]) <= 1e-4
+    assert (
+        max_abs_diff_real(lm.logits(*batch), reference_logits(reloaded, *batch), batch[3]) <= 1e-4
+    )

@@ -21,8 +21,18 @@ LAYERS = (
     ("models", ("models",)),
     ("config", ("config", "paper_settings", "fetch")),
     ("training", ("train", "checkpointing", "loop", "sampler")),
-    ("methods", ("methods", "reward_model", "pbkd_objectives", "pbkd_mm", "pbkd_loop", "pbkd_rounds",
-                 "preferences")),
+    (
+        "methods",
+        (
+            "methods",
+            "reward_model",
+            "pbkd_objectives",
+            "pbkd_mm",
+            "pbkd_loop",
+            "pbkd_rounds",
+            "preferences",
+        ),
+    ),
     ("scoring", ("rewards", "evaluate")),
     ("pipeline", ("inputs", "stages", "launch", "")),
 )
@@ -45,7 +55,11 @@ def _imports(module: str, path: str, modules) -> set[str]:
     a.b when b is a module, else as a)."""
     out = set()
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("plad_jax"):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").startswith("plad_jax")
+        ):
             for alias in node.names:
                 full = f"{node.module}.{alias.name}"
                 out.add(full if full in modules else node.module)
@@ -61,7 +75,9 @@ def _layer(module: str) -> int | None:
     best, best_len = None, -1
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (rel == prefix or (prefix and rel.startswith(prefix + "."))) and len(prefix) > best_len:
+            if (rel == prefix or (prefix and rel.startswith(prefix + "."))) and len(
+                prefix
+            ) > best_len:
                 best, best_len = index, len(prefix)
     return best
 
@@ -112,13 +128,21 @@ def test_every_module_has_a_layer(graph):
 
 
 def test_no_layer_imports_a_higher_one(graph):
-    upward = [f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})"
-              for m in sorted(graph) for d in sorted(graph[m]) if _layer(d) > _layer(m)]
+    upward = [
+        f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})"
+        for m in sorted(graph)
+        for d in sorted(graph[m])
+        if _layer(d) > _layer(m)
+    ]
     assert upward == []
 
 
 def test_the_checks_catch_what_they_look_for():
     """The cycle finder finds a planted cycle; the layer map puts a lower module under a higher one."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert _layer("plad_jax.models.llama") < _layer("plad_jax.methods.pairs") < _layer("plad_jax.stages")
+    assert (
+        _layer("plad_jax.models.llama")
+        < _layer("plad_jax.methods.pairs")
+        < _layer("plad_jax.stages")
+    )
     assert _layer("plad_jax.data.example") < _layer("plad_jax.data.tasks")

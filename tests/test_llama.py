@@ -9,23 +9,69 @@ import torch
 import transformers
 
 from plad_jax.models import from_pretrained
-from tests.helpers import (PROMPT_LENS, RESPONSE_LENS, max_abs_diff_real, padded_batch, randomize_weights,
-                           reference_logits)
+from tests.helpers import (
+    PROMPT_LENS,
+    RESPONSE_LENS,
+    max_abs_diff_real,
+    padded_batch,
+    randomize_weights,
+    reference_logits,
+)
 
 VOCAB = 96
-BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8, "rope_theta": 500000.0}
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+    "rope_theta": 500000.0,
+}
 CASES = {
     "llama_mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
-    "llama_gqa_tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "llama_mqa_bias": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
-    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)),
-    "llama_linear_rope": ("LlamaConfig", "LlamaForCausalLM",
-                          dict(num_key_value_heads=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
-    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5, head_dim=12)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_gqa_tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "llama_mqa_bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
+    ),
+    "llama3_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+    ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+    ),
+    "mistral_window": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=5, head_dim=12),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_key_value_heads=2, tie_word_embeddings=True),
+    ),
 }
 
 
@@ -33,7 +79,9 @@ def build(name, tmp_path_factory):
     config_cls, model_cls, extra = CASES[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**BASE, **extra)
-    model = randomize_weights(getattr(transformers, model_cls)(config).eval(), seed=sorted(CASES).index(name))
+    model = randomize_weights(
+        getattr(transformers, model_cls)(config).eval(), seed=sorted(CASES).index(name)
+    )
     path = str(tmp_path_factory.mktemp(name))
     model.save_pretrained(path)
     return model, path

@@ -3,6 +3,7 @@
 Every expected number comes from an independent float64 NumPy reference written below (or by
 hand), and, for DPO / GKD / the CPO hinge, from TRL's own functions when TRL is installed.
 """
+
 import types
 import warnings
 from collections import defaultdict
@@ -106,7 +107,9 @@ def pad_rows(rng, x, extra_b):
 def assert_metrics_equal(m1, m2):
     assert m1.keys() == m2.keys()
     for k in m1:
-        np.testing.assert_allclose(np.array(m1[k]), np.array(m2[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(
+            np.array(m1[k]), np.array(m2[k]), rtol=1e-5, atol=1e-6, err_msg=k
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -129,7 +132,9 @@ def test_token_logprobs_matches_numpy(token_batch):
     ref = np_log_softmax(np.asarray(jnp.asarray(student, jnp.bfloat16), np.float32))
     safe = np.where(mask == 1, targets, 0)
     expected = np.take_along_axis(ref, safe[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.where(mask == 1, got, 0), np.where(mask == 1, expected, 0), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.where(mask == 1, got, 0), np.where(mask == 1, expected, 0), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 4, T, 50])
@@ -181,8 +186,12 @@ def test_logit_chunk_fits_the_budget():
 def test_sequence_logprobs_sum_and_mean_by_hand():
     token_logps = jnp.array([[-1.0, -2.0, -3.0, 99.0], [-0.5, 99.0, 99.0, 99.0], [99.0] * 4])
     mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    np.testing.assert_allclose(losses.sequence_logprobs(token_logps, mask, "sum"), [-6.0, -0.5, 0.0])
-    np.testing.assert_allclose(losses.sequence_logprobs(token_logps, mask, "mean"), [-2.0, -0.5, 0.0])
+    np.testing.assert_allclose(
+        losses.sequence_logprobs(token_logps, mask, "sum"), [-6.0, -0.5, 0.0]
+    )
+    np.testing.assert_allclose(
+        losses.sequence_logprobs(token_logps, mask, "mean"), [-2.0, -0.5, 0.0]
+    )
     np.testing.assert_allclose(losses.sequence_logprobs(token_logps, mask), [-2.0, -0.5, 0.0])
     with pytest.raises(ValueError, match="score"):
         losses.sequence_logprobs(token_logps, mask, "max")
@@ -217,7 +226,9 @@ def test_rank_calibration_by_hand_and_zero_gradient_where_margin_holds():
     np.testing.assert_allclose(metrics["hinge_active"], (4.0, 8.0))
     np.testing.assert_allclose(metrics["accuracy"], (5.0, 8.0))  # pair [5] is a tie: not counted
 
-    grad_pos, grad_neg = jax.grad(lambda a, b: losses.rank_calibration(a, b, 1.0)[0], (0, 1))(lp, ln)
+    grad_pos, grad_neg = jax.grad(lambda a, b: losses.rank_calibration(a, b, 1.0)[0], (0, 1))(
+        lp, ln
+    )
     active = np.array([0, 1, 0, 1, 0, 1, 1, 0])
     np.testing.assert_array_equal(grad_pos, -active / 8)
     np.testing.assert_array_equal(grad_neg, active / 8)
@@ -225,11 +236,16 @@ def test_rank_calibration_by_hand_and_zero_gradient_where_margin_holds():
 
 def test_rank_and_margin_calibration_match_numpy(rng):
     lp, ln = rng.normal(size=8).astype(np.float32) - 2, rng.normal(size=8).astype(np.float32) - 2
-    sp, sn = rng.uniform(0, 3, size=8).astype(np.float32), rng.uniform(0, 3, size=8).astype(np.float32)
+    sp, sn = (
+        rng.uniform(0, 3, size=8).astype(np.float32),
+        rng.uniform(0, 3, size=8).astype(np.float32),
+    )
     row_mask = np.array([1, 1, 1, 0, 1, 1, 0, 1])
     real = row_mask == 1
 
-    loss, _ = losses.rank_calibration(jnp.asarray(lp), jnp.asarray(ln), 0.7, mask=jnp.asarray(row_mask))
+    loss, _ = losses.rank_calibration(
+        jnp.asarray(lp), jnp.asarray(ln), 0.7, mask=jnp.asarray(row_mask)
+    )
     expected = np.maximum(0, 0.7 - lp.astype(np.float64) + ln)[real].mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
@@ -240,7 +256,9 @@ def test_rank_and_margin_calibration_match_numpy(rng):
     np.testing.assert_allclose(metrics["hinge_active"], ((hinge[real] > 0).sum(), real.sum()))
     np.testing.assert_allclose(metrics["accuracy"], ((lp > ln)[real].sum(), real.sum()))
 
-    score_grads = jax.grad(lambda s1, s2: losses.margin_calibration(args[0], args[1], s1, s2, 1.5)[0], (0, 1))
+    score_grads = jax.grad(
+        lambda s1, s2: losses.margin_calibration(args[0], args[1], s1, s2, 1.5)[0], (0, 1)
+    )
     for g in score_grads(args[2], args[3]):
         np.testing.assert_array_equal(g, 0.0)  # the score sets a margin, it is not trained
 
@@ -271,7 +289,9 @@ def test_ngram_span_score_matches_brute_force(span_batch):
 def test_ngram_span_score_identical_texts_score_max_n(span_batch):
     h, mask = jnp.asarray(span_batch[0]), jnp.asarray(right_mask([6, 4, 3, 2], 6))
     # F_n = 1 for every n that fits: 3 for rows with >= 3 tokens, 2 (unigrams, bigrams) for 2 tokens
-    np.testing.assert_allclose(span_score(h, mask, h, mask, max_n=3), [3.0, 3.0, 3.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        span_score(h, mask, h, mask, max_n=3), [3.0, 3.0, 3.0, 2.0], rtol=1e-6
+    )
 
 
 def test_ngram_span_score_padding_invariant_and_no_gradient(rng, span_batch):
@@ -323,7 +343,9 @@ TOKEN_LOSSES = {
 @pytest.mark.parametrize("name", ["kd_forward_kl", "tvd_loss", "js_loss", "reverse_kl_loss"])
 def test_token_divergences_match_numpy(token_batch, name):
     student, teacher, _, mask = token_batch
-    loss, metrics = TOKEN_LOSSES[name](jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask))
+    loss, metrics = TOKEN_LOSSES[name](
+        jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask)
+    )
     per_token = np_token_losses(student, teacher)[name]
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(loss, np_token_mean(per_token, mask), rtol=1e-5)
@@ -358,7 +380,9 @@ def test_token_losses_padding_invariant(rng, token_batch, name):
     student, teacher, targets, mask = token_batch
     student_p, mask_p = pad_tokens(rng, student, mask, extra_t=4, extra_b=2)
     teacher_p, _ = pad_tokens(rng, teacher, mask, extra_t=4, extra_b=2)
-    targets_p = rng.integers(-5, V + 5, size=mask_p.shape)  # padding ids in and out of the vocabulary
+    targets_p = rng.integers(
+        -5, V + 5, size=mask_p.shape
+    )  # padding ids in and out of the vocabulary
     targets_p[:B, :T] = np.where(mask == 1, targets, targets_p[:B, :T])
 
     def run(s, t, y, m):
@@ -382,8 +406,10 @@ def test_losses_trace_under_jit(token_batch):
         seq = losses.sequence_logprobs(losses.token_logprobs(s, y), m, score="sum")
         return token + [losses.sft_loss(s, y, m)[0], seq]
 
-    for jitted, eager in zip(jax.jit(all_losses)(student, teacher, targets, mask),
-                             all_losses(student, teacher, targets, mask)):
+    for jitted, eager in zip(
+        jax.jit(all_losses)(student, teacher, targets, mask),
+        all_losses(student, teacher, targets, mask),
+    ):
         np.testing.assert_allclose(jitted, eager, rtol=1e-5)
 
 
@@ -411,7 +437,9 @@ def test_dpo_matches_hand_formula(pair_batch, ls):
     chosen, rejected = 0.1 * (pp.astype(np.float64) - rp), 0.1 * (pn.astype(np.float64) - rn)
     np.testing.assert_allclose(metrics["rewards_chosen"], (chosen.sum(), 8), rtol=1e-4)
     np.testing.assert_allclose(metrics["rewards_rejected"], (rejected.sum(), 8), rtol=1e-4)
-    np.testing.assert_allclose(metrics["reward_margin"], ((chosen - rejected).sum(), 8), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        metrics["reward_margin"], ((chosen - rejected).sum(), 8), rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_allclose(metrics["reward_accuracy"], ((chosen > rejected).sum(), 8))
 
 
@@ -421,7 +449,9 @@ def test_dpo_applies_beta_once():
     zeros = jnp.zeros(8)
     for beta in (0.1, 1.0, 3.0):
         loss, _ = losses.dpo_loss(x, zeros, zeros, zeros, beta=beta)
-        np.testing.assert_allclose(loss, np.mean(np.logaddexp(0.0, -beta * np.asarray(x))), rtol=1e-6)
+        np.testing.assert_allclose(
+            loss, np.mean(np.logaddexp(0.0, -beta * np.asarray(x))), rtol=1e-6
+        )
     # beta enters only through beta * z: (beta=2, z) and (beta=1, 2z) are the same loss
     a, _ = losses.dpo_loss(x, zeros, zeros, zeros, beta=2.0)
     b, _ = losses.dpo_loss(2 * x, zeros, zeros, zeros, beta=1.0)
@@ -480,11 +510,18 @@ def test_generalized_jsd_matches_trl(token_batch, beta, temperature):
     student, teacher, _, mask = token_batch
     labels = torch.tensor(np.where(mask == 1, 0, -100))
     expected = gkd.GKDTrainer.generalized_jsd_loss(
-        torch.tensor(student, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64),
-        labels=labels, beta=beta, temperature=temperature,
+        torch.tensor(student, dtype=torch.float64),
+        torch.tensor(teacher, dtype=torch.float64),
+        labels=labels,
+        beta=beta,
+        temperature=temperature,
     )
     loss, _ = losses.generalized_jsd_loss(
-        jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask), beta=beta, temperature=temperature
+        jnp.asarray(student),
+        jnp.asarray(teacher),
+        jnp.asarray(mask),
+        beta=beta,
+        temperature=temperature,
     )
     np.testing.assert_allclose(loss, expected.item(), rtol=1e-5)
 
@@ -492,10 +529,13 @@ def test_generalized_jsd_matches_trl(token_batch, beta, temperature):
 def _trl_stand_in(**attrs):
     """The few attributes TRL's loss methods read from `self`, on CPU, single process."""
     torch = pytest.importorskip("torch")
+
     def identity(x):
         return x
 
-    accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity)
+    accelerator = types.SimpleNamespace(
+        device=torch.device("cpu"), gather_for_metrics=identity, gather=identity
+    )
     return types.SimpleNamespace(accelerator=accelerator, **attrs)
 
 
@@ -504,7 +544,9 @@ def test_hinge_loss_matches_trl_cpo(pair_batch, beta):
     torch = pytest.importorskip("torch")
     cpo = _import_trl("trl.experimental.cpo.cpo_trainer")
     pp, pn, _, _ = pair_batch
-    stand_in = _trl_stand_in(alpha=0.0, loss_type="hinge", beta=beta, label_smoothing=0.0, simpo_gamma=0.0)
+    stand_in = _trl_stand_in(
+        alpha=0.0, loss_type="hinge", beta=beta, label_smoothing=0.0, simpo_gamma=0.0
+    )
     trl_losses, _, _ = cpo.CPOTrainer.cpo_loss(stand_in, torch.tensor(pp), torch.tensor(pn))
     loss, _ = losses.hinge_loss(jnp.asarray(pp), jnp.asarray(pn), beta=beta)
     np.testing.assert_allclose(loss, trl_losses.mean().item(), rtol=1e-5)
@@ -521,27 +563,47 @@ def test_dpo_matches_trl_dpo_trainer(pair_batch, beta):
     ones = torch.ones_like(logps)
 
     def model(**_):
-        return types.SimpleNamespace(log_probs=logps, entropy=ones, mean_logits=ones, is_top1=ones.bool())
+        return types.SimpleNamespace(
+            log_probs=logps, entropy=ones, mean_logits=ones, is_top1=ones.bool()
+        )
 
     model.training = True
     stand_in = _trl_stand_in(
-        model=model, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=beta,
-        label_smoothing=0.0, use_weighting=False, _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1,
+        model=model,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
     inputs = {
-        "input_ids": torch.zeros(16, 2, dtype=torch.long), "attention_mask": torch.ones(16, 2),
-        "completion_mask": torch.ones(16, 2), "ref_chosen_logps": rp, "ref_rejected_logps": rn,
+        "input_ids": torch.zeros(16, 2, dtype=torch.long),
+        "attention_mask": torch.ones(16, 2),
+        "completion_mask": torch.ones(16, 2),
+        "ref_chosen_logps": rp,
+        "ref_rejected_logps": rn,
     }
     trl_loss = dpo.DPOTrainer._compute_loss(stand_in, model, inputs, return_outputs=False)
     loss, metrics = losses.dpo_loss(*map(jnp.asarray, pair_batch), beta=beta)
     np.testing.assert_allclose(loss, trl_loss.item(), rtol=1e-5)
     trl_metrics = stand_in._metrics["train"]
-    for ours, theirs in [("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
-                         ("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins")]:
+    for ours, theirs in [
+        ("rewards_chosen", "rewards/chosen"),
+        ("rewards_rejected", "rewards/rejected"),
+        ("reward_accuracy", "rewards/accuracies"),
+        ("reward_margin", "rewards/margins"),
+    ]:
         total, count = metrics[ours]
-        np.testing.assert_allclose(total / count, trl_metrics[theirs][0], rtol=1e-4, atol=1e-6, err_msg=ours)
+        np.testing.assert_allclose(
+            total / count, trl_metrics[theirs][0], rtol=1e-4, atol=1e-6, err_msg=ours
+        )
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.2])
@@ -551,7 +613,11 @@ def test_dpo_label_smoothing_matches_trl_sigmoid(pair_batch, ls):
     torch = pytest.importorskip("torch")
     cpo = _import_trl("trl.experimental.cpo.cpo_trainer")
     pp, pn, rp, rn = pair_batch
-    stand_in = _trl_stand_in(alpha=0.0, loss_type="sigmoid", beta=0.1, label_smoothing=ls, simpo_gamma=0.0)
-    trl_losses, _, _ = cpo.CPOTrainer.cpo_loss(stand_in, torch.tensor(pp - rp), torch.tensor(pn - rn))
+    stand_in = _trl_stand_in(
+        alpha=0.0, loss_type="sigmoid", beta=0.1, label_smoothing=ls, simpo_gamma=0.0
+    )
+    trl_losses, _, _ = cpo.CPOTrainer.cpo_loss(
+        stand_in, torch.tensor(pp - rp), torch.tensor(pn - rn)
+    )
     loss, _ = losses.dpo_loss(*map(jnp.asarray, pair_batch), beta=0.1, label_smoothing=ls)
     np.testing.assert_allclose(loss, trl_losses.mean().item(), rtol=1e-5)

@@ -29,8 +29,14 @@ TIMEOUT_S = 120  # the whole 2-process job, start to exit; a hang is killed and 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=worker.VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=worker.VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     path = str(tmp_path_factory.mktemp("llama"))
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -43,15 +49,39 @@ def free_loopback_port() -> int:
 
 
 def start_processes(model_dir: str) -> list[subprocess.Popen]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+    )
     port = free_loopback_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", "--process-id", str(i),
-                               "--num-processes", str(NUM_PROCESSES), "--port", str(port),
-                               "--model-dir", model_dir, "--timeout", str(TIMEOUT_S)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-             for i in range(NUM_PROCESSES)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.multihost_worker",
+                "--process-id",
+                str(i),
+                "--num-processes",
+                str(NUM_PROCESSES),
+                "--port",
+                str(port),
+                "--model-dir",
+                model_dir,
+                "--timeout",
+                str(TIMEOUT_S),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for i in range(NUM_PROCESSES)
+    ]
     return procs
 
 
@@ -73,8 +103,10 @@ def wait_for(procs: list[subprocess.Popen], started: float) -> list[dict]:
     if timed_out:
         kill(procs)
         tails = [proc.communicate()[1][-2000:] for proc in procs]
-        pytest.fail(f"the {NUM_PROCESSES}-process job did not finish within {TIMEOUT_S} s; killed. "
-                    + " | ".join(f"process {i} stderr: {t}" for i, t in enumerate(tails)))
+        pytest.fail(
+            f"the {NUM_PROCESSES}-process job did not finish within {TIMEOUT_S} s; killed. "
+            + " | ".join(f"process {i} stderr: {t}" for i, t in enumerate(tails))
+        )
     for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
         if proc.returncode != 0:
             pytest.fail(f"process {i} exited with {proc.returncode}; stderr tail:\n{err[-3000:]}")
@@ -87,8 +119,12 @@ def two_process_run(model_dir):
     assert jax.process_count() == 1 and jax.device_count() == 8
     started, procs = time.monotonic(), start_processes(model_dir)
     try:  # the 1-process reference runs while the workers start up and compile
-        reference = {worker.mesh_name(shape): worker.sft_run(model_dir, shape, eager_logits=shape == worker.MESHES[0])
-                     for shape in worker.MESHES}
+        reference = {
+            worker.mesh_name(shape): worker.sft_run(
+                model_dir, shape, eager_logits=shape == worker.MESHES[0]
+            )
+            for shape in worker.MESHES
+        }
         samples = worker.sample_run(model_dir)
     except BaseException:
         kill(procs)
@@ -110,7 +146,9 @@ def test_two_processes_give_the_one_process_losses(two_process_run):
             np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5, err_msg=mesh)
             np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5, err_msg=mesh)
             if "logits_abs_sum" in ref:
-                np.testing.assert_allclose(got["logits_abs_sum"], ref["logits_abs_sum"], rtol=1e-5, err_msg=mesh)
+                np.testing.assert_allclose(
+                    got["logits_abs_sum"], ref["logits_abs_sum"], rtol=1e-5, err_msg=mesh
+                )
     assert "logits_abs_sum" in results[0]["runs"][worker.mesh_name(worker.MESHES[0])]
     assert ref["rows"] == [0, worker.ROWS]
     assert len(set(np.round(ref["loss"], 6))) == worker.STEPS  # the steps really changed the model
@@ -118,21 +156,29 @@ def test_two_processes_give_the_one_process_losses(two_process_run):
 
 def test_two_processes_sample_their_own_prompts_as_one_process_does(two_process_run):
     results, _, ref = two_process_run
-    assert ref["rows"] == list(range(worker.ROWS)) and ref["many_prompts"] == list(range(worker.ROWS))
+    assert ref["rows"] == list(range(worker.ROWS)) and ref["many_prompts"] == list(
+        range(worker.ROWS)
+    )
     covered = []
     for r in results:
         got, rows = r["samples"], r["samples"]["rows"]
         covered += rows
         # generate: this process's rows of the global batch, greedy and sampled (2 per prompt) ...
         assert got["greedy"] == [ref["greedy"][i] for i in rows]
-        np.testing.assert_allclose(got["greedy_logprobs"], [ref["greedy_logprobs"][i] for i in rows], atol=1e-5)
+        np.testing.assert_allclose(
+            got["greedy_logprobs"], [ref["greedy_logprobs"][i] for i in rows], atol=1e-5
+        )
         assert got["sampled"] == [ref["sampled"][2 * i + s] for i in rows for s in range(2)]
         # ... and generate_many on an uneven share of the prompts (3 batches vs 2, agreed on)
         assert got["many"] == [ref["many"][i] for i in got["many_prompts"]]
-        np.testing.assert_allclose(got["many_logprob"], [ref["many_logprob"][i] for i in got["many_prompts"]],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            got["many_logprob"], [ref["many_logprob"][i] for i in got["many_prompts"]], atol=1e-5
+        )
     assert sorted(covered) == list(range(worker.ROWS))
-    assert [len(r["samples"]["many_prompts"]) for r in results] == [worker.MANY_SPLIT, worker.ROWS - worker.MANY_SPLIT]
+    assert [len(r["samples"]["many_prompts"]) for r in results] == [
+        worker.MANY_SPLIT,
+        worker.ROWS - worker.MANY_SPLIT,
+    ]
     assert len({tuple(t) for t in ref["sampled"]}) > 1  # the samples are not all one sequence
 
 

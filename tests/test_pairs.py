@@ -20,26 +20,45 @@ def _rows(process, n):
     """Rows with every field set, the optional ones varied (empty reference, None log-probs)."""
     rows = []
     for i in range(n):
-        rows.append({
-            "prompt": f"p{process}-{i} prompt ünïcode", "reference": "" if i % 2 else f"ref {i}",
-            "teacher": f"teacher says {i}", "student": f"student says {i}", "chosen": "teacher",
-            "teacher_ids": list(range(i + 1)), "student_ids": [7] * (i % 3),
-            "teacher_logp": None if i == 1 else -1.25 * i, "student_logp": -0.5 - i,
-            "score_teacher": None, "score_student": None, "relabelled": False, "index": None})
+        rows.append(
+            {
+                "prompt": f"p{process}-{i} prompt ünïcode",
+                "reference": "" if i % 2 else f"ref {i}",
+                "teacher": f"teacher says {i}",
+                "student": f"student says {i}",
+                "chosen": "teacher",
+                "teacher_ids": list(range(i + 1)),
+                "student_ids": [7] * (i % 3),
+                "teacher_logp": None if i == 1 else -1.25 * i,
+                "student_logp": -0.5 - i,
+                "score_teacher": None,
+                "score_student": None,
+                "relabelled": False,
+                "index": None,
+            }
+        )
     return rows
 
 
 def test_round_trip_two_shards_in_process_order(tmp_path):
     rows0, rows1 = _rows(0, 3), _rows(1, 2)
-    write_pairs(tmp_path, rows1, process_index=1)  # written out of order: reading is by process index
+    write_pairs(
+        tmp_path, rows1, process_index=1
+    )  # written out of order: reading is by process index
     write_pairs(tmp_path, rows0, process_index=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs-00000.parquet", "pairs-00001.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "pairs-00000.parquet",
+        "pairs-00001.parquet",
+    ]
     assert read_pairs(tmp_path) == rows0 + rows1  # all values here are exact in float32
 
     schema = pq.read_schema(tmp_path / "pairs-00000.parquet")
     assert tuple(schema.names) == PAIR_COLUMNS
     assert schema.field("teacher_ids").type.value_type == pa.int32()
-    assert schema.field("teacher_logp").type == pa.float32() and schema.field("relabelled").type == pa.bool_()
+    assert (
+        schema.field("teacher_logp").type == pa.float32()
+        and schema.field("relabelled").type == pa.bool_()
+    )
 
 
 def test_rows_with_an_index_read_back_in_split_order_whatever_the_shards(tmp_path):
@@ -113,24 +132,37 @@ class StubScorer:
 
 def _scored_pairs(n):
     # Pair i: teacher scores 10, student scores i -> the student wins for i > 10, ties at i == 10.
-    return build_pairs([f"x{i}" for i in range(n)], ["t 10"] * n, [f"s {i}" for i in range(n)],
-                       references=[f"r{i}" for i in range(n)])
+    return build_pairs(
+        [f"x{i}" for i in range(n)],
+        ["t 10"] * n,
+        [f"s {i}" for i in range(n)],
+        references=[f"r{i}" for i in range(n)],
+    )
 
 
 def test_relabel_ratio_zero_scores_nothing():
     scorer = StubScorer()
     rows, stats = relabel(_scored_pairs(6), scorer, real_ratio=0.0, seed=0)
     assert stats == {"pairs": 6, "scored": 0, "swapped": 0} and scorer.calls == []
-    assert all(r["chosen"] == "teacher" and not r["relabelled"] and r["score_teacher"] is None for r in rows)
+    assert all(
+        r["chosen"] == "teacher" and not r["relabelled"] and r["score_teacher"] is None
+        for r in rows
+    )
 
 
 def test_relabel_ratio_one_swaps_exactly_where_the_student_wins():
     pairs = _scored_pairs(14)
     rows, stats = relabel(pairs, StubScorer(), real_ratio=1.0, seed=3)
-    assert stats == {"pairs": 14, "scored": 14, "swapped": 3}  # students 11, 12, 13 beat 10; 10 ties
+    assert stats == {
+        "pairs": 14,
+        "scored": 14,
+        "swapped": 3,
+    }  # students 11, 12, 13 beat 10; 10 ties
     assert [r["chosen"] for r in rows] == ["teacher"] * 11 + ["student"] * 3
     assert all(r["relabelled"] for r in rows)
-    assert [r["score_student"] for r in rows] == list(range(14)) and {r["score_teacher"] for r in rows} == {10}
+    assert [r["score_student"] for r in rows] == list(range(14)) and {
+        r["score_teacher"] for r in rows
+    } == {10}
     assert all(p["chosen"] == "teacher" and not p["relabelled"] for p in pairs)  # input left alone
 
 
@@ -144,13 +176,18 @@ def test_relabel_share_is_seeded():
     assert picked == [i for i, r in enumerate(rows_b) if r["relabelled"]]
     assert picked != [i for i, r in enumerate(rows_c) if r["relabelled"]]
     assert stats_a["swapped"] == sum(i > 10 for i in picked)
-    assert all((r["chosen"] == "student") == (r["relabelled"] and i > 10) for i, r in enumerate(rows_a))
+    assert all(
+        (r["chosen"] == "student") == (r["relabelled"] and i > 10) for i, r in enumerate(rows_a)
+    )
 
 
 def test_relabel_over_process_shards_picks_the_same_pairs_as_one_process():
     pairs = [{**p, "index": i} for i, p in enumerate(_scored_pairs(40))]
     whole, _ = relabel(pairs, StubScorer(), real_ratio=0.3, seed=3)
-    shards = [relabel(pairs[k::3], StubScorer(), real_ratio=0.3, seed=3, population=40)[0] for k in range(3)]
+    shards = [
+        relabel(pairs[k::3], StubScorer(), real_ratio=0.3, seed=3, population=40)[0]
+        for k in range(3)
+    ]
     merged = sorted((r for shard in shards for r in shard), key=lambda r: r["index"])
     assert merged == whole
     assert sum(r["relabelled"] for r in merged) == 12

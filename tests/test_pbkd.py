@@ -18,6 +18,7 @@ def softmax(x):
 
 # -- preference model, advantages, dual ascent -------------------------------------------------------
 
+
 def test_bradley_terry_nll_of_equal_rewards_is_log2_and_matches_numpy():
     r = jnp.array([0.3, -2.0, 5.0])
     loss, metrics = pbkd.bradley_terry_nll(r, r)
@@ -33,7 +34,9 @@ def test_bradley_terry_nll_of_equal_rewards_is_log2_and_matches_numpy():
 def test_bounded_reward_is_tanh_bounded():
     raw = jnp.array([-1e6, -1.0, 0.0, 0.01, 1e6])
     out = np.asarray(pbkd.bounded_reward(raw, 5.0))
-    np.testing.assert_allclose(out, 5.0 * np.tanh(np.array([-1e6, -1.0, 0.0, 0.01, 1e6]) / 5.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        out, 5.0 * np.tanh(np.array([-1e6, -1.0, 0.0, 0.01, 1e6]) / 5.0), rtol=1e-6
+    )
     assert np.all(np.abs(out) <= 5.0)
 
 
@@ -56,8 +59,14 @@ def test_leave_one_out_advantages_sum_to_zero_per_prompt_and_match_definition():
 def test_dual_ascent_moves_lambda_by_the_violation_and_clips():
     up = pbkd.dual_ascent(1.0, nll=0.9, nll_star=0.5, alpha_lam=0.5, eps=0.1, lam_max=10.0)
     assert float(up) == pytest.approx(1.0 + 0.5 * 0.3)
-    assert float(pbkd.dual_ascent(0.05, nll=0.5, nll_star=0.5, alpha_lam=1.0, eps=0.1, lam_max=10.0)) == 0.0
-    assert float(pbkd.dual_ascent(9.9, nll=5.0, nll_star=0.0, alpha_lam=1.0, eps=0.0, lam_max=10.0)) == 10.0
+    assert (
+        float(pbkd.dual_ascent(0.05, nll=0.5, nll_star=0.5, alpha_lam=1.0, eps=0.1, lam_max=10.0))
+        == 0.0
+    )
+    assert (
+        float(pbkd.dual_ascent(9.9, nll=5.0, nll_star=0.0, alpha_lam=1.0, eps=0.0, lam_max=10.0))
+        == 10.0
+    )
 
 
 def test_reward_model_loss_is_minus_gap_plus_lambda_nll_plus_c_r2():
@@ -72,6 +81,7 @@ def test_reward_model_loss_is_minus_gap_plus_lambda_nll_plus_c_r2():
 
 
 # -- exact expectations by enumeration --------------------------------------------------------------
+
 
 def test_reinforce_with_loo_baseline_is_unbiased_by_enumeration():
     """E over all k=2 sample pairs of grad(reinforce_loss) == -grad(E_q r - beta KL(q || q_ref))."""
@@ -88,8 +98,11 @@ def test_reinforce_with_loo_baseline_is_unbiased_by_enumeration():
         logq = jax.nn.log_softmax(th)
         pairs = np.array(list(itertools.product(range(n), repeat=2)))  # [n^2, 2]
         weight = jax.lax.stop_gradient(jnp.exp(logq[pairs[:, 0]] + logq[pairs[:, 1]]))
-        per_pair = jax.vmap(lambda p: pbkd.reinforce_loss(logq[p][None], jnp.asarray(reward)[p][None],
-                                                          jnp.asarray(logq_ref)[p][None], beta)[0])(pairs)
+        per_pair = jax.vmap(
+            lambda p: pbkd.reinforce_loss(
+                logq[p][None], jnp.asarray(reward)[p][None], jnp.asarray(logq_ref)[p][None], beta
+            )[0]
+        )(pairs)
         return jnp.sum(weight * per_pair)
 
     got = jax.jit(jax.grad(expected_surrogate))(theta)
@@ -102,7 +115,10 @@ VOCAB3, LEN2 = 3, 2
 def _enumerable_example(seed=3):
     """Root and child-state logits of a teacher, a student and a Q table; vocabulary 3, length 2."""
     rng = np.random.default_rng(seed)
-    tables = {name: (rng.normal(size=VOCAB3), rng.normal(size=(VOCAB3, VOCAB3))) for name in ("p", "q", "Q")}
+    tables = {
+        name: (rng.normal(size=VOCAB3), rng.normal(size=(VOCAB3, VOCAB3)))
+        for name in ("p", "q", "Q")
+    }
     seqs = np.array(list(itertools.product(range(VOCAB3), repeat=LEN2)))  # [9, 2]
     return tables, seqs
 
@@ -115,6 +131,7 @@ def _per_sequence(table, seqs):
 
 def _brute_force_rewards(tables, seqs):
     """NumPy: sequence probabilities under p and q, and R(y) = sum_h Q(s_h, y_h) - E_p Q(s_h, .)."""
+
     def prob(name):
         root, child = softmax(tables[name][0]), softmax(tables[name][1])
         return root[seqs[:, 0]] * child[seqs[:, 0], seqs[:, 1]]
@@ -133,8 +150,12 @@ def test_mm_gap_equals_performance_difference_by_brute_force():
     mask = jnp.ones(seqs.shape, jnp.int32)
     terms = pbkd_mm.mm_position_terms(logits["p"], logits["q"], logits["Q"], jnp.asarray(seqs))
     j_p, j_q = float(p_seq @ reward), float(q_seq @ reward)
-    assert j_p == pytest.approx(0.0, abs=1e-12)  # sanity of the brute force: E_p R = 0 by construction
-    np.testing.assert_allclose(pbkd_mm.mm_sequence_reward(terms, mask), reward, rtol=1e-5, atol=1e-6)
+    assert j_p == pytest.approx(
+        0.0, abs=1e-12
+    )  # sanity of the brute force: E_p R = 0 by construction
+    np.testing.assert_allclose(
+        pbkd_mm.mm_sequence_reward(terms, mask), reward, rtol=1e-5, atol=1e-6
+    )
     expected_gap = float(q_seq @ np.asarray(pbkd_mm.mm_gap(terms, mask)))  # E_{y ~ q} sum_h g_h
     assert expected_gap == pytest.approx(j_p - j_q, rel=1e-5, abs=1e-7)
     assert abs(j_p - j_q) > 1e-2  # the example is not degenerate
@@ -144,7 +165,9 @@ def test_mm_gap_is_zero_when_student_is_teacher():
     rng = np.random.default_rng(4)
     logits = jnp.asarray(rng.normal(size=(2, 5, 7)))
     q_values = jnp.asarray(rng.normal(size=(2, 5, 7)) * 3)
-    terms = pbkd_mm.mm_position_terms(logits, logits, q_values, jnp.zeros((2, 5), jnp.int32), chunk=2)
+    terms = pbkd_mm.mm_position_terms(
+        logits, logits, q_values, jnp.zeros((2, 5), jnp.int32), chunk=2
+    )
     np.testing.assert_allclose(pbkd_mm.mm_gap(terms, jnp.ones((2, 5))), 0.0, atol=1e-5)
 
 
@@ -163,7 +186,9 @@ def test_mm_student_surrogate_gradient_is_unbiased_by_enumeration():
     pairs = np.array(list(itertools.product(range(len(seqs)), repeat=2)))  # [81, 2]
 
     def expected_surrogate(th):
-        student = jnp.stack([jnp.broadcast_to(th[0], (len(seqs), VOCAB3)), th[1][seqs[:, 0]]], axis=1)
+        student = jnp.stack(
+            [jnp.broadcast_to(th[0], (len(seqs), VOCAB3)), th[1][seqs[:, 0]]], axis=1
+        )
         terms = pbkd_mm.mm_position_terms(teacher, student, q_values, jnp.asarray(seqs))
         logq = jnp.sum(terms.logq_taken, axis=1)
         weight = jax.lax.stop_gradient(jnp.exp(logq[pairs[:, 0]] + logq[pairs[:, 1]]))
@@ -171,6 +196,7 @@ def test_mm_student_surrogate_gradient_is_unbiased_by_enumeration():
         def one(pair):
             picked = pbkd_mm.MMTerms(*(x[pair] for x in terms))
             return pbkd_mm.mm_student_loss(picked, jnp.ones((2, LEN2)), k=2)[0]
+
         return jnp.sum(weight * jax.vmap(one)(pairs))
 
     got, want = jax.jit(jax.grad(expected_surrogate))(theta), jax.grad(exact)(theta)
@@ -179,6 +205,7 @@ def test_mm_student_surrogate_gradient_is_unbiased_by_enumeration():
 
 
 # -- chunking and masks --------------------------------------------------------------------------------
+
 
 def _random_mm_inputs(seed, b=3, t=7, v=11):
     rng = np.random.default_rng(seed)
@@ -190,19 +217,27 @@ def _random_mm_inputs(seed, b=3, t=7, v=11):
 
 def _mm_scalar(teacher, student, q_values, tokens, mask, chunk):
     terms = pbkd_mm.mm_position_terms(teacher, student, q_values, tokens, chunk=chunk, q_max=4.0)
-    return (jnp.sum(pbkd_mm.mm_gap(terms, mask)) + 0.3 * jnp.sum(pbkd_mm.mm_sequence_reward(terms, mask))
-            + 0.1 * jnp.sum(jnp.where(mask > 0, terms.logq_taken, 0.0)))
+    return (
+        jnp.sum(pbkd_mm.mm_gap(terms, mask))
+        + 0.3 * jnp.sum(pbkd_mm.mm_sequence_reward(terms, mask))
+        + 0.1 * jnp.sum(jnp.where(mask > 0, terms.logq_taken, 0.0))
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 3])  # 3 does not divide T = 7: the last block overlaps
 def test_chunked_mm_equals_unchunked_values_and_gradients(chunk):
     (teacher, student, q_values), tokens, mask = _random_mm_inputs(6)
     terms = jax.jit(pbkd_mm.mm_position_terms, static_argnames="chunk")
-    for a, b in zip(terms(teacher, student, q_values, tokens), terms(teacher, student, q_values, tokens, chunk=chunk)):
+    for a, b in zip(
+        terms(teacher, student, q_values, tokens),
+        terms(teacher, student, q_values, tokens, chunk=chunk),
+    ):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     grad = jax.jit(jax.grad(_mm_scalar, argnums=(1, 2)), static_argnums=5)
-    for a, b in zip(grad(teacher, student, q_values, tokens, mask, None),
-                    grad(teacher, student, q_values, tokens, mask, chunk)):
+    for a, b in zip(
+        grad(teacher, student, q_values, tokens, mask, None),
+        grad(teacher, student, q_values, tokens, mask, chunk),
+    ):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
@@ -235,26 +270,36 @@ def test_mm_padding_never_changes_the_result():
     noisy = [jnp.where(pad[..., None], 1e3 * jnp.sign(x), x) for x in (teacher, student, q_values)]
     again = scalar(*noisy, jnp.where(pad, 5, tokens), mask, 3)
     assert float(again) == pytest.approx(float(base), rel=1e-6)
-    wider = [jnp.pad(x, ((0, 0), (0, 5), (0, 0)), constant_values=7.0) for x in (teacher, student, q_values)]
+    wider = [
+        jnp.pad(x, ((0, 0), (0, 5), (0, 0)), constant_values=7.0)
+        for x in (teacher, student, q_values)
+    ]
     longer = scalar(*wider, jnp.pad(tokens, ((0, 0), (0, 5))), jnp.pad(mask, ((0, 0), (0, 5))), 3)
     assert float(longer) == pytest.approx(float(base), rel=1e-6)
     samples = pbkd_mm.mm_position_terms(teacher, student, q_values, tokens, chunk=3)
     loss, _ = pbkd_mm.mm_q_loss(samples, mask, samples, mask, samples, mask, lam=1.0, c=0.1)
     padded_rows = pbkd_mm.MMTerms(*(jnp.concatenate([x, jnp.full_like(x, 9.0)]) for x in samples))
     wide_mask = jnp.concatenate([mask, jnp.zeros_like(mask)])
-    loss2, _ = pbkd_mm.mm_q_loss(padded_rows, wide_mask, padded_rows, wide_mask, padded_rows, wide_mask,
-                                 lam=1.0, c=0.1)
+    loss2, _ = pbkd_mm.mm_q_loss(
+        padded_rows, wide_mask, padded_rows, wide_mask, padded_rows, wide_mask, lam=1.0, c=0.1
+    )
     assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
 
 
 def test_cheap_loss_is_ce_plus_lambda_dpo():
     rng = np.random.default_rng(9)
-    logits, ids, mask = jnp.asarray(rng.normal(size=(2, 4, 6))), jnp.asarray(rng.integers(0, 6, (2, 4))), jnp.ones((2, 4))
+    logits, ids, mask = (
+        jnp.asarray(rng.normal(size=(2, 4, 6))),
+        jnp.asarray(rng.integers(0, 6, (2, 4))),
+        jnp.ones((2, 4)),
+    )
     ce, ce_metrics = losses.sft_loss(logits, ids, mask)
     lp = [jnp.asarray(rng.normal(size=2)) for _ in range(4)]
     loss, metrics = pbkd.cheap_loss(ce, ce_metrics, *lp, lam=0.5, beta=0.1)
     z = (lp[0] - lp[1]) - (lp[2] - lp[3])
-    assert float(loss) == pytest.approx(float(ce) + 0.5 * float(np.mean(np.log1p(np.exp(-0.1 * np.asarray(z))))), rel=1e-5)
+    assert float(loss) == pytest.approx(
+        float(ce) + 0.5 * float(np.mean(np.log1p(np.exp(-0.1 * np.asarray(z))))), rel=1e-5
+    )
 
 
 # -- tiny models, tokenizer and pairs for the reward model and the loops ------------------------------
@@ -269,18 +314,40 @@ def tokenizer():
 
     raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    raw.train_from_iterator(
+        [" ".join(WORDS)],
+        trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]),
+    )
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def tiny_llama(tokenizer, seed, hidden=16):
     from plad_jax.models import init_model
-    return init_model({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": hidden,
-                       "intermediate_size": 2 * hidden, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 1,
-                       "eos_token_id": 2, "pad_token_id": 0, "initializer_range": 0.2}, seed=seed)
+
+    return init_model(
+        {
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "initializer_range": 0.2,
+        },
+        seed=seed,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -288,21 +355,40 @@ def student(tokenizer):
     return tiny_llama(tokenizer, 1)
 
 
-PROMPTS = ["the cat sat", "a dog ran in", "text please", "the park", "summary of the mat", "on a mat"]
+PROMPTS = [
+    "the cat sat",
+    "a dog ran in",
+    "text please",
+    "the park",
+    "summary of the mat",
+    "on a mat",
+]
 
 
 def pair_rows():
     from plad_jax import pairs
-    return pairs.build_pairs(PROMPTS, ["the cat good", "dog ran good", "short text good", "park good",
-                                       "mat good", "on a mat good"],
-                             ["bad", "the the bad", "a bad", "in in bad bad bad", "bad mat", "bad bad"],
-                             references=["cat sat good", "dog good", "text good", "park good", "mat good", "good"])
+
+    return pairs.build_pairs(
+        PROMPTS,
+        [
+            "the cat good",
+            "dog ran good",
+            "short text good",
+            "park good",
+            "mat good",
+            "on a mat good",
+        ],
+        ["bad", "the the bad", "a bad", "in in bad bad bad", "bad mat", "bad bad"],
+        references=["cat sat good", "dog good", "text good", "park good", "mat good", "good"],
+    )
 
 
 # -- reward model -------------------------------------------------------------------------------------
 
+
 def test_reward_head_reads_the_last_real_response_token(student):
     from plad_jax import reward_model
+
     rm = reward_model.from_backbone(student, r_max=2.0, head_std=1.0)
     pi, pm = np.array([[5, 6, 7], [8, 9, 0]]), np.array([[1, 1, 1], [1, 1, 0]])
     ri, rm_ = np.array([[10, 11, 0, 0], [12, 13, 14, 0]]), np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
@@ -313,7 +399,10 @@ def test_reward_head_reads_the_last_real_response_token(student):
     expected = 2.0 * np.tanh((last @ np.asarray(rm.head["w"]) + float(rm.head["b"])) / 2.0)
     np.testing.assert_allclose(base, expected, rtol=1e-5, atol=1e-6)
     garbage = np.where(rm_ > 0, ri, 15)  # other tokens under the padding, and more padding
-    wide = [np.pad(a, ((0, 0), (0, 3)), constant_values=c) for a, c in ((pi, 4), (pm, 0), (garbage, 9), (rm_, 0))]
+    wide = [
+        np.pad(a, ((0, 0), (0, 3)), constant_values=c)
+        for a, c in ((pi, 4), (pm, 0), (garbage, 9), (rm_, 0))
+    ]
     np.testing.assert_allclose(score(rm.params, *wide), base, rtol=1e-5, atol=1e-6)
     changed = ri.copy()
     changed[0, 1] = 16  # the last real token of row 0
@@ -323,13 +412,26 @@ def test_reward_head_reads_the_last_real_response_token(student):
 
 def test_bradley_terry_training_on_separable_pairs_reduces_nll(student, tokenizer):
     from plad_jax import data, preferences, reward_model
-    from plad_jax.train import OptimizerConfig, TrainState, make_optimizer, make_train_step, reduce_metrics
+    from plad_jax.train import (
+        OptimizerConfig,
+        TrainState,
+        make_optimizer,
+        make_train_step,
+        reduce_metrics,
+    )
+
     rm = reward_model.from_backbone(student)
     prefs = preferences.preference_rows(pair_rows())  # chosen: "... good", rejected: "... bad"
     chosen, rejected = preferences.encode_preferences(tokenizer, prefs, 8, 6)
     c, r = data.make_batch(chosen, range(len(prefs))), data.make_batch(rejected, range(len(prefs)))
-    batch = {"prompt_ids": c["prompt_ids"], "prompt_mask": c["prompt_mask"], "pos_ids": c["response_ids"],
-             "pos_mask": c["response_mask"], "neg_ids": r["response_ids"], "neg_mask": r["response_mask"]}
+    batch = {
+        "prompt_ids": c["prompt_ids"],
+        "prompt_mask": c["prompt_mask"],
+        "pos_ids": c["response_ids"],
+        "pos_mask": c["response_mask"],
+        "neg_ids": r["response_ids"],
+        "neg_mask": r["response_mask"],
+    }
     optimizer = make_optimizer(OptimizerConfig(learning_rate=3e-2, total_steps=100))
     step = make_train_step(reward_model.bt_loss_fn(rm), optimizer)
     state = TrainState.create(jax.tree.map(jnp.copy, rm.params), optimizer)
@@ -344,6 +446,7 @@ def test_bradley_terry_training_on_separable_pairs_reduces_nll(student, tokenize
 def test_reward_model_save_load_and_scorer(student, tokenizer, tmp_path):
     from plad_jax import data, reward_model
     from plad_jax.models import CheckpointError
+
     rm = reward_model.from_backbone(student, r_max=3.0, head_std=0.5, seed=4)
     reward_model.save(rm, str(tmp_path / "rm"))
     again = reward_model.load(str(tmp_path / "rm"))
@@ -355,8 +458,12 @@ def test_reward_model_save_load_and_scorer(student, tokenizer, tmp_path):
     score = jax.jit(lambda p, *x: rm.apply(p, *x))  # both models have one structure
     direct = np.asarray(score(rm.params, *batch))
     np.testing.assert_allclose(score(again.params, *batch), direct, rtol=1e-6, atol=1e-7)
-    scorer = reward_model.as_scorer(again, tokenizer, max_prompt_tokens=8, max_response_tokens=6, batch_size=3)
-    np.testing.assert_allclose(scorer.score(PROMPTS[:4], responses), direct, rtol=1e-5, atol=1e-6)  # 3 + 1 rows
+    scorer = reward_model.as_scorer(
+        again, tokenizer, max_prompt_tokens=8, max_response_tokens=6, batch_size=3
+    )
+    np.testing.assert_allclose(
+        scorer.score(PROMPTS[:4], responses), direct, rtol=1e-5, atol=1e-6
+    )  # 3 + 1 rows
     student.save_pretrained(str(tmp_path / "plain"))
     with pytest.raises(CheckpointError, match="reward_head.safetensors"):
         reward_model.load(str(tmp_path / "plain"))
@@ -371,30 +478,53 @@ def test_preference_rows_from_a_scorer_or_pseudo_labels():
 
     rows = pair_rows()
     kept, stats = preferences.label_pairs(rows, None)
-    assert stats["swapped"] == 0 and [p["chosen"] for p in preferences.preference_rows(kept)] == [r["teacher"] for r in rows]
+    assert stats["swapped"] == 0 and [p["chosen"] for p in preferences.preference_rows(kept)] == [
+        r["teacher"] for r in rows
+    ]
     scored, stats = preferences.label_pairs(rows, LengthScorer(), seed=0)
     longer_student = [len(r["student"]) > len(r["teacher"]) for r in rows]
     assert stats["swapped"] == sum(longer_student) >= 1
     for row, pref, swap in zip(rows, preferences.preference_rows(scored), longer_student):
-        assert (pref["chosen"], pref["rejected"]) == ((row["student"], row["teacher"]) if swap else
-                                                      (row["teacher"], row["student"]))
+        assert (pref["chosen"], pref["rejected"]) == (
+            (row["student"], row["teacher"]) if swap else (row["teacher"], row["student"])
+        )
 
 
 # -- the loops end to end -------------------------------------------------------------------------------
 
-LOOP_CFG = dict(num_samples=2, max_new_tokens=4, rm_warmup_steps=1, rounds=2, mm_chunk=3, steps_per_round=2,
-                rm_learning_rate=1e-3, alpha_ce=0.5)
+LOOP_CFG = dict(
+    num_samples=2,
+    max_new_tokens=4,
+    rm_warmup_steps=1,
+    rounds=2,
+    mm_chunk=3,
+    steps_per_round=2,
+    rm_learning_rate=1e-3,
+    alpha_ce=0.5,
+)
 
 
 def run_method(method, workdir, student, tokenizer, programs, teacher=None, **overrides):
     from plad_jax.config import TrainConfig
     from plad_jax.pbkd_config import PbKDConfig
     from plad_jax.pbkd_loop import run_pbkd
+
     # checkpoints every 5 steps and at each phase end: online saves steps 1, 3, 4, 5 and 6
     train = TrainConfig(batch_size=2, learning_rate=1e-2, checkpoint_every=5, keep=1, log_every=1)
-    return run_pbkd(method, student, pair_rows(), PbKDConfig(**{**LOOP_CFG, **overrides}), train, str(workdir),
-                    tokenizer=tokenizer, max_prompt_tokens=8, max_response_tokens=6, teacher=teacher, seed=3,
-                    programs=programs)
+    return run_pbkd(
+        method,
+        student,
+        pair_rows(),
+        PbKDConfig(**{**LOOP_CFG, **overrides}),
+        train,
+        str(workdir),
+        tokenizer=tokenizer,
+        max_prompt_tokens=8,
+        max_response_tokens=6,
+        teacher=teacher,
+        seed=3,
+        programs=programs,
+    )
 
 
 def leaves(lm):
@@ -424,8 +554,16 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
     initial = leaves(student)
     teacher = tiny_llama(tokenizer, 2, hidden=24) if method == "pbkd_mm" else None
     # pbkd_mm: no warm-up steps (its warm-up loss still runs, as the NLL* evaluation) to compile less
-    overrides = OFFLINE if method == "pbkd_offline" else dict(rm_warmup_steps=0) if method == "pbkd_mm" else {}
-    lm, summary = run_method(method, tmp_path, student, tokenizer, programs, teacher=teacher, **overrides)
+    overrides = (
+        OFFLINE
+        if method == "pbkd_offline"
+        else dict(rm_warmup_steps=0)
+        if method == "pbkd_mm"
+        else {}
+    )
+    lm, summary = run_method(
+        method, tmp_path, student, tokenizer, programs, teacher=teacher, **overrides
+    )
     assert any(np.abs(a - b).max() > 0 for a, b in zip(leaves(lm), initial))  # the student moved
     for a, b in zip(leaves(student), initial):
         np.testing.assert_array_equal(a, b)  # the caller's model is untouched
@@ -435,12 +573,21 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
     if method == "pbkd_offline":
         assert summary["steps"] == 6 and 0.0 <= summary["lam"] and summary["nll_star"] > 0
         from plad_jax import reward_model
-        scorer = reward_model.load_scorer(str(tmp_path / "reward_model"), max_prompt_tokens=8, max_response_tokens=6)
-        assert np.all(np.abs(scorer.score(PROMPTS[:2], ["good", "bad"])) <= LOOP_CFG.get("r_max", 5.0))
+
+        scorer = reward_model.load_scorer(
+            str(tmp_path / "reward_model"), max_prompt_tokens=8, max_response_tokens=6
+        )
+        assert np.all(
+            np.abs(scorer.score(PROMPTS[:2], ["good", "bad"])) <= LOOP_CFG.get("r_max", 5.0)
+        )
         from plad_jax.rewards import make_scorer  # eval.scorer=jax_reward_model with this directory
+
         by_config = make_scorer("jax_reward_model", str(tmp_path / "reward_model"), 4)
-        np.testing.assert_allclose(by_config.score(PROMPTS[:2], ["good", "bad"]),
-                                   scorer.score(PROMPTS[:2], ["good", "bad"]), rtol=1e-6)
+        np.testing.assert_allclose(
+            by_config.score(PROMPTS[:2], ["good", "bad"]),
+            scorer.score(PROMPTS[:2], ["good", "bad"]),
+            rtol=1e-6,
+        )
     if method == "pbkd_mm":
         assert summary["steps"] == 2 and (tmp_path / "q_network" / "config.json").exists()
 
@@ -448,19 +595,29 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
 def test_run_pbkd_online_grows_the_preference_set(online_run):
     _, summary, workdir = online_run
     from plad_jax import pairs
+
     round0, round1 = (pairs.read_pairs(workdir / "rounds" / f"round-{r}") for r in (0, 1))
     assert len(round0) + len(round1) == summary["pairs"] == len(PROMPTS)
-    assert [r["student"] for r in round0] == [r["student"] for r in pair_rows()[:3]]  # round 0: stored samples
-    assert [r["student"] for r in round1] != [r["student"] for r in pair_rows()[3:]]  # round 1: fresh samples
+    assert [r["student"] for r in round0] == [
+        r["student"] for r in pair_rows()[:3]
+    ]  # round 0: stored samples
+    assert [r["student"] for r in round1] != [
+        r["student"] for r in pair_rows()[3:]
+    ]  # round 1: fresh samples
     assert summary["steps"] == 2 * (1 + 2)  # per round: one warm-up step and two game steps
 
 
-def test_run_pbkd_resumes_after_a_crash_mid_round(online_run, student, tokenizer, programs, tmp_path, monkeypatch):
+def test_run_pbkd_resumes_after_a_crash_mid_round(
+    online_run, student, tokenizer, programs, tmp_path, monkeypatch
+):
     from plad_jax import pbkd_loop
+
     real_step = pbkd_loop._Game._game_step
 
     def crash_at_step_6(self, encoding, r, index, step):
-        if step == 6:  # round 1's last game step; the newest checkpoint is step 5, inside that game phase
+        if (
+            step == 6
+        ):  # round 1's last game step; the newest checkpoint is step 5, inside that game phase
             raise KeyboardInterrupt("killed")
         return real_step(self, encoding, r, index, step)
 
@@ -468,6 +625,7 @@ def test_run_pbkd_resumes_after_a_crash_mid_round(online_run, student, tokenizer
     with pytest.raises(KeyboardInterrupt):
         run_method("pbkd_online", tmp_path, student, tokenizer, programs)
     import orbax.checkpoint as ocp
+
     assert ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step() == 5
     steps_run = []
 
@@ -476,8 +634,12 @@ def test_run_pbkd_resumes_after_a_crash_mid_round(online_run, student, tokenizer
         return real_step(self, encoding, r, index, step)
 
     monkeypatch.setattr(pbkd_loop._Game, "_game_step", counted)
-    monkeypatch.setattr(pbkd_loop._Game, "_warmup_step", lambda *a: pytest.fail("warm-up ran again"))
-    monkeypatch.setattr(pbkd_loop.pbkd_rounds, "fresh_student_rows", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(
+        pbkd_loop._Game, "_warmup_step", lambda *a: pytest.fail("warm-up ran again")
+    )
+    monkeypatch.setattr(
+        pbkd_loop.pbkd_rounds, "fresh_student_rows", lambda *a, **k: pytest.fail("sampled again")
+    )
     lm, summary = run_method("pbkd_online", tmp_path, student, tokenizer, programs)
     assert steps_run == [6]  # only what the checkpoint did not hold
     expected_lm, expected, _ = online_run
@@ -488,6 +650,7 @@ def test_run_pbkd_resumes_after_a_crash_mid_round(online_run, student, tokenizer
 
 def test_methods_offer_pbkd_cheap_and_point_the_game_methods_to_run_pbkd(student):
     from plad_jax import methods
+
     pbkd_methods = methods.names(lambda c: issubclass(c, methods.PbKD))
     assert pbkd_methods == ("pbkd_cheap", "pbkd_offline", "pbkd_online", "pbkd_mm")
     classes = [methods.resolve(m) for m in pbkd_methods]

@@ -11,9 +11,24 @@ import time
 import numpy as np
 import pytest
 
-TOY = ["--set", "sft_teacher.max_steps=3", "--set", "sft_student.max_steps=3", "--set", "distill.max_steps=3",
-       "--set", "data.max_d=32", "--set", "eval.num_examples=8", "--set", "sft_teacher.validation_examples=8",
-       "--set", "sample.max_new_tokens=8", "--set", "eval.max_new_tokens=8"]
+TOY = [
+    "--set",
+    "sft_teacher.max_steps=3",
+    "--set",
+    "sft_student.max_steps=3",
+    "--set",
+    "distill.max_steps=3",
+    "--set",
+    "data.max_d=32",
+    "--set",
+    "eval.num_examples=8",
+    "--set",
+    "sft_teacher.validation_examples=8",
+    "--set",
+    "sample.max_new_tokens=8",
+    "--set",
+    "eval.max_new_tokens=8",
+]
 
 
 def readme_demo_command() -> list[str]:
@@ -23,7 +38,7 @@ def readme_demo_command() -> list[str]:
         line = next(line for line in f if "python -m plad_jax.launch --config demo" in line)
     words = line.split("#")[0].split()
     start = words.index("python")
-    return words[start:words.index("demo", start) + 1]
+    return words[start : words.index("demo", start) + 1]
 
 
 def launch(cwd, *extra, timeout=600):
@@ -38,7 +53,9 @@ def launch(cwd, *extra, timeout=600):
 
 @pytest.mark.slow
 def test_readme_demo_command_from_a_fresh_directory_runs_every_stage_then_skips_them(tmp_path):
-    out = launch(tmp_path)  # the default run directory: runs/demo, relative to the working directory
+    out = launch(
+        tmp_path
+    )  # the default run directory: runs/demo, relative to the working directory
     run = tmp_path / "runs" / "demo"
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"run directory {run}" in out.stderr
@@ -49,7 +66,10 @@ def test_readme_demo_command_from_a_fresh_directory_runs_every_stage_then_skips_
     assert (run / "eval" / "report.md").exists()
     assert json.loads((run / "config.json").read_text())["distill"]["method"] == "plad_rank"
     assert not list(tmp_path.rglob("*orbax-checkpoint-tmp*"))
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (run / "config.json", run / "eval" / "metrics.json")}
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in (run / "config.json", run / "eval" / "metrics.json")
+    }
     assert modes["config.json"] == modes["metrics.json"], modes
     start = time.perf_counter()
     again = launch(tmp_path)
@@ -64,16 +84,28 @@ def test_readme_demo_command_from_a_fresh_directory_runs_every_stage_then_skips_
 
 ROW = b'{"prompt": "q", "response": "a"}\n'  # 33 bytes
 BAD_INPUTS = {  # name -> (data file name and bytes | None, extra arguments)
-    "jsonl_not_utf8": (("latin1.jsonl", ROW + b'{"prompt": "caf\xe9", "response": "b"}\n'),
-                       ["--set", "data.task=jsonl"]),
-    "csv_not_utf8": (("latin1.csv", b"prompt,response\nq,a\ncaf\xe9,b\n"),
-                     ["--set", "data.task=csv"]),
+    "jsonl_not_utf8": (
+        ("latin1.jsonl", ROW + b'{"prompt": "caf\xe9", "response": "b"}\n'),
+        ["--set", "data.task=jsonl"],
+    ),
+    "csv_not_utf8": (
+        ("latin1.csv", b"prompt,response\nq,a\ncaf\xe9,b\n"),
+        ["--set", "data.task=csv"],
+    ),
     "jsonl_cut_string": (("cut.jsonl", ROW + ROW[:-3] + b"}\n"), ["--set", "data.task=jsonl"]),
     # The teacher's best-checkpoint selection scores with eval.scorer: its reward model is read
     # while sft_teacher trains, though eval is not among the stages.
-    "select_best_reward_model": (None, ["--stages", "sft_teacher,sft_student,sample",
-                                        "--set", "eval.scorer=reward_model",
-                                        "--set", "eval.reward_model=nobody/no-such-reward-model"]),
+    "select_best_reward_model": (
+        None,
+        [
+            "--stages",
+            "sft_teacher,sft_student,sample",
+            "--set",
+            "eval.scorer=reward_model",
+            "--set",
+            "eval.reward_model=nobody/no-such-reward-model",
+        ],
+    ),
     "sample_without_sft": (None, ["--stages", "sample"]),
 }
 
@@ -86,8 +118,14 @@ def bad_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     tokenizer = str(root / "tokenizer")
     tiny_run.word_tokenizer().save_pretrained(tokenizer)  # demo's models, on a file's text
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PLAD_JAX_DISTRIBUTED": "0",
-           "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf-home")}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "",
+        "PLAD_JAX_DISTRIBUTED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(root / "hf-home"),
+    }
     procs, runs = {}, {}
     for name, (data_file, extra) in BAD_INPUTS.items():
         run_dir = root / name / "run"
@@ -96,13 +134,30 @@ def bad_inputs(tmp_path_factory):
             (root / name / data_file[0]).write_bytes(data_file[1])
             run_dir.mkdir()  # a run directory with a file: a failed start leaves it as it was
             (run_dir / "notes.txt").write_text("mine")
-            extra = [*extra, "--set", f"data.path={root / name / data_file[0]}", "--set",
-                     f"teacher.tokenizer={tokenizer}", "--set", f"student.tokenizer={tokenizer}"]
+            extra = [
+                *extra,
+                "--set",
+                f"data.path={root / name / data_file[0]}",
+                "--set",
+                f"teacher.tokenizer={tokenizer}",
+                "--set",
+                f"student.tokenizer={tokenizer}",
+            ]
         before = _mtimes(run_dir)
-        cmd = [sys.executable, "-m", "plad_jax.launch", "--config", "demo",
-               "--run-dir", str(run_dir), *TOY, *extra]
-        procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "plad_jax.launch",
+            "--config",
+            "demo",
+            "--run-dir",
+            str(run_dir),
+            *TOY,
+            *extra,
+        ]
+        procs[name] = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         runs[name] = (run_dir, before)
     results = {}
     for name, proc in procs.items():
@@ -119,19 +174,45 @@ def _mtimes(run_dir) -> dict | None:
     return {p: os.path.getmtime(p) for p in paths}
 
 
-@pytest.mark.parametrize("name,needles", [
-    ("jsonl_not_utf8", ["latin1.jsonl: row 2: byte 0xe9 is not UTF-8",
-                        "line 2 column 16 (byte offset 48 in the file)"]),
-    ("csv_not_utf8", ["latin1.csv: row 2: byte 0xe9 is not UTF-8",
-                      "line 3 column 4 (byte offset 23 in the file)"]),
-    ("jsonl_cut_string", ["cut.jsonl: row 2: not valid JSON: Unterminated string starting at: "
-                          "line 2 column 29 (char 28 of the line, byte offset 61 in the file)"]),
-    ("select_best_reward_model", ["eval.reward_model 'nobody/no-such-reward-model'",
-                                  "eval.scorer=reward_model", "sft_teacher.select_best",
-                                  "--set eval.reward_model="]),
-    ("sample_without_sft", ["stage sample reads the output of stage sft_teacher",
-                            "add sft_teacher to --stages"]),
-])
+@pytest.mark.parametrize(
+    "name,needles",
+    [
+        (
+            "jsonl_not_utf8",
+            [
+                "latin1.jsonl: row 2: byte 0xe9 is not UTF-8",
+                "line 2 column 16 (byte offset 48 in the file)",
+            ],
+        ),
+        (
+            "csv_not_utf8",
+            [
+                "latin1.csv: row 2: byte 0xe9 is not UTF-8",
+                "line 3 column 4 (byte offset 23 in the file)",
+            ],
+        ),
+        (
+            "jsonl_cut_string",
+            [
+                "cut.jsonl: row 2: not valid JSON: Unterminated string starting at: "
+                "line 2 column 29 (char 28 of the line, byte offset 61 in the file)"
+            ],
+        ),
+        (
+            "select_best_reward_model",
+            [
+                "eval.reward_model 'nobody/no-such-reward-model'",
+                "eval.scorer=reward_model",
+                "sft_teacher.select_best",
+                "--set eval.reward_model=",
+            ],
+        ),
+        (
+            "sample_without_sft",
+            ["stage sample reads the output of stage sft_teacher", "add sft_teacher to --stages"],
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_the_run_directory_untouched(bad_inputs, name, needles):
     result, run_dir, before = bad_inputs[name]
     assert result.returncode == 2, result.stderr[-3000:]
@@ -166,6 +247,7 @@ class ScriptedForEveryPrompt:
 
     def __init__(self, script, vocab):
         from tests.test_sampler import scripted
+
         self.stub = scripted([script], vocab, high=2.0)
         self.params, self.mesh = self.stub.params, None
         self.eos_token_ids, self.pad_token_id = self.stub.eos_token_ids, self.stub.pad_token_id
@@ -180,21 +262,34 @@ class ScriptedForEveryPrompt:
 def hh_sample_rows(tmp_path, *overrides):
     """The sample stage's stored pairs on HH transcripts, with a teacher and a student that both run
     on into an invented next Human turn (in two different tokenizations of it)."""
-    from plad_jax import config as config_mod, pairs, stages
+    from plad_jax import config as config_mod
+    from plad_jax import pairs, stages
     from tests.test_sampler import STOP_SCRIPTS, byte_bpe_tokenizer, spell
 
     tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "hh.jsonl"
     turns = [f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(12)]
     path.write_text("".join(json.dumps({"chosen": t}) + "\n" for t in turns))
-    config = config_mod.apply_overrides(config_mod.Config(), [
-        "data.task=hh", f"data.path={path}", "data.test_size=2", "data.validation_size=2",
-        "sample.max_new_tokens=16", "sample.batch_size=4", "sample.temperature=0", *overrides])
+    config = config_mod.apply_overrides(
+        config_mod.Config(),
+        [
+            "data.task=hh",
+            f"data.path={path}",
+            "data.test_size=2",
+            "data.validation_size=2",
+            "sample.max_new_tokens=16",
+            "sample.batch_size=4",
+            "sample.temperature=0",
+            *overrides,
+        ],
+    )
     ctx = stages.Context(config, str(tmp_path / "run"))
     tok = byte_bpe_tokenizer()
     ctx._tokenizers = {"teacher": tok, "student": tok}
-    models = {role: ScriptedForEveryPrompt(spell(tok, STOP_SCRIPTS[i]), len(tok))
-              for i, role in enumerate(("teacher", "student"))}
+    models = {
+        role: ScriptedForEveryPrompt(spell(tok, STOP_SCRIPTS[i]), len(tok))
+        for i, role in enumerate(("teacher", "student"))
+    }
     ctx.stage_model = lambda stage, role: models[role]
     stages.sample_stage(ctx, str(tmp_path / "run" / "sample"))
     return tok, pairs.read_pairs(str(tmp_path / "run" / "sample"))

@@ -15,15 +15,43 @@ from tests.helpers import padded_batch, randomize_weights
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 VOCAB, D, FF, HEADS, KV, HD = 128, 32, 64, 4, 2, 8
 FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(hidden_size=D, intermediate_size=FF, num_hidden_layers=2, num_attention_heads=HEADS,
-                   num_key_value_heads=KV)),
-    "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration,
-           dict(d_model=D, d_kv=HD, d_ff=FF, num_layers=2, num_heads=HEADS, feed_forward_proj="gated-gelu",
-                relative_attention_num_buckets=8, decoder_start_token_id=0)),
-    "gpt_neo": (transformers.GPTNeoConfig, transformers.GPTNeoForCausalLM,
-                dict(hidden_size=D, num_layers=2, num_heads=HEADS, attention_types=[[["global", "local"], 1]],
-                     window_size=4, max_position_embeddings=64)),
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            hidden_size=D,
+            intermediate_size=FF,
+            num_hidden_layers=2,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV,
+        ),
+    ),
+    "t5": (
+        transformers.T5Config,
+        transformers.T5ForConditionalGeneration,
+        dict(
+            d_model=D,
+            d_kv=HD,
+            d_ff=FF,
+            num_layers=2,
+            num_heads=HEADS,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        ),
+    ),
+    "gpt_neo": (
+        transformers.GPTNeoConfig,
+        transformers.GPTNeoForCausalLM,
+        dict(
+            hidden_size=D,
+            num_layers=2,
+            num_heads=HEADS,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+            max_position_embeddings=64,
+        ),
+    ),
 }
 BATCHES = {  # 8 rows: two rows per batch shard on (2, 2, 2); 4 rows: one row per shard
     8: padded_batch(0, VOCAB, (9, 4, 6, 2, 8, 3, 5, 7), (7, 5, 3, 2, 6, 1, 4, 7)),
@@ -35,7 +63,9 @@ def test_eight_fake_devices():
     assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("axes,shape", [((-1, 1, 1), (8, 1, 1)), ((2, -1, 2), (2, 2, 2)), ((1, 2, -1), (1, 2, 4))])
+@pytest.mark.parametrize(
+    "axes,shape", [((-1, 1, 1), (8, 1, 1)), ((2, -1, 2), (2, 2, 2)), ((1, 2, -1), (1, 2, 4))]
+)
 def test_mesh_auto_fill(axes, shape):
     mesh = shd.make_mesh(axes)
     assert tuple(mesh.shape.values()) == shape and mesh.axis_names == ("data", "fsdp", "tensor")
@@ -93,7 +123,9 @@ def test_sharded_logits_equal_single_device(checkpoints, family, mesh_shape):
     mesh = shd.make_mesh(mesh_shape)
     lm = from_pretrained(path, mesh=mesh)
     for n, batch in BATCHES.items():
-        np.testing.assert_allclose(np.asarray(lm.logits(*batch)), single[n], atol=1e-5, err_msg=f"batch {n}")
+        np.testing.assert_allclose(
+            np.asarray(lm.logits(*batch)), single[n], atol=1e-5, err_msg=f"batch {n}"
+        )
     flat = dict(nnx.to_flat_state(lm.params))
     if family == "llama":
         for path_, shape in expected_llama_shards(*mesh_shape).items():

@@ -63,8 +63,12 @@ def test_first_stages_write_their_outputs_and_select_the_best_teacher_checkpoint
     assert teacher["best_step"] == max(sorted(scores), key=scores.get)
     assert read_json(prepared / "sft_teacher" / "selection.json") == teacher["validation_by_step"]
     assert os.path.exists(prepared / "sft_teacher" / "params" / "config.json")
-    assert not os.path.exists(prepared / "sft_teacher" / "best")  # the best checkpoint is kept once, as params
-    assert os.listdir(prepared / "tb" / "sft_teacher") and os.listdir(prepared / "tb" / "sft_student")
+    assert not os.path.exists(
+        prepared / "sft_teacher" / "best"
+    )  # the best checkpoint is kept once, as params
+    assert os.listdir(prepared / "tb" / "sft_teacher") and os.listdir(
+        prepared / "tb" / "sft_student"
+    )
     pairs = read_json(prepared / "sample" / "DONE")
     assert pairs["pairs"] == 8
 
@@ -72,18 +76,31 @@ def test_first_stages_write_their_outputs_and_select_the_best_teacher_checkpoint
 @pytest.mark.parametrize("method", methods.names())
 def test_every_method_runs_distill_and_eval(prepared, tmp_path, paths, method):
     run_dir = fork(prepared, tmp_path)
-    assert main(run_dir, *tiny_run.tiny_overrides(paths), f"distill.method={method}", stages_="distill,eval") == 0
+    assert (
+        main(
+            run_dir,
+            *tiny_run.tiny_overrides(paths),
+            f"distill.method={method}",
+            stages_="distill,eval",
+        )
+        == 0
+    )
     assert read_json(run_dir / "distill" / "DONE")["method"] == method
     metrics = read_json(run_dir / "eval" / "metrics.json")
     assert set(metrics["models"]) == {"teacher", "initial student", "distilled student"}
     assert os.path.exists(run_dir / "eval" / "report.md")
-    with open(run_dir / "eval" / "responses.jsonl", encoding="utf-8") as f:  # per-prompt texts of every model
+    with open(
+        run_dir / "eval" / "responses.jsonl", encoding="utf-8"
+    ) as f:  # per-prompt texts of every model
         rows = [json.loads(line) for line in f]
     assert len(rows) == metrics["n"] and set(rows[0]) == {"prompt", "reference", *metrics["models"]}
 
 
-@pytest.mark.parametrize("extra", [("distill.rounds=2",), ("pairs.real_ratio=0.5", "pairs.scorer=rouge")],
-                         ids=["iterative", "real_pairs"])
+@pytest.mark.parametrize(
+    "extra",
+    [("distill.rounds=2",), ("pairs.real_ratio=0.5", "pairs.scorer=rouge")],
+    ids=["iterative", "real_pairs"],
+)
 def test_iterative_plad_and_real_preference_relabelling(paths, tmp_path, extra):
     run_dir = tmp_path / "run"
     assert main(run_dir, *tiny_run.tiny_overrides(paths), *extra) == 0
@@ -95,13 +112,20 @@ def test_iterative_plad_and_real_preference_relabelling(paths, tmp_path, extra):
 
 
 def test_interrupted_distill_resumes_to_the_same_metrics(prepared, tmp_path, paths, monkeypatch):
-    sets = (*tiny_run.tiny_overrides(paths), "distill.epochs=3", "distill.max_steps=6", "distill.checkpoint_every=2",
-            "distill.log_every=1")
+    sets = (
+        *tiny_run.tiny_overrides(paths),
+        "distill.epochs=3",
+        "distill.max_steps=6",
+        "distill.checkpoint_every=2",
+        "distill.log_every=1",
+    )
     straight = fork(prepared, tmp_path / "a")
     assert main(straight, *sets, stages_="distill,eval") == 0
 
     interrupted = fork(prepared, tmp_path / "b")
-    monkeypatch.chdir(tmp_path / "b")  # the interrupted run and its resume use a relative run directory
+    monkeypatch.chdir(
+        tmp_path / "b"
+    )  # the interrupted run and its resume use a relative run directory
     real_step_factory = stages.make_train_step
 
     def step_factory(*args, **kwargs):  # a train step that is "killed" during step 5
@@ -112,6 +136,7 @@ def test_interrupted_distill_resumes_to_the_same_metrics(prepared, tmp_path, pat
             if calls[0] == 5:
                 raise KeyboardInterrupt
             return step(*a)
+
         return killed_at_five
 
     monkeypatch.setattr(stages, "make_train_step", step_factory)
@@ -122,12 +147,25 @@ def test_interrupted_distill_resumes_to_the_same_metrics(prepared, tmp_path, pat
     assert read_json(interrupted / "distill" / "DONE") == read_json(straight / "distill" / "DONE")
     assert read_json(interrupted / "distill" / "DONE")["steps"] == 6
     # the whole loss curve, steps before the interruption included
-    assert read_json(interrupted / "distill" / "curve.json") == read_json(straight / "distill" / "curve.json")
-    assert [step for step, _ in read_json(interrupted / "distill" / "curve.json")] == [1, 2, 3, 4, 5, 6]
-    assert read_json(interrupted / "eval" / "metrics.json") == read_json(straight / "eval" / "metrics.json")
+    assert read_json(interrupted / "distill" / "curve.json") == read_json(
+        straight / "distill" / "curve.json"
+    )
+    assert [step for step, _ in read_json(interrupted / "distill" / "curve.json")] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    assert read_json(interrupted / "eval" / "metrics.json") == read_json(
+        straight / "eval" / "metrics.json"
+    )
 
 
-def test_a_stage_whose_steps_all_finished_before_a_crash_keeps_its_final_loss(prepared, tmp_path, paths):
+def test_a_stage_whose_steps_all_finished_before_a_crash_keeps_its_final_loss(
+    prepared, tmp_path, paths
+):
     run_dir = fork(prepared, tmp_path)
     sets = (*tiny_run.tiny_overrides(paths), "distill.max_steps=2")
     assert main(run_dir, *sets, stages_="distill") == 0
@@ -140,7 +178,9 @@ def test_a_stage_whose_steps_all_finished_before_a_crash_keeps_its_final_loss(pr
 
 def test_teacher_and_student_with_different_tokenizers(paths, tmp_path, capsys):
     other = tiny_run.word_tokenizer("llama", extra_words=("zebra", "quartz", "violin"))
-    student = tiny_run.save_llama(tmp_path / "student-other-vocab", other, hidden=16, layers=1, seed=3)
+    student = tiny_run.save_llama(
+        tmp_path / "student-other-vocab", other, hidden=16, layers=1, seed=3
+    )
     sets = (*tiny_run.tiny_overrides(paths), f"student.path={student}")
     run_dir = tmp_path / "run"
     assert main(run_dir, *sets) == 0  # pairs carry text; the student re-tokenizes it
@@ -157,21 +197,36 @@ def test_teacher_and_student_with_different_tokenizers(paths, tmp_path, capsys):
     assert set(before) - set(os.listdir(run_dir)) == {"distill", "eval"}
 
 
-@pytest.mark.parametrize("sets,expected", [
-    (["data.task=jsonl", "data.prompt_field=question", "data.response_field=answer"], "question"),
-    (["data.path={empty}"], "empty"),
-    (["distill.methd=dpo"], "did you mean distill.method"),
-    (["distill.beta=high"], "distill.beta expects a number"),
-], ids=["missing_field", "empty_dataset", "unknown_key", "wrong_type"])
+@pytest.mark.parametrize(
+    "sets,expected",
+    [
+        (
+            ["data.task=jsonl", "data.prompt_field=question", "data.response_field=answer"],
+            "question",
+        ),
+        (["data.path={empty}"], "empty"),
+        (["distill.methd=dpo"], "did you mean distill.method"),
+        (["distill.beta=high"], "distill.beta expects a number"),
+    ],
+    ids=["missing_field", "empty_dataset", "unknown_key", "wrong_type"],
+)
 def test_bad_input_is_one_line_and_loses_nothing(prepared, tmp_path, paths, capsys, sets, expected):
     run_dir = fork(prepared, tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
-    before = {p: os.path.getmtime(os.path.join(root, p)) for root, _, files in os.walk(run_dir) for p in files}
+    before = {
+        p: os.path.getmtime(os.path.join(root, p))
+        for root, _, files in os.walk(run_dir)
+        for p in files
+    }
     sets = [s.format(empty=tmp_path / "empty.jsonl") for s in sets]
     assert main(run_dir, *tiny_run.tiny_overrides(paths), *sets) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
-    after = {p: os.path.getmtime(os.path.join(root, p)) for root, _, files in os.walk(run_dir) for p in files}
+    after = {
+        p: os.path.getmtime(os.path.join(root, p))
+        for root, _, files in os.walk(run_dir)
+        for p in files
+    }
     assert {k: v for k, v in after.items() if k in before} == before  # nothing rewritten or deleted
     for stage in PRE_DISTILL.split(","):
         assert os.path.exists(run_dir / stage / "DONE")
@@ -184,17 +239,36 @@ def test_lengths_past_a_position_table_are_one_error_before_any_work(tmp_path):
     import transformers
 
     torch.manual_seed(0)
-    transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
-        vocab_size=64, hidden_size=16, num_heads=2, num_layers=1, attention_types=[[["global"], 1]],
-        max_position_embeddings=48)).save_pretrained(tmp_path / "neo")
-    config = config_mod.apply_overrides(config_mod.load_config("tiny"), [
-        f"student.path={tmp_path / 'neo'}", "data.max_prompt_tokens=24", "data.max_response_tokens=16",
-        "sample.max_new_tokens=16", "eval.max_new_tokens=32"])
+    transformers.GPTNeoForCausalLM(
+        transformers.GPTNeoConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_heads=2,
+            num_layers=1,
+            attention_types=[[["global"], 1]],
+            max_position_embeddings=48,
+        )
+    ).save_pretrained(tmp_path / "neo")
+    config = config_mod.apply_overrides(
+        config_mod.load_config("tiny"),
+        [
+            f"student.path={tmp_path / 'neo'}",
+            "data.max_prompt_tokens=24",
+            "data.max_response_tokens=16",
+            "sample.max_new_tokens=16",
+            "eval.max_new_tokens=32",
+        ],
+    )
     ctx = stages.Context(config, str(tmp_path / "run"))
-    with pytest.raises(ValueError, match="student: data.max_prompt_tokens 24 \\+ the longest response .* = 56 tokens "
-                                         "exceeds the model's 48 positions"):
+    with pytest.raises(
+        ValueError,
+        match="student: data.max_prompt_tokens 24 \\+ the longest response .* = 56 tokens "
+        "exceeds the model's 48 positions",
+    ):
         ctx.base_model("student")
-    ok = stages.Context(config_mod.apply_overrides(config, ["eval.max_new_tokens=24"]), str(tmp_path / "run"))
+    ok = stages.Context(
+        config_mod.apply_overrides(config, ["eval.max_new_tokens=24"]), str(tmp_path / "run")
+    )
     assert ok.base_model("student").max_positions == 48  # 24 + 24 fits
 
 
@@ -205,31 +279,64 @@ def test_prompts_over_the_limit_are_cut_and_counted(prepared):
 
 # -- the paper preset, through the command line ----------------------------------------------------
 
+
 def cli(*args, env_extra=None, timeout=900):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "plad_jax.launch", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "plad_jax.launch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_tldr_t5_without_weights_names_them_and_the_fix(tmp_path):
-    out = cli("--config", "tldr_t5", "--run-dir", str(tmp_path / "run"),
-              env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}, timeout=300)
+    out = cli(
+        "--config",
+        "tldr_t5",
+        "--run-dir",
+        str(tmp_path / "run"),
+        env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")},
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    for piece in ("google/t5-v1_1-xxl", "google/t5-v1_1-large", "--set teacher.path=", "--set student.path=",
-                  "--set data.path="):
+    for piece in (
+        "google/t5-v1_1-xxl",
+        "google/t5-v1_1-large",
+        "--set teacher.path=",
+        "--set student.path=",
+        "--set data.path=",
+    ):
         assert piece in lines[0]
 
 
 def test_tldr_t5_runs_every_stage_on_local_t5_checkpoints(tmp_path):
     t5 = tiny_run.build(tmp_path / "models", family="t5")
-    small = {"data.test_size": 4, "data.validation_size": 4, "data.max_d0": 8, "data.max_d": 8,
-             "data.max_validation": 4, "data.max_test": 4, "data.max_response_tokens": 8, "eval.scorer": "rouge",
-             "eval.num_examples": 4, "eval.max_new_tokens": 6, "sample.max_new_tokens": 6,
-             "sft_teacher.validation_examples": 4}
+    small = {
+        "data.test_size": 4,
+        "data.validation_size": 4,
+        "data.max_d0": 8,
+        "data.max_d": 8,
+        "data.max_validation": 4,
+        "data.max_test": 4,
+        "data.max_response_tokens": 8,
+        "eval.scorer": "rouge",
+        "eval.num_examples": 4,
+        "eval.max_new_tokens": 6,
+        "sample.max_new_tokens": 6,
+        "sft_teacher.validation_examples": 4,
+    }
     for section in ("sft_teacher", "sft_student", "distill"):
-        small.update({f"{section}.max_steps": 2, f"{section}.batch_size": 8, f"{section}.checkpoint_every": 1})
+        small.update(
+            {
+                f"{section}.max_steps": 2,
+                f"{section}.batch_size": 8,
+                f"{section}.checkpoint_every": 1,
+            }
+        )
     sets = [x for item in tiny_run.tiny_overrides(t5, **small) for x in ("--set", item)]
     out = cli("--config", "tldr_t5", "--run-dir", str(tmp_path / "run"), *sets)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -243,8 +350,12 @@ def test_tldr_t5_runs_every_stage_on_local_t5_checkpoints(tmp_path):
 
 # -- several processes ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [{}, {"distill.method": "pbkd_online", "distill.batch_size": 8}],
-                         ids=["plad_rank", "pbkd_online"])
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"distill.method": "pbkd_online", "distill.batch_size": 8}],
+    ids=["plad_rank", "pbkd_online"],
+)
 def test_two_processes_give_the_metrics_of_one(paths, tmp_path, extra):
     """2 processes x 4 CPU devices (jax.distributed over gloo on localhost) vs 1 process x 8 devices."""
     import socket
@@ -252,26 +363,51 @@ def test_two_processes_give_the_metrics_of_one(paths, tmp_path, extra):
     sets = [x for item in tiny_run.tiny_overrides(paths, **extra) for x in ("--set", item)]
     args = lambda run: ["-m", "plad_jax.launch", "--config", "tiny", "--run-dir", str(run), *sets]  # noqa: E731
     base = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    one = subprocess.run([sys.executable, *args(tmp_path / "one")], capture_output=True, text=True, timeout=900,
-                         env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    one = subprocess.run(
+        [sys.executable, *args(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, *args(tmp_path / "two")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                   "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args(tmp_path / "two")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **base,
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+                "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+            },
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert sorted(os.listdir(tmp_path / "two" / "sample")) == ["DONE", "pairs-00000.parquet", "pairs-00001.parquet"]
+    assert sorted(os.listdir(tmp_path / "two" / "sample")) == [
+        "DONE",
+        "pairs-00000.parquet",
+        "pairs-00001.parquet",
+    ]
     for stage in ("sft_teacher", "sft_student", "sample", "distill"):
-        a, b = read_json(tmp_path / "one" / stage / "DONE"), read_json(tmp_path / "two" / stage / "DONE")
+        a, b = (
+            read_json(tmp_path / "one" / stage / "DONE"),
+            read_json(tmp_path / "two" / stage / "DONE"),
+        )
         assert a.keys() == b.keys(), stage
         if "final_loss" in a:
             assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5), stage
-    assert read_json(tmp_path / "two" / "eval" / "metrics.json") == read_json(tmp_path / "one" / "eval" / "metrics.json")
+    assert read_json(tmp_path / "two" / "eval" / "metrics.json") == read_json(
+        tmp_path / "one" / "eval" / "metrics.json"
+    )

@@ -8,10 +8,19 @@ import pytest
 import torch
 import transformers
 
-from plad_jax import losses, methods, sharding as shd
+from plad_jax import losses, methods
+from plad_jax import sharding as shd
 from plad_jax.models import from_pretrained, init_model, lora
-from plad_jax.train import (NonFiniteLossError, OptimizerConfig, TrainState, check_finite,
-                            learning_rate_schedule, make_optimizer, make_train_step, reduce_metrics)
+from plad_jax.train import (
+    NonFiniteLossError,
+    OptimizerConfig,
+    TrainState,
+    check_finite,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+    reduce_metrics,
+)
 from tests.helpers import padded_batch
 
 VOCAB = 64
@@ -21,8 +30,14 @@ LENS_P, LENS_R = (6, 3, 5, 2, 6, 4, 1, 5), (4, 2, 5, 1, 3, 5, 2, 4)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     path = str(tmp_path_factory.mktemp("llama"))
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -36,7 +51,14 @@ def sft_batch(seed=0):
 def pair_batch(seed=0):
     pi, pm, yp, mp = padded_batch(seed, VOCAB, LENS_P, LENS_R)
     _, _, yn, mn = padded_batch(seed + 1, VOCAB, LENS_P, LENS_R[::-1])
-    return {"prompt_ids": pi, "prompt_mask": pm, "pos_ids": yp, "pos_mask": mp, "neg_ids": yn, "neg_mask": mn}
+    return {
+        "prompt_ids": pi,
+        "prompt_mask": pm,
+        "pos_ids": yp,
+        "pos_mask": mp,
+        "neg_ids": yn,
+        "neg_mask": mn,
+    }
 
 
 def test_schedule_warmup_then_linear_decay():
@@ -75,7 +97,9 @@ def test_grad_accumulation_equals_one_big_batch(model_dir):
 def test_sft_loss_decreases_and_matches_direct_loss(model_dir):
     lm = from_pretrained(model_dir)
     batch = sft_batch(0)
-    logits = lm.logits(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
+    logits = lm.logits(
+        batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+    )
     direct, _ = losses.sft_loss(logits, batch["response_ids"], batch["response_mask"])
     seen, _ = run_steps(lm, "sft", n=6, batch_fn=lambda i: sft_batch(0))
     assert seen[0] == pytest.approx(float(direct), rel=1e-6)
@@ -104,22 +128,47 @@ def test_nan_loss_leaves_state_untouched():
 def test_sharded_steps_equal_single_device(model_dir, method, batch_fn, mesh_shape):
     ref_losses, ref_params = run_steps(from_pretrained(model_dir), method, batch_fn=batch_fn)
     mesh = shd.make_mesh(mesh_shape)
-    got_losses, got_params = run_steps(from_pretrained(model_dir, mesh=mesh), method, mesh=mesh, batch_fn=batch_fn)
+    got_losses, got_params = run_steps(
+        from_pretrained(model_dir, mesh=mesh), method, mesh=mesh, batch_fn=batch_fn
+    )
     np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 TINY = {
-    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=True),
-    "gpt_neo": dict(model_type="gpt_neo", vocab_size=VOCAB, hidden_size=32, num_layers=2,
-                    num_heads=4, attention_types=[[["global", "local"], 1]], window_size=4,
-                    max_position_embeddings=64),
-    "t5": dict(model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-               num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-               tie_word_embeddings=False),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "gpt_neo": dict(
+        model_type="gpt_neo",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        max_position_embeddings=64,
+    ),
+    "t5": dict(
+        model_type="t5",
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -128,10 +177,18 @@ def sft_value_and_grad(lm, trainable, combine, logits_path: bool):
     (chunked log-probs) or through the [B, R, V] logits and `losses.sft_loss` (the reference)."""
     loss_fn, _ = methods.SFT().objective(lm, combine=combine)
     if logits_path:
+
         def loss_fn(params, frozen, b, rng):
-            logits, _ = lm.apply(combine(params, frozen), b["prompt_ids"], b["prompt_mask"],
-                                 b["response_ids"], b["response_mask"], rng=rng)
+            logits, _ = lm.apply(
+                combine(params, frozen),
+                b["prompt_ids"],
+                b["prompt_mask"],
+                b["response_ids"],
+                b["response_mask"],
+                rng=rng,
+            )
             return losses.sft_loss(logits, b["response_ids"], b["response_mask"])
+
     batch = {k: jnp.asarray(v) for k, v in sft_batch().items()}
     fn = jax.jit(jax.value_and_grad(lambda p, f: loss_fn(p, f, batch, jax.random.key(3))[0]))
     return fn(*trainable)
@@ -154,8 +211,9 @@ def test_remat_and_chunked_logprobs_keep_loss_and_gradients(family, adapters):
         lm, trainable, frozen, combine = base, base.params, {}, methods.full_params
     want_loss, want_grads = sft_value_and_grad(lm, (trainable, frozen), combine, logits_path=True)
     for remat in ("none", "full", "dots"):
-        loss, grads = sft_value_and_grad(lm.with_remat(remat), (trainable, frozen), combine,
-                                         logits_path=False)
+        loss, grads = sft_value_and_grad(
+            lm.with_remat(remat), (trainable, frozen), combine, logits_path=False
+        )
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=remat)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
             scale = float(np.abs(want).max())  # fp32 sums in another order: ulps of the largest
@@ -165,14 +223,26 @@ def test_remat_and_chunked_logprobs_keep_loss_and_gradients(family, adapters):
 
 def compiled_temp_bytes(layers: int, remat: str, batch=2, prompt=120, response=8, hidden=64) -> int:
     """XLA's temporaries for the gradient of a LoRA SFT loss (dropout on), every token real."""
-    lm = lora.add_lora(init_model(dict(TINY["llama"], num_hidden_layers=layers, hidden_size=hidden,
-                                       intermediate_size=2 * hidden)),
-                       lora.LoRAConfig(rank=2, dropout=0.1)).with_remat(remat)
+    lm = lora.add_lora(
+        init_model(
+            dict(
+                TINY["llama"],
+                num_hidden_layers=layers,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+            )
+        ),
+        lora.LoRAConfig(rank=2, dropout=0.1),
+    ).with_remat(remat)
     trainable, frozen = lora.split_trainable(lm.params)
     loss_fn, _ = methods.SFT().objective(lm, combine=lora.combine)
     ids = lambda n: jnp.asarray(np.random.default_rng(n).integers(0, VOCAB, (batch, n)), jnp.int32)
-    b = {"prompt_ids": ids(prompt), "prompt_mask": jnp.ones((batch, prompt), jnp.int32),
-         "response_ids": ids(response), "response_mask": jnp.ones((batch, response), jnp.int32)}
+    b = {
+        "prompt_ids": ids(prompt),
+        "prompt_mask": jnp.ones((batch, prompt), jnp.int32),
+        "response_ids": ids(response),
+        "response_mask": jnp.ones((batch, response), jnp.int32),
+    }
     grad = jax.jit(jax.grad(lambda p, f: loss_fn(p, f, b, jax.random.key(3))[0]))
     return grad.lower(trainable, frozen).compile().memory_analysis().temp_size_in_bytes
 

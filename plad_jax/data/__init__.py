@@ -26,21 +26,64 @@ from plad_jax.data.splits import Splits, split_examples
 from plad_jax.data.tasks import TASKS, load_task, split_hh_transcript, task_stop_strings
 
 
-def load_splits(task: str, path: str | None = None, *, prompt_field: str | None = None,
-                response_field: str | None = None, hub_data_dir: str | None = None, seed: int = 0,
-                test_size: float = 0.1, validation_size: float = 0.05, max_d0: int | None = None,
-                max_d: int | None = None, max_validation: int | None = None,
-                max_test: int | None = None) -> Splits:
+def load_splits(
+    task: str,
+    path: str | None = None,
+    *,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    hub_data_dir: str | None = None,
+    seed: int = 0,
+    test_size: float = 0.1,
+    validation_size: float = 0.05,
+    max_d0: int | None = None,
+    max_d: int | None = None,
+    max_validation: int | None = None,
+    max_test: int | None = None,
+) -> Splits:
     """`load_task` then `split_examples`: the task's D0, D, validation and test splits."""
-    task_splits = load_task(task, path, prompt_field=prompt_field, response_field=response_field,
-                            hub_data_dir=hub_data_dir)
-    return split_examples(task_splits, seed=seed, test_size=test_size, validation_size=validation_size,
-                          max_d0=max_d0, max_d=max_d, max_validation=max_validation, max_test=max_test)
+    task_splits = load_task(
+        task,
+        path,
+        prompt_field=prompt_field,
+        response_field=response_field,
+        hub_data_dir=hub_data_dir,
+    )
+    return split_examples(
+        task_splits,
+        seed=seed,
+        test_size=test_size,
+        validation_size=validation_size,
+        max_d0=max_d0,
+        max_d=max_d,
+        max_validation=max_validation,
+        max_test=max_test,
+    )
 
 
 __all__ = [
-    "TASKS", "DataError", "DataPosition", "EncodedExamples", "Example", "Splits", "batches", "bucket_length",
-    "build_demo_tokenizer", "demo_tokenizer_texts", "docstring_examples", "encode_examples", "encode_texts",
-    "epoch_order", "host_shard", "iterate_batches", "load_splits", "load_task", "make_batch", "num_batches",
-    "special_affixes", "split_examples", "split_hh_transcript", "task_stop_strings",
+    "TASKS",
+    "DataError",
+    "DataPosition",
+    "EncodedExamples",
+    "Example",
+    "Splits",
+    "batches",
+    "bucket_length",
+    "build_demo_tokenizer",
+    "demo_tokenizer_texts",
+    "docstring_examples",
+    "encode_examples",
+    "encode_texts",
+    "epoch_order",
+    "host_shard",
+    "iterate_batches",
+    "load_splits",
+    "load_task",
+    "make_batch",
+    "num_batches",
+    "special_affixes",
+    "split_examples",
+    "split_hh_transcript",
+    "task_stop_strings",
 ]

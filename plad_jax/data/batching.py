@@ -65,8 +65,10 @@ def epoch_order(num_examples: int, *, shuffle_seed: int | None, epoch: int) -> n
     index = np.arange(num_examples, dtype=np.int64)
     if shuffle_seed is None:
         return index
-    keys = _splitmix64(index.astype(np.uint64) ^ _splitmix64(np.uint64(shuffle_seed % 2**64) ^
-                                                             _splitmix64(np.uint64(epoch % 2**64))))
+    keys = _splitmix64(
+        index.astype(np.uint64)
+        ^ _splitmix64(np.uint64(shuffle_seed % 2**64) ^ _splitmix64(np.uint64(epoch % 2**64)))
+    )
     return index[np.argsort(keys, kind="stable")]
 
 
@@ -74,9 +76,18 @@ def num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:
     return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
 
 
-def batches(encoded: EncodedExamples, batch_size: int, *, shuffle_seed: int | None = None, epoch: int = 0,
-            drop_last: bool = False, start: int = 0, buckets: int | Sequence[int] = 64,
-            pad_id: int = 0, fill_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+    encoded: EncodedExamples,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    epoch: int = 0,
+    drop_last: bool = False,
+    start: int = 0,
+    buckets: int | Sequence[int] = 64,
+    pad_id: int = 0,
+    fill_last: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
     """The batches of one epoch, from batch `start` on.
 
     Without `drop_last` the last batch is short, or, with `fill_last`, filled to `batch_size` with
@@ -86,62 +97,109 @@ def batches(encoded: EncodedExamples, batch_size: int, *, shuffle_seed: int | No
         raise ValueError(f"batch_size={batch_size} must be positive")
     order = epoch_order(len(encoded), shuffle_seed=shuffle_seed, epoch=epoch)
     for b in range(start, num_batches(len(encoded), batch_size, drop_last)):
-        rows = order[b * batch_size:(b + 1) * batch_size]
-        yield make_batch(encoded, rows, buckets=buckets, pad_id=pad_id,
-                         num_rows=batch_size if fill_last else len(rows))
+        rows = order[b * batch_size : (b + 1) * batch_size]
+        yield make_batch(
+            encoded,
+            rows,
+            buckets=buckets,
+            pad_id=pad_id,
+            num_rows=batch_size if fill_last else len(rows),
+        )
 
 
-def iterate_batches(encoded: EncodedExamples, batch_size: int, *, shuffle_seed: int | None,
-                    position: DataPosition = DataPosition(), num_epochs: int | None = None,
-                    drop_last: bool = True, buckets: int | Sequence[int] = 64,
-                    pad_id: int = 0) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
+def iterate_batches(
+    encoded: EncodedExamples,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None,
+    position: DataPosition = DataPosition(),
+    num_epochs: int | None = None,
+    drop_last: bool = True,
+    buckets: int | Sequence[int] = 64,
+    pad_id: int = 0,
+) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
     """(batch, position after it) from `position` on, epoch after epoch (`num_epochs` in all, None = forever)."""
     per_epoch = num_batches(len(encoded), batch_size, drop_last)
     if per_epoch == 0:
         raise ValueError(f"{len(encoded)} examples make no batch of {batch_size}")
     epoch, start = position.epoch + position.index // per_epoch, position.index % per_epoch
     while num_epochs is None or epoch < num_epochs:
-        for index, batch in enumerate(batches(encoded, batch_size, shuffle_seed=shuffle_seed, epoch=epoch,
-                                              drop_last=drop_last, start=start, buckets=buckets, pad_id=pad_id),
-                                      start + 1):
-            yield batch, (DataPosition(epoch, index) if index < per_epoch else DataPosition(epoch + 1, 0))
+        for index, batch in enumerate(
+            batches(
+                encoded,
+                batch_size,
+                shuffle_seed=shuffle_seed,
+                epoch=epoch,
+                drop_last=drop_last,
+                start=start,
+                buckets=buckets,
+                pad_id=pad_id,
+            ),
+            start + 1,
+        ):
+            yield (
+                batch,
+                (DataPosition(epoch, index) if index < per_epoch else DataPosition(epoch + 1, 0)),
+            )
         epoch, start = epoch + 1, 0
 
 
-def make_batch(encoded: EncodedExamples, rows: Sequence[int], *, buckets: int | Sequence[int] = 64,
-               pad_id: int = 0, num_rows: int | None = None) -> dict[str, np.ndarray]:
+def make_batch(
+    encoded: EncodedExamples,
+    rows: Sequence[int],
+    *,
+    buckets: int | Sequence[int] = 64,
+    pad_id: int = 0,
+    num_rows: int | None = None,
+) -> dict[str, np.ndarray]:
     """One right-padded batch of the given example indices (plus filler rows up to `num_rows`)."""
     rows = [int(r) for r in rows]
     num_rows = len(rows) if num_rows is None else num_rows
     prompts = [encoded.prompts[r] for r in rows]
     responses = [encoded.responses[r] for r in rows]
-    prompt_ids, prompt_mask = _pad(prompts, num_rows, bucket_length(max(map(len, prompts), default=1), buckets), pad_id)
-    response_ids, response_mask = _pad(responses, num_rows, bucket_length(max(map(len, responses), default=1), buckets),
-                                       pad_id)
+    prompt_ids, prompt_mask = _pad(
+        prompts, num_rows, bucket_length(max(map(len, prompts), default=1), buckets), pad_id
+    )
+    response_ids, response_mask = _pad(
+        responses, num_rows, bucket_length(max(map(len, responses), default=1), buckets), pad_id
+    )
     index = np.full((num_rows,), -1, np.int32)
-    index[:len(rows)] = rows
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-            "response_mask": response_mask, "example_index": index}
+    index[: len(rows)] = rows
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "response_ids": response_ids,
+        "response_mask": response_mask,
+        "example_index": index,
+    }
 
 
-def host_shard(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+def host_shard(
+    batch: dict[str, np.ndarray], process_index: int, process_count: int
+) -> dict[str, np.ndarray]:
     """This host's contiguous block of rows: rows `[i * B / n, (i + 1) * B / n)` of every array."""
     size = len(next(iter(batch.values())))
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
     if size % process_count:
-        raise ValueError(f"a batch of {size} rows does not split evenly over {process_count} processes; "
-                         f"make the batch size a multiple of the process count")
+        raise ValueError(
+            f"a batch of {size} rows does not split evenly over {process_count} processes; "
+            f"make the batch size a multiple of the process count"
+        )
     per_host = size // process_count
-    return {k: v[process_index * per_host:(process_index + 1) * per_host] for k, v in batch.items()}
+    return {
+        k: v[process_index * per_host : (process_index + 1) * per_host] for k, v in batch.items()
+    }
 
 
-def _pad(seqs: Sequence[np.ndarray], num_rows: int, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(
+    seqs: Sequence[np.ndarray], num_rows: int, width: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     ids = np.full((num_rows, width), pad_id, np.int32)
     mask = np.zeros((num_rows, width), np.int32)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
@@ -149,7 +207,7 @@ def _splitmix64(x):
     """SplitMix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
     x = np.asarray(x, np.uint64)
     with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15))
+        x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))

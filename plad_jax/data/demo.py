@@ -37,11 +37,27 @@ from plad_jax.data.example import DataError, Example
 
 logger = logging.getLogger(__name__)
 
-SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-                       "encodings", "turtledemo", "pydoc_data"})
+SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "__pycache__",
+        "encodings",
+        "turtledemo",
+        "pydoc_data",
+    }
+)
 PROMPT = "{kind} {name}\n\n{body}\n\nSUMMARY:"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-SPECIAL_PIECES = {"pad_piece": "<pad>", "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}
+SPECIAL_PIECES = {
+    "pad_piece": "<pad>",
+    "unk_piece": "<unk>",
+    "bos_piece": "<s>",
+    "eos_piece": "</s>",
+}
 SP_MODEL_FILE = "tokenizer.model"
 
 
@@ -49,12 +65,22 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def docstring_examples(root: str | os.PathLike | None = None, *, summary_chars: tuple[int, int] = (10, 160),
-                       body_chars: tuple[int, int] = (40, 1000)) -> list[Example]:
+def docstring_examples(
+    root: str | os.PathLike | None = None,
+    *,
+    summary_chars: tuple[int, int] = (10, 160),
+    body_chars: tuple[int, int] = (40, 1000),
+) -> list[Example]:
     """The demo examples from the `.py` files under `root` (default: the standard library)."""
     root = Path(root) if root is not None else stdlib_dir()
-    paths = sorted((p for p in root.rglob("*.py") if not SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])),
-                   key=lambda p: p.relative_to(root).as_posix())
+    paths = sorted(
+        (
+            p
+            for p in root.rglob("*.py")
+            if not SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     examples, seen = [], set()
     for path in paths:
         for kind, name, doc in _docstrings(path, root):
@@ -66,7 +92,9 @@ def docstring_examples(root: str | os.PathLike | None = None, *, summary_chars: 
             examples.append(Example(PROMPT.format(kind=kind, name=name, body=body), " " + summary))
     if not examples:
         raise DataError(f"no docstring examples found under {root}")
-    logger.info("demo: %d docstring examples from %d files under %s", len(examples), len(paths), root)
+    logger.info(
+        "demo: %d docstring examples from %d files under %s", len(examples), len(paths), root
+    )
     return examples
 
 
@@ -105,10 +133,17 @@ def _summary_and_body(doc: str, summary_chars, body_chars) -> tuple[str, str] | 
     if len(lines) < 3 or lines[1].strip():
         return None
     summary, body = lines[0].strip(), "\n".join(lines[2:]).strip()
-    if not summary_chars[0] <= len(summary) <= summary_chars[1] or not body_chars[0] <= len(body) <= body_chars[1]:
+    if (
+        not summary_chars[0] <= len(summary) <= summary_chars[1]
+        or not body_chars[0] <= len(body) <= body_chars[1]
+    ):
         return None
     first_word = summary.split()[0]
-    if " " not in summary or "->" in summary or ("(" in first_word and first_word.split("(")[0].isidentifier()):
+    if (
+        " " not in summary
+        or "->" in summary
+        or ("(" in first_word and first_word.split("(")[0].isidentifier())
+    ):
         return None  # one word, or a signature (`readline(size) -> str`) rather than a sentence
     return summary, body
 
@@ -122,15 +157,32 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int = 2000) -> byte
         raise DataError("no text to train the demo tokenizer on")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **SPECIAL_PIECES,
-        byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=True,
-        max_sentence_length=1 << 20, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        **SPECIAL_PIECES,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True,
+        max_sentence_length=1 << 20,
+        num_threads=1,
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
-def build_demo_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_size: int = 2000) -> str:
+def build_demo_tokenizer(
+    out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_size: int = 2000
+) -> str:
     """Train and save the demo tokenizer in `out_dir`; an existing tokenizer there is reused as is."""
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer_config.json").exists():
@@ -144,15 +196,24 @@ def build_demo_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str], *, vo
     try:
         (work / "spm").mkdir()
         (work / "spm" / SP_MODEL_FILE).write_bytes(model)
-        tokenizer = LlamaTokenizer.from_pretrained(str(work / "spm"), add_bos_token=True, add_eos_token=False,
-                                                   pad_token=SPECIAL_PIECES["pad_piece"], legacy=False)
+        tokenizer = LlamaTokenizer.from_pretrained(
+            str(work / "spm"),
+            add_bos_token=True,
+            add_eos_token=False,
+            pad_token=SPECIAL_PIECES["pad_piece"],
+            legacy=False,
+        )
         tokenizer.save_pretrained(str(work / "hf"))
         (work / "hf" / SP_MODEL_FILE).write_bytes(model)
         try:
-            os.replace(work / "hf", out_dir)  # atomic: a killed run leaves no half-written tokenizer
+            os.replace(
+                work / "hf", out_dir
+            )  # atomic: a killed run leaves no half-written tokenizer
         except OSError:
             if not (out_dir / "tokenizer_config.json").exists():  # not a concurrent writer that won
-                raise DataError(f"{out_dir} exists but holds no tokenizer; remove it or choose another folder") from None
+                raise DataError(
+                    f"{out_dir} exists but holds no tokenizer; remove it or choose another folder"
+                ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("demo tokenizer: %d pieces trained and saved to %s", vocab_size, out_dir)

@@ -22,7 +22,11 @@ from pathlib import Path
 from plad_jax.data.example import DataError
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
-SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+SPLIT_NAMES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
 
 Table = dict[str, list]
 BOM, NEWLINE = codecs.BOM_UTF8, b"\n"
@@ -60,8 +64,10 @@ def require_columns(table: Table, columns: Sequence[str], source: str):
     for column in columns:
         if column not in table:
             present = ", ".join(repr(c) for c in table) or "none"
-            raise DataError(f"{source} has no field {column!r}; its fields are {present} "
-                            f"(set the field names with --set data.prompt_field=... / data.response_field=...)")
+            raise DataError(
+                f"{source} has no field {column!r}; its fields are {present} "
+                f"(set the field names with --set data.prompt_field=... / data.response_field=...)"
+            )
 
 
 def num_rows(table: Table) -> int:
@@ -89,7 +95,9 @@ def split_files(folder: str | os.PathLike, fmt: str | None = None) -> dict[str, 
         for split, names in SPLIT_NAMES.items():
             if split in found:
                 continue
-            files = sorted(p for p in place.iterdir() if p.is_file() and _is_split_file(p, names, fmt))
+            files = sorted(
+                p for p in place.iterdir() if p.is_file() and _is_split_file(p, names, fmt)
+            )
             if files:
                 found[split] = files
     return found
@@ -114,8 +122,10 @@ def _read_parquet(path: Path, columns) -> Table:
     try:
         return table.to_pydict()
     except UnicodeDecodeError as e:  # pyarrow checks a string's bytes only when Python reads it
-        raise DataError(f"{path}: {_bad_parquet_value(table)}: text that is not UTF-8 "
-                        f"({e.reason}); write the file with UTF-8 strings") from None
+        raise DataError(
+            f"{path}: {_bad_parquet_value(table)}: text that is not UTF-8 "
+            f"({e.reason}); write the file with UTF-8 strings"
+        ) from None
 
 
 def _parquet_call(path: Path, read):
@@ -123,7 +133,9 @@ def _parquet_call(path: Path, read):
     try:
         return read()
     except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for a file that is not parquet
-        raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
+        raise DataError(
+            f"{path} is not a readable parquet file ({type(e).__name__}: {first_line(e)})"
+        ) from None
 
 
 def _bad_parquet_value(table) -> str:
@@ -169,8 +181,10 @@ def _json_array(path: Path, data: bytes, text: str) -> list:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
         offset = _byte_offset(data, text, e.pos)
-        raise DataError(f"{path}: not valid JSON: {e.msg}: line {e.lineno} column {e.colno} "
-                        f"(char {e.pos}, byte offset {offset} in the file)") from None
+        raise DataError(
+            f"{path}: not valid JSON: {e.msg}: line {e.lineno} column {e.colno} "
+            f"(char {e.pos}, byte offset {offset} in the file)"
+        ) from None
     return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
 
 
@@ -184,9 +198,11 @@ def _json_lines(path: Path, data: bytes, text: str) -> list:
                 numbered.append((f"line {line_no}", json.loads(line)))
             except json.JSONDecodeError as e:
                 offset = _byte_offset(data, text, start + e.pos)
-                raise DataError(f"{path}: row {len(numbered) + 1}: not valid JSON: {e.msg}: "
-                                f"line {line_no} column {e.colno} (char {e.pos} of the line, "
-                                f"byte offset {offset} in the file)") from None
+                raise DataError(
+                    f"{path}: row {len(numbered) + 1}: not valid JSON: {e.msg}: "
+                    f"line {line_no} column {e.colno} (char {e.pos} of the line, "
+                    f"byte offset {offset} in the file)"
+                ) from None
         start += len(line) + 1
     return numbered
 
@@ -205,9 +221,11 @@ def _decode(path: Path, data: bytes, row_of=None) -> str:
         column = len(data[line_start:offset].decode("utf-8", "replace").lstrip("\ufeff")) + 1
         row = row_of(data, line) if row_of else ""
         row = f" {row}:" if row else ""
-        raise DataError(f"{path}:{row} byte 0x{data[offset]:02x} is not UTF-8 ({e.reason}): "
-                        f"line {line} column {column} (byte offset {offset} in the file); "
-                        "save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{row} byte 0x{data[offset]:02x} is not UTF-8 ({e.reason}): "
+            f"line {line} column {column} (byte offset {offset} in the file); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def _byte_offset(data: bytes, text: str, pos: int) -> int:

@@ -44,8 +44,14 @@ def task_stop_strings(task: str) -> tuple[str, ...]:
     return STOP_STRINGS.get(task, ())
 
 
-def load_task(task: str, path: str | None = None, *, prompt_field: str | None = None,
-              response_field: str | None = None, hub_data_dir: str | None = None) -> dict[str, list[Example]]:
+def load_task(
+    task: str,
+    path: str | None = None,
+    *,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    hub_data_dir: str | None = None,
+) -> dict[str, list[Example]]:
     """The splits the source has (`train`, and `validation` / `test` when present) as examples.
 
     `prompt_field` / `response_field` name the columns for the file tasks and override the
@@ -56,40 +62,74 @@ def load_task(task: str, path: str | None = None, *, prompt_field: str | None = 
         raise DataError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if task == "demo":
         from plad_jax.data.demo import docstring_examples
+
         return {"train": docstring_examples()}
     if task in FILE_TASKS and not path:
-        raise DataError(f"task {task!r} reads a local {task} file: set --set data.path=FILE_OR_FOLDER")
+        raise DataError(
+            f"task {task!r} reads a local {task} file: set --set data.path=FILE_OR_FOLDER"
+        )
     tables = _read_source(task, path, hub_data_dir)
     if "train" not in tables:
-        raise DataError(f"{_source_name(task, path)} has no train split (found: {', '.join(tables) or 'none'})")
+        raise DataError(
+            f"{_source_name(task, path)} has no train split (found: {', '.join(tables) or 'none'})"
+        )
     out = {}
     for split, (source, table) in tables.items():
-        examples = table_examples(task, table, source, prompt_field=prompt_field, response_field=response_field)
+        examples = table_examples(
+            task, table, source, prompt_field=prompt_field, response_field=response_field
+        )
         if not examples:
             raise DataError(f"{source} has no examples")
         out[split] = examples
-    logger.info("task %s from %s: %s", task, _source_name(task, path),
-                ", ".join(f"{s} {len(e)}" for s, e in out.items()))
+    logger.info(
+        "task %s from %s: %s",
+        task,
+        _source_name(task, path),
+        ", ".join(f"{s} {len(e)}" for s, e in out.items()),
+    )
     return out
 
 
-def table_examples(task: str, table: files.Table, source: str, *, prompt_field: str | None = None,
-                   response_field: str | None = None) -> list[Example]:
+def table_examples(
+    task: str,
+    table: files.Table,
+    source: str,
+    *,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+) -> list[Example]:
     """Examples of one split's table, by the task's layout; rows with an empty prompt are dropped."""
     if task == "hh" and prompt_field is None:
         files.require_columns(table, ["chosen"], source)
-        examples = [split_hh_transcript(_text(t, source, "chosen", i), source, i) for i, t in enumerate(table["chosen"])]
+        examples = [
+            split_hh_transcript(_text(t, source, "chosen", i), source, i)
+            for i, t in enumerate(table["chosen"])
+        ]
     elif task == "tldr" and prompt_field is None and response_field is None:
         examples = _tldr_examples(table, source)
     else:
         prompts = prompt_field or "prompt"
-        responses = response_field if response_field is not None else ("completion" if task == "tldr" else "response")
+        responses = (
+            response_field
+            if response_field is not None
+            else ("completion" if task == "tldr" else "response")
+        )
         files.require_columns(table, [prompts] + ([responses] if responses else []), source)
-        examples = [Example(_text(p, source, prompts, i), _text(table[responses][i], source, responses, i) if responses else "")
-                    for i, p in enumerate(table[prompts])]
+        examples = [
+            Example(
+                _text(p, source, prompts, i),
+                _text(table[responses][i], source, responses, i) if responses else "",
+            )
+            for i, p in enumerate(table[prompts])
+        ]
     kept = [e for e in examples if e.prompt.strip()]
     if len(kept) < len(examples):
-        logger.warning("%s: dropped %d of %d rows with an empty prompt", source, len(examples) - len(kept), len(examples))
+        logger.warning(
+            "%s: dropped %d of %d rows with an empty prompt",
+            source,
+            len(examples) - len(kept),
+            len(examples),
+        )
     return kept
 
 
@@ -97,15 +137,19 @@ def split_hh_transcript(transcript: str, source: str = "hh", row: int = 0) -> Ex
     """An hh-rlhf transcript cut after its last `\\n\\nAssistant:`: the prompt keeps it, the response is the rest."""
     cut = transcript.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise DataError(f"{source}: row {row + 1}: the transcript has no {HH_ASSISTANT.strip()!r} turn")
+        raise DataError(
+            f"{source}: row {row + 1}: the transcript has no {HH_ASSISTANT.strip()!r} turn"
+        )
     cut += len(HH_ASSISTANT)
     return Example(transcript[:cut], transcript[cut:])
 
 
 def _tldr_examples(table: files.Table, source: str) -> list[Example]:
     if "prompt" in table and "completion" in table:
-        return [Example(_text(p, source, "prompt", i), _text(c, source, "completion", i))
-                for i, (p, c) in enumerate(zip(table["prompt"], table["completion"]))]
+        return [
+            Example(_text(p, source, "prompt", i), _text(c, source, "completion", i))
+            for i, (p, c) in enumerate(zip(table["prompt"], table["completion"]))
+        ]
     if all(f in table for f in TLDR_OPENAI_FIELDS):
         summaries = table.get("summary") or [""] * files.num_rows(table)
         out = []
@@ -115,8 +159,10 @@ def _tldr_examples(table: files.Table, source: str) -> list[Example]:
             out.append(Example(TLDR_PROMPT.format(**fields), " " + summary if summary else ""))
         return out
     present = ", ".join(repr(c) for c in table) or "none"
-    raise DataError(f"{source} has fields {present}; task 'tldr' needs 'prompt' and 'completion' (trl-lib/tldr) "
-                    f"or 'subreddit', 'title', 'post', 'summary' (OpenAI TL;DR jsonl)")
+    raise DataError(
+        f"{source} has fields {present}; task 'tldr' needs 'prompt' and 'completion' (trl-lib/tldr) "
+        f"or 'subreddit', 'title', 'post', 'summary' (OpenAI TL;DR jsonl)"
+    )
 
 
 def _text(value, source: str, field: str, row: int) -> str:
@@ -124,7 +170,9 @@ def _text(value, source: str, field: str, row: int) -> str:
     if value is None:
         raise DataError(f"{source}: row {row + 1} has no value for field {field!r}")
     if not isinstance(value, str):
-        raise DataError(f"{source}: row {row + 1}: field {field!r} holds {type(value).__name__}, not text")
+        raise DataError(
+            f"{source}: row {row + 1}: field {field!r} holds {type(value).__name__}, not text"
+        )
     return value
 
 
@@ -132,7 +180,9 @@ def _source_name(task: str, path: str | None) -> str:
     return path or HUB_DEFAULTS.get(task, (task,))[0]
 
 
-def _read_source(task: str, path: str | None, hub_data_dir: str | None) -> dict[str, tuple[str, files.Table]]:
+def _read_source(
+    task: str, path: str | None, hub_data_dir: str | None
+) -> dict[str, tuple[str, files.Table]]:
     """split -> (source label for messages, table)."""
     fmt = task if task in FILE_TASKS else None
     if path and os.path.isfile(path):
@@ -143,11 +193,17 @@ def _read_source(task: str, path: str | None, hub_data_dir: str | None) -> dict[
         found = files.split_files(path, fmt)
         if not found:
             kinds = fmt or "/".join(files.FORMATS)
-            raise DataError(f"folder {path} has no split files (looked for train.{kinds}, train-*.{kinds}, "
-                            f"test.*, validation.* there and in {path}/data)")
-        return {split: (", ".join(map(str, paths)) if len(paths) < 3 else f"{paths[0].parent}/{split}-*",
-                        files.concat_tables([files.read_table(p, fmt or _format_of(p)) for p in paths]))
-                for split, paths in found.items()}
+            raise DataError(
+                f"folder {path} has no split files (looked for train.{kinds}, train-*.{kinds}, "
+                f"test.*, validation.* there and in {path}/data)"
+            )
+        return {
+            split: (
+                ", ".join(map(str, paths)) if len(paths) < 3 else f"{paths[0].parent}/{split}-*",
+                files.concat_tables([files.read_table(p, fmt or _format_of(p)) for p in paths]),
+            )
+            for split, paths in found.items()
+        }
     if path and (path.startswith((".", "/", "~")) or files.file_format(path) or task in FILE_TASKS):
         raise DataError(f"data file {path} does not exist")
     name, data_dir = (path, hub_data_dir) if path else HUB_DEFAULTS[task]
@@ -157,7 +213,9 @@ def _read_source(task: str, path: str | None, hub_data_dir: str | None) -> dict[
 def _format_of(path) -> str:
     fmt = files.file_format(path)
     if fmt is None:
-        raise DataError(f"cannot tell the format of {path}: name it .jsonl, .json, .csv or .parquet")
+        raise DataError(
+            f"cannot tell the format of {path}: name it .jsonl, .json, .csv or .parquet"
+        )
     return fmt
 
 
@@ -167,9 +225,11 @@ def _read_hub(name: str, data_dir: str | None) -> dict[str, tuple[str, files.Tab
 
         loaded = datasets.load_dataset(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 -- offline, unknown name, gated: all end the same way for the user
-        raise DataError(f"could not load dataset {name!r} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{files.first_line(e, 120)}); download it and pass a local file or folder with "
-                        f"--set data.path=PATH") from None
+        raise DataError(
+            f"could not load dataset {name!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{files.first_line(e, 120)}); download it and pass a local file or folder with "
+            f"--set data.path=PATH"
+        ) from None
     return _dataset_dict_tables(name, loaded)
 
 
@@ -179,8 +239,10 @@ def _read_saved_dataset(path: str) -> dict[str, tuple[str, files.Table]]:
     try:
         loaded = datasets.load_from_disk(path)
     except Exception as e:  # noqa: BLE001 -- a damaged folder raises whatever layer read it
-        raise DataError(f"{path} is not a readable saved dataset ({type(e).__name__}: "
-                        f"{files.first_line(e, 120)})") from None
+        raise DataError(
+            f"{path} is not a readable saved dataset ({type(e).__name__}: "
+            f"{files.first_line(e, 120)})"
+        ) from None
     if isinstance(loaded, datasets.Dataset):
         loaded = {"train": loaded}
     return _dataset_dict_tables(path, loaded)

@@ -31,52 +31,101 @@ def sentencepiece_ids(model_proto: bytes, texts: Sequence[str]) -> list[list[int
     return processor.encode([_strip_one_space(t) for t in texts])
 
 
-def encode_with_sentencepiece(model_proto: bytes, prompts: Sequence[str], responses: Sequence[str],
-                              max_prompt_tokens: int, max_response_tokens: int, *, prompt_prefix: Sequence[int] = (),
-                              prompt_suffix: Sequence[int] = (), eos_id: int | None = None) -> EncodedExamples:
+def encode_with_sentencepiece(
+    model_proto: bytes,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    *,
+    prompt_prefix: Sequence[int] = (),
+    prompt_suffix: Sequence[int] = (),
+    eos_id: int | None = None,
+) -> EncodedExamples:
     """`encode_texts` with SentencePiece itself; prefix/suffix as `special_affixes` gives them, eos_id None = no EOS."""
-    return assemble(sentencepiece_ids(model_proto, prompts), sentencepiece_ids(model_proto, responses),
-                    prefix=prompt_prefix, suffix=prompt_suffix, eos=[] if eos_id is None else [eos_id],
-                    max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+    return assemble(
+        sentencepiece_ids(model_proto, prompts),
+        sentencepiece_ids(model_proto, responses),
+        prefix=prompt_prefix,
+        suffix=prompt_suffix,
+        eos=[] if eos_id is None else [eos_id],
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+    )
 
 
-def tf_batches(model_proto: bytes, prompts: Sequence[str], responses: Sequence[str], batch_size: int, *,
-               max_prompt_tokens: int, max_response_tokens: int, prompt_prefix: Sequence[int] = (),
-               prompt_suffix: Sequence[int] = (), eos_id: int | None = None, pad_id: int = 0,
-               shuffle_seed: int | None = None, epoch: int = 0, drop_last: bool = False,
-               buckets: int | Sequence[int] = 64):
+def tf_batches(
+    model_proto: bytes,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int,
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    prompt_prefix: Sequence[int] = (),
+    prompt_suffix: Sequence[int] = (),
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    shuffle_seed: int | None = None,
+    epoch: int = 0,
+    drop_last: bool = False,
+    buckets: int | Sequence[int] = 64,
+):
     """A `tf.data.Dataset` of one epoch's batches (dicts of int32 tensors, the keys of `batching.batches`)."""
     tf, tf_text = _require_tf()
     prefix, suffix = [int(i) for i in prompt_prefix], [int(i) for i in prompt_suffix]
     room = max_prompt_tokens - len(prefix) - len(suffix)
     if room < 1 or max_response_tokens < 1:
-        raise ValueError(f"max_prompt_tokens={max_prompt_tokens} / max_response_tokens={max_response_tokens} "
-                         f"leave no room for tokens")
+        raise ValueError(
+            f"max_prompt_tokens={max_prompt_tokens} / max_response_tokens={max_response_tokens} "
+            f"leave no room for tokens"
+        )
     order = epoch_order(len(prompts), shuffle_seed=shuffle_seed, epoch=epoch)
-    order = order[:num_batches(len(prompts), batch_size, drop_last) * batch_size]
+    order = order[: num_batches(len(prompts), batch_size, drop_last) * batch_size]
     eos = [] if eos_id is None else [int(eos_id)]
     tokenizer = tf_text.SentencepieceTokenizer(model=model_proto, out_type=tf.int32)
     # bucket of every possible length, computed by the NumPy path's own function
-    prompt_widths = tf.constant([bucket_length(max(n, 1), buckets) for n in range(max_prompt_tokens + 1)], tf.int32)
-    response_widths = tf.constant([bucket_length(max(n, 1), buckets) for n in range(max_response_tokens + 1)], tf.int32)
+    prompt_widths = tf.constant(
+        [bucket_length(max(n, 1), buckets) for n in range(max_prompt_tokens + 1)], tf.int32
+    )
+    response_widths = tf.constant(
+        [bucket_length(max(n, 1), buckets) for n in range(max_response_tokens + 1)], tf.int32
+    )
 
     def encode(batch):
         rows = tf.shape(batch["prompt"])[0]
         p = tokenizer.tokenize(tf.strings.regex_replace(batch["prompt"], "^ ", ""))
         p = _keep(tf, p, room, from_end=True)
-        p = tf.concat([_constant_rows(tf, prefix, rows), p, _constant_rows(tf, suffix, rows)], axis=1)
+        p = tf.concat(
+            [_constant_rows(tf, prefix, rows), p, _constant_rows(tf, suffix, rows)], axis=1
+        )
         r = tokenizer.tokenize(tf.strings.regex_replace(batch["response"], "^ ", ""))
-        r = _keep(tf, tf.concat([r, _constant_rows(tf, eos, rows)], axis=1), max_response_tokens, from_end=False)
+        r = _keep(
+            tf,
+            tf.concat([r, _constant_rows(tf, eos, rows)], axis=1),
+            max_response_tokens,
+            from_end=False,
+        )
         prompt_ids, prompt_mask = _pad(tf, p, prompt_widths, pad_id)
         response_ids, response_mask = _pad(tf, r, response_widths, pad_id)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-                "response_mask": response_mask, "example_index": batch["example_index"]}
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "response_ids": response_ids,
+            "response_mask": response_mask,
+            "example_index": batch["example_index"],
+        }
 
-    data = {"prompt": [prompts[i] for i in order], "response": [responses[i] for i in order],
-            "example_index": order.astype(np.int32)}
-    return (tf.data.Dataset.from_tensor_slices(data)
-            .batch(batch_size, drop_remainder=drop_last)
-            .map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+    data = {
+        "prompt": [prompts[i] for i in order],
+        "response": [responses[i] for i in order],
+        "example_index": order.astype(np.int32),
+    }
+    return (
+        tf.data.Dataset.from_tensor_slices(data)
+        .batch(batch_size, drop_remainder=drop_last)
+        .map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    )
 
 
 def _strip_one_space(text: str) -> str:
@@ -112,5 +161,7 @@ def _require_tf():
         import tensorflow as tf
         import tensorflow_text as tf_text
     except ImportError:
-        raise ImportError('the tf.data pipeline needs tensorflow and tensorflow-text: pip install -e ".[tf]"') from None
+        raise ImportError(
+            'the tf.data pipeline needs tensorflow and tensorflow-text: pip install -e ".[tf]"'
+        ) from None
     return tf, tf_text

@@ -24,9 +24,6 @@ from plad_jax.methods.base import (
     register,
     resolve,
 )
-
-# Family modules in the order their methods are listed (registration order).
-from plad_jax.methods.sft import SFT, SeqKD  # noqa: I001
 from plad_jax.methods.logits import KD, FDistillJS, FDistillTVD, MiniLLM
 from plad_jax.methods.pairs import (
     DPO,
@@ -38,6 +35,9 @@ from plad_jax.methods.pairs import (
     pair_forward,
 )
 from plad_jax.methods.pbkd import PbKD, PbKDCheap, PbKDMM, PbKDOffline, PbKDOnline
+
+# Family modules in the order their methods are listed (registration order).
+from plad_jax.methods.sft import SFT, SeqKD  # noqa: I001
 
 __all__ = [
     "Batches",

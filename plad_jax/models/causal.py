@@ -28,8 +28,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from plad_jax.models.layers import (cache_keys, cache_values, cached_attention, last_real_index, positions_from_mask,
-                                    write_slot)
+from plad_jax.models.layers import (
+    cache_keys,
+    cache_values,
+    cached_attention,
+    last_real_index,
+    positions_from_mask,
+    write_slot,
+)
 
 
 def visible_keys(q_pos, k_pos, k_mask, window=None):
@@ -78,9 +84,13 @@ def last_prompt_state(hidden, prompt_mask):
 def init_cache(kvs, prompt_mask, positions, max_new_tokens, keys_slots_minor: bool):
     """The cache after the prompt. kvs: per layer (k, v), each [B, P, KV, Dh]; keys_slots_minor:
     the key layout (`layers.keys_slots_minor` of the model's heads)."""
-    room = lambda x, axis: jnp.pad(x, [(0, max_new_tokens if a == axis else 0) for a in range(x.ndim)])
+    room = lambda x, axis: jnp.pad(
+        x, [(0, max_new_tokens if a == axis else 0) for a in range(x.ndim)]
+    )
     return {
-        "k": tuple(room(cache_keys(k, keys_slots_minor), 3 if keys_slots_minor else 2) for k, _ in kvs),
+        "k": tuple(
+            room(cache_keys(k, keys_slots_minor), 3 if keys_slots_minor else 2) for k, _ in kvs
+        ),
         "v": tuple(room(cache_values(v), 2) for _, v in kvs),  # [B, KV, P + max_new_tokens, Dh]
         "key_mask": jnp.pad(prompt_mask.astype(bool), ((0, 0), (0, max_new_tokens))),
         "key_pos": jnp.pad(positions, ((0, 0), (0, max_new_tokens))),
@@ -103,25 +113,38 @@ class CacheStep:
         positions = cache["next_pos"][:, None]
         index = cache["index"]
         key_mask = jax.lax.dynamic_update_slice_in_dim(
-            cache["key_mask"], jnp.ones_like(positions, dtype=bool), index, 1)
+            cache["key_mask"], jnp.ones_like(positions, dtype=bool), index, 1
+        )
         key_pos = jax.lax.dynamic_update_slice_in_dim(cache["key_pos"], positions, index, 1)
         return cls(positions, key_mask, key_pos, index)
 
     def layer(self, cache, i):
         """Layer i's cache: its k, v (the cache's layouts) and this step's key masks and slot."""
-        return {"k": cache["k"][i], "v": cache["v"][i], "index": self.index,
-                "key_mask": self.key_mask, "key_pos": self.key_pos}
+        return {
+            "k": cache["k"][i],
+            "v": cache["v"][i],
+            "index": self.index,
+            "key_mask": self.key_mask,
+            "key_pos": self.key_pos,
+        }
 
     def close(self, cache, kvs):
         """The cache after the step, from every layer's (keys, values) returned by `write_kv`."""
-        return {"k": tuple(k for k, _ in kvs), "v": tuple(v for _, v in kvs),
-                "key_mask": self.key_mask, "key_pos": self.key_pos,
-                "next_pos": cache["next_pos"] + 1, "index": self.index + 1}
+        return {
+            "k": tuple(k for k, _ in kvs),
+            "v": tuple(v for _, v in kvs),
+            "key_mask": self.key_mask,
+            "key_pos": self.key_pos,
+            "next_pos": cache["next_pos"] + 1,
+            "index": self.index + 1,
+        }
 
 
 def write_kv(layer_cache, k, v, keys_slots_minor: bool):
     """Write the new token's k, v ([B, 1, KV, Dh]) into the layer's slot; (keys, values) in the cache's layout."""
-    return write_slot(layer_cache["k"], layer_cache["v"], k, v, layer_cache["index"], keys_slots_minor)
+    return write_slot(
+        layer_cache["k"], layer_cache["v"], k, v, layer_cache["index"], keys_slots_minor
+    )
 
 
 def attend_cache(q, layer_cache, keys, values, visible, *, scale):

@@ -66,13 +66,15 @@ def find_gguf(path: str) -> str | None:
         return None
     found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     if len(found) > 1:
-        raise GGUFError(f"{path}: holds {len(found)} .gguf files ({', '.join(found)}); "
-                        "pass one file")
+        raise GGUFError(
+            f"{path}: holds {len(found)} .gguf files ({', '.join(found)}); pass one file"
+        )
     return os.path.join(path, found[0]) if found else None
 
 
 def _open_reader(path: str):
     import gguf
+
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, TypeError) as e:
@@ -105,16 +107,20 @@ class GGUFFile:
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.architecture = self.field("general.architecture")
         if self.architecture not in ARCHITECTURES:
-            raise GGUFError(f"{path}: GGUF architecture '{self.architecture}' is not supported "
-                            f"(supported: {', '.join(ARCHITECTURES)})")
+            raise GGUFError(
+                f"{path}: GGUF architecture '{self.architecture}' is not supported "
+                f"(supported: {', '.join(ARCHITECTURES)})"
+            )
         self._check_types()
 
     def _check_types(self):
         for t in self.tensors.values():
             if t.tensor_type.name not in READ_TYPES:
                 kind = t.tensor_type.name
-                raise GGUFError(f"{self.path}: tensor '{t.name}' is stored as {kind}, "
-                                f"which plad_jax does not read (readable: {', '.join(READ_TYPES)})")
+                raise GGUFError(
+                    f"{self.path}: tensor '{t.name}' is stored as {kind}, "
+                    f"which plad_jax does not read (readable: {', '.join(READ_TYPES)})"
+                )
 
     def field(self, key: str, default=None):
         """A metadata value (scalar, string or list), or `default` when the key is absent."""
@@ -139,6 +145,7 @@ class GGUFFile:
     def read(self, hf_name: str, index=()) -> np.ndarray:
         """`tensor[index]` in HF layout as float32: only the rows in `index` are dequantized."""
         from gguf.quants import dequantize
+
         tensor = self.tensors[gguf_name(hf_name)]
         shape = self.shape(hf_name)
         index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
@@ -172,15 +179,20 @@ class GGUFFile:
         hidden = int(get("embedding_length"))
         vocab = int(self.tensors["token_embd.weight"].shape[1])
         config = {
-            "model_type": ARCHITECTURES[arch], "vocab_size": vocab, "hidden_size": hidden,
+            "model_type": ARCHITECTURES[arch],
+            "vocab_size": vocab,
+            "hidden_size": hidden,
             "intermediate_size": int(get("feed_forward_length")),
-            "num_hidden_layers": int(get("block_count")), "num_attention_heads": heads,
+            "num_hidden_layers": int(get("block_count")),
+            "num_attention_heads": heads,
             "num_key_value_heads": int(get("attention.head_count_kv", heads)),
             "head_dim": int(get("attention.key_length", hidden // heads)),
             "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_parameters": {"rope_type": "default",
-                                "rope_theta": _f32(get("rope.freq_base", 10000.0)),
-                                **self._rope_scaling()},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": _f32(get("rope.freq_base", 10000.0)),
+                **self._rope_scaling(),
+            },
             "max_position_embeddings": int(get("context_length", 2048)),
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "hidden_act": "silu",
@@ -195,13 +207,16 @@ class GGUFFile:
         kind = self.arch_field("rope.scaling.type", "none")
         if kind in ("none", None):
             if "rope_freqs.weight" in self.tensors:
-                raise GGUFError(f"{self.path}: RoPE frequency factors (rope_freqs.weight, "
-                                "LLaMA-3.1 scaling) are not supported in GGUF; load the "
-                                "safetensors checkpoint")
+                raise GGUFError(
+                    f"{self.path}: RoPE frequency factors (rope_freqs.weight, "
+                    "LLaMA-3.1 scaling) are not supported in GGUF; load the "
+                    "safetensors checkpoint"
+                )
             return {}
         if kind != "linear":
-            raise GGUFError(f"{self.path}: rope scaling '{kind}' is not supported "
-                            "(supported: none, linear)")
+            raise GGUFError(
+                f"{self.path}: rope scaling '{kind}' is not supported (supported: none, linear)"
+            )
         return {"rope_type": "linear", "factor": _f32(self.arch_field("rope.scaling.factor"))}
 
     def check_tensors(self, hf_names) -> None:
@@ -209,14 +224,20 @@ class GGUFFile:
         wanted = {gguf_name(n) for n in hf_names}
         extra = sorted(set(self.tensors) - wanted)
         if extra:
-            raise GGUFError(f"{self.path}: tensor '{extra[0]}' has no place in a "
-                            f"{self.architecture} model ({len(extra)} such tensors)")
+            raise GGUFError(
+                f"{self.path}: tensor '{extra[0]}' has no place in a "
+                f"{self.architecture} model ({len(extra)} such tensors)"
+            )
 
 
 # -- export ---------------------------------------------------------------------------------
 # dtype name -> (ggml type of 2-D weights, llama.cpp file type); 1-D tensors (norms, biases): F32.
-WRITE_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"),
-               "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+WRITE_TYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+}
 
 
 def _permute_qk(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -228,17 +249,23 @@ def _exportable(lm) -> str:
     """The GGUF architecture of `lm`; one clear error for what llama.cpp's layout cannot say."""
     c = lm.config
     if lm.model_type not in ARCHITECTURES:
-        raise GGUFError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, "
-                        f"not {lm.model_type}")
-    checks = (("mlp_bias", c.mlp_bias), ("sliding windows", any(c.layer_windows)),
-              ("o_proj bias", c.o_proj_bias),
-              (f"hidden_act {c.hidden_act}", c.hidden_act != "silu"),
-              ("llama3 rope scaling", dict(c.rope_scaling).get("rope_type") == "llama3"),
-              ("attention_bias", c.attention_bias and lm.model_type == "llama"))
+        raise GGUFError(
+            f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {lm.model_type}"
+        )
+    checks = (
+        ("mlp_bias", c.mlp_bias),
+        ("sliding windows", any(c.layer_windows)),
+        ("o_proj bias", c.o_proj_bias),
+        (f"hidden_act {c.hidden_act}", c.hidden_act != "silu"),
+        ("llama3 rope scaling", dict(c.rope_scaling).get("rope_type") == "llama3"),
+        ("attention_bias", c.attention_bias and lm.model_type == "llama"),
+    )
     unsaid = [name for name, bad in checks if bad]
     if unsaid:
-        raise GGUFError(f"GGUF export: this {lm.model_type} model has {', '.join(unsaid)}, "
-                        f"which the {lm.model_type} GGUF layout cannot express")
+        raise GGUFError(
+            f"GGUF export: this {lm.model_type} model has {', '.join(unsaid)}, "
+            f"which the {lm.model_type} GGUF layout cannot express"
+        )
     return lm.model_type
 
 
@@ -259,6 +286,7 @@ def _write_config(writer, lm):
     rope = dict(c.rope_scaling)
     if rope.get("rope_type") == "linear":
         import gguf
+
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
 
@@ -270,8 +298,9 @@ def _tokenizer_metadata(writer, tokenizer):
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
-        raise GGUFError(f"GGUF export: a {spec['model']['type']} tokenizer cannot be written "
-                        "(BPE only)")
+        raise GGUFError(
+            f"GGUF export: a {spec['model']['type']} tokenizer cannot be written (BPE only)"
+        )
     vocab = tokenizer.get_vocab()
     tokens = [None] * len(vocab)
     for token, index in vocab.items():
@@ -302,11 +331,14 @@ def write_gguf(lm, tensors: dict, path: str, dtype: str, tokenizer=None):
     from gguf.quants import quantize
 
     if dtype not in WRITE_TYPES:
-        raise GGUFError(f"GGUF export dtype '{dtype}' is not supported "
-                        f"(supported: {', '.join(WRITE_TYPES)})")
+        raise GGUFError(
+            f"GGUF export dtype '{dtype}' is not supported (supported: {', '.join(WRITE_TYPES)})"
+        )
     arch = _exportable(lm)
-    weight_type, file_type = (getattr(gguf.GGMLQuantizationType, WRITE_TYPES[dtype][0]),
-                              getattr(gguf.LlamaFileType, WRITE_TYPES[dtype][1]))
+    weight_type, file_type = (
+        getattr(gguf.GGMLQuantizationType, WRITE_TYPES[dtype][0]),
+        getattr(gguf.LlamaFileType, WRITE_TYPES[dtype][1]),
+    )
     tmp = path + ".tmp"
     writer = gguf.GGUFWriter(tmp, arch)
     _write_config(writer, lm)

@@ -15,11 +15,27 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.causal import (CacheStep, attend_cache, causal_visible, init_cache,
-                                    join_prompt_response, last_prompt_state, split_response,
-                                    visible_keys, write_kv)
-from plad_jax.models.layers import (ACTIVATIONS, Embed, LayerNorm, Linear, attention, positions_from_mask,
-                                    run_block, token_ids)
+from plad_jax.models.causal import (
+    CacheStep,
+    attend_cache,
+    causal_visible,
+    init_cache,
+    join_prompt_response,
+    last_prompt_state,
+    split_response,
+    visible_keys,
+    write_kv,
+)
+from plad_jax.models.layers import (
+    ACTIVATIONS,
+    Embed,
+    LayerNorm,
+    Linear,
+    attention,
+    positions_from_mask,
+    run_block,
+    token_ids,
+)
 from plad_jax.models.spec import WeightSpec
 
 ATTENTION_TYPES = ("global", "local")
@@ -52,23 +68,32 @@ class GPTNeoConfig:
         layers = hf["num_layers"] if "num_layers" in hf else hf["num_hidden_layers"]
         heads = hf["num_heads"] if "num_heads" in hf else hf["num_attention_heads"]
         if hidden % heads:
-            raise ValueError(f"config.json: hidden_size {hidden} is not divisible by num_heads {heads}")
+            raise ValueError(
+                f"config.json: hidden_size {hidden} is not divisible by num_heads {heads}"
+            )
         act = hf.get("activation_function", "gelu_new")
         if act not in ACTIVATIONS:
-            raise ValueError(f"config.json: activation_function '{act}' is not supported "
-                             f"(supported: {', '.join(ACTIVATIONS)})")
+            raise ValueError(
+                f"config.json: activation_function '{act}' is not supported "
+                f"(supported: {', '.join(ACTIVATIONS)})"
+            )
         window = hf.get("window_size", 256)
         return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=layers, num_heads=heads,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
             intermediate_size=hf.get("intermediate_size") or 4 * hidden,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048), window_size=window,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            window_size=window,
             attention_layers=_attention_layers(hf.get("attention_types"), layers, window),
-            activation_function=act, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            activation_function=act,
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            eos_token_id=token_ids(hf.get("eos_token_id", 50256)), pad_token_id=hf.get("pad_token_id"),
+            eos_token_id=token_ids(hf.get("eos_token_id", 50256)),
+            pad_token_id=hf.get("pad_token_id"),
             bos_token_id=hf.get("bos_token_id", 50256),
         )
-
 
 
 # Cut students (`hf.cut_layers`): the block stacks, the HF name prefix of their blocks.
@@ -97,9 +122,13 @@ def _attention_layers(attention_types, num_layers: int, window: int) -> tuple:
     kinds = [kind for pattern, repeat in attention_types for _ in range(repeat) for kind in pattern]
     unknown = sorted(set(kinds) - set(ATTENTION_TYPES))
     if unknown:
-        raise ValueError(f"config.json: attention_types names {unknown}; only 'global' and 'local' exist")
+        raise ValueError(
+            f"config.json: attention_types names {unknown}; only 'global' and 'local' exist"
+        )
     if len(kinds) != num_layers:
-        raise ValueError(f"config.json: attention_types expands to {len(kinds)} layers but num_layers is {num_layers}")
+        raise ValueError(
+            f"config.json: attention_types expands to {len(kinds)} layers but num_layers is {num_layers}"
+        )
     return tuple(window if kind == "local" else None for kind in kinds)
 
 
@@ -115,7 +144,9 @@ class Attention(nnx.Module):
 
     def project(self, x):
         b, t, _ = x.shape
-        return tuple(proj(x).reshape(b, t, *self.shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return tuple(
+            proj(x).reshape(b, t, *self.shape) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
 
     def __call__(self, x, positions, mask):
         q, k, v = self.project(x)
@@ -165,11 +196,15 @@ class GPTNeoModel(nnx.Module):
     def __init__(self, config: GPTNeoConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.wte = Embed(config.vocab_size, config.hidden_size, rngs=rngs)
-        self.wpe = Embed(config.max_position_embeddings, config.hidden_size, rngs=rngs, axes=("positions", None))
+        self.wpe = Embed(
+            config.max_position_embeddings, config.hidden_size, rngs=rngs, axes=("positions", None)
+        )
         self.h = nnx.List([Block(config, w, rngs=rngs) for w in _windows(config)])
         self.ln_f = LayerNorm(config.hidden_size, rngs=rngs, eps=config.layer_norm_epsilon)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs)
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs
+            )
 
     def output_logits(self, h):
         """fp32 next-token logits [..., V] from final-layer states [..., D]."""
@@ -188,24 +223,28 @@ class GPTNeoModel(nnx.Module):
             kvs.append(kv)
         return self.ln_f(x), kvs
 
-    def score_hidden(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
-                     remat="none"):
+    def score_hidden(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32, remat="none"
+    ):
         """(predictors, response hidden states), each [B, R, D]: `output_logits(predictors)` are
         `score`'s logits. remat: a `layers.REMAT_POLICIES` name, per block."""
-        ids, mask, positions = join_prompt_response(prompt_ids, prompt_mask, response_ids,
-                                                    response_mask)
+        ids, mask, positions = join_prompt_response(
+            prompt_ids, prompt_mask, response_ids, response_mask
+        )
         hidden, _ = self._trunk(ids, positions, mask, dtype, remat)
         return split_response(hidden, prompt_mask, response_ids.shape[1])
 
-    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
-              remat="none"):
+    def score(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32, remat="none"
+    ):
         """Logits [B, R, V] (fp32) for each response token, and response hidden states [B, R, D].
 
         Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
         response_ids[b, :t]; hidden[b, t] is the final-layer state at response_ids[b, t].
         """
-        predictors, response_hidden = self.score_hidden(prompt_ids, prompt_mask, response_ids,
-                                                        response_mask, dtype, remat)
+        predictors, response_hidden = self.score_hidden(
+            prompt_ids, prompt_mask, response_ids, response_mask, dtype, remat
+        )
         return self.output_logits(predictors), response_hidden
 
     def prefill(self, prompt_ids, prompt_mask, max_new_tokens, dtype=jnp.float32):
@@ -213,7 +252,9 @@ class GPTNeoModel(nnx.Module):
         positions = positions_from_mask(prompt_mask)
         hidden, kvs = self._trunk(prompt_ids, positions, prompt_mask, dtype)
         logits = self.output_logits(last_prompt_state(hidden, prompt_mask))
-        return logits, init_cache(kvs, prompt_mask, positions, max_new_tokens, keys_slots_minor=False)  # MHA
+        return logits, init_cache(
+            kvs, prompt_mask, positions, max_new_tokens, keys_slots_minor=False
+        )  # MHA
 
     def decode(self, tokens, cache, dtype=jnp.float32):
         """Feed one token per row ([B]); return its next-token logits [B, V] and the new cache."""
@@ -232,21 +273,37 @@ def _windows(config):
 
 def weight_specs(config: GPTNeoConfig) -> list[WeightSpec]:
     """HF tensor name -> our parameter path; linear kernels (torch nn.Linear) are stored transposed."""
-    specs = [WeightSpec("transformer.wte.weight", ("wte", "embedding")),
-             WeightSpec("transformer.wpe.weight", ("wpe", "embedding")),
-             WeightSpec("transformer.ln_f.weight", ("ln_f", "scale")),
-             WeightSpec("transformer.ln_f.bias", ("ln_f", "bias"))]
+    specs = [
+        WeightSpec("transformer.wte.weight", ("wte", "embedding")),
+        WeightSpec("transformer.wpe.weight", ("wpe", "embedding")),
+        WeightSpec("transformer.ln_f.weight", ("ln_f", "scale")),
+        WeightSpec("transformer.ln_f.bias", ("ln_f", "bias")),
+    ]
     if not config.tie_word_embeddings:
         specs.append(WeightSpec("lm_head.weight", ("lm_head", "kernel"), transpose=True))
     for i in range(config.num_layers):
         hf, ours = f"transformer.h.{i}", ("h", i)
         for norm in ("ln_1", "ln_2"):
-            specs += [WeightSpec(f"{hf}.{norm}.weight", ours + (norm, "scale")),
-                      WeightSpec(f"{hf}.{norm}.bias", ours + (norm, "bias"))]
+            specs += [
+                WeightSpec(f"{hf}.{norm}.weight", ours + (norm, "scale")),
+                WeightSpec(f"{hf}.{norm}.bias", ours + (norm, "bias")),
+            ]
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            specs.append(WeightSpec(f"{hf}.attn.attention.{name}.weight", ours + ("attn", name, "kernel"), transpose=True))
-        specs.append(WeightSpec(f"{hf}.attn.attention.out_proj.bias", ours + ("attn", "out_proj", "bias")))
+            specs.append(
+                WeightSpec(
+                    f"{hf}.attn.attention.{name}.weight",
+                    ours + ("attn", name, "kernel"),
+                    transpose=True,
+                )
+            )
+        specs.append(
+            WeightSpec(f"{hf}.attn.attention.out_proj.bias", ours + ("attn", "out_proj", "bias"))
+        )
         for name in ("c_fc", "c_proj"):
-            specs += [WeightSpec(f"{hf}.mlp.{name}.weight", ours + ("mlp", name, "kernel"), transpose=True),
-                      WeightSpec(f"{hf}.mlp.{name}.bias", ours + ("mlp", name, "bias"))]
+            specs += [
+                WeightSpec(
+                    f"{hf}.mlp.{name}.weight", ours + ("mlp", name, "kernel"), transpose=True
+                ),
+                WeightSpec(f"{hf}.mlp.{name}.bias", ours + ("mlp", name, "bias")),
+            ]
     return specs

@@ -20,8 +20,7 @@ import numpy as np
 from flax import nnx
 
 from plad_jax import sharding as shd
-from plad_jax.models import gguf_io
-from plad_jax.models import language_model
+from plad_jax.models import gguf_io, language_model
 from plad_jax.models.language_model import LanguageModel
 from plad_jax.models.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -33,13 +32,20 @@ FAMILIES = {
     "t5": ("plad_jax.models.t5", "T5Config", "T5Model"),
     "gpt_neo": ("plad_jax.models.gpt_neo", "GPTNeoConfig", "GPTNeoModel"),
 }
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+PICKLE_FILES = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-NO_TOKENIZER = ("the GGUF file has no tokenizer metadata; pass a tokenizer (a model's tokenizer "
-                "directory) as well")
+NO_TOKENIZER = (
+    "the GGUF file has no tokenizer metadata; pass a tokenizer (a model's tokenizer "
+    "directory) as well"
+)
 
 
 class CheckpointError(ValueError):
@@ -49,7 +55,9 @@ class CheckpointError(ValueError):
 def family(model_type: str):
     """(module, config class, model class) for an HF `model_type`."""
     if model_type not in FAMILIES:
-        raise CheckpointError(f"unsupported model_type '{model_type}' (supported: {', '.join(sorted(FAMILIES))})")
+        raise CheckpointError(
+            f"unsupported model_type '{model_type}' (supported: {', '.join(sorted(FAMILIES))})"
+        )
     module_name, config_cls, model_cls = FAMILIES[model_type]
     module = importlib.import_module(module_name)
     return module, getattr(module, config_cls), getattr(module, model_cls)
@@ -59,14 +67,21 @@ def resolve_model_dir(path_or_id: str) -> str:
     """A local directory, or a hub id downloaded (config + safetensors only) when online."""
     if os.path.isdir(path_or_id):
         return path_or_id
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+    if (
+        os.path.exists(path_or_id)
+        or path_or_id.startswith((".", "/", "~"))
+        or path_or_id.count("/") != 1
+    ):
         raise CheckpointError(f"{path_or_id}: no such model directory")
     try:
         from huggingface_hub import snapshot_download
+
         return snapshot_download(path_or_id, allow_patterns=["config.json", "*.safetensors", INDEX])
     except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
-        raise CheckpointError(f"{path_or_id}: not a local directory and could not be fetched from the hub "
-                              f"({type(e).__name__}); pass a local directory with config.json and safetensors") from None
+        raise CheckpointError(
+            f"{path_or_id}: not a local directory and could not be fetched from the hub "
+            f"({type(e).__name__}); pass a local directory with config.json and safetensors"
+        ) from None
 
 
 def is_available(path_or_id: str) -> bool:
@@ -74,10 +89,15 @@ def is_available(path_or_id: str) -> bool:
     fetched now (only that small file: a cheap check before a run commits to hours of work)."""
     if os.path.isdir(path_or_id) or gguf_io.is_gguf(path_or_id):
         return True
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+    if (
+        os.path.exists(path_or_id)
+        or path_or_id.startswith((".", "/", "~"))
+        or path_or_id.count("/") != 1
+    ):
         return False
     try:
         from huggingface_hub import hf_hub_download
+
         hf_hub_download(path_or_id, "config.json")
         return True
     except Exception:  # noqa: BLE001 - offline, unknown, gated: not available, whatever the cause
@@ -87,7 +107,9 @@ def is_available(path_or_id: str) -> bool:
 def read_hf_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{model_dir}: no config.json, so this is not a Hugging Face model directory")
+        raise CheckpointError(
+            f"{model_dir}: no config.json, so this is not a Hugging Face model directory"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -113,12 +135,17 @@ class WeightFiles:
                 raise CheckpointError(
                     f"{os.path.join(model_dir, pickles[0])}: pickle checkpoints are refused (they can run code); "
                     "convert once with transformers: AutoModel.from_pretrained(dir).save_pretrained(dir, "
-                    "safe_serialization=True)")
+                    "safe_serialization=True)"
+                )
             raise CheckpointError(f"{model_dir}: no {SINGLE} or {INDEX}")
         self._open: dict[str, SafetensorsFile] = {}
 
     def file_of(self, name: str) -> str:
-        return self.single if self.where is None else self.where.get(name, os.path.join("<index>", INDEX))
+        return (
+            self.single
+            if self.where is None
+            else self.where.get(name, os.path.join("<index>", INDEX))
+        )
 
     def has(self, name: str) -> bool:
         return self.handle(name) is not None
@@ -143,8 +170,10 @@ def _read_param(files: WeightFiles, spec, shape, dtype, sharding):
         raise CheckpointError(f"{files.file_of(spec.hf_name)}: tensor '{spec.hf_name}' is missing")
     expected = tuple(reversed(shape)) if spec.transpose else tuple(shape)
     if handle.shape(spec.hf_name) != expected:
-        raise CheckpointError(f"{handle.path}: tensor '{spec.hf_name}' has shape {handle.shape(spec.hf_name)}, "
-                              f"the model config implies {expected}")
+        raise CheckpointError(
+            f"{handle.path}: tensor '{spec.hf_name}' has shape {handle.shape(spec.hf_name)}, "
+            f"the model config implies {expected}"
+        )
 
     def read(index):
         index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
@@ -187,8 +216,9 @@ def open_checkpoint(path_or_id: str):
         try:
             return files.file.hf_config(), files
         except (gguf_io.GGUFError, TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{gguf_path}: incomplete GGUF metadata "
-                                  f"({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                f"{gguf_path}: incomplete GGUF metadata ({type(e).__name__}: {e})"
+            ) from None
     model_dir = resolve_model_dir(path_or_id)
     return read_hf_config(model_dir), WeightFiles(model_dir)
 
@@ -197,6 +227,7 @@ def load_tokenizer(source: str):
     """The transformers tokenizer of a model directory, tokenizer directory, hub id, or GGUF file
     (built from the file's tokenizer metadata, as transformers' GGUF loader does)."""
     from transformers import AutoTokenizer
+
     try:
         gguf_path = gguf_io.find_gguf(source) if os.path.exists(source) else None
     except gguf_io.GGUFError as e:
@@ -241,13 +272,17 @@ def cut_layers(module, hf_config: dict, layers, where: str = "layers"):
     for stack, keep in stacks.items():
         if stack not in known:
             names = ", ".join(known) or "none"
-            raise CheckpointError(f"{where}: '{stack}' is not a layer stack of "
-                                  f"{hf_config.get('model_type')} (stacks: {names})")
+            raise CheckpointError(
+                f"{where}: '{stack}' is not a layer stack of "
+                f"{hf_config.get('model_type')} (stacks: {names})"
+            )
         bad = [i for i in keep if not isinstance(i, int) or not 0 <= i < counts[stack]]
         if bad or not keep:
-            raise CheckpointError(f"{where}: entry {bad[0] if bad else '[]'} is out of range; the "
-                                  f"checkpoint's {stack} has {counts[stack]} blocks "
-                                  f"(0..{counts[stack] - 1})")
+            raise CheckpointError(
+                f"{where}: entry {bad[0] if bad else '[]'} is out of range; the "
+                f"checkpoint's {stack} has {counts[stack]} blocks "
+                f"(0..{counts[stack] - 1})"
+            )
     prefixes = {stack: re.compile(rf"^({known[stack]})(\d+)(\..*)$") for stack in stacks}
 
     def rename(name: str) -> str:
@@ -262,8 +297,15 @@ def cut_layers(module, hf_config: dict, layers, where: str = "layers"):
     return module.cut_hf_config(hf_config, stacks), rename
 
 
-def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dtype=None,
-                    layers=None, remat: str = "none") -> LanguageModel:
+def from_pretrained(
+    path_or_id: str,
+    *,
+    dtype=jnp.float32,
+    mesh=None,
+    compute_dtype=None,
+    layers=None,
+    remat: str = "none",
+) -> LanguageModel:
     """Load a Hugging Face model directory (or hub id, when online) or a GGUF file (or a directory
     holding one) as a `LanguageModel`.
 
@@ -278,7 +320,9 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
     where = files.file_of("config") if gguf else f"{path_or_id}/config.json"
     model_type = hf_config.get("model_type")
     module, config_cls, model_cls = family(model_type)
-    if hasattr(module, "reconcile_hf_config"):  # config.json alone is ambiguous for this family (T5 lm_head)
+    if hasattr(
+        module, "reconcile_hf_config"
+    ):  # config.json alone is ambiguous for this family (T5 lm_head)
         hf_config = module.reconcile_hf_config(hf_config, files.has)
     if gguf:
         _check_gguf_tensors(files, config_cls, module, hf_config)
@@ -305,8 +349,16 @@ def from_pretrained(path_or_id: str, *, dtype=jnp.float32, mesh=None, compute_dt
         var.set_value(_read_param(files, spec, var.shape, dtype, sharding))
     if variables:  # a family whose weight table misses a parameter is a bug, not a user error
         raise AssertionError(f"{model_type}: parameters without an HF tensor: {sorted(variables)}")
-    return LanguageModel(model_type, config, graphdef, state, hf_config,
-                         compute_dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
+    return LanguageModel(
+        model_type,
+        config,
+        graphdef,
+        state,
+        hf_config,
+        compute_dtype=compute_dtype or dtype,
+        mesh=mesh,
+        remat=remat,
+    )
 
 
 def _check_gguf_tensors(files: GGUFWeights, config_cls, module, hf_config: dict):
@@ -319,8 +371,15 @@ def _check_gguf_tensors(files: GGUFWeights, config_cls, module, hf_config: dict)
         raise CheckpointError(message) from None
 
 
-def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, compute_dtype=None,
-               remat: str = "none") -> LanguageModel:
+def init_model(
+    hf_config: dict,
+    *,
+    seed: int = 0,
+    dtype=jnp.float32,
+    mesh=None,
+    compute_dtype=None,
+    remat: str = "none",
+) -> LanguageModel:
     """A freshly initialised model of the architecture described by HF config.json fields.
 
     Parameters are created inside one jit whose outputs are laid out by the sharding rules, so a
@@ -331,7 +390,9 @@ def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, 
     try:
         config = config_cls.from_hf(hf_config)
     except KeyError as e:
-        raise CheckpointError(f"model init: missing field {e} for model_type '{model_type}'") from None
+        raise CheckpointError(
+            f"model init: missing field {e} for model_type '{model_type}'"
+        ) from None
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(seed))))
     shardings = shd.param_shardings(abstract, mesh) if mesh is not None else None
 
@@ -340,13 +401,22 @@ def init_model(hf_config: dict, *, seed: int = 0, dtype=jnp.float32, mesh=None, 
         return jax.tree.map(lambda x: x.astype(dtype), state)
 
     params = jax.jit(create, out_shardings=shardings)()
-    return LanguageModel(model_type, config, graphdef, params, dict(hf_config),
-                         compute_dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
+    return LanguageModel(
+        model_type,
+        config,
+        graphdef,
+        params,
+        dict(hf_config),
+        compute_dtype=compute_dtype or dtype,
+        mesh=mesh,
+        remat=remat,
+    )
 
 
 def _to_host(x) -> np.ndarray:
     if not x.is_fully_addressable:
         from jax.experimental import multihost_utils
+
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
 
@@ -364,7 +434,9 @@ def save_pretrained(lm: LanguageModel, path: str, *, max_shard_bytes: int = 5 * 
     os.makedirs(path, exist_ok=True)
     dtypes = {a.dtype for a in tensors.values()}
     hf_config = dict(lm.hf_config)
-    hf_config["dtype"] = "bfloat16" if any(d.name == "bfloat16" for d in dtypes) else next(iter(dtypes)).name
+    hf_config["dtype"] = (
+        "bfloat16" if any(d.name == "bfloat16" for d in dtypes) else next(iter(dtypes)).name
+    )
     hf_config.pop("torch_dtype", None)
     shards, current, size = [], {}, 0
     for name in sorted(tensors):

@@ -30,7 +30,6 @@ from plad_jax import losses
 from plad_jax import sharding as shd
 from plad_jax.models.layers import REMAT_POLICIES
 
-
 # Writers for `save_pretrained` / `save_gguf`, registered by `plad_jax.models.hf` (the I/O layer
 # above this one; `plad_jax.models` imports it first), so this module never imports it back.
 _WRITERS: dict = {}
@@ -47,14 +46,26 @@ def _writer(kind: str):
 
 def cast_floats(tree, dtype):
     """Cast floating leaves of `tree` to `dtype` (bf16 compute over fp32 master params)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 class LanguageModel:
     """A causal or encoder-decoder LM with HF import/export. See the module docstring."""
 
-    def __init__(self, model_type: str, config, graphdef, params, hf_config: dict, *,
-                 compute_dtype=jnp.float32, mesh=None, remat: str = "none"):
+    def __init__(
+        self,
+        model_type: str,
+        config,
+        graphdef,
+        params,
+        hf_config: dict,
+        *,
+        compute_dtype=jnp.float32,
+        mesh=None,
+        remat: str = "none",
+    ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
         self.model_type = model_type
@@ -96,18 +107,28 @@ class LanguageModel:
         """One clear error if a row of `tokens_per_row` real tokens exceeds `max_positions`."""
         longest = int(max(tokens_per_row, default=0))
         if self.max_positions is not None and longest > self.max_positions:
-            raise ValueError(f"{what} of {longest} tokens exceeds the {self.max_positions} positions of this "
-                             f"{self.model_type} model (max_position_embeddings); shorten it")
+            raise ValueError(
+                f"{what} of {longest} tokens exceeds the {self.max_positions} positions of this "
+                f"{self.model_type} model (max_position_embeddings); shorten it"
+            )
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.params))
 
-    def with_params(self, params) -> "LanguageModel":
+    def with_params(self, params) -> LanguageModel:
         """The same model with other params (e.g. after training)."""
-        return LanguageModel(self.model_type, self.config, self.graphdef, params, self.hf_config,
-                             compute_dtype=self.compute_dtype, mesh=self.mesh, remat=self.remat)
+        return LanguageModel(
+            self.model_type,
+            self.config,
+            self.graphdef,
+            params,
+            self.hf_config,
+            compute_dtype=self.compute_dtype,
+            mesh=self.mesh,
+            remat=self.remat,
+        )
 
-    def with_remat(self, remat: str) -> "LanguageModel":
+    def with_remat(self, remat: str) -> LanguageModel:
         """The same model and params, its blocks rematerialised as `remat` says."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
@@ -129,7 +150,11 @@ class LanguageModel:
     def _run(self, fn, params, rng=None):
         """`fn(module)` on the family module of `params`, with the model's mesh active."""
         module = self._module(params, rng)
-        context = contextlib.nullcontext() if self.mesh is None else use_abstract_mesh(self.mesh.abstract_mesh)
+        context = (
+            contextlib.nullcontext()
+            if self.mesh is None
+            else use_abstract_mesh(self.mesh.abstract_mesh)
+        )
         with context:
             return fn(module)
 
@@ -139,11 +164,20 @@ class LanguageModel:
         rng: a PRNG key for train-time randomness (LoRA dropout); None (scoring, evaluation) is
         deterministic. Models without stochastic layers ignore it.
         """
-        return self._call("score", params, prompt_ids, prompt_mask, response_ids, response_mask,
-                          rng=rng, remat=self.remat)
+        return self._call(
+            "score",
+            params,
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            rng=rng,
+            remat=self.remat,
+        )
 
-    def token_logprobs(self, params, prompt_ids, prompt_mask, response_ids, response_mask, *,
-                       rng=None):
+    def token_logprobs(
+        self, params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None
+    ):
         """(log q(response_ids) [B, R] fp32, argmax == response_ids [B, R] bool, response hidden
         states [B, R, D]): `losses.token_logprobs` of `apply`'s logits, computed from the hidden
         states a chunk of positions at a time (`losses.chunked_token_logprobs`), so neither the
@@ -152,11 +186,17 @@ class LanguageModel:
         chunk = losses.logit_chunk(response_ids.shape[0], self.vocab_size)
 
         def run(module):
-            predictors, hidden = module.score_hidden(prompt_ids, prompt_mask, response_ids,
-                                                     response_mask, dtype=self.compute_dtype,
-                                                     remat=self.remat)
-            logps, hits = losses.chunked_token_logprobs(module.output_logits, predictors,
-                                                        response_ids, chunk)
+            predictors, hidden = module.score_hidden(
+                prompt_ids,
+                prompt_mask,
+                response_ids,
+                response_mask,
+                dtype=self.compute_dtype,
+                remat=self.remat,
+            )
+            logps, hits = losses.chunked_token_logprobs(
+                module.output_logits, predictors, response_ids, chunk
+            )
             return logps, hits, hidden
 
         return self._run(run, params, rng)
@@ -177,8 +217,13 @@ class LanguageModel:
         column t is the distribution for response_ids[b, t] given the prompt and
         response_ids[b, :t]. Padding never changes a real position's value.
         """
-        self.check_length(np.sum(prompt_mask, axis=1) + np.sum(response_mask, axis=1), "prompt + response")
-        batch = [jnp.asarray(a, jnp.int32) for a in (prompt_ids, prompt_mask, response_ids, response_mask)]
+        self.check_length(
+            np.sum(prompt_mask, axis=1) + np.sum(response_mask, axis=1), "prompt + response"
+        )
+        batch = [
+            jnp.asarray(a, jnp.int32)
+            for a in (prompt_ids, prompt_mask, response_ids, response_mask)
+        ]
         batch = shd.shard_batch(self.mesh, *batch)
         return self._logits_jit(self.params, *batch)
 
@@ -195,6 +240,8 @@ class LanguageModel:
         _writer("gguf")(self, path, dtype, tokenizer)
 
     def __repr__(self):
-        return (f"LanguageModel({self.model_type}, params={self.num_params():,}, "
-                f"compute_dtype={self.compute_dtype.name}, remat={self.remat}, "
-                f"mesh={None if self.mesh is None else dict(self.mesh.shape)})")
+        return (
+            f"LanguageModel({self.model_type}, params={self.num_params():,}, "
+            f"compute_dtype={self.compute_dtype.name}, remat={self.remat}, "
+            f"mesh={None if self.mesh is None else dict(self.mesh.shape)})"
+        )

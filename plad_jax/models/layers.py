@@ -22,9 +22,14 @@ from plad_jax.sharding import ACTIVATION_RULES, logical_to_spec
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # HF activation names (ACT2FN) -> jax. gelu_new / gelu_pytorch_tanh are the tanh approximation.
-ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
-               "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": jax.nn.gelu,
+    "gelu_pytorch_tanh": jax.nn.gelu,
+}
 
 
 # Activation checkpointing of each decoder (and encoder) block in the backward pass (`run_block`):
@@ -32,8 +37,11 @@ ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
 # "full" keeps only each block's input and recomputes the block's forward from it (least memory);
 # "dots" also keeps the outputs of products without batch dimensions (the weight projections) and
 # recomputes the rest: attention scores, softmax, norms, activations.
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def run_block(block, remat: str, *args, method: str = "__call__"):
@@ -144,7 +152,9 @@ def constrain(x, axes):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, ACTIVATION_RULES))
+    return jax.lax.with_sharding_constraint(
+        x, logical_to_spec(axes, x.shape, mesh, ACTIVATION_RULES)
+    )
 
 
 def activation_axes(x, feature_axis=None):
@@ -169,7 +179,9 @@ class Linear(nnx.Module):
 
     def logits(self, x):
         """fp32 output-layer logits x @ kernel (an untied lm_head)."""
-        y = jnp.einsum("...d,dv->...v", x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum(
+            "...d,dv->...v", x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32
+        )
         return constrain(y, activation_axes(y, "vocab"))
 
 
@@ -275,8 +287,12 @@ def cached_attention(q, keys, values, length, mask, *, scale, bias=None, block=N
         return attend_heads_major(q, keys, values, mask, bias, scale)
     ends = sorted({block * (i + 1) for i in range(slots // 2 // block)} | {slots})
     cut = lambda x, n: x if x is None or x.shape[-1] == 1 else x[..., :n]
-    branches = [lambda q, k, v, m, b, n=n: attend_heads_major(q, k[..., :n] if minor else k[:, :, :n], v[:, :, :n],
-                                                               cut(m, n), cut(b, n), scale) for n in ends]
+    branches = [
+        lambda q, k, v, m, b, n=n: attend_heads_major(
+            q, k[..., :n] if minor else k[:, :, :n], v[:, :, :n], cut(m, n), cut(b, n), scale
+        )
+        for n in ends
+    ]
     if len(branches) == 1:
         return branches[0](q, keys, values, mask, bias)
     which = jnp.clip((jnp.asarray(length, jnp.int32) - 1) // block, 0, len(branches) - 1)
@@ -290,7 +306,9 @@ def attend_heads_major(q, k, v, mask, bias, scale):
     b, t, h, d = q.shape
     kv_heads = k.shape[1]
     g, s = h // kv_heads, v.shape[2]
-    q = jnp.transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(b, kv_heads, g * t, d)
+    q = jnp.transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(
+        b, kv_heads, g * t, d
+    )
     product = "bkqd,bkds->bkqs" if keys_slots_minor(h, kv_heads) else "bkqd,bksd->bkqs"
     scores = jnp.einsum(product, q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(b, h, t, s)
@@ -333,9 +351,12 @@ def cache_values(v):
 def write_slot(keys, values, k, v, index, slots_minor: bool):
     """The cache's `keys` (layout per `slots_minor`) and `values` [B, KV, S, Dh] with the new
     tokens' k, v ([B, T, KV, Dh]) written into slots index .. index + T - 1."""
-    keys = jax.lax.dynamic_update_slice_in_dim(keys, cache_keys(k, slots_minor).astype(keys.dtype), index,
-                                               3 if slots_minor else 2)
-    values = jax.lax.dynamic_update_slice_in_dim(values, cache_values(v).astype(values.dtype), index, 2)
+    keys = jax.lax.dynamic_update_slice_in_dim(
+        keys, cache_keys(k, slots_minor).astype(keys.dtype), index, 3 if slots_minor else 2
+    )
+    values = jax.lax.dynamic_update_slice_in_dim(
+        values, cache_values(v).astype(values.dtype), index, 2
+    )
     return keys, values
 
 

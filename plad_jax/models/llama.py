@@ -13,11 +13,30 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.causal import (CacheStep, attend_cache, causal_visible, init_cache, join_prompt_response,
-                                    last_prompt_state, split_response, visible_keys, write_kv)
-from plad_jax.models.layers import (ACTIVATIONS, Embed, Linear, RMSNorm, attention, keys_slots_minor,
-                                    positions_from_mask, run_block, token_ids)
+from plad_jax.models.causal import (
+    CacheStep,
+    attend_cache,
+    causal_visible,
+    init_cache,
+    join_prompt_response,
+    last_prompt_state,
+    split_response,
+    visible_keys,
+    write_kv,
+)
+from plad_jax.models.layers import (
+    ACTIVATIONS,
+    Embed,
+    Linear,
+    RMSNorm,
+    attention,
+    keys_slots_minor,
+    positions_from_mask,
+    run_block,
+    token_ids,
+)
 from plad_jax.models.spec import WeightSpec
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,33 +63,42 @@ class LlamaConfig:
     bos_token_id: int | None = None
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "LlamaConfig":
+    def from_hf(cls, hf: dict) -> LlamaConfig:
         heads = hf["num_attention_heads"]
         layers = hf["num_hidden_layers"]
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"config.json: rope_type '{rope_type}' is not supported (supported: {', '.join(ROPE_TYPES)})")
+            raise ValueError(
+                f"config.json: rope_type '{rope_type}' is not supported (supported: {', '.join(ROPE_TYPES)})"
+            )
         act = hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
-            raise ValueError(f"config.json: hidden_act '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
+            raise ValueError(
+                f"config.json: hidden_act '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})"
+            )
         return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=layers, num_heads=heads,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
             rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if k != "type")),
             attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
             o_proj_bias=bool(hf.get("attention_bias", False)) and hf.get("model_type") == "llama",
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            hidden_act=act, layer_windows=_layer_windows(hf, layers),
-            eos_token_id=token_ids(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+            hidden_act=act,
+            layer_windows=_layer_windows(hf, layers),
+            eos_token_id=token_ids(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
             bos_token_id=hf.get("bos_token_id"),
         )
-
 
 
 def _layer_windows(hf: dict, num_layers: int) -> tuple:
@@ -82,7 +110,10 @@ def _layer_windows(hf: dict, num_layers: int) -> tuple:
     if types is None:
         if hf.get("model_type") == "qwen2":
             start = hf.get("max_window_layers", num_layers)
-            types = ["sliding_attention" if window and i >= start else "full_attention" for i in range(num_layers)]
+            types = [
+                "sliding_attention" if window and i >= start else "full_attention"
+                for i in range(num_layers)
+            ]
         else:
             types = ["sliding_attention" if window else "full_attention"] * num_layers
     return tuple(window if t == "sliding_attention" and window else None for t in types)
@@ -159,7 +190,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, inv_freq):
         q, k, v = self.project(x, positions, inv_freq)
-        out = attention(q, k, v, causal_visible(positions, mask, self.window), scale=self.shape[2] ** -0.5)
+        out = attention(
+            q, k, v, causal_visible(positions, mask, self.window), scale=self.shape[2] ** -0.5
+        )
         return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1)), (k, v)
 
     def decode(self, x, positions, cache, inv_freq):
@@ -188,7 +221,9 @@ class Block(nnx.Module):
     def __init__(self, config: LlamaConfig, window, *, rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, rngs=rngs, eps=config.rms_norm_eps)
         self.self_attn = Attention(config, window, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, rngs=rngs, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, rngs=rngs, eps=config.rms_norm_eps
+        )
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, positions, mask, inv_freq, cache=None):
@@ -209,11 +244,17 @@ class LlamaModel(nnx.Module):
         self.layers = nnx.List([Block(config, w, rngs=rngs) for w in _windows(config)])
         self.norm = RMSNorm(config.hidden_size, rngs=rngs, eps=config.rms_norm_eps)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs)
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs
+            )
 
     def output_logits(self, h):
         """fp32 next-token logits [..., V] from final-layer states [..., D]."""
-        return self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head.logits(h)
+        return (
+            self.embed_tokens.attend(h)
+            if self.config.tie_word_embeddings
+            else self.lm_head.logits(h)
+        )
 
     def _trunk(self, ids, positions, mask, dtype, remat="none"):
         x = self.embed_tokens(ids, dtype)
@@ -224,24 +265,28 @@ class LlamaModel(nnx.Module):
             kvs.append(kv)
         return self.norm(x), kvs
 
-    def score_hidden(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
-                     remat="none"):
+    def score_hidden(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32, remat="none"
+    ):
         """(predictors, response hidden states), each [B, R, D]: `output_logits(predictors)` are
         `score`'s logits. remat: a `layers.REMAT_POLICIES` name, per decoder block."""
-        ids, mask, positions = join_prompt_response(prompt_ids, prompt_mask, response_ids,
-                                                    response_mask)
+        ids, mask, positions = join_prompt_response(
+            prompt_ids, prompt_mask, response_ids, response_mask
+        )
         hidden, _ = self._trunk(ids, positions, mask, dtype, remat)
         return split_response(hidden, prompt_mask, response_ids.shape[1])
 
-    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
-              remat="none"):
+    def score(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32, remat="none"
+    ):
         """Logits [B, R, V] (fp32) for each response token, and response hidden states [B, R, D].
 
         Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
         response_ids[b, :t]; hidden[b, t] is the final-layer state at response_ids[b, t].
         """
-        predictors, response_hidden = self.score_hidden(prompt_ids, prompt_mask, response_ids,
-                                                        response_mask, dtype, remat)
+        predictors, response_hidden = self.score_hidden(
+            prompt_ids, prompt_mask, response_ids, response_mask, dtype, remat
+        )
         return self.output_logits(predictors), response_hidden
 
     def prefill(self, prompt_ids, prompt_mask, max_new_tokens, dtype=jnp.float32):
@@ -270,20 +315,39 @@ def _windows(config):
 
 def weight_specs(config: LlamaConfig) -> list[WeightSpec]:
     """HF tensor name -> our parameter path; linear kernels are stored transposed."""
-    specs = [WeightSpec("model.embed_tokens.weight", ("embed_tokens", "embedding")),
-             WeightSpec("model.norm.weight", ("norm", "scale"))]
+    specs = [
+        WeightSpec("model.embed_tokens.weight", ("embed_tokens", "embedding")),
+        WeightSpec("model.norm.weight", ("norm", "scale")),
+    ]
     if not config.tie_word_embeddings:
         specs.append(WeightSpec("lm_head.weight", ("lm_head", "kernel"), transpose=True))
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}", ("layers", i)
-        specs += [WeightSpec(f"{hf}.input_layernorm.weight", ours + ("input_layernorm", "scale")),
-                  WeightSpec(f"{hf}.post_attention_layernorm.weight", ours + ("post_attention_layernorm", "scale"))]
+        specs += [
+            WeightSpec(f"{hf}.input_layernorm.weight", ours + ("input_layernorm", "scale")),
+            WeightSpec(
+                f"{hf}.post_attention_layernorm.weight",
+                ours + ("post_attention_layernorm", "scale"),
+            ),
+        ]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            specs.append(WeightSpec(f"{hf}.self_attn.{name}.weight", ours + ("self_attn", name, "kernel"), transpose=True))
-            if (config.o_proj_bias if name == "o_proj" else config.attention_bias):
-                specs.append(WeightSpec(f"{hf}.self_attn.{name}.bias", ours + ("self_attn", name, "bias")))
+            specs.append(
+                WeightSpec(
+                    f"{hf}.self_attn.{name}.weight",
+                    ours + ("self_attn", name, "kernel"),
+                    transpose=True,
+                )
+            )
+            if config.o_proj_bias if name == "o_proj" else config.attention_bias:
+                specs.append(
+                    WeightSpec(f"{hf}.self_attn.{name}.bias", ours + ("self_attn", name, "bias"))
+                )
         for name in ("gate_proj", "up_proj", "down_proj"):
-            specs.append(WeightSpec(f"{hf}.mlp.{name}.weight", ours + ("mlp", name, "kernel"), transpose=True))
+            specs.append(
+                WeightSpec(
+                    f"{hf}.mlp.{name}.weight", ours + ("mlp", name, "kernel"), transpose=True
+                )
+            )
             if config.mlp_bias:
                 specs.append(WeightSpec(f"{hf}.mlp.{name}.bias", ours + ("mlp", name, "bias")))
     return specs

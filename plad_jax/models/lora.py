@@ -57,10 +57,15 @@ from plad_jax import sharding as shd
 from plad_jax.models.language_model import LanguageModel
 from plad_jax.models.layers import Linear, activation_axes, after, constrain
 
-_LLAMA = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+_LLAMA = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
 # HF model_type -> target group -> projection (Linear attribute) names.
 FAMILY_TARGETS = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
     "t5": {"attention": ("q", "k", "v", "o"), "mlp": ("wi", "wi_0", "wi_1", "wo")},
     "gpt_neo": {"attention": ("q_proj", "k_proj", "v_proj", "out_proj"), "mlp": ("c_fc", "c_proj")},
 }
@@ -87,7 +92,9 @@ class LoRAConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.targets or "" in self.targets:
-            raise ValueError(f"lora.targets must name at least one group or projection, got {self.targets!r}")
+            raise ValueError(
+                f"lora.targets must name at least one group or projection, got {self.targets!r}"
+            )
 
     @property
     def scale(self) -> float:
@@ -97,8 +104,15 @@ class LoRAConfig:
 class LoRALinear(Linear):
     """A `Linear` with a low-rank update: x @ kernel (+ bias) + dropout(x) @ lora_a @ lora_b * scale."""
 
-    def __init__(self, base: Linear, lora_a: nnx.LoRAParam, lora_b: nnx.LoRAParam, *, scale: float,
-                 dropout: float):
+    def __init__(
+        self,
+        base: Linear,
+        lora_a: nnx.LoRAParam,
+        lora_b: nnx.LoRAParam,
+        *,
+        scale: float,
+        dropout: float,
+    ):
         self.kernel = base.kernel
         self.bias = base.bias
         self.out_axis = base.out_axis
@@ -126,17 +140,46 @@ class LoRAModel(LanguageModel):
     `base_graphdef` is the family's graph without adapters (what `merge_lora` returns a model on).
     """
 
-    def __init__(self, lora: LoRAConfig, base_graphdef, model_type, config, graphdef, params, hf_config, *,
-                 compute_dtype=jnp.float32, mesh=None, remat: str = "none"):
-        super().__init__(model_type, config, graphdef, params, hf_config,
-                         compute_dtype=compute_dtype, mesh=mesh, remat=remat)
+    def __init__(
+        self,
+        lora: LoRAConfig,
+        base_graphdef,
+        model_type,
+        config,
+        graphdef,
+        params,
+        hf_config,
+        *,
+        compute_dtype=jnp.float32,
+        mesh=None,
+        remat: str = "none",
+    ):
+        super().__init__(
+            model_type,
+            config,
+            graphdef,
+            params,
+            hf_config,
+            compute_dtype=compute_dtype,
+            mesh=mesh,
+            remat=remat,
+        )
         self.lora = lora
         self.base_graphdef = base_graphdef
 
-    def with_params(self, params) -> "LoRAModel":
-        return LoRAModel(self.lora, self.base_graphdef, self.model_type, self.config, self.graphdef,
-                         params, self.hf_config, compute_dtype=self.compute_dtype, mesh=self.mesh,
-                         remat=self.remat)
+    def with_params(self, params) -> LoRAModel:
+        return LoRAModel(
+            self.lora,
+            self.base_graphdef,
+            self.model_type,
+            self.config,
+            self.graphdef,
+            params,
+            self.hf_config,
+            compute_dtype=self.compute_dtype,
+            mesh=self.mesh,
+            remat=self.remat,
+        )
 
     def _module(self, params, rng=None):
         module = super()._module(params)
@@ -160,12 +203,15 @@ class LoRAModel(LanguageModel):
         merge_lora(self).save_gguf(path, dtype, tokenizer)
 
     def __repr__(self):
-        return (f"LoRAModel({self.model_type}, params={self.num_params():,}, adapters={self.num_adapter_params():,}, "
-                f"rank={self.lora.rank}, alpha={self.lora.alpha}, dropout={self.lora.dropout}, "
-                f"compute_dtype={self.compute_dtype.name}, mesh={None if self.mesh is None else dict(self.mesh.shape)})")
+        return (
+            f"LoRAModel({self.model_type}, params={self.num_params():,}, adapters={self.num_adapter_params():,}, "
+            f"rank={self.lora.rank}, alpha={self.lora.alpha}, dropout={self.lora.dropout}, "
+            f"compute_dtype={self.compute_dtype.name}, mesh={None if self.mesh is None else dict(self.mesh.shape)})"
+        )
 
 
 # -- trainable / frozen split (pure; use inside jit freely) -------------------------------------
+
 
 def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
     """(adapters, base): the `nnx.LoRAParam` leaves and everything else."""
@@ -184,6 +230,7 @@ def objective_combine(adapters, frozen) -> nnx.State:
 
 # -- adding and merging -------------------------------------------------------------------------
 
+
 def lora_layers(module):
     """(path, LoRALinear) for every adapted projection, in graph order."""
     return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, LoRALinear)]
@@ -192,18 +239,29 @@ def lora_layers(module):
 def target_names(lm: LanguageModel, targets) -> tuple[str, ...]:
     """The projection names `targets` select in `lm`; an unknown name is a one-line ValueError."""
     module = nnx.merge(lm.graphdef, lm.params)
-    present = sorted({path[-1] for path, node in nnx.iter_graph(module)
-                      if type(node) is Linear and path and path[-1] not in NEVER_ADAPTED})
-    groups = {g: tuple(n for n in names if n in present)
-              for g, names in FAMILY_TARGETS.get(lm.model_type, {}).items()}
+    present = sorted(
+        {
+            path[-1]
+            for path, node in nnx.iter_graph(module)
+            if type(node) is Linear and path and path[-1] not in NEVER_ADAPTED
+        }
+    )
+    groups = {
+        g: tuple(n for n in names if n in present)
+        for g, names in FAMILY_TARGETS.get(lm.model_type, {}).items()
+    }
     groups = {g: names for g, names in groups.items() if names}
-    known = [n for names in FAMILY_TARGETS.get(lm.model_type, {}).values() for n in names if n in present]
+    known = [
+        n for names in FAMILY_TARGETS.get(lm.model_type, {}).values() for n in names if n in present
+    ]
     valid = list(groups) + known + [n for n in present if n not in known]
     selected = []
     for target in targets:
         if target not in valid:
-            raise ValueError(f"unknown LoRA target '{target}' for model_type '{lm.model_type}' "
-                             f"(valid: {', '.join(valid)})")
+            raise ValueError(
+                f"unknown LoRA target '{target}' for model_type '{lm.model_type}' "
+                f"(valid: {', '.join(valid)})"
+            )
         selected += groups.get(target, (target,))
     return tuple(dict.fromkeys(selected))
 
@@ -217,21 +275,40 @@ def add_lora(lm: LanguageModel, cfg: LoRAConfig = LoRAConfig(), seed: int = 0) -
     others' initial values.
     """
     if isinstance(lm, LoRAModel):
-        raise ValueError("this model already has LoRA adapters; merge_lora(model) first to stack another set")
+        raise ValueError(
+            "this model already has LoRA adapters; merge_lora(model) first to stack another set"
+        )
     names = target_names(lm, cfg.targets)
     params = jax.tree.map(lambda x: x, lm.params)  # fresh Variables around the same arrays
     module = nnx.merge(lm.graphdef, params)
-    found = [(path, node) for path, node in nnx.iter_graph(module)
-             if type(node) is Linear and path and path[-1] in names]
+    found = [
+        (path, node)
+        for path, node in nnx.iter_graph(module)
+        if type(node) is Linear and path and path[-1] in names
+    ]
     for path, linear in found:
         lora_a, lora_b = _new_adapter(seed, path, linear, cfg.rank, lm.mesh)
         parent = module
         for part in path[:-1]:
             parent = parent[part] if isinstance(part, int) else getattr(parent, part)
-        setattr(parent, path[-1], LoRALinear(linear, lora_a, lora_b, scale=cfg.scale, dropout=cfg.dropout))
+        setattr(
+            parent,
+            path[-1],
+            LoRALinear(linear, lora_a, lora_b, scale=cfg.scale, dropout=cfg.dropout),
+        )
     graphdef, params = nnx.split(module)
-    return LoRAModel(cfg, lm.graphdef, lm.model_type, lm.config, graphdef, params, lm.hf_config,
-                     compute_dtype=lm.compute_dtype, mesh=lm.mesh, remat=lm.remat)
+    return LoRAModel(
+        cfg,
+        lm.graphdef,
+        lm.model_type,
+        lm.config,
+        graphdef,
+        params,
+        lm.hf_config,
+        compute_dtype=lm.compute_dtype,
+        mesh=lm.mesh,
+        remat=lm.remat,
+    )
 
 
 def _new_adapter(seed: int, path, linear: Linear, rank: int, mesh):
@@ -243,7 +320,7 @@ def _new_adapter(seed: int, path, linear: Linear, rank: int, mesh):
     d_in, d_out = linear.kernel.shape
     in_axis, out_axis = linear.kernel.get_metadata().get("axes") or (None, None)
     axes_a, axes_b = (in_axis, None), (None, out_axis)
-    bound = d_in ** -0.5  # PEFT: kaiming_uniform_(a=sqrt(5)) on an [rank, in] weight
+    bound = d_in**-0.5  # PEFT: kaiming_uniform_(a=sqrt(5)) on an [rank, in] weight
     rng = np.random.default_rng([seed, zlib.crc32("/".join(map(str, path)).encode())])
     a = rng.uniform(-bound, bound, (d_in, rank)).astype(np.float32)
     b = np.zeros((rank, d_out), np.float32)
@@ -254,7 +331,9 @@ def _new_adapter(seed: int, path, linear: Linear, rank: int, mesh):
         sharding = NamedSharding(mesh, shd.logical_to_spec(axes, x.shape, mesh))
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return nnx.LoRAParam(place(a, axes_a), axes=axes_a), nnx.LoRAParam(place(b, axes_b), axes=axes_b)
+    return nnx.LoRAParam(place(a, axes_a), axes=axes_a), nnx.LoRAParam(
+        place(b, axes_b), axes=axes_b
+    )
 
 
 @functools.partial(jax.jit, static_argnums=3)
@@ -262,7 +341,9 @@ def _fold(kernels, lora_a, lora_b, scale):
     """[W + scale * A @ B] in fp32 at highest matmul precision, each cast back to W's dtype."""
     out = []
     for w, a, b in zip(kernels, lora_a, lora_b):
-        delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.matmul(
+            a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
         out.append((w.astype(jnp.float32) + scale * delta).astype(w.dtype))
     return out
 
@@ -277,8 +358,12 @@ def merged_params(params: nnx.State, scale: float) -> nnx.State:
     lora = dict(nnx.to_flat_state(adapters))
     prefixes = [path[:-1] for path in lora if path[-1] == "lora_a"]
     kernels = [flat[p + ("kernel",)] for p in prefixes]
-    merged = _fold([k.get_value() for k in kernels], [lora[p + ("lora_a",)].get_value() for p in prefixes],
-                   [lora[p + ("lora_b",)].get_value() for p in prefixes], scale)
+    merged = _fold(
+        [k.get_value() for k in kernels],
+        [lora[p + ("lora_a",)].get_value() for p in prefixes],
+        [lora[p + ("lora_b",)].get_value() for p in prefixes],
+        scale,
+    )
     for p, kernel, value in zip(prefixes, kernels, merged):
         flat[p + ("kernel",)] = kernel.replace(value)
     return nnx.from_flat_state(flat)
@@ -292,5 +377,13 @@ def merge_lora(lm: LoRAModel) -> LanguageModel:
     if lm.mesh is not None:  # keep every merged kernel on its kernel's layout (a no-op where it is)
         _, base = split_trainable(lm.params)
         params = jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, base)
-    return LanguageModel(lm.model_type, lm.config, lm.base_graphdef, params, lm.hf_config,
-                         compute_dtype=lm.compute_dtype, mesh=lm.mesh, remat=lm.remat)
+    return LanguageModel(
+        lm.model_type,
+        lm.config,
+        lm.base_graphdef,
+        params,
+        lm.hf_config,
+        compute_dtype=lm.compute_dtype,
+        mesh=lm.mesh,
+        remat=lm.remat,
+    )

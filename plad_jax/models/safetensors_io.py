@@ -16,9 +16,18 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
@@ -51,11 +60,18 @@ class SafetensorsFile:
         for name, entry in header.items():
             begin, end = entry["data_offsets"]
             if entry["dtype"] not in DTYPES:
-                raise SafetensorsError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+                raise SafetensorsError(
+                    f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}"
+                )
             if self._start + end > size:
                 raise SafetensorsError(f"{path}: truncated file, tensor '{name}' runs past the end")
-            if end - begin != int(np.prod(entry["shape"])) * np.dtype(DTYPES[entry["dtype"]]).itemsize:
-                raise SafetensorsError(f"{path}: tensor '{name}' byte size does not match its shape")
+            if (
+                end - begin
+                != int(np.prod(entry["shape"])) * np.dtype(DTYPES[entry["dtype"]]).itemsize
+            ):
+                raise SafetensorsError(
+                    f"{path}: tensor '{name}' byte size does not match its shape"
+                )
         self._map = None
 
     def keys(self):
@@ -73,7 +89,7 @@ class SafetensorsFile:
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = entry["data_offsets"]
-        flat = self._map[self._start + begin:self._start + end]
+        flat = self._map[self._start + begin : self._start + end]
         tensor = flat.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
         return np.array(tensor[index])
 
@@ -84,7 +100,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
     for name in sorted(tensors):
         arr = tensors[name]
         nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -35,10 +35,20 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from plad_jax.models.layers import (ACTIVATIONS, Embed, Linear, RMSNorm, attention, cache_keys, cache_values,
-                                    cached_attention, run_block, token_ids, write_slot)
+from plad_jax.models.layers import (
+    ACTIVATIONS,
+    Embed,
+    Linear,
+    RMSNorm,
+    attention,
+    cache_keys,
+    cache_values,
+    cached_attention,
+    run_block,
+    token_ids,
+    write_slot,
+)
 from plad_jax.models.spec import WeightSpec
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,28 +82,42 @@ class T5Config:
         return self.feed_forward_proj.split("-")[-1]
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "T5Config":
+    def from_hf(cls, hf: dict) -> T5Config:
         proj = hf.get("feed_forward_proj", "relu")
         parts = proj.split("-")
-        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or parts[-1] not in ACTIVATIONS:
-            raise ValueError(f"config.json: feed_forward_proj '{proj}' is not supported "
-                             f"(supported: ACT or gated-ACT with ACT one of {', '.join(ACTIVATIONS)})")
+        if (
+            len(parts) > 2
+            or (len(parts) == 2 and parts[0] != "gated")
+            or parts[-1] not in ACTIVATIONS
+        ):
+            raise ValueError(
+                f"config.json: feed_forward_proj '{proj}' is not supported "
+                f"(supported: ACT or gated-ACT with ACT one of {', '.join(ACTIVATIONS)})"
+            )
         start = hf.get("decoder_start_token_id")
         start = hf.get("pad_token_id") if start is None else start
         if start is None:
-            raise ValueError("config.json: decoder_start_token_id (and pad_token_id) missing; T5 needs the "
-                             "decoder start token, usually 0")
+            raise ValueError(
+                "config.json: decoder_start_token_id (and pad_token_id) missing; T5 needs the "
+                "decoder start token, usually 0"
+            )
         tied = hf.get("tie_word_embeddings", True) is not False
         return cls(
-            vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
+            vocab_size=hf["vocab_size"],
+            d_model=hf["d_model"],
+            d_kv=hf["d_kv"],
+            d_ff=hf["d_ff"],
             num_layers=hf["num_layers"],
             num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
             num_heads=hf["num_heads"],
             relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
             relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), feed_forward_proj=proj,
-            tie_word_embeddings=tied, scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", tied)),
-            eos_token_id=token_ids(hf.get("eos_token_id", 1)), pad_token_id=hf.get("pad_token_id", 0),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+            feed_forward_proj=proj,
+            tie_word_embeddings=tied,
+            scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", tied)),
+            eos_token_id=token_ids(hf.get("eos_token_id", 1)),
+            pad_token_id=hf.get("pad_token_id", 0),
             decoder_start_token_id=int(start),
         )
 
@@ -114,7 +138,6 @@ def reconcile_hf_config(hf: dict, has_tensor) -> dict:
     return hf
 
 
-
 # Cut students (`hf.cut_layers`): the block stacks, the HF name prefix of their blocks; each stack's
 # relative-position table lives in its block 0 and is shared, so it stays whatever blocks are kept.
 LAYER_STACKS = {"encoder": r"encoder\.block\.", "decoder": r"decoder\.block\."}
@@ -130,8 +153,11 @@ def layer_counts(hf: dict) -> dict:
 def cut_hf_config(hf: dict, stacks: dict) -> dict:
     """config.json of a model with only the kept encoder / decoder blocks."""
     counts = layer_counts(hf)
-    return dict(hf, num_layers=len(stacks.get("encoder", range(counts["encoder"]))),
-                num_decoder_layers=len(stacks.get("decoder", range(counts["decoder"]))))
+    return dict(
+        hf,
+        num_layers=len(stacks.get("encoder", range(counts["encoder"]))),
+        num_decoder_layers=len(stacks.get("decoder", range(counts["decoder"]))),
+    )
 
 
 def relative_position_bucket(relative_position, *, bidirectional, num_buckets, max_distance):
@@ -148,8 +174,12 @@ def relative_position_bucket(relative_position, *, bidirectional, num_buckets, m
     else:
         distance = -jnp.minimum(relative_position, 0)
     max_exact = num_buckets // 2
-    ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
-    large = jnp.minimum(max_exact + (ratio * (num_buckets - max_exact)).astype(jnp.int32), num_buckets - 1)
+    ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(
+        max_distance / max_exact
+    )
+    large = jnp.minimum(
+        max_exact + (ratio * (num_buckets - max_exact)).astype(jnp.int32), num_buckets - 1
+    )
     return buckets + jnp.where(distance < max_exact, distance, large)
 
 
@@ -171,13 +201,21 @@ class Attention(nnx.Module):
         return self._split(self.k(x)), self._split(self.v(x))
 
     def __call__(self, x, keys, values, mask, bias=None):
-        out = attention(self._split(self.q(x)), keys.astype(x.dtype), values.astype(x.dtype), mask,
-                        scale=1.0, bias=bias)
+        out = attention(
+            self._split(self.q(x)),
+            keys.astype(x.dtype),
+            values.astype(x.dtype),
+            mask,
+            scale=1.0,
+            bias=bias,
+        )
         return self.o(out.reshape(x.shape[0], x.shape[1], -1))
 
     def cached(self, x, keys, values, length, mask, bias=None):
         """Attention over cached keys/values [B, H, S, Dh], their first `length` slots (None: all)."""
-        out = cached_attention(self._split(self.q(x)), keys, values, length, mask, scale=1.0, bias=bias)
+        out = cached_attention(
+            self._split(self.q(x)), keys, values, length, mask, scale=1.0, bias=bias
+        )
         return self.o(out.reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -224,11 +262,17 @@ class Block(nnx.Module):
             x = x + self.self_attn(h, keys, values, mask, bias)
         else:
             k_cache, v_cache, index = cache
-            keys, values = write_slot(k_cache, v_cache, keys, values, index, slots_minor=False)  # MHA
+            keys, values = write_slot(
+                k_cache, v_cache, keys, values, index, slots_minor=False
+            )  # MHA
             x = x + self.self_attn.cached(h, keys, values, index + x.shape[1], mask, bias)
         if cross is not None:
             cross_k, cross_v, cross_mask = cross
-            attend = self.cross_attn if cache is None else functools.partial(self.cross_attn.cached, length=None)
+            attend = (
+                self.cross_attn
+                if cache is None
+                else functools.partial(self.cross_attn.cached, length=None)
+            )
             x = x + attend(self.cross_attn_norm(x), cross_k, cross_v, mask=cross_mask)
         return x + self.mlp(self.mlp_norm(x)), (keys, values)
 
@@ -243,19 +287,32 @@ class Stack(nnx.Module):
     """Encoder (bidirectional) or decoder (causal, with cross-attention) stack and its bias table."""
 
     def __init__(self, config: T5Config, num_layers: int, *, decoder: bool, rngs):
-        self.relative_attention_bias = Embed(config.relative_attention_num_buckets, config.num_heads,
-                                             rngs=rngs, axes=("relpos", "relpos_heads"))
+        self.relative_attention_bias = Embed(
+            config.relative_attention_num_buckets,
+            config.num_heads,
+            rngs=rngs,
+            axes=("relpos", "relpos_heads"),
+        )
         self.block = nnx.List([Block(config, cross=decoder, rngs=rngs) for _ in range(num_layers)])
         self.final_layer_norm = RMSNorm(config.d_model, rngs=rngs, eps=config.layer_norm_epsilon)
         self.bidirectional = not decoder
-        self.buckets = (config.relative_attention_num_buckets, config.relative_attention_max_distance)
+        self.buckets = (
+            config.relative_attention_num_buckets,
+            config.relative_attention_max_distance,
+        )
 
     def position_bias(self, relative_position, dtype):
         """[1, H, Tq, Tk] additive bias for relative positions [Tq, Tk] (key minus query)."""
         num_buckets, max_distance = self.buckets
-        buckets = relative_position_bucket(relative_position, bidirectional=self.bidirectional,
-                                           num_buckets=num_buckets, max_distance=max_distance)
-        values = jnp.take(self.relative_attention_bias.embedding[...], buckets, axis=0)  # [Tq, Tk, H]
+        buckets = relative_position_bucket(
+            relative_position,
+            bidirectional=self.bidirectional,
+            num_buckets=num_buckets,
+            max_distance=max_distance,
+        )
+        values = jnp.take(
+            self.relative_attention_bias.embedding[...], buckets, axis=0
+        )  # [Tq, Tk, H]
         return jnp.transpose(values, (2, 0, 1))[None].astype(dtype)
 
 
@@ -273,7 +330,7 @@ class T5Model(nnx.Module):
     def output_logits(self, h):
         """fp32 logits from final decoder states (after the final layer norm)."""
         if self.config.scale_decoder_outputs:
-            h = h * (self.config.d_model ** -0.5)
+            h = h * (self.config.d_model**-0.5)
         if self.config.tie_word_embeddings:
             return self.shared.attend(h)
         return self.lm_head.logits(h)
@@ -288,8 +345,9 @@ class T5Model(nnx.Module):
             x, _ = run_block(block, remat, x, mask, bias)
         return self.encoder.final_layer_norm(x)
 
-    def score_hidden(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
-                     remat="none"):
+    def score_hidden(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32, remat="none"
+    ):
         """(predictors, response hidden states), each [B, R, D]: `output_logits(predictors)` are
         `score`'s logits. remat: a `layers.REMAT_POLICIES` name, per encoder and decoder block."""
         encoded = self.encode(prompt_ids, prompt_mask, dtype, remat)
@@ -308,16 +366,18 @@ class T5Model(nnx.Module):
         hidden = self.decoder.final_layer_norm(x)
         return hidden[:, :-1], hidden[:, 1:]
 
-    def score(self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32,
-              remat="none"):
+    def score(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, dtype=jnp.float32, remat="none"
+    ):
         """Logits [B, R, V] (fp32) for each response token, and response hidden states [B, R, D].
 
         Row b, column t holds the next-token logits for response_ids[b, t] given the prompt and
         response_ids[b, :t]; hidden[b, t] is the final decoder state (after the final layer norm)
         at the decoder position whose input is response_ids[b, t].
         """
-        predictors, response_hidden = self.score_hidden(prompt_ids, prompt_mask, response_ids,
-                                                        response_mask, dtype, remat)
+        predictors, response_hidden = self.score_hidden(
+            prompt_ids, prompt_mask, response_ids, response_mask, dtype, remat
+        )
         return self.output_logits(predictors), response_hidden
 
     def prefill(self, prompt_ids, prompt_mask, max_new_tokens, dtype=jnp.float32):
@@ -331,7 +391,8 @@ class T5Model(nnx.Module):
         b, c = prompt_ids.shape[0], self.config
         shape = (b, c.num_heads, 1 + max_new_tokens, c.d_kv)  # per layer: a tuple, updated in place
         cache = {
-            "k": tuple(jnp.zeros(shape, dtype) for _ in cross), "v": tuple(jnp.zeros(shape, dtype) for _ in cross),
+            "k": tuple(jnp.zeros(shape, dtype) for _ in cross),
+            "v": tuple(jnp.zeros(shape, dtype) for _ in cross),
             "cross_k": tuple(cache_keys(k, slots_minor=False) for k, _ in cross),
             "cross_v": tuple(cache_values(v) for _, v in cross),
             "cross_mask": prompt_mask.astype(bool),
@@ -349,8 +410,13 @@ class T5Model(nnx.Module):
         x = self.shared(tokens[:, None], dtype)
         new_k, new_v = [], []
         for i, block in enumerate(self.decoder.block):
-            x, (k, v) = block(x, mask, bias, cache=(cache["k"][i], cache["v"][i], index),
-                              cross=(cache["cross_k"][i], cache["cross_v"][i], cross_mask))
+            x, (k, v) = block(
+                x,
+                mask,
+                bias,
+                cache=(cache["k"][i], cache["v"][i], index),
+                cross=(cache["cross_k"][i], cache["cross_v"][i], cross_mask),
+            )
             new_k.append(k)
             new_v.append(v)
         logits = self.output_logits(self.decoder.final_layer_norm(x)[:, 0])
@@ -369,20 +435,36 @@ def weight_specs(config: T5Config) -> list[WeightSpec]:
         specs.append(WeightSpec("lm_head.weight", ("lm_head", "kernel"), transpose=True))
     mlp = ("wi_0", "wi_1", "wo") if config.is_gated else ("wi", "wo")
     for stack, layers in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
-        specs += [WeightSpec(f"{stack}.final_layer_norm.weight", (stack, "final_layer_norm", "scale")),
-                  WeightSpec(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                             (stack, "relative_attention_bias", "embedding"))]
+        specs += [
+            WeightSpec(f"{stack}.final_layer_norm.weight", (stack, "final_layer_norm", "scale")),
+            WeightSpec(
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                (stack, "relative_attention_bias", "embedding"),
+            ),
+        ]
         for i in range(layers):
             hf, ours = f"{stack}.block.{i}.layer", (stack, "block", i)
             sublayers = [("SelfAttention", "self_attn")]
             if stack == "decoder":
                 sublayers.append(("EncDecAttention", "cross_attn"))
             for n, (hf_name, name) in enumerate(sublayers):
-                specs.append(WeightSpec(f"{hf}.{n}.layer_norm.weight", ours + (f"{name}_norm", "scale")))
-                specs += [WeightSpec(f"{hf}.{n}.{hf_name}.{p}.weight", ours + (name, p, "kernel"), transpose=True)
-                          for p in ("q", "k", "v", "o")]
+                specs.append(
+                    WeightSpec(f"{hf}.{n}.layer_norm.weight", ours + (f"{name}_norm", "scale"))
+                )
+                specs += [
+                    WeightSpec(
+                        f"{hf}.{n}.{hf_name}.{p}.weight", ours + (name, p, "kernel"), transpose=True
+                    )
+                    for p in ("q", "k", "v", "o")
+                ]
             n = len(sublayers)
             specs.append(WeightSpec(f"{hf}.{n}.layer_norm.weight", ours + ("mlp_norm", "scale")))
-            specs += [WeightSpec(f"{hf}.{n}.DenseReluDense.{p}.weight", ours + ("mlp", p, "kernel"), transpose=True)
-                      for p in mlp]
+            specs += [
+                WeightSpec(
+                    f"{hf}.{n}.DenseReluDense.{p}.weight",
+                    ours + ("mlp", p, "kernel"),
+                    transpose=True,
+                )
+                for p in mlp
+            ]
     return specs
