@@ -29,7 +29,8 @@ EXTRAS = {
     # `2.13.0+cpu` build from the configured find-links instead of a multi-GB CUDA download.
     # trl: reference numbers for the DPO / CPO-hinge / GKD loss tests (pinned: they call its internals).
     # peft: the PyTorch LoRA reference of bench/memory.py.
-    "test": ["pytest>=8", "torch==2.13.0", "trl==1.16.0", "peft==0.21.2"],
+    # ruff: the formatter and linter tests/test_style.py runs (pinned: its output changes by release).
+    "test": ["pytest>=8", "torch==2.13.0", "trl==1.16.0", "peft==0.21.2", "ruff==0.17.6"],
     "tf": ["tensorflow-text>=2.16"],
 }
 

@@ -440,7 +440,7 @@ def main():
             step, args, params, config["hidden_size"], config["vocab_size"]
         )
         device = j["device"] if j["device"] == t["device"] else f"{j['device']} / {t['device']}"
-        mfu = lambda res: flops / res["step_s"] / peaks[res["device"]]
+        mfu = lambda res, flops=flops: flops / res["step_s"] / peaks[res["device"]]
         print(
             f"| {step:<9} | {device[:28]:<28} | {tokens / j['step_s']:14.0f} | {tokens / t['step_s']:11.0f} | "
             f"{t['step_s'] / j['step_s']:5.2f}x | {mfu(j):11.1%} | {mfu(t):8.1%} | {j['compile_s']:18.1f} |"

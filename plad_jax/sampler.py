@@ -462,10 +462,10 @@ def _cache_specs(prefill, params, cache, mesh):
     batch_shards = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
     tensor = mesh.shape["tensor"]
 
-    def spec(leaf, b, w, l):
+    def spec(leaf, b, w, longer):
         axes = [None] * leaf.ndim
         batch = [i for i in range(leaf.ndim) if b.shape[i] != w.shape[i]]
-        seq = [i for i in range(leaf.ndim) if b.shape[i] != l.shape[i] and i not in batch]
+        seq = [i for i in range(leaf.ndim) if b.shape[i] != longer.shape[i] and i not in batch]
         if batch and batch_shards > 1 and leaf.shape[batch[0]] % batch_shards == 0:
             axes[batch[0]] = shd.BATCH_AXES
         # Keys/values are [..., seq, heads, head_dim], [..., heads, seq, head_dim] or [..., heads, head_dim, seq].

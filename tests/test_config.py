@@ -87,8 +87,7 @@ def test_installed_package_carries_the_presets_under_plad_jax(tmp_path):
     assert not (target / "configs").exists()
     code = (
         "import plad_jax.config as c; m = c._import_preset('demo'); "
-        "print(m.__name__, c.load_config('demo').name, c.preset_names() == sorted(%r))"
-        % list(PRESETS)
+        f"print(m.__name__, c.load_config('demo').name, c.preset_names() == sorted({list(PRESETS)!r}))"
     )
     env = {**subprocess_env(), "PYTHONPATH": str(target)}
     out = subprocess.run(

@@ -103,8 +103,8 @@ def test_quick_benchmark_runs_every_method_with_sane_numbers(tmp_path, capsys):
 def _rows(rewards_by_method):
     """efficacy.csv-like rows: one task, the given per-seed rewards for each method."""
     rows = []
-    for method, rewards in rewards_by_method.items():
-        for seed, reward in enumerate(rewards):
+    for method, per_seed in rewards_by_method.items():
+        for seed, reward in enumerate(per_seed):
             rows.append(
                 {
                     "task": "t",

@@ -107,7 +107,7 @@ def wait_for(procs: list[subprocess.Popen], started: float) -> list[dict]:
             f"the {NUM_PROCESSES}-process job did not finish within {TIMEOUT_S} s; killed. "
             + " | ".join(f"process {i} stderr: {t}" for i, t in enumerate(tails))
         )
-    for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+    for i, (proc, (_, err)) in enumerate(zip(procs, outputs)):
         if proc.returncode != 0:
             pytest.fail(f"process {i} exited with {proc.returncode}; stderr tail:\n{err[-3000:]}")
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
