@@ -24,6 +24,10 @@ from plad_jax.methods.base import (
     register,
     resolve,
 )
+
+# Family modules in the order their methods are listed (registration order).
+# isort: off
+from plad_jax.methods.sft import SFT, SeqKD
 from plad_jax.methods.logits import KD, FDistillJS, FDistillTVD, MiniLLM
 from plad_jax.methods.pairs import (
     DPO,
@@ -35,9 +39,7 @@ from plad_jax.methods.pairs import (
     pair_forward,
 )
 from plad_jax.methods.pbkd import PbKD, PbKDCheap, PbKDMM, PbKDOffline, PbKDOnline
-
-# Family modules in the order their methods are listed (registration order).
-from plad_jax.methods.sft import SFT, SeqKD  # noqa: I001
+# isort: on
 
 __all__ = [
     "Batches",
