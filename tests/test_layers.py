@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -146,3 +148,15 @@ def test_the_checks_catch_what_they_look_for():
         < _layer("plad_jax.stages")
     )
     assert _layer("plad_jax.data.example") < _layer("plad_jax.data.tasks")
+
+
+def test_public_api_resolves_and_import_stays_light():
+    """Every name in plad_jax.__all__ resolves; `import plad_jax` alone imports no JAX (the CLI
+    initialises JAX's distributed runtime before anything heavy is imported)."""
+    code = (
+        "import sys, plad_jax; light = 'jax' not in sys.modules; "
+        "[getattr(plad_jax, n) for n in plad_jax.__all__]; "
+        "print(light, plad_jax.get_method is plad_jax.methods.get, plad_jax.Method.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True", "plad_jax.methods.base"], out.stderr[-2000:]
