@@ -17,7 +17,8 @@ CORE = [
     "tokenizers>=0.20",
     "numpy>=1.26",
     "pyarrow>=14",  # pair shards (plad_jax.pairs)
-    "rouge-score>=0.1.2",  # ROUGE-1/2/L and the offline scorer (plad_jax.rewards, plad_jax.evaluate)
+    # ROUGE-1/2/L and the offline scorer (plad_jax.rewards, plad_jax.evaluate)
+    "rouge-score>=0.1.2",
     "matplotlib>=3.7",  # report plots, Agg canvas only (plad_jax.evaluate)
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (plad_jax.stages)
     "tqdm>=4.60",  # progress bars (plad_jax.loop, plad_jax.sampler)
@@ -27,9 +28,11 @@ CORE = [
 EXTRAS = {
     # torch pinned to the release whose CPU wheel the test machines carry; pip resolves the local
     # `2.13.0+cpu` build from the configured find-links instead of a multi-GB CUDA download.
-    # trl: reference numbers for the DPO / CPO-hinge / GKD loss tests (pinned: they call its internals).
+    # trl: reference numbers for the DPO / CPO-hinge / GKD loss tests (pinned: they call its
+    # internals).
     # peft: the PyTorch LoRA reference of bench/memory.py.
-    # ruff: the formatter and linter tests/test_style.py runs (pinned: its output changes by release).
+    # ruff: the formatter and linter tests/test_style.py runs (pinned: its output changes by
+    # release).
     "test": ["pytest>=8", "torch==2.13.0", "trl==1.16.0", "peft==0.21.2", "ruff==0.17.6"],
     "tf": ["tensorflow-text>=2.16"],
 }

@@ -124,7 +124,8 @@ def torch_step_ms(layers, head, batch):
 
 
 def matmul_peak_gflops():
-    """fp32 GFLOP/s of a large square matmul in XLA (the compute ceiling the prefill works against)."""
+    """fp32 GFLOP/s of a large square matmul in XLA (the compute ceiling the prefill works
+    against)."""
     import jax
     import jax.numpy as jnp
 
@@ -136,7 +137,8 @@ def matmul_peak_gflops():
 
 
 def read_gb_per_s(nbytes):
-    """GB/s of XLA streaming through `nbytes` (a jitted sum): the rate a decode step can read its cache at."""
+    """GB/s of XLA streaming through `nbytes` (a jitted sum): the rate a decode step can read its
+    cache at."""
     import jax
     import jax.numpy as jnp
 
@@ -173,24 +175,30 @@ def main(argv=None):
     ]  # slots written at step i
     with_cache = args.batch * NEW / (prefill_s + (NEW * step_jax + sum(cache_ms)) / 1e3)
     print(
-        f"decode floor, sampler-bench LLaMA ({weight_mb:.0f} MB of matmul weights), batch {args.batch}, fp32"
+        f"decode floor, sampler-bench LLaMA ({weight_mb:.0f} MB of matmul weights), batch "
+        f"{args.batch}, fp32"
     )
     print(
-        f"  weight matmuls per decode step: JAX {step_jax:.1f} ms, PyTorch eager {step_torch:.1f} ms"
+        f"  weight matmuls per decode step: JAX {step_jax:.1f} ms, PyTorch eager {step_torch:.1f} "
+        "ms"
     )
     print(
-        f"  copy bandwidth {bandwidth:.1f} GB/s: reading the weights once takes {weight_mb / bandwidth:.1f} ms"
+        f"  copy bandwidth {bandwidth:.1f} GB/s: reading the weights once takes "
+        f"{weight_mb / bandwidth:.1f} ms"
     )
     print(
-        f"  fp32 matmul peak {peak:.0f} GFLOP/s: prefill of {args.batch} x {PROMPT} tokens >= {prefill_s:.2f} s"
+        f"  fp32 matmul peak {peak:.0f} GFLOP/s: prefill of {args.batch} x {PROMPT} tokens >= "
+        f"{prefill_s:.2f} s"
     )
     print(
-        f"  XLA read bandwidth {read:.1f} GB/s: reading the cache takes {cache_ms[0]:.1f} ms at the first decode "
-        f"step ({PROMPT + 1} slots), {cache_ms[-1]:.1f} ms at the last ({PROMPT + NEW})"
+        f"  XLA read bandwidth {read:.1f} GB/s: reading the cache takes {cache_ms[0]:.1f} ms at "
+        f"the first decode step ({PROMPT + 1} slots), {cache_ms[-1]:.1f} ms at the last "
+        f"({PROMPT + NEW})"
     )
     print(
         f"  ceiling for prompt {PROMPT} + {NEW} new tokens: {ceiling:.0f} tok/s "
-        f"(= {args.batch} x {NEW} / (prefill floor + {NEW} x step floor); attention, cache and sampling excluded)"
+        f"(= {args.batch} x {NEW} / (prefill floor + {NEW} x step floor); attention, cache and "
+        "sampling excluded)"
     )
     print(f"  ceiling with the cache read as well: {with_cache:.0f} tok/s")
 

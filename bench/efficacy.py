@@ -86,7 +86,8 @@ METHODS = {
     "pbkd_mm": ["distill.method=pbkd_mm"],
 }
 # --quick (CI): one method per kind of machinery, on tiny models for a few steps: targets (sft),
-# teacher logits (kd), pairs relabelled by the task's scorer (plad_real), PbKD. tests/test_stages.py runs every method and option on the pipeline itself.
+# teacher logits (kd), pairs relabelled by the task's scorer (plad_real), PbKD. tests/test_stages.py
+# runs every method and option on the pipeline itself.
 QUICK_METHODS = {
     "extraction": ("sft", "kd", "plad_real", "pbkd_cheap"),
     "demo": ("sft", "plad_rank"),
@@ -151,9 +152,9 @@ QUICK = Size(
     pbkd_warmup=2,
     select_best=False,
 )
-# Full: sized so that the whole run (both tasks, 3 seeds, 15 methods) fits in an hour on 2 CPU cores,
-# the teacher clearly beats the student (extraction: field F1 ~0.7 vs ~0.25) and the student has
-# learnt the answer format (so a method has something to move rather than a blank to fill).
+# Full: sized so that the whole run (both tasks, 3 seeds, 15 methods) fits in an hour on 2 CPU
+# cores, the teacher clearly beats the student (extraction: field F1 ~0.7 vs ~0.25) and the student
+# has learnt the answer format (so a method has something to move rather than a blank to fill).
 FULL = Size(
     teacher=(128, 4, 4),
     student=(48, 2, 2),
@@ -263,9 +264,10 @@ class SamplingMemo:
     """Reuses `plad_jax.stages.sample_responses` results for identical calls within this process.
 
     Every fork evaluates the same teacher and initial student on the same prompts with the same
-    seed (greedy), and plad_real's fork resamples the shared pairs; those calls are pure functions of
-    (weights, prompts, settings, seed), so the bench answers repeats from memory instead of decoding
-    again. The key holds a digest of every weight, so a model that differs in one value misses."""
+    seed (greedy), and plad_real's fork resamples the shared pairs; those calls are pure functions
+    of (weights, prompts, settings, seed), so the bench answers repeats from memory instead of
+    decoding again. The key holds a digest of every weight, so a model that differs in one value
+    misses."""
 
     def __init__(self):
         self.cache, self.hits, self.misses = {}, 0, 0
@@ -384,7 +386,8 @@ def run_task_seed(task, seed, size, out, task_files, methods, log):
     base = os.path.join(out, "runs", task, f"seed{seed}", "base")
     t0 = time.perf_counter()
     # One teacher per task (trained with seed 0), copied into every seed's run: the seeds vary the
-    # student's init and SFT, the sampled pairs and distillation, i.e. what a method's gain depends on.
+    # student's init and SFT, the sampled pairs and distillation, i.e. what a method's gain depends
+    # on.
     teacher_run = os.path.join(out, "runs", task, "teacher")
     run_stages(overrides(task, size, 0, task_files), teacher_run, ("sft_teacher",))
     for name in ("sft_teacher", "tokenizer"):
@@ -415,8 +418,8 @@ def run_task_seed(task, seed, size, out, task_files, methods, log):
         rows.append(model_row(task, seed, method, eval_dir, "distilled student", seconds))
         r = rows[-1]
         log(
-            f"{task} seed {seed} {method}: reward {r['reward']:.3f} (teacher {rows[0]['reward']:.3f}, "
-            f"initial student {rows[1]['reward']:.3f}), {seconds:.0f} s"
+            f"{task} seed {seed} {method}: reward {r['reward']:.3f} (teacher "
+            f"{rows[0]['reward']:.3f}, initial student {rows[1]['reward']:.3f}), {seconds:.0f} s"
         )
         for sub in (
             "distill/checkpoints",
@@ -429,7 +432,7 @@ def run_task_seed(task, seed, size, out, task_files, methods, log):
     return rows
 
 
-# -- summary ------------------------------------------------------------------------------------------
+# -- summary ---------------------------------------------------------------------------------------
 
 METRICS = ("wr_ref", "reward", "ts_wr", "rouge1", "rouge2", "rougeL", "length", "gap_closed")
 
@@ -448,7 +451,8 @@ def _mean_std(values):
 
 
 def summarise(rows):
-    """Per (task, method): mean and std over seeds of every metric, gap closed, gain and its noise test."""
+    """Per (task, method): mean and std over seeds of every metric, gap closed, gain and its noise
+    test."""
     by_seed = {}
     for r in rows:
         by_seed.setdefault((r["task"], r["seed"]), {})[r["method"]] = r
@@ -592,7 +596,8 @@ def plot(path, summary):
 
 
 def read_rows(path):
-    """efficacy.csv back as rows (numbers as floats), to summarise a run (or a partial one) again."""
+    """efficacy.csv back as rows (numbers as floats), to summarise a run (or a partial one)
+    again."""
     with open(path, encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -736,15 +741,15 @@ def main(argv=None) -> int:
     log(f"decoding calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
     total, cpu = time.perf_counter() - start, time.process_time()
     device = (
-        f"{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores)"
+        f"{jax.devices()[0].platform} x{jax.device_count()} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     )
     report(
         out,
         rows,
         f"\nmethod efficacy ({'quick' if args.quick else 'full'}): tasks {', '.join(tasks)}; "
-        f"seeds {len(seeds)}; teacher {size.teacher} vs student {size.student} (hidden, layers, heads); "
-        f"device {device}; {total / 60:.1f} min wall, {cpu / 60:.1f} min CPU "
+        f"seeds {len(seeds)}; teacher {size.teacher} vs student {size.student} (hidden, layers, "
+        f"heads); device {device}; {total / 60:.1f} min wall, {cpu / 60:.1f} min CPU "
         f"(load average {os.getloadavg()[0]:.1f})",
         args.compare,
     )

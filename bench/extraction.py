@@ -21,8 +21,9 @@ nothing else is given; 0.5 for one of two right and nothing extra; 0 for unparse
 scores 1.0 by construction, so no response can beat it: "win rate against the reference" for this
 reward is the share of prompts where the response ties the gold (reward 1, an exact match).
 
-The pipeline reaches the scorer through `eval.scorer=python`, `eval.reward_model=bench.extraction:FieldF1Scorer`
-(`plad_jax.rewards.python_scorer`), and likewise for `pairs.*` in real-pair relabelling.
+The pipeline reaches the scorer through `eval.scorer=python`,
+`eval.reward_model=bench.extraction:FieldF1Scorer` (`plad_jax.rewards.python_scorer`), and likewise
+for `pairs.*` in real-pair relabelling.
 """
 
 from __future__ import annotations
@@ -33,16 +34,16 @@ import random
 import numpy as np
 
 NAMES = (
-    "Ada Bruno Chen Dara Elif Femi Gus Hana Ivo Jun Kofi Lena Milo Nia Omar Pia Quin Rosa Sami Tara Uma "
-    "Vic Wen Xena Yuri Zoe Abel Bea Cyd Dov Eva Finn Gia Hugo Ines Jax Kai Lola Mats Noor"
+    "Ada Bruno Chen Dara Elif Femi Gus Hana Ivo Jun Kofi Lena Milo Nia Omar Pia Quin Rosa Sami "
+    "Tara Uma Vic Wen Xena Yuri Zoe Abel Bea Cyd Dov Eva Finn Gia Hugo Ines Jax Kai Lola Mats Noor"
 ).split()
 CITIES = (
-    "Oslo Lima Cairo Delhi Paris Rome Quito Seoul Tunis Accra Dakar Hanoi Kyiv Lagos Minsk Riga Sofia "
-    "Tokyo Vienna Zagreb Porto Bern Dublin Havana"
+    "Oslo Lima Cairo Delhi Paris Rome Quito Seoul Tunis Accra Dakar Hanoi Kyiv Lagos Minsk Riga "
+    "Sofia Tokyo Vienna Zagreb Porto Bern Dublin Havana"
 ).split()
 JOBS = (
-    "baker nurse pilot farmer tailor judge miner poet chemist plumber teacher dentist sailor painter "
-    "butcher clerk"
+    "baker nurse pilot farmer tailor judge miner poet chemist plumber teacher dentist sailor "
+    "painter butcher clerk"
 ).split()
 PETS = "cat dog parrot rabbit turtle hamster goat pony snake ferret".split()
 COLORS = "red blue green yellow purple orange black white grey pink".split()
@@ -98,7 +99,8 @@ def make_examples(n: int, seed: int = 0, **kw) -> list[dict]:
 
 
 def write_jsonl(path, n: int, seed: int = 0, **kw) -> str:
-    """`n` examples as jsonl rows with `prompt` and `response` (the `jsonl` task's default fields)."""
+    """`n` examples as jsonl rows with `prompt` and `response` (the `jsonl` task's default
+    fields)."""
     with open(path, "w", encoding="utf-8") as f:
         for row in make_examples(n, seed, **kw):
             f.write(json.dumps(row) + "\n")
@@ -106,7 +108,8 @@ def write_jsonl(path, n: int, seed: int = 0, **kw) -> str:
 
 
 def parse_fields(text: str) -> dict[str, str]:
-    """`key: value; key: value` -> {key: value}, lowercased and stripped; first value of a key wins."""
+    """`key: value; key: value` -> {key: value}, lowercased and stripped; first value of a key
+    wins."""
     out = {}
     for item in (text or "").split(";"):
         key, sep, value = item.partition(":")
@@ -117,7 +120,8 @@ def parse_fields(text: str) -> dict[str, str]:
 
 
 def field_f1(response: str, reference: str) -> float:
-    """F1 of the (key, value) pairs of `response` against those of `reference` (see the module doc)."""
+    """F1 of the (key, value) pairs of `response` against those of `reference` (see the module
+    doc)."""
     got, gold = parse_fields(response), parse_fields(reference)
     if not got or not gold:
         return 0.0

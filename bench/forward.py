@@ -224,20 +224,23 @@ def main():
             rows.append((family, result["torch"]["params"], result))
 
     print(
-        f"forward pass, batch {args.batch}, prompt {args.prompt} + response {args.response} tokens, fp32, "
-        f"{platform.processor() or platform.machine()} x{os.cpu_count()} ({rows[0][2]['jax']['device']})"
+        f"forward pass, batch {args.batch}, prompt {args.prompt} + response {args.response} "
+        f"tokens, fp32, {platform.processor() or platform.machine()} x{os.cpu_count()} "
+        f"({rows[0][2]['jax']['device']})"
     )
     head = (
-        f"| {'model':<6} | {'params':>7} | {'plad_jax tok/s':>14} | {'torch tok/s':>11} | {'speed ratio':>11} | "
-        f"{'plad_jax peak MB':>16} | {'torch peak MB':>13} | {'memory ratio':>12} |"
+        f"| {'model':<6} | {'params':>7} | {'plad_jax tok/s':>14} | {'torch tok/s':>11} | "
+        f"{'speed ratio':>11} | {'plad_jax peak MB':>16} | {'torch peak MB':>13} | "
+        f"{'memory ratio':>12} |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for family, n, r in rows:
         j, t = r["jax"], r["torch"]
         print(
-            f"| {family:<6} | {n / 1e6:6.1f}M | {j['tok_s']:14.0f} | {t['tok_s']:11.0f} | {j['tok_s'] / t['tok_s']:10.2f}x | "
-            f"{j['peak_mb']:16.0f} | {t['peak_mb']:13.0f} | {j['peak_mb'] / t['peak_mb']:11.2f}x |"
+            f"| {family:<6} | {n / 1e6:6.1f}M | {j['tok_s']:14.0f} | {t['tok_s']:11.0f} | "
+            f"{j['tok_s'] / t['tok_s']:10.2f}x | {j['peak_mb']:16.0f} | {t['peak_mb']:13.0f} | "
+            f"{j['peak_mb'] / t['peak_mb']:11.2f}x |"
         )
 
 

@@ -16,9 +16,9 @@ attention and MLP projections; one AdamW step of SFT (token-mean CE over respons
 Each row runs in a fresh subprocess. "compiled" is XLA's memory analysis of the jitted step
 (arguments + outputs + temporaries - donated/aliased; `temp` alone is the activations and
 workspace). "RSS" is measured: `before` is the resident set after compilation, before the first
-step (weights, runtime, compiled code); `run peak` is the highest resident set while the steps run (the
-kernel's high-water mark, reset after compilation, so compile-time memory is not in it), `max` is
-`ru_maxrss` of the whole process (compilation included). tok/s counts every token of a step
+step (weights, runtime, compiled code); `run peak` is the highest resident set while the steps run
+(the kernel's high-water mark, reset after compilation, so compile-time memory is not in it), `max`
+is `ru_maxrss` of the whole process (compilation included). tok/s counts every token of a step
 (B x (P + R)), median of the timed steps, compile and the first step excluded. The first step's
 loss must agree: plad_jax rows to 1e-5 relative (same weights, same dropout keys), torch to 1e-4
 (LoRA's B starts at 0, so the first loss is the base model's, whatever the dropout draws).
@@ -81,7 +81,7 @@ def make_batch(args, vocab: int) -> dict:
     return {k: v for k, v in train_step.make_batch(args, vocab).items() if k in keys}
 
 
-# -- measuring --------------------------------------------------------------------------------------
+# -- measuring -------------------------------------------------------------------------------------
 
 
 def reset_peak_rss():
@@ -251,7 +251,7 @@ def torch_worker(args) -> dict:
     }
 
 
-# -- driver -----------------------------------------------------------------------------------------
+# -- driver ----------------------------------------------------------------------------------------
 
 
 def run_worker(row: str, path: str, args) -> dict:
@@ -299,14 +299,16 @@ def mb(x) -> str:
 def print_table(results: dict, args, params: int):
     tokens = args.batch * (args.prompt + args.response)
     print(
-        f"LoRA SFT step, LLaMA {params / 1e6:.1f}M params ({'quick' if args.quick else 'SmolLM2-135M shape'}), "
-        f"batch {args.batch} x ({args.prompt} prompt + {args.response} response), fp32, "
-        f"{os.cpu_count()} CPU cores, median of {args.steps} steps"
+        f"LoRA SFT step, LLaMA {params / 1e6:.1f}M params "
+        f"({'quick' if args.quick else 'SmolLM2-135M shape'}), batch {args.batch} x "
+        f"({args.prompt} prompt + {args.response} response), fp32, {os.cpu_count()} CPU cores, "
+        f"median of {args.steps} steps"
     )
     head = (
         f"| {'row':<5} | {'compiled MB':>11} | {'temp MB':>8} | {'RSS before MB':>13} | "
         f"{'run peak RSS MB':>15} | {'vs old':>6} | "
-        f"{'max RSS MB':>10} | {'tok/s':>6} | {'vs off':>7} | {'compile s':>9} | {'first loss':>10} |"
+        f"{'max RSS MB':>10} | {'tok/s':>6} | {'vs off':>7} | {'compile s':>9} | "
+        f"{'first loss':>10} |"
     )
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
@@ -344,14 +346,15 @@ def print_table(results: dict, args, params: int):
         print(
             f"plad_jax first-step losses agree to {spread:.1e} relative"
             + (
-                f"; torch differs by {abs(results['torch']['first_loss'] - first[0]) / abs(first[0]):.1e}"
+                "; torch differs by "
+                f"{abs(results['torch']['first_loss'] - first[0]) / abs(first[0]):.1e}"
                 if results.get("torch", {}).get("first_loss") is not None
                 else ""
             )
         )
     print(
-        "vs old = old row's run peak / this row's (higher is better); vs off = this row's tok/s / that of "
-        "remat off (the none row if it ran steps, else old)."
+        "vs old = old row's run peak / this row's (higher is better); vs off = this row's tok/s / "
+        "that of remat off (the none row if it ran steps, else old)."
     )
 
 

@@ -174,11 +174,14 @@ def main():
     import jax
 
     print(
-        f"PbKD MM terms, value + grad; batch {shapes['batch']}, length {shapes['length']}, vocab {shapes['vocab']}, "
-        f"width {shapes['width']} (features form); fp32; device {jax.devices()[0].device_kind} "
-        f"({jax.devices()[0].platform})"
+        f"PbKD MM terms, value + grad; batch {shapes['batch']}, length {shapes['length']}, vocab "
+        f"{shapes['vocab']}, width {shapes['width']} (features form); fp32; device "
+        f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
     )
-    header = f"{'form':<9} {'chunk':>5} | {'temp MB':>9} {'ratio':>6} {'peak MB':>9} {'ratio':>6} (compiled)"
+    header = (
+        f"{'form':<9} {'chunk':>5} | {'temp MB':>9} {'ratio':>6} {'peak MB':>9} {'ratio':>6} "
+        "(compiled)"
+    )
     if args.run:
         header += f" | {'peak MB':>9} {'ratio':>6} {'s/call':>7} (measured)"
     print(header)
@@ -189,8 +192,9 @@ def main():
             c = compiled_bytes(form, chunk, shapes)
             reference = reference or c
             line = (
-                f"{form:<9} {chunk or 'all':>5} | {mb(c['temp']):>9} {reference['temp'] / c['temp']:>5.1f}x "
-                f"{mb(c['total']):>9} {reference['total'] / c['total']:>5.1f}x"
+                f"{form:<9} {chunk or 'all':>5} | {mb(c['temp']):>9} "
+                f"{reference['temp'] / c['temp']:>5.1f}x {mb(c['total']):>9} "
+                f"{reference['total'] / c['total']:>5.1f}x"
             )
             if args.run:
                 m = run_worker(form, chunk, args.quick)
@@ -204,8 +208,8 @@ def main():
                     )
             print(line, flush=True)
     print(
-        "ratio = figure of the direct computation (chunk all) / figure of the row; higher is better. "
-        "temp = XLA temporaries; peak = arguments + outputs (gradients) + temporaries."
+        "ratio = figure of the direct computation (chunk all) / figure of the row; higher is "
+        "better. temp = XLA temporaries; peak = arguments + outputs (gradients) + temporaries."
     )
 
 

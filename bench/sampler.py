@@ -80,7 +80,8 @@ MODELS = {
 
 
 def build(name, directory):
-    """A random transformers model saved to `directory`, with no EOS so every row runs to the end."""
+    """A random transformers model saved to `directory`, with no EOS so every row runs to the
+    end."""
     import torch
     import transformers
 
@@ -145,8 +146,8 @@ def throughput_row(name, model, lm, batch, repeats):
         theirs_best = min(theirs_best, theirs(model, ids, mask, NEW))
     tokens = batch * NEW
     print(
-        f"  {name} batch {batch}: plad_jax {tokens / ours_best:.0f} tok/s, transformers {tokens / theirs_best:.0f} "
-        f"tok/s",
+        f"  {name} batch {batch}: plad_jax {tokens / ours_best:.0f} tok/s, transformers "
+        f"{tokens / theirs_best:.0f} tok/s",
         flush=True,
     )
     return tokens / ours_best, tokens / theirs_best, first - ours_best
@@ -307,7 +308,8 @@ def main(argv=None):
 
 def print_throughput(rows, device):
     print(
-        f"\nsampler throughput: greedy, fp32, prompt {PROMPT}, {NEW} new tokens per row, device {device}"
+        f"\nsampler throughput: greedy, fp32, prompt {PROMPT}, {NEW} new tokens per row, device "
+        f"{device}"
     )
     print(
         f"{'model':<6} {'params':>7} {'batch':>5} {'prompt':>6} {'new':>4} {'plad_jax tok/s':>15} "
@@ -315,8 +317,8 @@ def print_throughput(rows, device):
     )
     for name, params, batch, ours_tps, theirs_tps, compile_s in rows:
         print(
-            f"{name:<6} {params:>7} {batch:>5} {PROMPT:>6} {NEW:>4} {ours_tps:>15.0f} {theirs_tps:>19.0f} "
-            f"{ours_tps / theirs_tps:>5.2f}x {compile_s:>13.1f}"
+            f"{name:<6} {params:>7} {batch:>5} {PROMPT:>6} {NEW:>4} {ours_tps:>15.0f} "
+            f"{theirs_tps:>19.0f} {ours_tps / theirs_tps:>5.2f}x {compile_s:>13.1f}"
         )
 
 

@@ -79,7 +79,8 @@ def make_checkpoint(quick: bool, path: str) -> int:
 
 
 def save_random_llama(fields: dict, path: str) -> int:
-    """A random-weight transformers LLaMA of config `fields` saved to `path`; its parameter count."""
+    """A random-weight transformers LLaMA of config `fields` saved to `path`; its parameter
+    count."""
     import torch
     import transformers
 
@@ -320,7 +321,8 @@ def torch_worker(args) -> dict:
 
 
 def model_flops_per_step(step: str, args, params: int, hidden: int, vocab: int) -> float:
-    """6 x non-head params per token + 6 x head params per response token, over the step's sequences."""
+    """6 x non-head params per token + 6 x head params per response token, over the step's
+    sequences."""
     sequences = args.batch * (2 if step == "plad_rank" else 1)
     head = hidden * vocab
     return (
@@ -408,14 +410,15 @@ def main():
             peaks[res["device"]] = max(peaks.get(res["device"], 0.0), res["peak"])
     jax0, torch0 = rows[0][1]["jax"], rows[0][1]["torch"]
     print(
-        f"train step, batch {args.batch}, prompt {args.prompt} + response {args.response} tokens, fp32, "
-        f"LLaMA-class {params / 1e6:.1f}M params "
+        f"train step, batch {args.batch}, prompt {args.prompt} + response {args.response} tokens, "
+        f"fp32, LLaMA-class {params / 1e6:.1f}M params "
         f"({args.model or ('quick' if args.quick else 'full')}), median of {args.iters} steps"
     )
     print(
-        f"devices: plad_jax on {jax0['platform']} (jax.devices()[0].device_kind '{jax0['device_kind']}', "
-        f"jax {jax0['version']}), torch {torch0['version']} on {torch0['platform']}; {jax0['device']}, "
-        f"{os.cpu_count()} cores{' - ' + args.device_note if args.device_note else ''}"
+        f"devices: plad_jax on {jax0['platform']} (jax.devices()[0].device_kind "
+        f"'{jax0['device_kind']}', jax {jax0['version']}), torch {torch0['version']} on "
+        f"{torch0['platform']}; {jax0['device']}, {os.cpu_count()} "
+        f"cores{' - ' + args.device_note if args.device_note else ''}"
     )
     print(
         "fp32 matmul peak ("
@@ -427,8 +430,8 @@ def main():
         )
     )
     head = (
-        f"| {'what':<9} | {'device':<28} | {'plad_jax tok/s':>14} | {'torch tok/s':>11} | {'ratio':>6} | "
-        f"{'plad_jax MFU':>12} | {'torch MFU':>9} | {'plad_jax compile s':>18} |"
+        f"| {'what':<9} | {'device':<28} | {'plad_jax tok/s':>14} | {'torch tok/s':>11} | "
+        f"{'ratio':>6} | {'plad_jax MFU':>12} | {'torch MFU':>9} | {'plad_jax compile s':>18} |"
     )
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
@@ -442,8 +445,9 @@ def main():
         device = j["device"] if j["device"] == t["device"] else f"{j['device']} / {t['device']}"
         mfu = lambda res, flops=flops: flops / res["step_s"] / peaks[res["device"]]
         print(
-            f"| {step:<9} | {device[:28]:<28} | {tokens / j['step_s']:14.0f} | {tokens / t['step_s']:11.0f} | "
-            f"{t['step_s'] / j['step_s']:5.2f}x | {mfu(j):11.1%} | {mfu(t):8.1%} | {j['compile_s']:18.1f} |"
+            f"| {step:<9} | {device[:28]:<28} | {tokens / j['step_s']:14.0f} | "
+            f"{tokens / t['step_s']:11.0f} | {t['step_s'] / j['step_s']:5.2f}x | {mfu(j):11.1%} | "
+            f"{mfu(t):8.1%} | {j['compile_s']:18.1f} |"
         )
     print(
         "first-step loss (plad_jax / torch): "

@@ -8,8 +8,9 @@ A stage's run directory holds (local path or `gs://`):
 
 Saves are asynchronous: `save` returns once the arrays are copied off the device, the files are
 written in the background, and a step becomes visible only when it is complete (Orbax writes to
-`<step>.orbax-checkpoint-tmp-*` and renames, or on GCS writes `commit_success.txt` last). Older steps
-are deleted only after a newer one is complete, so a killed run never loses its last checkpoint.
+`<step>.orbax-checkpoint-tmp-*` and renames, or on GCS writes `commit_success.txt` last). Older
+steps are deleted only after a newer one is complete, so a killed run never loses its last
+checkpoint.
 
 `restore_latest` restores onto whatever shardings the abstract target carries, so a run saved on
 one mesh resumes on another. If the newest step cannot be read it says so in one warning line,
@@ -53,7 +54,8 @@ class DataPosition:
 
 
 def abstract_like(tree, shardings=None):
-    """`ShapeDtypeStruct`s of `tree` (arrays or structs) with `shardings` (a matching tree) or their own.
+    """`ShapeDtypeStruct`s of `tree` (arrays or structs) with `shardings` (a matching tree) or their
+    own.
 
     The restore target: `restore_latest(manager, abstract_like(state))` with `state` placed on the
     new mesh, or `abstract_like(nnx.eval_shape(...), param_shardings(...))` without materialising.
@@ -68,7 +70,8 @@ def abstract_like(tree, shardings=None):
 
 
 def _path(directory) -> epath.Path:
-    """`directory` as an absolute `epath.Path` (Orbax refuses relative local paths; `gs://` is kept)."""
+    """`directory` as an absolute `epath.Path` (Orbax refuses relative local paths; `gs://` is
+    kept)."""
     text = str(directory)
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
@@ -77,7 +80,8 @@ def _path(directory) -> epath.Path:
 
 
 def open_manager(directory, cfg: CheckpointConfig) -> ocp.CheckpointManager:
-    """An Orbax `CheckpointManager` on `directory` that saves every `cfg.every_steps` and keeps `cfg.keep`.
+    """An Orbax `CheckpointManager` on `directory` that saves every `cfg.every_steps` and keeps
+    `cfg.keep`.
 
     Unfinished saves left by a killed run are reported, then removed (they were never usable).
     """
@@ -218,7 +222,8 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def save_params(directory, params):
-    """Write `params` to `directory` (replacing any previous hand-off there) and wait until complete.
+    """Write `params` to `directory` (replacing any previous hand-off there) and wait until
+    complete.
 
     Atomic: Orbax writes `<directory>.orbax-checkpoint-tmp-*` and renames it (on GCS it writes
     `commit_success.txt` last), so a half-written hand-off is never taken for a complete one.

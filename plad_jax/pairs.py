@@ -93,7 +93,8 @@ def build_pairs(
     teacher_logp: Sequence[float] | None = None,
     student_logp: Sequence[float] | None = None,
 ) -> list[dict]:
-    """Pseudo-preference rows (teacher chosen) from parallel columns; omitted columns take defaults."""
+    """Pseudo-preference rows (teacher chosen) from parallel columns; omitted columns take
+    defaults."""
     n = len(prompts)
     columns = {
         "prompt": prompts,
@@ -115,7 +116,8 @@ def build_pairs(
 
 
 def _complete(row: dict) -> dict:
-    """`row` with defaults filled in and values normalised to the stored types; bad keys are bugs."""
+    """`row` with defaults filled in and values normalised to the stored types; bad keys are
+    bugs."""
     unknown = set(row) - set(PAIR_COLUMNS)
     missing = [k for k in REQUIRED if k not in row]
     if unknown or missing:
@@ -156,7 +158,8 @@ def write_pairs(stage_dir, rows: Sequence[dict], process_index: int) -> epath.Pa
 
 
 def shard_paths(stage_dir) -> list[epath.Path]:
-    """The shards in `stage_dir`, by process index; PairsError if there are none or one is missing."""
+    """The shards in `stage_dir`, by process index; PairsError if there are none or one is
+    missing."""
     directory = epath.Path(stage_dir)
     if not directory.is_dir():
         raise PairsError(f"pairs directory {directory} does not exist; run the sample stage first")
@@ -194,8 +197,8 @@ def _read_shard(path: epath.Path) -> list[dict]:
         table = pq.read_table(io.BytesIO(path.read_bytes()))
     except (OSError, pa.ArrowException) as e:
         raise PairsError(
-            f"pair shard {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-            f"delete it and rerun the sample stage"
+            f"pair shard {path} cannot be read ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); delete it and rerun the sample stage"
         ) from None
     if "index" not in table.column_names:  # shards written before the column existed
         table = table.append_column("index", pa.nulls(table.num_rows, pa.int64()))
@@ -221,7 +224,8 @@ def _read_shard(path: epath.Path) -> list[dict]:
 def relabel(
     pairs: Sequence[dict], scorer, real_ratio: float, seed: int, *, population: int | None = None
 ) -> tuple[list[dict], dict]:
-    """Score a `real_ratio` share of pairs with `scorer` and prefer the student where it scores higher.
+    """Score a `real_ratio` share of pairs with `scorer` and prefer the student where it scores
+    higher.
 
     The share is `round(real_ratio * population)` pair positions drawn without replacement by
     `seed` from `range(population)` (the same pairs and seed pick the same rows). By default the
@@ -278,7 +282,8 @@ def relabel(
 
 
 def preference_texts(pairs: Sequence[dict]) -> tuple[list[str], list[str], list[str]]:
-    """`(prompts, chosen texts, rejected texts)` for the student to tokenize with its own tokenizer."""
+    """`(prompts, chosen texts, rejected texts)` for the student to tokenize with its own
+    tokenizer."""
     prompts, chosen, rejected = [], [], []
     for p in pairs:
         if p["chosen"] not in CHOICES:

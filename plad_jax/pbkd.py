@@ -19,9 +19,9 @@ Pieces:
   (`CE + lam * DPO`);
 - white-box moment matching (MM) lives in `plad_jax.pbkd_mm`.
 
-The MM identity (derived here, tested in tests/test_pbkd.py). Write `s_h = (x, y_<h)`, `V_p(s) = sum_a p(a|s) Q(s, a)` and
-the sequence reward `R(y) = sum_h [Q(s_h, y_h) - V_p(s_h)]`. Under the teacher every term has
-mean zero, so `J(p, R) = 0`; under the student the h-th term has mean
+The MM identity (derived here, tested in tests/test_pbkd.py). Write `s_h = (x, y_<h)`, `V_p(s) =
+sum_a p(a|s) Q(s, a)` and the sequence reward `R(y) = sum_h [Q(s_h, y_h) - V_p(s_h)]`. Under the
+teacher every term has mean zero, so `J(p, R) = 0`; under the student the h-th term has mean
 `sum_a q(a|s_h) Q(s_h, a) - V_p(s_h) = -g_h` with `g_h = sum_a (p - q)(a|s_h) Q(s_h, a)`. Hence
 
     J(p, R) - J(q, R) = E_{y ~ q} [ sum_h g_h(s_h) ],
@@ -65,7 +65,8 @@ def bounded_reward(raw: jax.Array, r_max: float) -> jax.Array:
 def bradley_terry_nll(
     r_w: jax.Array, r_l: jax.Array, mask: jax.Array | None = None
 ) -> tuple[jax.Array, Metrics]:
-    """Bradley-Terry negative log-likelihood, `-mean_b log sigmoid(r_w[b] - r_l[b])`, over real pairs.
+    """Bradley-Terry negative log-likelihood, `-mean_b log sigmoid(r_w[b] - r_l[b])`, over real
+    pairs.
 
     Args:
       r_w, r_l: [B] rewards of the preferred and the dispreferred response.
@@ -146,7 +147,8 @@ def dual_ascent(
     eps: float,
     lam_max: float,
 ) -> jax.Array:
-    """One dual-ascent step on the multiplier: `clip(lam + alpha_lam * (NLL - NLL* - eps), 0, lam_max)`.
+    """One dual-ascent step on the multiplier: `clip(lam + alpha_lam * (NLL - NLL* - eps), 0,
+    lam_max)`.
 
     `lam` grows while the reward model fits the preferences worse than the warm-up fit `NLL*`
     allows (`NLL > NLL* + eps`, outside the confidence set) and shrinks back toward 0 inside it.

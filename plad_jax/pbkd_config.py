@@ -15,15 +15,16 @@ class PbKDConfig:
     """PbKD settings; every default is a reasonable starting point, not a tuned value.
 
     Student (REINFORCE / MM student step):
-      num_samples: k student samples per prompt at every step; the leave-one-out baseline needs k >= 2.
+      num_samples: k student samples per prompt at every step; the leave-one-out baseline needs k >=
+          2.
       temperature: sampling temperature of those samples (1.0 = the policy itself, which the
         score-function estimates assume); max_new_tokens: their length limit.
       beta_kl: weight of `log q - log q_ref` (q_ref = the initial student) in the shaped reward.
       alpha_ce: weight of the CE anchor on the teacher samples (0 = off).
     Adversary (reward model, or Q-network for `pbkd_mm`):
       lam_init, alpha_lam, lam_max, eps: the Lagrange multiplier of the confidence set
-        `NLL <= NLL* + eps` and its dual ascent `lam <- clip(lam + alpha_lam (NLL - NLL* - eps), 0, lam_max)`.
-        `pbkd_cheap` uses `lam_init` as its fixed DPO weight.
+        `NLL <= NLL* + eps` and its dual ascent `lam <- clip(lam + alpha_lam (NLL - NLL* - eps), 0,
+        lam_max)`. `pbkd_cheap` uses `lam_init` as its fixed DPO weight.
       c_reg: weight of `mean(r^2)`; r_max: rewards (and Q values) are `r_max * tanh(raw / r_max)`.
       rm_warmup_steps: Bradley-Terry steps before the game (each round), whose final NLL over the
         preference set is `NLL*`.

@@ -1,4 +1,5 @@
-"""PbKD training (our reconstruction of arXiv 2505.18952): one entry point, `run_pbkd`, for every variant.
+"""PbKD training (our reconstruction of arXiv 2505.18952): one entry point, `run_pbkd`, for every
+variant.
 
     student, summary = run_pbkd("pbkd_offline", student, rows, PbKDConfig(), train, workdir,
                                 tokenizer=tok, max_prompt_tokens=512, max_response_tokens=64,
@@ -25,8 +26,9 @@ round trains, so a run killed anywhere, mid-round included, resumes where it sto
 `train` is the distillation `TrainConfig` (duck-typed: batch_size, epochs, max_steps,
 learning_rate, warmup_steps, weight_decay, max_grad_norm, grad_accum, checkpoint_every, keep,
 log_every): the student's optimizer and the schedule. Written beside the checkpoints: `curve.json`
-(step, student loss) and the final adversary: `reward_model/` (`reward_model.save` with the student's
-tokenizer, so `reward_model.load_scorer(<workdir>/reward_model)` is a scorer) or `q_network/`.
+(step, student loss) and the final adversary: `reward_model/` (`reward_model.save` with the
+student's tokenizer, so `reward_model.load_scorer(<workdir>/reward_model)` is a scorer) or
+`q_network/`.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def run_pbkd(
     seed: int = 0,
     programs: dict | None = None,
 ):
-    """Distil `student` with PbKD `method`; returns `(distilled student LanguageModel, summary dict)`.
+    """Distil `student` with PbKD `method`; returns `(distilled student LanguageModel, summary
+    dict)`.
 
     Args:
       method: a `plad_jax.methods.PbKD` instance or the name of one (pbkd_cheap, pbkd_offline,
@@ -93,7 +96,8 @@ def run_pbkd(
       tokenizer: the student's tokenizer; every text (teacher samples included) is re-tokenized
         with it, and the RM / Q-network read the student's tokens.
       max_prompt_tokens, max_response_tokens: encoding limits (`data.encode_texts`).
-      teacher: the teacher `LanguageModel`, needed by `pbkd_mm` only (same vocabulary as the student).
+      teacher: the teacher `LanguageModel`, needed by `pbkd_mm` only (same vocabulary as the
+          student).
       scorer: labels the pairs (`plad_jax.rewards` interface); None keeps the rows' stored labels
         (teacher preferred unless the sample stage relabelled them) and pseudo-labels fresh pairs.
       seed: data order, sampling and adversary-head seed.
@@ -160,7 +164,8 @@ def _replicated(value, mesh, dtype=jnp.float32):
 
 def _commit(tree, mesh):
     """Without a mesh, pin arrays to the default device: jitted steps then see one argument layout
-    from the first step on (uncommitted initial arrays and committed step outputs would compile twice)."""
+    from the first step on (uncommitted initial arrays and committed step outputs would compile
+    twice)."""
     return jax.device_put(tree, jax.devices()[0]) if mesh is None and tree is not None else tree
 
 
@@ -181,7 +186,8 @@ def _model_key(lm):
 
 
 def _place(mesh, batch: dict) -> dict:
-    """Host batch -> device arrays: this process's rows of a global batch, batch-sharded on the mesh."""
+    """Host batch -> device arrays: this process's rows of a global batch, batch-sharded on the
+    mesh."""
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
     if jax.process_count() == 1:  # shard_batch replicates a batch that does not divide the mesh
@@ -260,7 +266,8 @@ class _Run:
         return min(total, self.train.max_steps) if self.train.max_steps else total
 
     def compiled(self, name: str, totals: tuple, build):
-        """`build()` (jitted steps), or the ones a former call stored in `programs` under the same key.
+        """`build()` (jitted steps), or the ones a former call stored in `programs` under the same
+        key.
 
         The key holds what the programs are traced from: the loss settings (PbKDConfig without its
         host-side and schedule fields), the optimizers (train fields, learning rates, `totals`: the
@@ -362,7 +369,8 @@ class _Run:
 
     def fresh_rows(self, chunk, round_: int, student_params):
         """Chunk rows with new samples of the current student (online rounds >= 1)."""
-        # As many rows per sampler call as a game step samples (B prompts x k): one compiled sampler.
+        # As many rows per sampler call as a game step samples (B prompts x k): one compiled
+        # sampler.
         return pbkd_rounds.fresh_student_rows(
             chunk,
             self.student_lm(student_params),
@@ -503,7 +511,8 @@ class _Game:
         return warm_step, adv_step, student_step, jax.jit(nll)
 
     def _phases(self):
-        """[(round, kind, first step, last step)], global steps numbered from 1; kind warmup | game."""
+        """[(round, kind, first step, last step)], global steps numbered from 1; kind warmup |
+        game."""
         phases, step = [], 0
         for r, n_game in enumerate(self.game_steps):
             for kind, n in (("warmup", self.run_.cfg.rm_warmup_steps), ("game", n_game)):
@@ -512,15 +521,17 @@ class _Game:
         return phases
 
     def _adversary(self):
-        """The RM (offline / online) or the Q-network (mm), started from the student unless `rm_init`."""
+        """The RM (offline / online) or the Q-network (mm), started from the student unless
+        `rm_init`."""
         run, cfg = self.run_, self.run_.cfg
         backbone = lora.merge_lora(run.student) if run.is_lora else run.student
         if cfg.rm_init:
             backbone = from_pretrained(cfg.rm_init, mesh=run.mesh)
             if backbone.vocab_size != run.student.vocab_size:
                 raise ValueError(
-                    f"pbkd rm_init {cfg.rm_init}: vocabulary {backbone.vocab_size} differs from the "
-                    f"student's {run.student.vocab_size}; the adversary reads the student's tokens"
+                    f"pbkd rm_init {cfg.rm_init}: vocabulary {backbone.vocab_size} differs from "
+                    f"the student's {run.student.vocab_size}; the adversary reads the student's "
+                    "tokens"
                 )
         if run.method.white_box:
             return backbone.with_params(jax.tree.map(jnp.copy, backbone.params))

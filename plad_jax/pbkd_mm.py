@@ -1,4 +1,5 @@
-"""White-box PbKD by moment matching (MM): a Q-network over the vocabulary meets teacher probabilities.
+"""White-box PbKD by moment matching (MM): a Q-network over the vocabulary meets teacher
+probabilities.
 
 OUR RECONSTRUCTION of the paper's white-box variant (METHODS.md section 3). With a Q-network
 `Q(s, a)` over the shared vocabulary, teacher `p` and student `q`, at every response position
@@ -151,7 +152,8 @@ def mm_gap(terms: MMTerms, mask: jax.Array) -> jax.Array:
 
 
 def mm_sequence_reward(terms: MMTerms, mask: jax.Array) -> jax.Array:
-    """[B] Bradley-Terry sequence reward `R(y) = sum_h mask * (Q(s_h, y_h) - sum_a p(a|s_h) Q(s_h, a))`."""
+    """[B] Bradley-Terry sequence reward `R(y) = sum_h mask * (Q(s_h, y_h) - sum_a p(a|s_h) Q(s_h,
+    a))`."""
     return _masked_row_sum(terms.q_taken - terms.v_teacher, mask)
 
 
@@ -211,9 +213,9 @@ def mm_student_loss(samples: MMTerms, sample_mask: jax.Array, k: int) -> tuple[j
 
     `G_i = sum_h g_h` depends on the student twice: through `q(.|s_h)` inside `g_h` (exact, the
     sum over the vocabulary) and through which states it visits (score function). The surrogate
-    `G_i + stop_gradient(A_i) * log q(y_i)` with `A = leave_one_out_advantages(G)` over the k samples
-    of a prompt has exactly that expected gradient (`g_h` does not depend on tokens at or after h,
-    so scoring the whole sequence adds only zero-mean terms).
+    `G_i + stop_gradient(A_i) * log q(y_i)` with `A = leave_one_out_advantages(G)` over the k
+    samples of a prompt has exactly that expected gradient (`g_h` does not depend on tokens at or
+    after h, so scoring the whole sequence adds only zero-mean terms).
 
     Args:
       samples: terms [B*k, T] on the student's own samples (gradient through `v_student` and

@@ -1,4 +1,5 @@
-"""PbKD's players as `loss_fn(params, frozen, batch, rng)` / `frozen_fn(frozen, batch)` for `train.py`.
+"""PbKD's players as `loss_fn(params, frozen, batch, rng)` / `frozen_fn(frozen, batch)` for
+`train.py`.
 
 `pbkd.py` and `pbkd_mm.py` hold the math on arrays; this file wires it to models, like
 `plad_jax.methods` does for the other methods. One PbKD step is two train steps, one per player, on
@@ -101,7 +102,7 @@ def _teacher_ce(cfg: PbKDConfig, teacher_logits, batch, loss, metrics):
     return loss + cfg.alpha_ce * ce, {**metrics, "ce_teacher": ce_metrics["loss"]}
 
 
-# -- black-box PbKD (offline / online): reward model vs REINFORCE student ---------------------------
+# -- black-box PbKD (offline / online): reward model vs REINFORCE student --------------------------
 
 
 def reward_model_objective(cfg: PbKDConfig, rm: RewardModel):
@@ -136,7 +137,8 @@ def reward_model_objective(cfg: PbKDConfig, rm: RewardModel):
 def reinforce_objective(
     cfg: PbKDConfig, student: LanguageModel, rm: RewardModel, combine=full_params
 ):
-    """The student's step: `pbkd.reinforce_loss` on its k samples per prompt (+ alpha_ce * CE anchor).
+    """The student's step: `pbkd.reinforce_loss` on its k samples per prompt (+ alpha_ce * CE
+    anchor).
 
     frozen: `{"reference": initial student params (full), "rm": reward model params}` (+ LoRA base).
     Returns `(loss_fn, frozen_fn)`; frozen_fn adds `ref_logp` and `sample_reward` ([B*k]).
@@ -179,7 +181,8 @@ def _mm_terms(cfg, teacher_logits, student_logits, q_raw, ids):
 
 
 def _mm_pair_terms(cfg, batch, q_pos, q_neg):
-    """MM terms of the chosen and the rejected responses (student slot = teacher: R needs only p and Q)."""
+    """MM terms of the chosen and the rejected responses (student slot = teacher: R needs only p and
+    Q)."""
     out = []
     for side, q_raw in (("pos", q_pos), ("neg", q_neg)):
         teacher = batch[f"teacher_logits_{side}"]
@@ -194,7 +197,8 @@ def _groups(batch, k: int, *, pairs: bool, samples: bool):
 
 
 def mm_teacher_fn(teacher: LanguageModel, k: int, *, pairs: bool = True, samples: bool = True):
-    """frozen_fn part: teacher logits on the samples and/or the pairs (`frozen["teacher"]`), one forward."""
+    """frozen_fn part: teacher logits on the samples and/or the pairs (`frozen["teacher"]`), one
+    forward."""
 
     def frozen_fn(frozen, batch):
         arrays, split = joined(_groups(batch, k, pairs=pairs, samples=samples))
@@ -208,9 +212,11 @@ def mm_teacher_fn(teacher: LanguageModel, k: int, *, pairs: bool = True, samples
 
 
 def mm_bt_objective(cfg: PbKDConfig, qnet: LanguageModel, teacher: LanguageModel):
-    """Warm-up of the Q-network: Bradley-Terry NLL of the MM sequence reward R (+ c_reg * mean(R^2)).
+    """Warm-up of the Q-network: Bradley-Terry NLL of the MM sequence reward R (+ c_reg *
+    mean(R^2)).
 
-    frozen: `{"teacher": params}`. Returns `(loss_fn, frozen_fn)`. Metrics: `loss`, `nll`, `accuracy`.
+    frozen: `{"teacher": params}`. Returns `(loss_fn, frozen_fn)`. Metrics: `loss`, `nll`,
+        `accuracy`.
     """
 
     def loss_fn(params, frozen, batch, rng):

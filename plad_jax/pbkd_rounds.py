@@ -1,4 +1,5 @@
-"""PbKD's preference set, round by round: prompt chunks, fresh student samples, labels, storage, batches.
+"""PbKD's preference set, round by round: prompt chunks, fresh student samples, labels, storage,
+batches.
 
 Offline PbKD (and `pbkd_mm`, `pbkd_cheap`) has one round whose set is every given pair row. Online
 PbKD cuts the rows into T contiguous chunks: round 0 keeps chunk 0's stored student samples (the
@@ -25,7 +26,8 @@ from plad_jax import data, pairs, preferences, sampler
 
 @dataclasses.dataclass(frozen=True)
 class Encoding:
-    """A preference set in the student's tokens, rows aligned: prompt + teacher sample, chosen, rejected."""
+    """A preference set in the student's tokens, rows aligned: prompt + teacher sample, chosen,
+    rejected."""
 
     teacher: data.EncodedExamples
     chosen: data.EncodedExamples
@@ -61,7 +63,8 @@ def fresh_student_rows(
     max_prompt_tokens: int,
     seed: int,
 ) -> list[dict]:
-    """`rows` with their student samples replaced by new ones from `student` (labels reset to teacher)."""
+    """`rows` with their student samples replaced by new ones from `student` (labels reset to
+    teacher)."""
     texts = sampler.generate_text(
         student,
         tokenizer,
@@ -89,7 +92,8 @@ def fresh_student_rows(
 
 
 def round_rows(workdir: str, round_: int, make_rows, scorer, seed: int) -> tuple[list[dict], dict]:
-    """The labelled rows of round `round_`'s chunk: read if stored, else `make_rows()`, labelled, stored.
+    """The labelled rows of round `round_`'s chunk: read if stored, else `make_rows()`, labelled,
+    stored.
 
     Returns `(rows, stats)`; stats (`pairs`, `swapped`, ...) are recounted when read back.
     """

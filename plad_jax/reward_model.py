@@ -1,4 +1,5 @@
-"""A JAX reward model: any `LanguageModel` backbone plus a scalar head on the last real response token.
+"""A JAX reward model: any `LanguageModel` backbone plus a scalar head on the last real response
+token.
 
     r(x, y) = bounded_reward(w . h_last + b, r_max) = r_max * tanh((w . h_last + b) / r_max)
 
@@ -41,7 +42,8 @@ HEAD_FILE = "reward_head.safetensors"
 
 @dataclasses.dataclass(frozen=True)
 class RewardModel:
-    """A backbone `LanguageModel` (its params included), a head `{"w": [D], "b": []}` and the bound."""
+    """A backbone `LanguageModel` (its params included), a head `{"w": [D], "b": []}` and the
+    bound."""
 
     backbone: LanguageModel
     head: dict
@@ -125,7 +127,8 @@ def real_pairs(batch) -> jax.Array:
 
 def bt_loss_fn(rm: RewardModel, c: float = 0.0):
     """`loss_fn(params, frozen, batch, rng)` for `train.make_train_step`: Bradley-Terry NLL of
-    (pos preferred over neg) + `c * mean(r^2)`. Batch keys: prompt_ids/mask, pos_ids/mask, neg_ids/mask.
+    (pos preferred over neg) + `c * mean(r^2)`. Batch keys: prompt_ids/mask, pos_ids/mask,
+    neg_ids/mask.
     Metrics: `loss`, `nll` (the BT NLL alone), `accuracy`, `margin`."""
 
     def loss_fn(params, frozen, batch, rng):
@@ -185,9 +188,9 @@ RewardFn = Callable[[Sequence[str], Sequence[str]], "np.ndarray"]
 
 
 class JaxRewardModel:
-    """Any `reward_fn(prompts, responses) -> [B] scores` (a jitted JAX model behind a tokenizer, say),
-    called in batches of `batch_size`; the last batch may be smaller (pad inside `reward_fn` if
-    it needs static shapes)."""
+    """Any `reward_fn(prompts, responses) -> [B] scores` (a jitted JAX model behind a tokenizer,
+    say), called in batches of `batch_size`; the last batch may be smaller (pad inside `reward_fn`
+    if it needs static shapes)."""
 
     reference_based = False
 

@@ -109,8 +109,8 @@ class RougeScorer:
     def score(self, prompts, responses, references=None) -> np.ndarray:
         if references is None:
             raise UserError(
-                "the rouge scorer compares responses with references, but these examples have none; "
-                "use data with targets or a reward model scorer"
+                "the rouge scorer compares responses with references, but these examples have "
+                "none; use data with targets or a reward model scorer"
             )
         _check_lengths(prompts, responses, references)
         # ROUGE ignores the prompt; rouge-score's argument order is (target, prediction).
@@ -160,9 +160,9 @@ class HFRewardModel:
         except (OSError, ValueError) as e:
             first_line = " ".join(str(e).split())[:300]
             raise RewardModelError(
-                f"cannot load the reward model {path_or_id!r} ({first_line}); give a local directory with "
-                f"config.json, model.safetensors and the tokenizer files, or a hub id that is cached or reachable, "
-                f"or set the scorer to rouge"
+                f"cannot load the reward model {path_or_id!r} ({first_line}); give a local "
+                "directory with config.json, model.safetensors and the tokenizer files, or a hub "
+                "id that is cached or reachable, or set the scorer to rouge"
             ) from None
         self.model.to(device).eval()
         limits = [
@@ -214,7 +214,8 @@ def _local_or_hub(path_or_id: str) -> str:
     ) and not os.path.isdir(local):
         raise RewardModelError(
             f"the reward model directory {path_or_id} does not exist; give a local directory with "
-            f"config.json, model.safetensors and the tokenizer files, a hub id, or set the scorer to rouge"
+            "config.json, model.safetensors and the tokenizer files, a hub id, or set the scorer "
+            "to rouge"
         )
     return local if os.path.isdir(local) else path_or_id
 
@@ -234,7 +235,7 @@ def _import_torch_transformers():
 # -- JAX reward model: `plad_jax.reward_model.JaxRewardModel` (imported above) --------------------
 
 
-# -- a scorer named by its import path --------------------------------------------------------------
+# -- a scorer named by its import path -------------------------------------------------------------
 
 
 def python_scorer(spec: str) -> Scorer:
@@ -244,7 +245,8 @@ def python_scorer(spec: str) -> Scorer:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UserError(
-            f"the python scorer needs 'module:attr' (e.g. bench.extraction:FieldF1Scorer), got {spec!r}"
+            "the python scorer needs 'module:attr' (e.g. bench.extraction:FieldF1Scorer), got "
+            f"{spec!r}"
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -254,12 +256,14 @@ def python_scorer(spec: str) -> Scorer:
         ) from None
     if not callable(factory):
         raise UserError(
-            f"the python scorer {spec!r} is a {type(factory).__name__}, not a class or factory to call"
+            f"the python scorer {spec!r} is a {type(factory).__name__}, not a class or factory to "
+            "call"
         )
     scorer = factory()
     if not callable(getattr(scorer, "score", None)):
         raise UserError(
-            f"the python scorer {spec!r} made a {type(scorer).__name__}, which has no score() method"
+            f"the python scorer {spec!r} made a {type(scorer).__name__}, which has no score() "
+            "method"
         )
     return scorer
 

@@ -50,9 +50,9 @@ over (`data`, `fsdp`) and, for key/value leaves laid out `[..., seq, heads, head
 `[..., heads, seq, head_dim]` or `[..., heads, head_dim, seq]`, its heads axis over `tensor` when
 that divides. The sampler finds a leaf's batch and sequence axes by tracing the model's prefill at
 two batch sizes and two lengths (shapes only, once per compiled program), so any family's cache
-layout works (tuples of per-layer arrays included). On several hosts each process passes its own prompt rows (a multiple
-of the batch shards its devices hold, after padding), they become one global batch
-(`jax.make_array_from_process_local_data`), each process gets its own rows back, and the hosts
+layout works (tuples of per-layer arrays included). On several hosts each process passes its own
+prompt rows (a multiple of the batch shards its devices hold, after padding), they become one global
+batch (`jax.make_array_from_process_local_data`), each process gets its own rows back, and the hosts
 agree on the padded shapes first.
 """
 
@@ -163,7 +163,8 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: 
 
 
 def _filter(scaled, top_k: int, top_p: float):
-    """(candidate logits [B, C], their token ids [B, C] or None for the identity), filtered ones -inf.
+    """(candidate logits [B, C], their token ids [B, C] or None for the identity), filtered ones
+    -inf.
 
     Without filters nothing is sorted; with top-k only the k largest are kept (and sorted by
     `lax.top_k`); top-p alone needs one full-vocabulary sort per step.
@@ -468,7 +469,8 @@ def _cache_specs(prefill, params, cache, mesh):
         seq = [i for i in range(leaf.ndim) if b.shape[i] != longer.shape[i] and i not in batch]
         if batch and batch_shards > 1 and leaf.shape[batch[0]] % batch_shards == 0:
             axes[batch[0]] = shd.BATCH_AXES
-        # Keys/values are [..., seq, heads, head_dim], [..., heads, seq, head_dim] or [..., heads, head_dim, seq].
+        # Keys/values are [..., seq, heads, head_dim], [..., heads, seq, head_dim] or [..., heads,
+        # head_dim, seq].
         if seq and leaf.ndim >= 4 and seq[-1] >= leaf.ndim - 3 and tensor > 1:
             heads = leaf.ndim - 2 if seq[-1] == leaf.ndim - 3 else leaf.ndim - 3
             if heads not in batch + seq and leaf.shape[heads] % tensor == 0:
@@ -586,7 +588,8 @@ def _agree_max(*values: int) -> tuple[int, ...]:
 
 
 def _local_batch_shards(mesh) -> int:
-    """How many of the data*fsdp batch shards this process's devices hold (all of them on one host)."""
+    """How many of the data*fsdp batch shards this process's devices hold (all of them on one
+    host)."""
     fsdp, me = mesh.shape["fsdp"], jax.process_index()
     return len(
         {
@@ -598,7 +601,8 @@ def _local_batch_shards(mesh) -> int:
 
 
 def _to_device(mesh, *arrays):
-    """This process's rows -> global arrays batch-sharded over (data, fsdp), or plain device arrays."""
+    """This process's rows -> global arrays batch-sharded over (data, fsdp), or plain device
+    arrays."""
     if mesh is None:
         return tuple(jnp.asarray(a) for a in arrays)
     split = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
@@ -747,8 +751,8 @@ def generate_many(
     desc: str = "generate",
     stop: StopStrings | None = None,
 ) -> list[Sampled]:
-    """Any number of tokenized prompts, batched: `num_samples` responses per prompt, grouped by prompt
-    (`Sampled` `i * num_samples + s` for prompt `i`).
+    """Any number of tokenized prompts, batched: `num_samples` responses per prompt, grouped by
+    prompt (`Sampled` `i * num_samples + s` for prompt `i`).
 
     Prompts are sorted by length (longest first) and run `batch_size` at a time, every batch padded
     to `batch_size` rows so a job compiles one shape per prompt-length bucket. Prompt `i` samples
@@ -772,7 +776,8 @@ def generate_many(
 
     from tqdm.auto import tqdm
 
-    # On a terminal only (disable=None): a log file gets the one tokens/s line below, not bar redraws.
+    # On a terminal only (disable=None): a log file gets the one tokens/s line below, not bar
+    # redraws.
     bar = tqdm(
         total=len(prompts),
         unit="prompt",
@@ -851,7 +856,10 @@ class _SamplingSpeed:
         if self.warm_seconds <= 0:
             return f"{text} ({self.tokens_per_s():.1f} tokens/s, every batch compiling)"
         if cold > 0:
-            return f"{text} ({self.tokens_per_s():.1f} tokens/s compiled; {cold:.1f}s in batches that compiled)"
+            return (
+                f"{text} ({self.tokens_per_s():.1f} tokens/s compiled; {cold:.1f}s in batches "
+                "that compiled)"
+            )
         return f"{text} ({self.tokens_per_s():.1f} tokens/s)"
 
 

@@ -83,8 +83,8 @@ class MeshConfig:
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
             raise ValueError(
-                f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} are available; "
-                "make data*fsdp*tensor equal the device count or set one axis to -1"
+                f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} are "
+                "available; make data*fsdp*tensor equal the device count or set one axis to -1"
             )
         return tuple(sizes)
 
@@ -181,8 +181,9 @@ def local_batch_shards(mesh: Mesh) -> range:
         raise ValueError(f"process {me} has no device in the mesh {dict(mesh.shape)}")
     if shards != list(range(shards[0], shards[-1] + 1)):
         raise ValueError(
-            f"process {me} holds batch shards {shards} of the mesh {dict(mesh.shape)}, which are not "
-            "contiguous; build the mesh so that each process's devices are adjacent along data/fsdp"
+            f"process {me} holds batch shards {shards} of the mesh {dict(mesh.shape)}, which are "
+            "not contiguous; build the mesh so that each process's devices are adjacent along "
+            "data/fsdp"
         )
     return range(shards[0], shards[-1] + 1)
 

@@ -47,7 +47,8 @@ STAGES = ("sft_teacher", "sft_student", "sample", "distill", "eval")
 
 
 class Context:
-    """What every stage reads: the config, the run directory, the mesh, data and tokenizers (lazily)."""
+    """What every stage reads: the config, the run directory, the mesh, data and tokenizers
+    (lazily)."""
 
     def __init__(self, config: Config, run_dir: str):
         self.config = config
@@ -136,8 +137,9 @@ class Context:
         if lm.max_positions is not None and longest > lm.max_positions:
             raise ValueError(
                 f"{role}: data.max_prompt_tokens {c.data.max_prompt_tokens} + the longest response "
-                f"(data.max_response_tokens / sample.max_new_tokens / eval.max_new_tokens) = {longest} "
-                f"tokens exceeds the model's {lm.max_positions} positions (max_position_embeddings)"
+                "(data.max_response_tokens / sample.max_new_tokens / eval.max_new_tokens) = "
+                f"{longest} tokens exceeds the model's {lm.max_positions} positions "
+                "(max_position_embeddings)"
             )
         return lm
 
@@ -352,7 +354,7 @@ def _config_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# -- training ---------------------------------------------------------------------------------------
+# -- training --------------------------------------------------------------------------------------
 
 
 def with_lora(ctx: Context, lm, role: str):
@@ -436,7 +438,8 @@ def train_model(
     """Train `lm` with `method`'s loss on `batch_fn(rows) -> batch`; returns (trained lm, summary).
 
     select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint, the best
-    one (not the last) is written to `<stage>/params/`, and None is returned in place of the model."""
+    one (not the last) is written to `<stage>/params/`, and None is returned in place of the
+    model."""
     steps_per_epoch = max(num_examples // train_cfg.batch_size, 1)
     total = steps_per_epoch * train_cfg.epochs
     if train_cfg.max_steps:
@@ -536,7 +539,7 @@ def sft_batches(encoded: data.EncodedExamples, batch_size: int):
     return parts_batches({"response": encoded}, batch_size)
 
 
-# -- sampling -----------------------------------------------------------------------------------------
+# -- sampling --------------------------------------------------------------------------------------
 
 
 def stop_strings(ctx: Context, section) -> tuple[str, ...]:
@@ -559,8 +562,9 @@ def sample_responses(
     sample_ids=None,
     stop=(),
 ):
-    """(texts, token id lists, sequence log-probs) of one sample per prompt (`sampler.generate_many`:
-    batched by length, progress bar, tokens/s in the log). Prompts are encoded as for training.
+    """(texts, token id lists, sequence log-probs) of one sample per prompt
+    (`sampler.generate_many`: batched by length, progress bar, tokens/s in the log). Prompts are
+    encoded as for training.
     sample_ids: each prompt's index in its split, so that its sample is the same on any number
     of hosts (default: position in `prompts`). stop: strings a response ends before (its ids and
     log-prob too: the text is exactly the decoded ids)."""
@@ -584,7 +588,7 @@ def sample_responses(
     return texts, [s.ids for s in sampled], np.array([s.logprob for s in sampled], np.float32)
 
 
-# -- the stages ---------------------------------------------------------------------------------------
+# -- the stages ------------------------------------------------------------------------------------
 
 
 def _sft_stage(role: str):
@@ -621,8 +625,8 @@ def _sft_stage(role: str):
 
 
 def validation_score(ctx: Context, lm, role: str, n: int) -> float:
-    """The paper's model selection on validation, greedy decoding, scored with `eval.scorer`: the win
-    rate against the targets, or, for a scorer that measures closeness to the target (ROUGE-L),
+    """The paper's model selection on validation, greedy decoding, scored with `eval.scorer`: the
+    win rate against the targets, or, for a scorer that measures closeness to the target (ROUGE-L),
     the mean score (a win rate against the target itself would always be 0)."""
     examples = ctx.splits.validation[:n]
     prompts, refs = [e.prompt for e in examples], [e.response for e in examples]

@@ -81,7 +81,8 @@ class TrainState:
 
     @classmethod
     def create(cls, params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
-        """Optimizer moments take their param's sharding; counters and rng are replicated beside them."""
+        """Optimizer moments take their param's sharding; counters and rng are replicated beside
+        them."""
         step, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed))
         sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
         if not isinstance(sharding, NamedSharding):

@@ -37,7 +37,8 @@ LLAMA = dict(
     pad_token_id=0,
     initializer_range=0.2,
 )
-# num_decoder_layers == num_layers: transformers 5.24 T5 `generate` breaks (cache IndexError) otherwise.
+# num_decoder_layers == num_layers: transformers 5.24 T5 `generate` breaks (cache IndexError)
+# otherwise.
 T5 = dict(
     vocab_size=VOCAB,
     d_model=32,
@@ -109,7 +110,8 @@ def hf_greedy(model, ids, mask, new_tokens):
 
 @torch.no_grad()
 def reference_logits(hf_model, pi, pm, ri, rm):
-    """transformers logits for each row run alone without padding, laid out like `LanguageModel.logits`.
+    """transformers logits for each row run alone without padding, laid out like
+    `LanguageModel.logits`.
 
     Padded positions are NaN so a comparison that looks at them fails loudly.
     """

@@ -34,7 +34,8 @@ def mesh_name(shape) -> str:
 
 
 def global_sft_batch(step: int) -> dict[str, np.ndarray]:
-    """The whole right-padded batch of step `step` (every process builds it; each feeds only its rows).
+    """The whole right-padded batch of step `step` (every process builds it; each feeds only its
+    rows).
 
     Built here rather than with tests.helpers, which imports torch: the workers stay light.
     """
@@ -50,7 +51,8 @@ def global_sft_batch(step: int) -> dict[str, np.ndarray]:
 
 
 def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool = False) -> dict:
-    """Losses and grad norms of `steps` SFT steps on `mesh_shape`, each process feeding its own rows.
+    """Losses and grad norms of `steps` SFT steps on `mesh_shape`, each process feeding its own
+    rows.
 
     eager_logits: also the sum of |`LanguageModel.logits`| on the whole first batch after training
     (every process passing the whole batch: the `shard_batch` path).
@@ -98,7 +100,8 @@ def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool =
 
 
 def sample_run(model_dir: str, mesh_shape=MESHES[0]) -> dict:
-    """The sampler with global arrays: this process passes only its own prompts and gets their samples.
+    """The sampler with global arrays: this process passes only its own prompts and gets their
+    samples.
 
     `generate` on this process's rows of the step-0 prompts (greedy; and 2 samples each at
     temperature 1 with the rows' global indices as `sample_ids`), and `generate_many` (batch 2) on

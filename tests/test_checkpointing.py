@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, restore onto another mesh, corrupt and partial steps, NaN stop,
-params hand-off, and a SIGKILLed training run that resumes to the uninterrupted run's exact params."""
+params hand-off, and a SIGKILLed training run that resumes to the uninterrupted run's exact
+params."""
 
 import logging
 import os
@@ -50,7 +51,8 @@ def model_dir(tmp_path_factory):
 
 
 def llama_state(model_dir, mesh, seed=0, step=0):
-    """A TrainState on `mesh` whose optimizer moments, step and rng all hold distinct, non-default values."""
+    """A TrainState on `mesh` whose optimizer moments, step and rng all hold distinct, non-default
+    values."""
     state = TrainState.create(from_pretrained(model_dir, mesh=mesh).params, OPTIMIZER, seed=seed)
     rng = np.random.default_rng(seed + 1)
     leaves, treedef = jax.tree.flatten(state.opt_state)
@@ -215,7 +217,8 @@ TOY_STEP = make_train_step(
 
 
 def toy_problem(nan_step=None, steps_per_epoch=4):
-    """(step_fn, state, batches) of a quadratic fit whose batch for step k (1-based) is NaN when k == nan_step."""
+    """(step_fn, state, batches) of a quadratic fit whose batch for step k (1-based) is NaN when k
+    == nan_step."""
 
     def batches(epoch, index):
         step = epoch * steps_per_epoch + index + 1

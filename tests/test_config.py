@@ -1,4 +1,5 @@
-"""Config tree, presets, `--set` overrides, validation, JSON round trip, and the CLI's error contract."""
+"""Config tree, presets, `--set` overrides, validation, JSON round trip, and the CLI's error
+contract."""
 
 import dataclasses
 import json
@@ -87,7 +88,8 @@ def test_installed_package_carries_the_presets_under_plad_jax(tmp_path):
     assert not (target / "configs").exists()
     code = (
         "import plad_jax.config as c; m = c._import_preset('demo'); "
-        f"print(m.__name__, c.load_config('demo').name, c.preset_names() == sorted({list(PRESETS)!r}))"
+        "print(m.__name__, c.load_config('demo').name, c.preset_names() == "
+        f"sorted({list(PRESETS)!r}))"
     )
     env = {**subprocess_env(), "PYTHONPATH": str(target)}
     out = subprocess.run(

@@ -1,4 +1,5 @@
-"""plad_jax.data: tasks on small files written here, splits, encoding, batching, demo task and tokenizer."""
+"""plad_jax.data: tasks on small files written here, splits, encoding, batching, demo task and
+tokenizer."""
 
 from __future__ import annotations
 
@@ -432,7 +433,8 @@ VOCAB = {
 
 
 def word_tokenizer(template: str | None) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer whose ids are known by hand; `template` adds specials like HF does."""
+    """A whitespace word-level tokenizer whose ids are known by hand; `template` adds specials like
+    HF does."""
     tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if template:
@@ -677,19 +679,23 @@ def test_demo_examples_from_a_fake_stdlib_are_exact_and_deterministic(tmp_path):
     root = fake_stdlib(tmp_path)
     expected = [
         Example(
-            "module alpha\n\nIt carries a body that is long enough for the demo filter.\n\nSUMMARY:",
+            "module alpha\n\nIt carries a body that is long enough for the demo "
+            "filter.\n\nSUMMARY:",
             " Alpha module for tests.",
         ),
         Example(
-            "def alpha.first\n\nThe body explains the argument x in more than forty characters.\n\nSUMMARY:",
+            "def alpha.first\n\nThe body explains the argument x in more than forty "
+            "characters.\n\nSUMMARY:",
             " Return the first thing you give.",
         ),
         Example(
-            "class alpha.Box\n\nItems go in and come out again, in the order they went in.\n\nSUMMARY:",
+            "class alpha.Box\n\nItems go in and come out again, in the order they went "
+            "in.\n\nSUMMARY:",
             " A box that holds items.",
         ),
         Example(
-            "module pkg\n\nThe package body text also passes the forty character minimum.\n\nSUMMARY:",
+            "module pkg\n\nThe package body text also passes the forty character "
+            "minimum.\n\nSUMMARY:",
             " Package level summary.",
         ),
     ]
@@ -698,7 +704,8 @@ def test_demo_examples_from_a_fake_stdlib_are_exact_and_deterministic(tmp_path):
     # a fresh interpreter with other hash seeds builds the same list
     code = (
         "import hashlib, json, sys; from plad_jax.data import docstring_examples as d; "
-        "print(hashlib.sha256(json.dumps([e.as_dict() for e in d(sys.argv[1])]).encode()).hexdigest())"
+        "print(hashlib.sha256(json.dumps([e.as_dict() for e in "
+        "d(sys.argv[1])]).encode()).hexdigest())"
     )
     for hash_seed in ("1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)

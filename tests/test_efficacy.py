@@ -1,6 +1,7 @@
-"""bench/efficacy.py --quick: its methods (one per kind of machinery) on both tasks run end to end and its numbers are sane
-(finite, in range, teacher and initial student rows present); not that any method wins. Also the
-extraction task's exact reward and the `python` scorer hook that plugs it into the pipeline."""
+"""bench/efficacy.py --quick: its methods (one per kind of machinery) on both tasks run end to end
+and its numbers are sane (finite, in range, teacher and initial student rows present); not that any
+method wins. Also the extraction task's exact reward and the `python` scorer hook that plugs it into
+the pipeline."""
 
 from __future__ import annotations
 
@@ -95,8 +96,9 @@ def test_quick_benchmark_runs_every_method_with_sane_numbers(tmp_path, capsys):
         2 + len(m) for m in efficacy.QUICK_METHODS.values()
     )  # teacher, initial, methods; 1 seed
     assert os.path.getsize(tmp_path / "efficacy.png") > 1000
-    # Its budget, as CPU time (all threads) so that other jobs on a shared runner do not count: under
-    # 5 minutes of CPU means under 5 minutes of wall time on 2 cores of its own. Measured: ~2 min CPU.
+    # Its budget, as CPU time (all threads) so that other jobs on a shared runner do not count:
+    # under 5 minutes of CPU means under 5 minutes of wall time on 2 cores of its own. Measured: ~2
+    # min CPU.
     assert cpu_seconds < 300, f"--quick used {cpu_seconds:.0f} s of CPU, over its 5 minute budget"
 
 
@@ -155,5 +157,6 @@ def test_summary_gap_noise_and_reproduction_check(tmp_path):
     text = efficacy.compare(second, tmp_path / "summary.csv")
     lines = {line.split()[1]: line for line in text.splitlines()[2:-1]}
     assert lines["up"].split()[4] == "yes" and lines["flat"].split()[4] == "no"
-    # in: 4 rewards (teacher, initial student, up, flat) + 2 gaps (up, flat); within: all but flat's two
+    # in: 4 rewards (teacher, initial student, up, flat) + 2 gaps (up, flat); within: all but flat's
+    # two
     assert text.splitlines()[-1].startswith("4 of 6 means")

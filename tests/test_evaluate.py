@@ -1,4 +1,5 @@
-"""Evaluation metrics on hand-made texts with a stub scorer (exact numbers), and the report files."""
+"""Evaluation metrics on hand-made texts with a stub scorer (exact numbers), and the report
+files."""
 
 import json
 import re

@@ -140,7 +140,8 @@ def test_no_layer_imports_a_higher_one(graph):
 
 
 def test_the_checks_catch_what_they_look_for():
-    """The cycle finder finds a planted cycle; the layer map puts a lower module under a higher one."""
+    """The cycle finder finds a planted cycle; the layer map puts a lower module under a higher
+    one."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert (
         _layer("plad_jax.models.llama")

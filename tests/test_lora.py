@@ -199,7 +199,8 @@ def test_explicit_targets(built):
     assert {p[-2] for p in adapted_paths(t5)} == {"self_attn", "cross_attn"} and len(
         adapted_paths(t5)
     ) == 4 + 8
-    # An adapter's initial A depends on the seed and its path, not on which other projections are adapted.
+    # An adapter's initial A depends on the seed and its path, not on which other projections are
+    # adapted.
     a_only = dict(nnx.to_flat_state(lm.params))[
         ("layers", 0, "self_attn", "q_proj", "lora_a")
     ].get_value()

@@ -92,7 +92,8 @@ def kill(procs: list[subprocess.Popen]):
 
 
 def wait_for(procs: list[subprocess.Popen], started: float) -> list[dict]:
-    """Wait until TIMEOUT_S after `started`; each worker's JSON, or a clear failure (hangs are killed)."""
+    """Wait until TIMEOUT_S after `started`; each worker's JSON, or a clear failure (hangs are
+    killed)."""
     deadline, outputs, timed_out = started + TIMEOUT_S, [], False
     for proc in procs:
         try:

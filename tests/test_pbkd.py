@@ -1,4 +1,5 @@
-"""PbKD: the identities of METHODS.md section 3, masks, chunking, the reward model, the loops end to end."""
+"""PbKD: the identities of METHODS.md section 3, masks, chunking, the reward model, the loops end to
+end."""
 
 import itertools
 import math
@@ -16,7 +17,7 @@ def softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-# -- preference model, advantages, dual ascent -------------------------------------------------------
+# -- preference model, advantages, dual ascent -----------------------------------------------------
 
 
 def test_bradley_terry_nll_of_equal_rewards_is_log2_and_matches_numpy():
@@ -46,7 +47,8 @@ def test_leave_one_out_advantages_sum_to_zero_per_prompt_and_match_definition():
     np.testing.assert_allclose(adv.sum(axis=1), 0.0, atol=1e-5)
     expected = rewards - (rewards.sum(1, keepdims=True) - rewards) / 3
     np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-6)
-    # masked: sample 3 of prompt 0 is padding (any value), prompt 2 has one real sample (no baseline)
+    # masked: sample 3 of prompt 0 is padding (any value), prompt 2 has one real sample (no
+    # baseline)
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     garbage = np.where(mask, rewards, 1e9)
     adv = np.asarray(pbkd.leave_one_out_advantages(jnp.asarray(garbage), jnp.asarray(mask)))
@@ -80,7 +82,7 @@ def test_reward_model_loss_is_minus_gap_plus_lambda_nll_plus_c_r2():
     assert float(metrics["loss"][0] / metrics["loss"][1]) == pytest.approx(float(loss), rel=1e-6)
 
 
-# -- exact expectations by enumeration --------------------------------------------------------------
+# -- exact expectations by enumeration -------------------------------------------------------------
 
 
 def test_reinforce_with_loo_baseline_is_unbiased_by_enumeration():
@@ -204,7 +206,7 @@ def test_mm_student_surrogate_gradient_is_unbiased_by_enumeration():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
-# -- chunking and masks --------------------------------------------------------------------------------
+# -- chunking and masks ----------------------------------------------------------------------------
 
 
 def _random_mm_inputs(seed, b=3, t=7, v=11):
@@ -302,7 +304,7 @@ def test_cheap_loss_is_ce_plus_lambda_dpo():
     )
 
 
-# -- tiny models, tokenizer and pairs for the reward model and the loops ------------------------------
+# -- tiny models, tokenizer and pairs for the reward model and the loops ---------------------------
 
 WORDS = "the cat sat on a mat dog ran in park good bad summary short text please".split()
 
@@ -383,7 +385,7 @@ def pair_rows():
     )
 
 
-# -- reward model -------------------------------------------------------------------------------------
+# -- reward model ----------------------------------------------------------------------------------
 
 
 def test_reward_head_reads_the_last_real_response_token(student):
@@ -490,7 +492,7 @@ def test_preference_rows_from_a_scorer_or_pseudo_labels():
         )
 
 
-# -- the loops end to end -------------------------------------------------------------------------------
+# -- the loops end to end --------------------------------------------------------------------------
 
 LOOP_CFG = dict(
     num_samples=2,
@@ -545,7 +547,8 @@ def online_run(student, tokenizer, programs, tmp_path_factory):
     return lm, summary, workdir
 
 
-# Offline with the online run's schedule lengths (4 student steps, 6 adversary steps) reuses its programs.
+# Offline with the online run's schedule lengths (4 student steps, 6 adversary steps) reuses its
+# programs.
 OFFLINE = dict(steps_per_round=4, rm_warmup_steps=2)
 
 
@@ -553,7 +556,8 @@ OFFLINE = dict(steps_per_round=4, rm_warmup_steps=2)
 def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, tmp_path):
     initial = leaves(student)
     teacher = tiny_llama(tokenizer, 2, hidden=24) if method == "pbkd_mm" else None
-    # pbkd_mm: no warm-up steps (its warm-up loss still runs, as the NLL* evaluation) to compile less
+    # pbkd_mm: no warm-up steps (its warm-up loss still runs, as the NLL* evaluation) to compile
+    # less
     overrides = (
         OFFLINE
         if method == "pbkd_offline"

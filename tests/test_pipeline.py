@@ -1,5 +1,5 @@
-"""The README's demo command, word for word from a fresh directory, at toy scale: the five stages end to
-end through the CLI with the default (relative) run directory, and the resume skip."""
+"""The README's demo command, word for word from a fresh directory, at toy scale: the five stages
+end to end through the CLI with the default (relative) run directory, and the resume skip."""
 
 import json
 import os
@@ -42,8 +42,8 @@ def readme_demo_command() -> list[str]:
 
 
 def launch(cwd, *extra, timeout=600):
-    """`python -m plad_jax.launch ...` as typed in a shell in `cwd` (the package found by its install,
-    not by the working directory)."""
+    """`python -m plad_jax.launch ...` as typed in a shell in `cwd` (the package found by its
+    install, not by the working directory)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ""}
     command = readme_demo_command()
     assert command[:2] == ["python", "-m"], command

@@ -56,7 +56,8 @@ def test_win_rate_counts_ties_as_half():
 
 
 def _lcs_f1(response, reference):
-    """ROUGE-L F1 by hand: rouge-score's tokens (lowercase [a-z0-9] runs), LCS by dynamic programming."""
+    """ROUGE-L F1 by hand: rouge-score's tokens (lowercase [a-z0-9] runs), LCS by dynamic
+    programming."""
     a, b = re.findall(r"[a-z0-9]+", response.lower()), re.findall(r"[a-z0-9]+", reference.lower())
     table = np.zeros((len(a) + 1, len(b) + 1), int)
     for i, x in enumerate(a):

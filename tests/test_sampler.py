@@ -190,7 +190,8 @@ def test_sharded_greedy_equals_single_device(families, greedy, name):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cache_is_sharded_over_batch_and_heads(families, name):
     """Keys [(L,) B, heads, S, Dh] or [(L,) B, heads, Dh, S] (GQA) and values [(L,) B, heads, S, Dh]
-    (stacked or one array per layer): B over (data, fsdp), heads over tensor; every other per-row leaf (masks, positions) over (data, fsdp)."""
+    (stacked or one array per layer): B over (data, fsdp), heads over tensor; every other per-row
+    leaf (masks, positions) over (data, fsdp)."""
     _, _, lm = families[name]
     ids = jnp.ones((8, 16), jnp.int32)
     _, cache = jax.eval_shape(lambda p: lm.prefill(p, ids, ids, 4), lm.params)
@@ -241,7 +242,8 @@ def test_cache_specs_find_heads_in_every_key_value_layout():
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_attention_over_cache_prefixes_changes_nothing(families, greedy, name, monkeypatch):
     """With 8-slot blocks the decode steps read cache prefixes of 8, 16, ... slots (the test caches
-    are shorter than the default block): same tokens as transformers (via `greedy`), same logprobs."""
+    are shorter than the default block): same tokens as transformers (via `greedy`), same
+    logprobs."""
     from plad_jax.models import layers
 
     _, path, _ = families[name]
@@ -302,7 +304,8 @@ def test_backend_defaults_keep_cpu_as_tuned_and_reject_unknown_choices():
 
 
 class StubLM:
-    """A LanguageModel-shaped stub: row r's logits at step t are `table[first prompt token of r, t]`."""
+    """A LanguageModel-shaped stub: row r's logits at step t are `table[first prompt token of r,
+    t]`."""
 
     mesh = None
     is_encoder_decoder = False
@@ -436,7 +439,8 @@ def test_sample_ids_make_samples_independent_of_batching():
     whole = sampler.generate(
         lm, rows, np.ones_like(rows), max_new_tokens=5, temperature=1.0, seed=5, num_samples=2
     )
-    # prompts 4 and 1 alone, in another order, each keeping its id: the same samples as in the whole batch
+    # prompts 4 and 1 alone, in another order, each keeping its id: the same samples as in the whole
+    # batch
     part = sampler.generate(
         lm,
         rows[[4, 1]],

@@ -348,7 +348,7 @@ def test_tldr_t5_runs_every_stage_on_local_t5_checkpoints(tmp_path):
     assert os.path.exists(merged / "config.json")  # LoRA merged into a plain HF checkpoint
 
 
-# -- several processes ------------------------------------------------------------------------------
+# -- several processes -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -357,7 +357,8 @@ def test_tldr_t5_runs_every_stage_on_local_t5_checkpoints(tmp_path):
     ids=["plad_rank", "pbkd_online"],
 )
 def test_two_processes_give_the_metrics_of_one(paths, tmp_path, extra):
-    """2 processes x 4 CPU devices (jax.distributed over gloo on localhost) vs 1 process x 8 devices."""
+    """2 processes x 4 CPU devices (jax.distributed over gloo on localhost) vs 1 process x 8
+    devices."""
     import socket
 
     sets = [x for item in tiny_run.tiny_overrides(paths, **extra) for x in ("--set", item)]

@@ -1,4 +1,5 @@
-"""T5 family: parity with transformers on tiny random checkpoints, KV-cached decoding, HF round trip.
+"""T5 family: parity with transformers on tiny random checkpoints, KV-cached decoding, HF round
+trip.
 
 Three checkpoint layouts, each saved by transformers (and loaded by it for the reference):
   v1_0        relu, output scaled by d_model**-0.5, projected onto the shared embedding (t5-small..11b)
@@ -58,7 +59,8 @@ VARIANTS = {
 
 
 def _untie_like_the_hub(path):
-    """Give a saved checkpoint its own lm_head.weight and a hub-style config (tie_word_embeddings false)."""
+    """Give a saved checkpoint its own lm_head.weight and a hub-style config (tie_word_embeddings
+    false)."""
     weights = os.path.join(path, "model.safetensors")
     tensors = load_file(weights)
     generator = torch.Generator().manual_seed(1)

@@ -13,9 +13,9 @@ import os
 import numpy as np
 
 WORDS = (
-    "the cat dog bird fish tree car road house city river hill small big red blue green old new fast slow "
-    "runs sits jumps eats sees finds takes gives makes walks over under near far up down in on at with "
-    "from into this that my your our their happy sad warm cold bright dark"
+    "the cat dog bird fish tree car road house city river hill small big red blue green old new "
+    "fast slow runs sits jumps eats sees finds takes gives makes walks over under near far up "
+    "down in on at with from into this that my your our their happy sad warm cold bright dark"
 ).split()
 SUBREDDITS = ("cats", "dogs", "travel", "cooking")
 SPECIALS_LLAMA = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -125,8 +125,8 @@ def save_t5(path, tokenizer, *, d_model: int, layers: int, seed: int) -> str:
 
 
 def build(root, family: str = "llama") -> dict:
-    """{"teacher": dir, "student": dir, "data": jsonl}: a larger teacher and a smaller student of one
-    family sharing one tokenizer, and a TL;DR file, under `root`."""
+    """{"teacher": dir, "student": dir, "data": jsonl}: a larger teacher and a smaller student of
+    one family sharing one tokenizer, and a TL;DR file, under `root`."""
     root = str(root)
     os.makedirs(root, exist_ok=True)
     tokenizer = word_tokenizer("llama" if family == "llama" else "t5")

@@ -1,4 +1,5 @@
-"""Data: tasks -> examples -> the paper's splits -> token ids -> padded, bucketed, resumable batches.
+"""Data: tasks -> examples -> the paper's splits -> token ids -> padded, bucketed, resumable
+batches.
 
     splits = load_splits("tldr", seed=0)                      # D0, D, validation, test (Example lists)
     encoded = encode_examples(tokenizer, splits.d0, 512, 64)  # ids; prompts cut from the left, counted

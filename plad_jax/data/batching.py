@@ -1,4 +1,5 @@
-"""Batches of encoded examples: right-padded int32 arrays with bucketed lengths, deterministic order.
+"""Batches of encoded examples: right-padded int32 arrays with bucketed lengths, deterministic
+order.
 
 A batch is a dict of numpy arrays:
 
@@ -118,7 +119,8 @@ def iterate_batches(
     buckets: int | Sequence[int] = 64,
     pad_id: int = 0,
 ) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
-    """(batch, position after it) from `position` on, epoch after epoch (`num_epochs` in all, None = forever)."""
+    """(batch, position after it) from `position` on, epoch after epoch (`num_epochs` in all, None =
+    forever)."""
     per_epoch = num_batches(len(encoded), batch_size, drop_last)
     if per_epoch == 0:
         raise ValueError(f"{len(encoded)} examples make no batch of {batch_size}")

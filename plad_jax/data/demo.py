@@ -99,7 +99,8 @@ def docstring_examples(
 
 
 def _docstrings(path: Path, root: Path) -> Iterator[tuple[str, str, str]]:
-    """(kind, dotted name, cleaned docstring) of the module and every def/class in it, in source order."""
+    """(kind, dotted name, cleaned docstring) of the module and every def/class in it, in source
+    order."""
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except (SyntaxError, ValueError):  # lib2to3 test data and the like
@@ -183,7 +184,8 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int = 2000) -> byte
 def build_demo_tokenizer(
     out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_size: int = 2000
 ) -> str:
-    """Train and save the demo tokenizer in `out_dir`; an existing tokenizer there is reused as is."""
+    """Train and save the demo tokenizer in `out_dir`; an existing tokenizer there is reused as
+    is."""
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer_config.json").exists():
         logger.info("demo tokenizer: reusing %s", out_dir)

@@ -45,7 +45,8 @@ class EncodedExamples:
 
 
 def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a single text (e.g. ([bos], []) or ([], [eos]))."""
+    """The ids the tokenizer puts before and after a single text (e.g. ([bos], []) or ([],
+    [eos]))."""
     probe = "a"
     plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
@@ -114,7 +115,8 @@ def assemble(
     max_prompt_tokens: int,
     max_response_tokens: int,
 ) -> EncodedExamples:
-    """Plain ids -> model ids: prompts cut from the left inside their special tokens, responses + EOS cut right."""
+    """Plain ids -> model ids: prompts cut from the left inside their special tokens, responses +
+    EOS cut right."""
     prefix, suffix, eos = list(prefix), list(suffix), list(eos)
     room = max_prompt_tokens - len(prefix) - len(suffix)
     if room < 1:

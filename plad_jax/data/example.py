@@ -6,7 +6,8 @@ import dataclasses
 
 
 class DataError(ValueError):
-    """Data that cannot be used (missing file, missing field, empty split, unknown task); one line."""
+    """Data that cannot be used (missing file, missing field, empty split, unknown task); one
+    line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,10 @@ A table is `dict[column name, list of values]`, every list one entry per row. A 
 file that lacks a column holds `None` there; `require_columns` and the task readers turn that into
 a `DataError` naming the row.
 
-A folder holds one or more files per split, found by name: `train.jsonl`, `train-00000-of-00002.parquet`,
-`data/test.csv`, `valid.jsonl` (the validation split also answers to `valid`, `val`, `dev`). This
-covers the Hugging Face hub layout (`data/<split>-*.parquet`) and OpenAI's TL;DR jsonl files.
+A folder holds one or more files per split, found by name: `train.jsonl`,
+`train-00000-of-00002.parquet`, `data/test.csv`, `valid.jsonl` (the validation split also answers to
+`valid`, `val`, `dev`). This covers the Hugging Face hub layout (`data/<split>-*.parquet`) and
+OpenAI's TL;DR jsonl files.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def concat_tables(tables: Sequence[Table]) -> Table:
 
 
 def split_files(folder: str | os.PathLike, fmt: str | None = None) -> dict[str, list[Path]]:
-    """Files of each split found in `folder` or `folder/data`, sorted; splits with no file left out."""
+    """Files of each split found in `folder` or `folder/data`, sorted; splits with no file left
+    out."""
     folder = Path(folder)
     found: dict[str, list[Path]] = {}
     for place in (folder, folder / "data"):

@@ -10,8 +10,8 @@
 `path` is a local file (its split is `train`), a local folder of split files (`files.py`), a
 folder written by `datasets.save_to_disk`, or a hub dataset name loaded with
 `datasets.load_dataset` when the machine is online. OpenAI's TL;DR rows become exactly the
-`trl-lib/tldr` text: `SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:` and
-the response `" " + summary`. A task's responses may have stop strings (`STOP_STRINGS`; `hh`:
+`trl-lib/tldr` text: `SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:`
+and the response `" " + summary`. A task's responses may have stop strings (`STOP_STRINGS`; `hh`:
 the next `\\n\\nHuman:` turn), where sampling ends unless `sample.stop` / `eval.stop` say otherwise.
 """
 
@@ -98,7 +98,8 @@ def table_examples(
     prompt_field: str | None = None,
     response_field: str | None = None,
 ) -> list[Example]:
-    """Examples of one split's table, by the task's layout; rows with an empty prompt are dropped."""
+    """Examples of one split's table, by the task's layout; rows with an empty prompt are
+    dropped."""
     if task == "hh" and prompt_field is None:
         files.require_columns(table, ["chosen"], source)
         examples = [
@@ -134,7 +135,8 @@ def table_examples(
 
 
 def split_hh_transcript(transcript: str, source: str = "hh", row: int = 0) -> Example:
-    """An hh-rlhf transcript cut after its last `\\n\\nAssistant:`: the prompt keeps it, the response is the rest."""
+    """An hh-rlhf transcript cut after its last `\\n\\nAssistant:`: the prompt keeps it, the
+    response is the rest."""
     cut = transcript.rfind(HH_ASSISTANT)
     if cut < 0:
         raise DataError(
@@ -160,8 +162,8 @@ def _tldr_examples(table: files.Table, source: str) -> list[Example]:
         return out
     present = ", ".join(repr(c) for c in table) or "none"
     raise DataError(
-        f"{source} has fields {present}; task 'tldr' needs 'prompt' and 'completion' (trl-lib/tldr) "
-        f"or 'subreddit', 'title', 'post', 'summary' (OpenAI TL;DR jsonl)"
+        f"{source} has fields {present}; task 'tldr' needs 'prompt' and 'completion' "
+        "(trl-lib/tldr) or 'subreddit', 'title', 'post', 'summary' (OpenAI TL;DR jsonl)"
     )
 
 

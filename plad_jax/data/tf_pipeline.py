@@ -24,7 +24,8 @@ from plad_jax.data.encoding import EncodedExamples, assemble
 
 
 def sentencepiece_ids(model_proto: bytes, texts: Sequence[str]) -> list[list[int]]:
-    """Plain ids (no special tokens) of each text, as the LLaMA-style transformers tokenizer gives them."""
+    """Plain ids (no special tokens) of each text, as the LLaMA-style transformers tokenizer gives
+    them."""
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -42,7 +43,8 @@ def encode_with_sentencepiece(
     prompt_suffix: Sequence[int] = (),
     eos_id: int | None = None,
 ) -> EncodedExamples:
-    """`encode_texts` with SentencePiece itself; prefix/suffix as `special_affixes` gives them, eos_id None = no EOS."""
+    """`encode_texts` with SentencePiece itself; prefix/suffix as `special_affixes` gives them,
+    eos_id None = no EOS."""
     return assemble(
         sentencepiece_ids(model_proto, prompts),
         sentencepiece_ids(model_proto, responses),
@@ -71,7 +73,8 @@ def tf_batches(
     drop_last: bool = False,
     buckets: int | Sequence[int] = 64,
 ):
-    """A `tf.data.Dataset` of one epoch's batches (dicts of int32 tensors, the keys of `batching.batches`)."""
+    """A `tf.data.Dataset` of one epoch's batches (dicts of int32 tensors, the keys of
+    `batching.batches`)."""
     tf, tf_text = _require_tf()
     prefix, suffix = [int(i) for i in prompt_prefix], [int(i) for i in prompt_suffix]
     room = max_prompt_tokens - len(prefix) - len(suffix)

@@ -141,7 +141,8 @@ class CacheStep:
 
 
 def write_kv(layer_cache, k, v, keys_slots_minor: bool):
-    """Write the new token's k, v ([B, 1, KV, Dh]) into the layer's slot; (keys, values) in the cache's layout."""
+    """Write the new token's k, v ([B, 1, KV, Dh]) into the layer's slot; (keys, values) in the
+    cache's layout."""
     return write_slot(
         layer_cache["k"], layer_cache["v"], k, v, layer_cache["index"], keys_slots_minor
     )

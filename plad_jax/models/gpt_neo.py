@@ -127,7 +127,8 @@ def _attention_layers(attention_types, num_layers: int, window: int) -> tuple:
         )
     if len(kinds) != num_layers:
         raise ValueError(
-            f"config.json: attention_types expands to {len(kinds)} layers but num_layers is {num_layers}"
+            f"config.json: attention_types expands to {len(kinds)} layers but num_layers is "
+            f"{num_layers}"
         )
     return tuple(window if kind == "local" else None for kind in kinds)
 
@@ -272,7 +273,8 @@ def _windows(config):
 
 
 def weight_specs(config: GPTNeoConfig) -> list[WeightSpec]:
-    """HF tensor name -> our parameter path; linear kernels (torch nn.Linear) are stored transposed."""
+    """HF tensor name -> our parameter path; linear kernels (torch nn.Linear) are stored
+    transposed."""
     specs = [
         WeightSpec("transformer.wte.weight", ("wte", "embedding")),
         WeightSpec("transformer.wpe.weight", ("wpe", "embedding")),

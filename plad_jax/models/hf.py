@@ -133,9 +133,9 @@ class WeightFiles:
             pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(model_dir, p))]
             if pickles:
                 raise CheckpointError(
-                    f"{os.path.join(model_dir, pickles[0])}: pickle checkpoints are refused (they can run code); "
-                    "convert once with transformers: AutoModel.from_pretrained(dir).save_pretrained(dir, "
-                    "safe_serialization=True)"
+                    f"{os.path.join(model_dir, pickles[0])}: pickle checkpoints are refused (they "
+                    "can run code); convert once with transformers: "
+                    "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
                 )
             raise CheckpointError(f"{model_dir}: no {SINGLE} or {INDEX}")
         self._open: dict[str, SafetensorsFile] = {}

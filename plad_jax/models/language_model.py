@@ -3,7 +3,8 @@
 It holds a family's NNX graph definition and its params (an `nnx.State` whose leaves carry logical
 axis names) and exposes pure functions of `params` for training and sampling:
 
-    apply(params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None) -> (logits, hidden)
+    apply(params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None) -> (logits,
+    hidden)
     token_logprobs(params, <same four arrays>, *, rng=None) -> (log-probs [B, R], hits, hidden)
     prefill(params, prompt_ids, prompt_mask, max_new_tokens) -> (next_logits [B, V], cache)
     decode(params, tokens [B], cache) -> (next_logits [B, V], cache)
@@ -139,7 +140,8 @@ class LanguageModel:
     # -- pure functions of params (jit/grad them freely) ---------------------------------------
     def _module(self, params, rng=None):
         """The family module on `params`, cast to the compute dtype. `rng` is for subclasses whose
-        layers draw train-time randomness (LoRA dropout, `models.lora`); a plain model ignores it."""
+        layers draw train-time randomness (LoRA dropout, `models.lora`); a plain model ignores
+        it."""
         return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype))
 
     def _call(self, method: str, params, *args, rng=None, **kwargs):

@@ -241,8 +241,8 @@ def attention(q, k, v, mask, *, scale, bias=None):
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] with
     heads % kv_heads == 0 (MHA, GQA and MQA alike); mask: bool, broadcastable to
     [batch, heads, q_len, kv_len], True = may attend; bias: optional additive, broadcastable to the
-    same shape. A query with no visible key (a padding row) gets a finite uniform average, never NaN.
-    Returns [batch, q_len, heads, head_dim].
+    same shape. A query with no visible key (a padding row) gets a finite uniform average, never
+    NaN. Returns [batch, q_len, heads, head_dim].
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -327,9 +327,9 @@ def keys_slots_minor(heads: int, kv_heads: int, minor: bool | None = None) -> bo
     A decode step's scores are (the group's query rows) x (keys). With two or more query rows per
     key head the product streams the cache best with the slots minor; with one it is a
     matrix-vector product that reads rows of keys best. Measured on XLA:CPU, batch 16, the attention
-    alone in a jitted loop of 12 layers: LLaMA bench shapes (GQA 8/4), 256 slots, 7.3 ms (slots minor)
-    vs 9.2 ms per step; T5 bench shapes (MHA), 129 slots, 4.6 ms (slots major) vs 5.6. End to end
-    (`python -m bench.sampler`): the LLaMA's 512-token decode 28.7 -> 21.7 ms per token. t5x and
+    alone in a jitted loop of 12 layers: LLaMA bench shapes (GQA 8/4), 256 slots, 7.3 ms (slots
+    minor) vs 9.2 ms per step; T5 bench shapes (MHA), 129 slots, 4.6 ms (slots major) vs 5.6. End to
+    end (`python -m bench.sampler`): the LLaMA's 512-token decode 28.7 -> 21.7 ms per token. t5x and
     MaxText likewise make the cache layout a choice. For GQA/MQA the layout is a per-backend choice
     (`backend.BackendChoices.gqa_keys_slots_minor`, slots minor on CPU), or `minor` when given.
     """
@@ -339,7 +339,8 @@ def keys_slots_minor(heads: int, kv_heads: int, minor: bool | None = None) -> bo
 
 
 def cache_keys(k, slots_minor: bool):
-    """Keys [B, T, KV, Dh] in the cache's layout (`keys_slots_minor`): [B, KV, Dh, T] or [B, KV, T, Dh]."""
+    """Keys [B, T, KV, Dh] in the cache's layout (`keys_slots_minor`): [B, KV, Dh, T] or [B, KV, T,
+    Dh]."""
     return jnp.transpose(k, (0, 2, 3, 1)) if slots_minor else jnp.swapaxes(k, 1, 2)
 
 

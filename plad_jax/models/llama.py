@@ -71,12 +71,14 @@ class LlamaConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(
-                f"config.json: rope_type '{rope_type}' is not supported (supported: {', '.join(ROPE_TYPES)})"
+                f"config.json: rope_type '{rope_type}' is not supported (supported: "
+                f"{', '.join(ROPE_TYPES)})"
             )
         act = hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise ValueError(
-                f"config.json: hidden_act '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})"
+                f"config.json: hidden_act '{act}' is not supported (supported: "
+                f"{', '.join(ACTIVATIONS)})"
             )
         return cls(
             vocab_size=hf["vocab_size"],

@@ -16,12 +16,12 @@ What a LoRA model is. `add_lora` swaps each targeted `Linear` for a `LoRALinear`
 
 `lora_a` is drawn like PEFT's default (kaiming-uniform with a = sqrt(5): U(+-1/sqrt(in))), `lora_b`
 is zero, so a fresh adapter adds exact zeros and the model starts as the base model (compiled
-programs may still differ in the last bit where XLA fuses the zero terms differently). The adapters' type is
-the whole trainable/frozen split: `split_trainable` and `combine` are two `nnx.State` filters, pure
-and free under jit. Adapters are fp32 master weights whatever the base dtype (the model casts them
-to its compute dtype, like every parameter). Their logical axes are `(in_axis, None)` and
-`(None, out_axis)`, so `plad_jax.sharding` shards them like the kernel they adapt; the rank axis is
-replicated. On a model with a mesh, `add_lora` places them with those shardings.
+programs may still differ in the last bit where XLA fuses the zero terms differently). The adapters'
+type is the whole trainable/frozen split: `split_trainable` and `combine` are two `nnx.State`
+filters, pure and free under jit. Adapters are fp32 master weights whatever the base dtype (the
+model casts them to its compute dtype, like every parameter). Their logical axes are `(in_axis,
+None)` and `(None, out_axis)`, so `plad_jax.sharding` shards them like the kernel they adapt; the
+rank axis is replicated. On a model with a mesh, `add_lora` places them with those shardings.
 
 Targets are groups (`attention`, `mlp`) or projection names of the family (`q_proj`, `wi_0`, ...);
 T5's `attention` covers self- and cross-attention. Output layers (`lm_head`) are never adapted.
@@ -102,7 +102,8 @@ class LoRAConfig:
 
 
 class LoRALinear(Linear):
-    """A `Linear` with a low-rank update: x @ kernel (+ bias) + dropout(x) @ lora_a @ lora_b * scale."""
+    """A `Linear` with a low-rank update: x @ kernel (+ bias) + dropout(x) @ lora_a @ lora_b *
+    scale."""
 
     def __init__(
         self,
@@ -204,9 +205,11 @@ class LoRAModel(LanguageModel):
 
     def __repr__(self):
         return (
-            f"LoRAModel({self.model_type}, params={self.num_params():,}, adapters={self.num_adapter_params():,}, "
-            f"rank={self.lora.rank}, alpha={self.lora.alpha}, dropout={self.lora.dropout}, "
-            f"compute_dtype={self.compute_dtype.name}, mesh={None if self.mesh is None else dict(self.mesh.shape)})"
+            f"LoRAModel({self.model_type}, params={self.num_params():,}, "
+            f"adapters={self.num_adapter_params():,}, rank={self.lora.rank}, "
+            f"alpha={self.lora.alpha}, dropout={self.lora.dropout}, "
+            f"compute_dtype={self.compute_dtype.name}, "
+            f"mesh={None if self.mesh is None else dict(self.mesh.shape)})"
         )
 
 
@@ -224,7 +227,8 @@ def combine(adapters: nnx.State, base: nnx.State) -> nnx.State:
 
 
 def objective_combine(adapters, frozen) -> nnx.State:
-    """`combine` for `Method.objective` (plad_jax.methods): adapters plus the base in `frozen[FROZEN_KEY]`."""
+    """`combine` for `Method.objective` (plad_jax.methods): adapters plus the base in
+    `frozen[FROZEN_KEY]`."""
     return combine(adapters, frozen[FROZEN_KEY])
 
 
@@ -267,7 +271,8 @@ def target_names(lm: LanguageModel, targets) -> tuple[str, ...]:
 
 
 def add_lora(lm: LanguageModel, cfg: LoRAConfig = LoRAConfig(), seed: int = 0) -> LoRAModel:
-    """`lm` with adapters on the projections `cfg.targets` names (B = 0: it computes what `lm` does).
+    """`lm` with adapters on the projections `cfg.targets` names (B = 0: it computes what `lm`
+    does).
 
     The base arrays are shared with `lm`, never copied (the Variables around them are new);
     adapters are placed sharded like their kernels when `lm` has a mesh. Each adapter's `lora_a`
@@ -370,7 +375,8 @@ def merged_params(params: nnx.State, scale: float) -> nnx.State:
 
 
 def merge_lora(lm: LoRAModel) -> LanguageModel:
-    """A plain `LanguageModel` (the family's own graph) with the adapters folded into its kernels."""
+    """A plain `LanguageModel` (the family's own graph) with the adapters folded into its
+    kernels."""
     if not isinstance(lm, LoRAModel):
         raise ValueError("merge_lora needs a model made by add_lora; this one has no adapters")
     params = merged_params(lm.params, lm.lora.scale)

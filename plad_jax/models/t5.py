@@ -10,8 +10,8 @@ position.
 
 Two HF config facts decide the output layer (transformers >= 5 keeps them apart):
 `scale_decoder_outputs` (v1.0: multiply by d_model**-0.5 before the vocabulary projection; older
-configs say this with `tie_word_embeddings`) and whether a separate `lm_head.weight` exists (v1.1 and
-flan checkpoints carry one; transformers 5 writes none for a tied model, whatever the version).
+configs say this with `tie_word_embeddings`) and whether a separate `lm_head.weight` exists (v1.1
+and flan checkpoints carry one; transformers 5 writes none for a tied model, whatever the version).
 
 Decode cache (a dict of arrays, static shapes):
 
@@ -123,12 +123,14 @@ class T5Config:
 
 
 def reconcile_hf_config(hf: dict, has_tensor) -> dict:
-    """config.json made unambiguous with the checkpoint's tensor names (called by `hf.from_pretrained`).
+    """config.json made unambiguous with the checkpoint's tensor names (called by
+    `hf.from_pretrained`).
 
     transformers 5 writes `tie_word_embeddings: true` for every T5 and keeps v1.0 output scaling in
     `scale_decoder_outputs`; hub v1.1/flan configs say `tie_word_embeddings: false` and carry
-    `lm_head.weight`. Pin the scaling first (older configs mean it by `tie_word_embeddings`), then untie
-    exactly when the checkpoint has its own `lm_head.weight`, as transformers 5 does when loading.
+    `lm_head.weight`. Pin the scaling first (older configs mean it by `tie_word_embeddings`), then
+    untie exactly when the checkpoint has its own `lm_head.weight`, as transformers 5 does when
+    loading.
     """
     hf = dict(hf)
     scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
@@ -212,7 +214,8 @@ class Attention(nnx.Module):
         return self.o(out.reshape(x.shape[0], x.shape[1], -1))
 
     def cached(self, x, keys, values, length, mask, bias=None):
-        """Attention over cached keys/values [B, H, S, Dh], their first `length` slots (None: all)."""
+        """Attention over cached keys/values [B, H, S, Dh], their first `length` slots (None:
+        all)."""
         out = cached_attention(
             self._split(self.q(x)), keys, values, length, mask, scale=1.0, bias=bias
         )
@@ -253,9 +256,10 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, mask, bias, cache=None, cross=None):
-        """x: [B, T, D]. cache: None, or (k, v, index): decode, this step's keys are written into the
-        cached k, v (the cache's layout) at slot `index`. cross: None, or the encoder's (keys, values,
-        mask), [B, P, H, Dh] (or in the cache's layout when decoding). Returns (x, (keys, values))."""
+        """x: [B, T, D]. cache: None, or (k, v, index): decode, this step's keys are written into
+        the cached k, v (the cache's layout) at slot `index`. cross: None, or the encoder's (keys,
+        values, mask), [B, P, H, Dh] (or in the cache's layout when decoding). Returns (x, (keys,
+        values))."""
         h = self.self_attn_norm(x)
         keys, values = self.self_attn.key_values(h)
         if cache is None:
@@ -284,7 +288,8 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-    """Encoder (bidirectional) or decoder (causal, with cross-attention) stack and its bias table."""
+    """Encoder (bidirectional) or decoder (causal, with cross-attention) stack and its bias
+    table."""
 
     def __init__(self, config: T5Config, num_layers: int, *, decoder: bool, rngs):
         self.relative_attention_bias = Embed(
