@@ -10,7 +10,8 @@ seeds vary the student's init and SFT, the pairs and distillation, which is what
 depends on. Methods:
 
     sft kd seqkd fdistill_tvd fdistill_js minillm dpo plad_rank plad_margin
-    plad_iter (plad_rank, distill.rounds=2)   plad_real (plad_rank, pairs.real_ratio=0.5, the task's scorer)
+    plad_iter (plad_rank, distill.rounds=2)
+    plad_real (plad_rank, pairs.real_ratio=0.5, the task's scorer)
     pbkd_cheap pbkd_offline pbkd_online pbkd_mm
 
 (plad_real re-runs the sample stage on its fork: relabelling happens when the pairs are made.)
@@ -30,8 +31,8 @@ Columns (test split, greedy decoding; mean +- std over seeds):
 - T-S WR: share of test prompts where the teacher's reward beats the model's (ties 1/2); lower =
   closer to the teacher.
 - R-1/R-2/R-L: ROUGE F1 against the references; len: mean words.
-- gap closed: (reward(method) - reward(initial student)) / (reward(teacher) - reward(initial student)),
-  per seed, then mean +- std.
+- gap closed: (reward(method) - reward(initial student)) / (reward(teacher) - reward(initial
+  student)), per seed, then mean +- std.
 - beyond noise: gain = reward(method) - reward(initial student) per seed; "yes" when
   |mean gain| > 2 * std of the gain over seeds (sign shown), "no" otherwise; "n/a" with one seed.
 
@@ -41,7 +42,8 @@ table printed, and the run directories. `--summarise` redoes the summary from ef
 `--compare other/summary.csv` also prints, per method, whether this run's mean lies within the
 other run's mean +- std (the reproduction check: a second run on new seeds, `--first-seed 3`).
 
-    python bench/efficacy.py --quick          # CI: tiny models, 1 seed, 5 + 2 methods (QUICK_METHODS), few steps
+    python bench/efficacy.py --quick          # CI: tiny models, 1 seed, 5 + 2 methods
+                                              # (QUICK_METHODS), few steps
     python bench/efficacy.py                  # full: 3 seeds, both tasks
 """
 

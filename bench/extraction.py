@@ -4,8 +4,8 @@ Each example is a short "record": a few people, each described by 2-4 facts writ
 natural-ish sentences (several phrasings per attribute), all sentences shuffled together. The
 instruction asks for two of one person's attributes; the gold answer lists them in the order asked:
 
-    prompt:   "RECORD: Ada is 41 years old. The home town of Bruno is Oslo. Ada works as a baker. ...
-               \\nQUESTION: give the job and age of Ada.\\nANSWER:"
+    prompt:   "RECORD: Ada is 41 years old. The home town of Bruno is Oslo. Ada works as a baker.
+               ... \\nQUESTION: give the job and age of Ada.\\nANSWER:"
     response: " job: baker; age: 41"
 
 Solving it needs reading comprehension of a kind a small model finds hard: find the sentences about

@@ -3,7 +3,8 @@
 Each (framework, model) pair runs in its own subprocess so peak memory is its own: the figure is
 peak RSS minus RSS right after imports (weights + activations + runtime buffers).
 
-    python bench/forward.py                 # ~110M LLaMA-class and ~120M T5, batch 8, 128 + 128 tokens
+    python bench/forward.py                 # ~110M LLaMA-class and ~120M T5, batch 8, 128 + 128
+                                            # tokens
     python bench/forward.py --quick         # tiny models, to check the script runs
     python bench/forward.py --model PATH    # a real checkpoint: safetensors directory or GGUF file
 """

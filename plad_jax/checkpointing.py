@@ -3,7 +3,8 @@
 A stage's run directory holds (local path or `gs://`):
 
     <stage>/checkpoints/<step>/state   the whole `TrainState` (params, optimizer state, step, rng)
-    <stage>/checkpoints/<step>/meta    JSON: step, data position (epoch, batch index), config hash, metrics
+    <stage>/checkpoints/<step>/meta    JSON: step, data position (epoch, batch index), config hash,
+                                       metrics
     <stage>/params/                    params only, read by the next stage
 
 Saves are asynchronous: `save` returns once the arrays are copied off the device, the files are

@@ -5,7 +5,8 @@
       mesh           MeshConfig(data, fsdp, tensor)                     (plad_jax.sharding)
       teacher        ModelConfig(path | init, tokenizer, dtype, compute_dtype, remat, lora)
       student        ModelConfig
-      data           DataConfig(task, path, fields, token limits, split seed and sizes, split limits)
+      data           DataConfig(task, path, fields, token limits, split seed and sizes, split
+                     limits)
       sft_teacher    TrainConfig(epochs, batch_size, lr, ..., select_best=True)
       sft_student    TrainConfig
       sample         SampleConfig(temperature 0.7, top_k, top_p, max_new_tokens, batch_size, stop)

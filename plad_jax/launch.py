@@ -1,7 +1,7 @@
 """The command line: resolve a config, record it in the run directory, run the stages.
 
-    python -m plad_jax.launch [--config NAME|PATH] [--set a.b=value ...] [--stages s1,s2] [--run-dir
-    DIR]
+    python -m plad_jax.launch [--config NAME|PATH] [--set a.b=value ...] [--stages s1,s2]
+        [--run-dir DIR]
 
 --config    a preset in configs/ (default: demo), or a .py file with config() or a .json file
             (a run's config.json reruns that run)
@@ -132,7 +132,8 @@ def _on_cloud_tpu_vm() -> bool:
         from jax._src import hardware_utils
 
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:  # noqa: BLE001 - a private helper that may move: fall back to the device files
+    # a private helper that may move: fall back to the device files
+    except Exception:  # noqa: BLE001
         return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
@@ -262,7 +263,8 @@ def _umask() -> int:
 
 
 def _stamp() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")  # noqa: UP017 (3.10)
+    # UP017 (3.10)
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")  # noqa: UP017
 
 
 def _read_json(path: str):

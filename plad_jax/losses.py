@@ -15,8 +15,8 @@ Families (the function names are the contract):
   same loss from per-token log-probs and argmax hits);
 - PLaD (arXiv 2406.02886): `rank_calibration` (Eq. 4), `margin_calibration` (Eq. 5) and its
   score `ngram_span_score` (Eq. 6-8). The optional SLiC-style regulariser `+ alpha * CE(y+)` is
-  composed by the caller: `rank_calibration(...)[0] + alpha * sft_loss(logits_pos, y_pos,
-  m_pos)[0]`;
+  composed by the caller:
+  `rank_calibration(...)[0] + alpha * sft_loss(logits_pos, y_pos, m_pos)[0]`;
 - token-level distillation, teacher logits given: `kd_forward_kl`, `tvd_loss`, `js_loss`,
   `reverse_kl_loss`, `generalized_jsd_loss`;
 - pairwise preference: `dpo_loss`, `hinge_loss` (SLiC-HF / CPO hinge).

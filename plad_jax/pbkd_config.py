@@ -15,8 +15,8 @@ class PbKDConfig:
     """PbKD settings; every default is a reasonable starting point, not a tuned value.
 
     Student (REINFORCE / MM student step):
-      num_samples: k student samples per prompt at every step; the leave-one-out baseline needs k >=
-          2.
+      num_samples: k student samples per prompt at every step; the leave-one-out baseline needs
+          k >= 2.
       temperature: sampling temperature of those samples (1.0 = the policy itself, which the
         score-function estimates assume); max_new_tokens: their length limit.
       beta_kl: weight of `log q - log q_ref` (q_ref = the initial student) in the shaped reward.

@@ -6,7 +6,8 @@ OUR RECONSTRUCTION of the paper's white-box variant (METHODS.md section 3). With
 `h` (state `s_h = (x, y_<h)`):
 
     g_h   = sum_a (p(a|s_h) - q(a|s_h)) Q(s_h, a)                 per-position gap
-    R(y)  = sum_h [ Q(s_h, y_h) - sum_a p(a|s_h) Q(s_h, a) ]       sequence reward (for Bradley-Terry)
+    R(y)  = sum_h [ Q(s_h, y_h) - sum_a p(a|s_h) Q(s_h, a) ]       sequence reward
+                                                                  (for Bradley-Terry)
     J(p, R) - J(q, R) = E_{y ~ q} sum_h g_h                         (derivation: `plad_jax.pbkd`)
 
 Memory. Every term is a sum over the vocabulary at every position, so a direct implementation

@@ -32,7 +32,9 @@ from typing import Protocol
 import numpy as np
 
 from plad_jax.config import UserError
-from plad_jax.reward_model import JaxRewardModel, RewardFn, load_scorer  # noqa: F401 - part of this interface
+
+# part of this interface
+from plad_jax.reward_model import JaxRewardModel, RewardFn, load_scorer  # noqa: F401
 
 SCORER_KINDS = ("rouge", "reward_model", "jax_reward_model", "python")
 

@@ -606,7 +606,7 @@ def _sft_stage(role: str):
         )
         select = None
         if train_cfg.select_best and ctx.splits.validation:
-            select = lambda model: validation_score(ctx, model, role, train_cfg.validation_examples)  # noqa: E731
+            select = lambda model: validation_score(ctx, model, role, train_cfg.validation_examples)
         lm, summary = train_model(
             ctx,
             lm,

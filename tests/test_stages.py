@@ -362,7 +362,7 @@ def test_two_processes_give_the_metrics_of_one(paths, tmp_path, extra):
     import socket
 
     sets = [x for item in tiny_run.tiny_overrides(paths, **extra) for x in ("--set", item)]
-    args = lambda run: ["-m", "plad_jax.launch", "--config", "tiny", "--run-dir", str(run), *sets]  # noqa: E731
+    args = lambda run: ["-m", "plad_jax.launch", "--config", "tiny", "--run-dir", str(run), *sets]
     base = {**os.environ, "JAX_PLATFORMS": "cpu"}
     one = subprocess.run(
         [sys.executable, *args(tmp_path / "one")],

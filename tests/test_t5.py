@@ -2,7 +2,8 @@
 trip.
 
 Three checkpoint layouts, each saved by transformers (and loaded by it for the reference):
-  v1_0        relu, output scaled by d_model**-0.5, projected onto the shared embedding (t5-small..11b)
+  v1_0        relu, output scaled by d_model**-0.5, projected onto the shared embedding
+              (t5-small..11b)
   v1_1        gated-gelu, own lm_head.weight, `tie_word_embeddings: false` (hub t5-v1_1 / flan-t5);
               also num_decoder_layers != num_layers and num_heads * d_kv != d_model
   v1_1_tied   gated-gelu, unscaled, no lm_head.weight (what transformers 5 itself writes for v1.1)

@@ -1,8 +1,10 @@
 """Data: tasks -> examples -> the paper's splits -> token ids -> padded, bucketed, resumable
 batches.
 
-    splits = load_splits("tldr", seed=0)                      # D0, D, validation, test (Example lists)
-    encoded = encode_examples(tokenizer, splits.d0, 512, 64)  # ids; prompts cut from the left, counted
+    splits = load_splits("tldr", seed=0)                      # D0, D, validation, test (Example
+                                                              # lists)
+    encoded = encode_examples(tokenizer, splits.d0, 512, 64)  # ids; prompts cut from the left,
+                                                              # counted
     for batch, position in iterate_batches(encoded, 32, shuffle_seed=0):
         ...                                                   # save `position` to resume exactly
 

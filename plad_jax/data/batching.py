@@ -5,7 +5,8 @@ A batch is a dict of numpy arrays:
 
     prompt_ids, prompt_mask       [B, P]  int32, right-padded, mask 1 = real token
     response_ids, response_mask   [B, R]  int32, right-padded
-    example_index                 [B]     int32, the row's index into the encoded examples (-1: filler row)
+    example_index                 [B]     int32, the row's index into the encoded examples (-1:
+                                          filler row)
 
 `P` and `R` are the longest prompt / response of the batch rounded up by `bucket_length`, so a
 long run compiles a handful of shapes. The order of an epoch is a pure function of

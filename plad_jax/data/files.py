@@ -134,7 +134,8 @@ def _parquet_call(path: Path, read):
     """`read()`, a DataError if the file is not parquet or is damaged past its footer."""
     try:
         return read()
-    except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for a file that is not parquet
+    # pyarrow raises several types for a file that is not parquet
+    except Exception as e:  # noqa: BLE001
         raise DataError(
             f"{path} is not a readable parquet file ({type(e).__name__}: {first_line(e)})"
         ) from None

@@ -1,11 +1,15 @@
 """Tasks: where examples come from and how a source's fields become (prompt, response).
 
-| task      | default source                    | fields                                                    |
-|-----------|-----------------------------------|-----------------------------------------------------------|
-| `tldr`    | hub `trl-lib/tldr`                | `prompt`, `completion`; or OpenAI's jsonl `subreddit`, `title`, `post`, `summary` |
-| `hh`      | hub `Anthropic/hh-rlhf`, `helpful-base` | `chosen` transcript, cut after its last `\\n\\nAssistant:` |
-| `jsonl`, `csv`, `parquet` | a local file or folder (`path`) | `prompt_field` (default `prompt`), `response_field` (default `response`; "" = prompts only) |
-| `demo`    | built here from the Python standard library (`demo.py`) | docstring body -> one-line summary |
+task: default source; fields
+
+- `tldr`: hub `trl-lib/tldr`; `prompt`, `completion`; or OpenAI's jsonl `subreddit`, `title`,
+  `post`, `summary`
+- `hh`: hub `Anthropic/hh-rlhf`, `helpful-base`; `chosen` transcript, cut after its last
+  `\\n\\nAssistant:`
+- `jsonl`, `csv`, `parquet`: a local file or folder (`path`); `prompt_field` (default `prompt`),
+  `response_field` (default `response`; "" = prompts only)
+- `demo`: built here from the Python standard library (`demo.py`); docstring body -> one-line
+  summary
 
 `path` is a local file (its split is `train`), a local folder of split files (`files.py`), a
 folder written by `datasets.save_to_disk`, or a hub dataset name loaded with
@@ -226,7 +230,8 @@ def _read_hub(name: str, data_dir: str | None) -> dict[str, tuple[str, files.Tab
         import datasets
 
         loaded = datasets.load_dataset(name, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 -- offline, unknown name, gated: all end the same way for the user
+    # offline, unknown name, gated: all end the same way for the user
+    except Exception as e:  # noqa: BLE001
         raise DataError(
             f"could not load dataset {name!r} from the Hugging Face hub ({type(e).__name__}: "
             f"{files.first_line(e, 120)}); download it and pass a local file or folder with "

@@ -6,7 +6,8 @@ Scoring runs prompt and response as one sequence, `[prompt (right-padded) | resp
 
 The KV cache is a dict with one layout for every decoder-only family:
 
-    k         L-tuples of [B, KV, S, Dh]  S = prompt length + max_new_tokens; slot j holds input column j;
+    k         L-tuples of [B, KV, S, Dh]  S = prompt length + max_new_tokens; slot j holds input
+              column j;
               [B, KV, Dh, S] (slots minor) when query heads share key heads (GQA, MQA) and the
               backend chooses it (CPU), see `layers.keys_slots_minor`
     v         L-tuples of [B, KV, S, Dh]

@@ -3,8 +3,8 @@
 It holds a family's NNX graph definition and its params (an `nnx.State` whose leaves carry logical
 axis names) and exposes pure functions of `params` for training and sampling:
 
-    apply(params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None) -> (logits,
-    hidden)
+    apply(params, prompt_ids, prompt_mask, response_ids, response_mask, *, rng=None)
+        -> (logits, hidden)
     token_logprobs(params, <same four arrays>, *, rng=None) -> (log-probs [B, R], hits, hidden)
     prefill(params, prompt_ids, prompt_mask, max_new_tokens) -> (next_logits [B, V], cache)
     decode(params, tokens [B], cache) -> (next_logits [B, V], cache)

@@ -3,10 +3,12 @@
     lm = add_lora(from_pretrained(path), LoRAConfig(rank=8, alpha=32, dropout=0.1), seed=0)
     adapters, base = split_trainable(lm.params)
     loss_fn, frozen_fn = methods.get("plad_rank").objective(lm, combine=lora.objective_combine)
-    state = TrainState.create(adapters, optimizer)         # optimizer moments exist for adapters only
+    state = TrainState.create(adapters, optimizer)         # optimizer moments exist for adapters
+                                                           # only
     state, metrics = step(state, batch, {lora.FROZEN_KEY: base})
     trained = lm.with_params(combine(state.params, base))
-    merge_lora(trained).save_pretrained(out)              # a plain HF directory (so does trained.save_pretrained)
+    merge_lora(trained).save_pretrained(out)              # a plain HF directory
+                                                          # (so does trained.save_pretrained)
 
 What a LoRA model is. `add_lora` swaps each targeted `Linear` for a `LoRALinear`: the same `kernel`
 (and `bias`) variables at the same paths, plus `lora_a` `[in, rank]` and `lora_b` `[rank, out]` as

@@ -15,9 +15,11 @@ and flan checkpoints carry one; transformers 5 writes none for a tied model, wha
 
 Decode cache (a dict of arrays, static shapes):
 
-    k, v              L-tuples of [B, H, S, Dh]  decoder self-attention, S = 1 + max_new_tokens; slot
-                                                 j holds decoder input j (slot 0: the start token)
-    cross_k, cross_v  L-tuples of [B, H, P, Dh]  encoder keys/values of every decoder layer, computed once
+    k, v              L-tuples of [B, H, S, Dh]  decoder self-attention, S = 1 + max_new_tokens;
+                                                 slot j holds decoder input j (slot 0: the start
+                                                 token)
+    cross_k, cross_v  L-tuples of [B, H, P, Dh]  encoder keys/values of every decoder layer,
+                                                 computed once
     cross_mask        [B, P] bool       real prompt tokens
     index             [] int32          slot the next token fed to `decode` is written to
 
