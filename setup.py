@@ -16,13 +16,13 @@ CORE = [
     "sentencepiece>=0.2",
     "tokenizers>=0.20",
     "numpy>=1.26",
-    "pyarrow>=14",  # pair shards (plad_jax.pairs)
-    # ROUGE-1/2/L and the offline scorer (plad_jax.rewards, plad_jax.evaluate)
+    "pyarrow>=14",  # pair shards (plad_jax.data.pairs)
+    # ROUGE-1/2/L and the offline scorer (plad_jax.scoring.rewards, plad_jax.scoring.evaluate)
     "rouge-score>=0.1.2",
-    "matplotlib>=3.7",  # report plots, Agg canvas only (plad_jax.evaluate)
-    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (plad_jax.stages)
-    "tqdm>=4.60",  # progress bars (plad_jax.loop, plad_jax.sampler)
-    "gguf>=0.19,<0.20",  # GGUF read / write, numpy dequantization (plad_jax.models.gguf_io)
+    "matplotlib>=3.7",  # report plots, Agg canvas only (plad_jax.scoring.evaluate)
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (plad_jax.pipeline.stages)
+    "tqdm>=4.60",  # progress bars (plad_jax.training.loop, plad_jax.generation.sampler)
+    "gguf>=0.19,<0.20",  # GGUF read / write, numpy dequantization (plad_jax.models.io.gguf)
 ]
 
 EXTRAS = {

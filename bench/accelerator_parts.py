@@ -201,7 +201,8 @@ def family_checks(model, path, mesh) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from plad_jax import backend, sampler
+    from plad_jax import backend
+    from plad_jax.generation import sampler
     from plad_jax.models import from_pretrained
     from tests.helpers import (
         PROMPT_LENS,
@@ -355,7 +356,7 @@ def sampler_prefill_seconds(lm, ids, mask, new, repeats) -> float:
     """The sampler's own prefill program (compiled by the `generate` call before) timed alone."""
     import jax
 
-    from plad_jax import sampler
+    from plad_jax.generation import sampler
 
     model, config = sampler._StaticModel(lm), sampler.SamplingConfig(new, 0.0, 0, 1.0)
     args = sampler._to_device(

@@ -25,7 +25,7 @@ def load_torch(path: str, seq2seq: bool = False):
     import torch
     import transformers
 
-    from plad_jax.models.gguf_io import find_gguf
+    from plad_jax.models.io.gguf import find_gguf
 
     cls = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     gguf = find_gguf(path) if os.path.exists(path) else None

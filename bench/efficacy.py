@@ -1,10 +1,10 @@
 """Method efficacy: on tasks where the teacher is truly better, how much of the teacher-student gap
 does each distillation method close?
 
-What runs, per task and seed, in this process (`plad_jax.stages.run`, so models compile once):
-sft_teacher, sft_student and sample once (teacher and initial student built from scratch, LLaMA
-style; full: teacher hidden 128 x 4 layers, student 48 x 2), then the run directory is forked per
-method and distill + eval run on the fork, so every method starts from the same initial student,
+What runs, per task and seed, in this process (`plad_jax.pipeline.stages.run`, so models compile
+once): sft_teacher, sft_student and sample once (teacher and initial student built from scratch,
+LLaMA style; full: teacher hidden 128 x 4 layers, student 48 x 2), then the run directory is forked
+per method and distill + eval run on the fork, so every method starts from the same initial student,
 pairs and seed. The teacher is trained once per task (seed 0) and copied into every seed's run: the
 seeds vary the student's init and SFT, the pairs and distillation, which is what a method's gain
 depends on. Methods:
@@ -256,14 +256,15 @@ def enable_compile_cache(out: str) -> None:
 
 def run_stages(sets, run_dir, stages):
     from plad_jax import config as cfg
-    from plad_jax import stages as pipeline
+    from plad_jax.pipeline import stages as pipeline
 
     config = cfg.resolve("demo", sets, run_dir=run_dir)
     pipeline.run(config, run_dir, stages)
 
 
 class SamplingMemo:
-    """Reuses `plad_jax.stages.sample_responses` results for identical calls within this process.
+    """Reuses `plad_jax.pipeline.stages.sample_responses` results for identical calls within this
+    process.
 
     Every fork evaluates the same teacher and initial student on the same prompts with the same
     seed (greedy), and plad_real's fork resamples the shared pairs; those calls are pure functions
@@ -275,7 +276,7 @@ class SamplingMemo:
         self.cache, self.hits, self.misses = {}, 0, 0
 
     def __enter__(self):
-        from plad_jax import stages
+        from plad_jax.pipeline import stages
 
         self._stages, self._original = stages, stages.sample_responses
         stages.sample_responses = self._sample
@@ -353,7 +354,7 @@ def fork(base: str, run_dir: str, resample: bool):
 
 def exact_match_rate(task: str, eval_dir: str, model: str) -> float:
     """Share of test prompts where `model`'s response ties the reference (reward 1.0)."""
-    from plad_jax.rewards import RougeScorer
+    from plad_jax.scoring.rewards import RougeScorer
 
     with open(os.path.join(eval_dir, "responses.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

@@ -22,9 +22,8 @@ scores 1.0 by construction, so no response can beat it: "win rate against the re
 reward is the share of prompts where the response ties the gold (reward 1, an exact match).
 
 The pipeline reaches the scorer through `eval.scorer=python`,
-`eval.reward_model=bench.extraction:FieldF1Scorer` (`plad_jax.rewards.python_scorer`), and likewise
-for `pairs.*` in real-pair relabelling.
-"""
+`eval.reward_model=bench.extraction:FieldF1Scorer` (`plad_jax.scoring.rewards.python_scorer`), and
+likewise for `pairs.*` in real-pair relabelling."""
 
 from __future__ import annotations
 
@@ -133,7 +132,8 @@ def field_f1(response: str, reference: str) -> float:
 
 
 class FieldF1Scorer:
-    """The exact reward as a `plad_jax.rewards.Scorer`: `field_f1(response, reference)` per row."""
+    """The exact reward as a `plad_jax.scoring.rewards.Scorer`: `field_f1(response, reference)` per
+    row."""
 
     name = "field_f1"
     reference_based = True  # closeness to the gold; the gold itself scores 1.0

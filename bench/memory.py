@@ -132,7 +132,7 @@ def jax_worker(args) -> dict:
 
     from plad_jax import losses, methods
     from plad_jax.models import from_pretrained, lora
-    from plad_jax.train import (
+    from plad_jax.training.step import (
         OptimizerConfig,
         TrainState,
         make_optimizer,

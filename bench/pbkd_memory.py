@@ -4,9 +4,9 @@ What runs: value and gradient of one scalar made of everything both MM players d
 
     sum_b mm_gap + sum_b mm_sequence_reward + sum_{b,h} log q(y_h | s_h)
 
-(`plad_jax.pbkd_mm.mm_position_terms` with Q bounded by r_max = 5), with respect to the student's
-and the Q-network's inputs, the teacher frozen. Batch 4, response length 1024, vocabulary 32000,
-fp32, every position real. Two input forms:
+(`plad_jax.losses.pbkd_mm.mm_position_terms` with Q bounded by r_max = 5), with respect to the
+student's and the Q-network's inputs, the teacher frozen. Batch 4, response length 1024, vocabulary
+32000, fp32, every position real. Two input forms:
 
     logits    teacher / student / Q logits given as [B, T, V] arrays (what `LanguageModel.apply`
               returns); chunking bounds the softmaxes, products and their cotangents, not the inputs
@@ -55,7 +55,7 @@ def build(form: str, chunk, batch: int, length: int, vocab: int, width: int):
     import jax
     import jax.numpy as jnp
 
-    from plad_jax import pbkd_mm
+    from plad_jax.losses import pbkd_mm
 
     project = lambda head, h: jnp.dot(h, head)  # [B, c, D] x [D, V]
 

@@ -102,7 +102,7 @@ def prompts(batch, vocab, seed=0):
 
 def ours(lm, ids, mask, new_tokens, stop=None):
     """Seconds for one plad_jax greedy generation (returns host arrays, so it is synchronous)."""
-    from plad_jax.sampler import generate
+    from plad_jax.generation.sampler import generate
 
     t0 = time.perf_counter()
     out = generate(lm, ids, mask, max_new_tokens=new_tokens, temperature=0.0, stop=stop)
@@ -193,7 +193,7 @@ def bench_tokenizer(vocab_size):
 
 def stop_cost_row(name, lm, batch, repeats):
     """(tok/s without stop strings, with STOP_STRINGS): the same generation, runs alternating."""
-    from plad_jax.sampler import stop_strings
+    from plad_jax.generation.sampler import stop_strings
 
     stop = stop_strings(bench_tokenizer(lm.vocab_size), STOP_STRINGS)
     assert stop.layout is not None
@@ -218,7 +218,7 @@ def stop_check_us(stop, batch, steps=2000):
     import jax
     import jax.numpy as jnp
 
-    from plad_jax.sampler import StopTable, stop_hit
+    from plad_jax.generation.sampler import StopTable, stop_hit
 
     tables = StopTable(jnp.asarray(stop.table), jnp.asarray(stop.lengths))
 

@@ -152,7 +152,7 @@ def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, te
     import jax
 
     from plad_jax import methods
-    from plad_jax.train import (
+    from plad_jax.training.step import (
         OptimizerConfig,
         TrainState,
         make_optimizer,

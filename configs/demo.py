@@ -17,7 +17,7 @@ from plad_jax.config import (
     SampleConfig,
     TrainConfig,
 )
-from plad_jax.pbkd_config import PbKDConfig
+from plad_jax.config.pbkd import PbKDConfig
 
 
 def _llama(hidden: int, layers: int, heads: int) -> dict:

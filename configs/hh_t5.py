@@ -1,10 +1,10 @@
 """PLaD paper setting: T5-XXL -> T5-large (both T5 v1.1) on Anthropic HH, helpful-base.
 
 Teacher google/t5-v1_1-xxl, student google/t5-v1_1-large; hyper-parameters and sharding as in
-`plad_jax/paper_settings.py`.
+`plad_jax/config/paper.py`.
 """
 
-from plad_jax.paper_settings import paper_config
+from plad_jax.config.paper import paper_config
 
 
 def config():

@@ -16,7 +16,7 @@ from plad_jax.config import (
     SampleConfig,
     TrainConfig,
 )
-from plad_jax.pbkd_config import PbKDConfig
+from plad_jax.config.pbkd import PbKDConfig
 
 
 def _train(**kw) -> TrainConfig:

@@ -1,10 +1,10 @@
 """PLaD paper setting: LLaMA-2-13B -> LLaMA-2-7B on TL;DR.
 
 Teacher meta-llama/Llama-2-13b-hf, student meta-llama/Llama-2-7b-hf; hyper-parameters and sharding
-as in `plad_jax/paper_settings.py`.
+as in `plad_jax/config/paper.py`.
 """
 
-from plad_jax.paper_settings import paper_config
+from plad_jax.config.paper import paper_config
 
 
 def config():

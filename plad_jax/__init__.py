@@ -29,9 +29,9 @@ _EXPORTS = {
     "load_config": ("plad_jax.config", "load_config"),
     "apply_overrides": ("plad_jax.config", "apply_overrides"),
     "validate": ("plad_jax.config", "validate"),
-    "generate_text": ("plad_jax.sampler", "generate_text"),
-    "generate_many": ("plad_jax.sampler", "generate_many"),
-    "run": ("plad_jax.stages", "run"),
+    "generate_text": ("plad_jax.generation.sampler", "generate_text"),
+    "generate_many": ("plad_jax.generation.sampler", "generate_many"),
+    "run": ("plad_jax.pipeline.stages", "run"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -389,8 +389,8 @@ def _run(args) -> int:
     logging.getLogger("plad_jax").setLevel(
         logging.INFO if _process_index(distributed) == 0 else logging.WARNING
     )
-    from plad_jax import stages as pipeline
-    from plad_jax.train import NonFiniteLossError
+    from plad_jax.pipeline import stages as pipeline
+    from plad_jax.training.step import NonFiniteLossError
 
     try:
         pipeline.run(local, run_dir, stages, on_start=record_config)

@@ -25,6 +25,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
@@ -236,3 +237,29 @@ def global_batch(mesh: Mesh | None, local_arrays):
         return jax.make_array_from_process_local_data(sharding, np.asarray(a), global_shape)
 
     return jax.tree.map(place, local_arrays)
+
+
+def place_batch(mesh: Mesh | None, batch: dict, *, local: bool = False) -> dict:
+    """A host batch (dict of arrays) as device arrays, batch-sharded over (data, fsdp): the one
+    placement every training step's input goes through.
+
+    `local=False`: every process passes the whole global batch and copies only the rows its
+    devices hold (`shard_batch`; a batch that does not divide data*fsdp is replicated).
+    `local=True`: each process passes its own rows (`local_rows`), as after per-process sampling,
+    and the global batch is assembled from them (`global_batch`). On one process both are the
+    same.
+    """
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    if local and jax.process_count() > 1:
+        return global_batch(mesh, batch)
+    return dict(zip(batch, shard_batch(mesh, *batch.values())))
+
+
+def local_rows(mesh: Mesh | None, batch: dict) -> dict:
+    """This process's rows (`process_batch_rows`) of a global host batch; all of them on one
+    process."""
+    if mesh is None or jax.process_count() == 1:
+        return batch
+    rows = process_batch_rows(mesh, len(next(iter(batch.values()))))
+    return {k: v[rows] for k, v in batch.items()}

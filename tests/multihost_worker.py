@@ -63,7 +63,7 @@ def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool =
     from plad_jax import methods
     from plad_jax import sharding as shd
     from plad_jax.models import from_pretrained
-    from plad_jax.train import (
+    from plad_jax.training.step import (
         OptimizerConfig,
         TrainState,
         check_finite,
@@ -110,8 +110,8 @@ def sample_run(model_dir: str, mesh_shape=MESHES[0]) -> dict:
     """
     import jax
 
-    from plad_jax import sampler
     from plad_jax import sharding as shd
+    from plad_jax.generation import sampler
     from plad_jax.models import from_pretrained
 
     lm = from_pretrained(model_dir, mesh=shd.make_mesh(tuple(mesh_shape)))

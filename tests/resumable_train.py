@@ -25,12 +25,12 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from plad_jax import checkpointing as ckpt
 from plad_jax import methods
 from plad_jax import sharding as shd
-from plad_jax.loop import train_loop
 from plad_jax.models import from_pretrained
-from plad_jax.train import (
+from plad_jax.training import checkpointing as ckpt
+from plad_jax.training.loop import train_loop
+from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,
     make_optimizer,

@@ -18,11 +18,11 @@ import torch
 import transformers
 from jax.sharding import SingleDeviceSharding
 
-from plad_jax import checkpointing as ckpt
 from plad_jax import sharding as shd
-from plad_jax.loop import train_loop
 from plad_jax.models import CheckpointError, from_pretrained
-from plad_jax.train import (
+from plad_jax.training import checkpointing as ckpt
+from plad_jax.training.loop import train_loop
+from plad_jax.training.step import (
     NonFiniteLossError,
     OptimizerConfig,
     TrainState,
@@ -158,7 +158,7 @@ def test_corrupt_latest_is_reported_and_previous_used(tmp_path, caplog, corrupt)
     corrupt(tmp_path / "6")
     (tmp_path / "9.orbax-checkpoint-tmp" / "state").mkdir(parents=True)  # a save killed half-way
 
-    with caplog.at_level(logging.WARNING, logger="plad_jax.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="plad_jax.training.checkpointing"):
         manager = ckpt.open_manager(tmp_path, ckpt.CheckpointConfig(every_steps=3, keep=2))
         assert manager.all_steps() == [3, 6]  # the unfinished step 9 is not a checkpoint
         restored, position = ckpt.restore_latest(manager, ckpt.abstract_like(toy_state(0.0)))

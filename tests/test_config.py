@@ -87,7 +87,7 @@ def test_installed_package_carries_the_presets_under_plad_jax(tmp_path):
     assert (target / "plad_jax" / "configs" / "demo.py").is_file()
     assert not (target / "configs").exists()
     code = (
-        "import plad_jax.config as c; m = c._import_preset('demo'); "
+        "import plad_jax.config.presets as c; m = c._import_preset('demo'); "
         "print(m.__name__, c.load_config('demo').name, c.preset_names() == "
         f"sorted({list(PRESETS)!r}))"
     )
@@ -216,7 +216,7 @@ def test_choice_lists_live_in_one_place():
     from plad_jax import methods
     from plad_jax.data.tasks import TASKS
 
-    assert C.TASKS is TASKS and not hasattr(C, "METHODS")  # the registry: plad_jax.methods
+    assert C.schema.TASKS is TASKS and not hasattr(C, "METHODS")  # the registry: plad_jax.methods
     with pytest.raises(ConfigError) as e:
         methods.configure(apply_overrides(Config(), ["distill.method=nope"]))
     assert all(m in message(e) for m in methods.names()) and "module:Class" in message(e)
@@ -714,13 +714,13 @@ def test_bad_distributed_environment_is_a_usage_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI in process (stages replaced by a recorder; plad_jax.stages is written separately)
+# CLI in process (stages replaced by a recorder; plad_jax.pipeline.stages is written separately)
 
 
 @pytest.fixture
 def fake_stages(monkeypatch):
     calls = []
-    module = types.ModuleType("plad_jax.stages")
+    module = types.ModuleType("plad_jax.pipeline.stages")
 
     def run(
         config, run_dir, stages, on_start=None
@@ -731,7 +731,7 @@ def fake_stages(monkeypatch):
     module.run = run
     import plad_jax
 
-    monkeypatch.setitem(sys.modules, "plad_jax.stages", module)
+    monkeypatch.setitem(sys.modules, "plad_jax.pipeline.stages", module)
     monkeypatch.setattr(plad_jax, "stages", module, raising=False)
     for name in ("JAX_COORDINATOR_ADDRESS", "PLAD_JAX_DISTRIBUTED", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -792,7 +792,7 @@ def test_user_errors_from_the_stages_are_one_line_and_exit_2(tmp_path, fake_stag
     def boom(config, run_dir, stages, on_start=None):
         raise error
 
-    sys.modules["plad_jax.stages"].run = boom
+    sys.modules["plad_jax.pipeline.stages"].run = boom
     assert launch.main(["--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert (
@@ -809,7 +809,7 @@ def test_bugs_keep_their_traceback(tmp_path, fake_stages):
     def bug(config, run_dir, stages, on_start=None):
         raise ZeroDivisionError("a bug")
 
-    sys.modules["plad_jax.stages"].run = bug
+    sys.modules["plad_jax.pipeline.stages"].run = bug
     with pytest.raises(ZeroDivisionError):
         launch.main(["--run-dir", str(tmp_path / "run")])
 
@@ -935,11 +935,12 @@ def test_unreachable_hub_switches_to_local_files():
 
 
 # ------------------------------------------------------------------------------------------------
-# What the pending stages read (plad_jax.inputs): the up-front check's list comes from the config
+# What the pending stages read (plad_jax.pipeline.inputs): the up-front check's list comes from the
+# config
 
 
 def _needs(sets, stages, **kw):
-    from plad_jax import inputs
+    from plad_jax.pipeline import inputs
 
     config = apply_overrides(load_config("tiny"), TINY_PATHS + sets)
     needs = inputs.pending_needs(config, stages, **kw)
@@ -982,7 +983,7 @@ def test_the_pairs_scorer_is_read_by_sample_and_by_pbkd(method, pairs_readers):
 
 @pytest.mark.parametrize("method,teacher", [("kd", True), ("pbkd_mm", True), ("plad_rank", False)])
 def test_distill_reads_the_teacher_only_for_methods_comparing_token_distributions(method, teacher):
-    from plad_jax import inputs
+    from plad_jax.pipeline import inputs
 
     config = apply_overrides(
         load_config("tiny"),
@@ -995,7 +996,7 @@ def test_distill_reads_the_teacher_only_for_methods_comparing_token_distribution
 
 
 def test_a_python_scorer_that_cannot_be_imported_says_why():
-    from plad_jax import inputs
+    from plad_jax.pipeline import inputs
 
     assert inputs.import_problem("json:loads") is None
     assert "No module named 'no_such_module'" in inputs.import_problem("no_such_module:Scorer")

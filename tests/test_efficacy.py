@@ -14,8 +14,8 @@ import time
 import pytest
 
 from bench import efficacy, extraction
-from plad_jax import rewards
 from plad_jax.config import ConfigError, resolve
+from plad_jax.scoring import rewards
 
 
 def test_field_f1_is_exact():

@@ -8,14 +8,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from plad_jax.evaluate import (
+from plad_jax.scoring.evaluate import (
     BUCKETS,
     evaluate_responses,
     length_bucket,
     teacher_student_win_rate,
     write_report,
 )
-from plad_jax.rewards import RougeScorer
+from plad_jax.scoring.rewards import RougeScorer
 
 
 class GoodCounter:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from plad_jax import launch
 from plad_jax import sharding as shd
 from plad_jax.models import CheckpointError, from_pretrained, lora
-from plad_jax.models.gguf_io import GGUFFile
+from plad_jax.models.io.gguf import GGUFFile
 from tests.helpers import (
     PROMPT_LENS,
     RESPONSE_LENS,

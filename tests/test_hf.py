@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from plad_jax.models import CheckpointError, from_pretrained
-from plad_jax.models.safetensors_io import SafetensorsFile, write_safetensors
+from plad_jax.models.io.safetensors import SafetensorsFile, write_safetensors
 from tests.helpers import (
     PROMPT_LENS,
     RESPONSE_LENS,

@@ -18,25 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first. A module may import modules of its own layer and of the layers before it.
 LAYERS = (
-    ("core", ("backend", "sharding", "losses", "pbkd", "pbkd_config", "data.example")),
-    ("data", ("data", "pairs")),
+    ("core", ("errors", "backend", "sharding", "losses")),
+    ("data", ("data",)),
     ("models", ("models",)),
-    ("config", ("config", "paper_settings", "fetch")),
-    ("training", ("train", "checkpointing", "loop", "sampler")),
-    (
-        "methods",
-        (
-            "methods",
-            "reward_model",
-            "pbkd_objectives",
-            "pbkd_mm",
-            "pbkd_loop",
-            "pbkd_rounds",
-            "preferences",
-        ),
-    ),
-    ("scoring", ("rewards", "evaluate")),
-    ("pipeline", ("inputs", "stages", "launch", "")),
+    ("config", ("config", "fetch")),
+    ("training", ("training", "generation")),
+    ("scoring", ("scoring",)),
+    ("methods", ("methods",)),
+    ("pipeline", ("pipeline", "launch", "")),
 )
 
 
@@ -146,9 +135,9 @@ def test_the_checks_catch_what_they_look_for():
     assert (
         _layer("plad_jax.models.llama")
         < _layer("plad_jax.methods.pairs")
-        < _layer("plad_jax.stages")
+        < _layer("plad_jax.pipeline.stages")
     )
-    assert _layer("plad_jax.data.example") < _layer("plad_jax.data.tasks")
+    assert _layer("plad_jax.errors") < _layer("plad_jax.data.tasks")
 
 
 def test_public_api_resolves_and_import_stays_light():

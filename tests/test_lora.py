@@ -15,7 +15,7 @@ from safetensors import safe_open
 from plad_jax import methods
 from plad_jax import sharding as shd
 from plad_jax.models import LanguageModel, from_pretrained, lora
-from plad_jax.train import (
+from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,
     make_optimizer,

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from plad_jax.pairs import (
+from plad_jax.data.pairs import (
     PAIR_COLUMNS,
     PairsError,
     build_pairs,

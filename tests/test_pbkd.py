@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plad_jax import losses, pbkd, pbkd_mm
+from plad_jax import losses
+from plad_jax.losses import pbkd, pbkd_mm
 
 
 def softmax(x):
@@ -368,7 +369,7 @@ PROMPTS = [
 
 
 def pair_rows():
-    from plad_jax import pairs
+    from plad_jax.data import pairs
 
     return pairs.build_pairs(
         PROMPTS,
@@ -389,7 +390,7 @@ def pair_rows():
 
 
 def test_reward_head_reads_the_last_real_response_token(student):
-    from plad_jax import reward_model
+    from plad_jax.scoring import reward_model
 
     rm = reward_model.from_backbone(student, r_max=2.0, head_std=1.0)
     pi, pm = np.array([[5, 6, 7], [8, 9, 0]]), np.array([[1, 1, 1], [1, 1, 0]])
@@ -413,8 +414,10 @@ def test_reward_head_reads_the_last_real_response_token(student):
 
 
 def test_bradley_terry_training_on_separable_pairs_reduces_nll(student, tokenizer):
-    from plad_jax import data, preferences, reward_model
-    from plad_jax.train import (
+    from plad_jax import data
+    from plad_jax.data import preferences
+    from plad_jax.scoring import reward_model
+    from plad_jax.training.step import (
         OptimizerConfig,
         TrainState,
         make_optimizer,
@@ -446,8 +449,9 @@ def test_bradley_terry_training_on_separable_pairs_reduces_nll(student, tokenize
 
 
 def test_reward_model_save_load_and_scorer(student, tokenizer, tmp_path):
-    from plad_jax import data, reward_model
+    from plad_jax import data
     from plad_jax.models import CheckpointError
+    from plad_jax.scoring import reward_model
 
     rm = reward_model.from_backbone(student, r_max=3.0, head_std=0.5, seed=4)
     reward_model.save(rm, str(tmp_path / "rm"))
@@ -472,7 +476,7 @@ def test_reward_model_save_load_and_scorer(student, tokenizer, tmp_path):
 
 
 def test_preference_rows_from_a_scorer_or_pseudo_labels():
-    from plad_jax import preferences
+    from plad_jax.data import preferences
 
     class LengthScorer:  # prefers the longer response
         def score(self, prompts, responses, references=None):
@@ -508,8 +512,8 @@ LOOP_CFG = dict(
 
 def run_method(method, workdir, student, tokenizer, programs, teacher=None, **overrides):
     from plad_jax.config import TrainConfig
-    from plad_jax.pbkd_config import PbKDConfig
-    from plad_jax.pbkd_loop import run_pbkd
+    from plad_jax.config.pbkd import PbKDConfig
+    from plad_jax.methods.pbkd.game import run_pbkd
 
     # checkpoints every 5 steps and at each phase end: online saves steps 1, 3, 4, 5 and 6
     train = TrainConfig(batch_size=2, learning_rate=1e-2, checkpoint_every=5, keep=1, log_every=1)
@@ -576,7 +580,7 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "curve.json").exists()
     if method == "pbkd_offline":
         assert summary["steps"] == 6 and 0.0 <= summary["lam"] and summary["nll_star"] > 0
-        from plad_jax import reward_model
+        from plad_jax.scoring import reward_model
 
         scorer = reward_model.load_scorer(
             str(tmp_path / "reward_model"), max_prompt_tokens=8, max_response_tokens=6
@@ -584,7 +588,9 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
         assert np.all(
             np.abs(scorer.score(PROMPTS[:2], ["good", "bad"])) <= LOOP_CFG.get("r_max", 5.0)
         )
-        from plad_jax.rewards import make_scorer  # eval.scorer=jax_reward_model with this directory
+        from plad_jax.scoring.rewards import (
+            make_scorer,  # eval.scorer=jax_reward_model with this directory
+        )
 
         by_config = make_scorer("jax_reward_model", str(tmp_path / "reward_model"), 4)
         np.testing.assert_allclose(
@@ -598,7 +604,7 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
 
 def test_run_pbkd_online_grows_the_preference_set(online_run):
     _, summary, workdir = online_run
-    from plad_jax import pairs
+    from plad_jax.data import pairs
 
     round0, round1 = (pairs.read_pairs(workdir / "rounds" / f"round-{r}") for r in (0, 1))
     assert len(round0) + len(round1) == summary["pairs"] == len(PROMPTS)
@@ -614,7 +620,7 @@ def test_run_pbkd_online_grows_the_preference_set(online_run):
 def test_run_pbkd_resumes_after_a_crash_mid_round(
     online_run, student, tokenizer, programs, tmp_path, monkeypatch
 ):
-    from plad_jax import pbkd_loop
+    from plad_jax.methods.pbkd import game as pbkd_loop
 
     real_step = pbkd_loop._Game._game_step
 

@@ -227,7 +227,7 @@ def test_bad_input_is_one_line_exit_2_and_the_run_directory_untouched(bad_inputs
 def test_the_input_checks_log_lines_are_printed_once_it_passes_and_dropped_when_it_fails(caplog):
     import logging
 
-    from plad_jax import stages
+    from plad_jax.pipeline import stages
 
     log = logging.getLogger("plad_jax.data.demo")
     with caplog.at_level(logging.INFO, logger="plad_jax"):
@@ -263,7 +263,8 @@ def hh_sample_rows(tmp_path, *overrides):
     """The sample stage's stored pairs on HH transcripts, with a teacher and a student that both run
     on into an invented next Human turn (in two different tokenizations of it)."""
     from plad_jax import config as config_mod
-    from plad_jax import pairs, stages
+    from plad_jax.data import pairs
+    from plad_jax.pipeline import stages
     from tests.test_sampler import STOP_SCRIPTS, byte_bpe_tokenizer, spell
 
     tmp_path.mkdir(exist_ok=True)

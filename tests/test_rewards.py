@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from plad_jax.config import UserError
-from plad_jax.rewards import (
+from plad_jax.scoring.rewards import (
     HFRewardModel,
     JaxRewardModel,
     RewardModelError,

@@ -17,8 +17,9 @@ import pytest
 import torch
 import transformers
 
-from plad_jax import backend, sampler
+from plad_jax import backend
 from plad_jax import sharding as shd
+from plad_jax.generation import sampler
 from plad_jax.models import from_pretrained
 from tests.helpers import FAMILIES, LLAMA, PROMPT_LENS, hf_greedy, prompt_batch
 
@@ -493,7 +494,7 @@ def test_no_prompt_rows_gives_empty_output():
 
 
 def test_bucket_length():
-    assert [sampler.bucket_length(n) for n in (1, 16, 17, 33, 100, 128, 129, 300, 1000)] == [
+    assert [sampler.prompt_bucket(n) for n in (1, 16, 17, 33, 100, 128, 129, 300, 1000)] == [
         16,
         16,
         32,
@@ -613,7 +614,7 @@ def reference_texts(lm, tokenizer, encoded):
 def test_generate_text_matches_token_level_generate(text_model, caplog):
     tokenizer, lm = text_model
     prompts = SENTENCES[:5]  # batches of 2 prompts x 2 samples: 2, 2 and a short last one
-    with caplog.at_level(logging.INFO, logger="plad_jax.sampler"):
+    with caplog.at_level(logging.INFO, logger="plad_jax.generation.sampler"):
         texts = sampler.generate_text(
             lm,
             tokenizer,
@@ -636,7 +637,7 @@ def test_sampling_tokens_per_s_leaves_compilation_out(text_model, caplog):
     kw = dict(
         max_new_tokens=8, batch_size=2, temperature=0.0, top_k=3, progress=False
     )  # a new program
-    with caplog.at_level(logging.INFO, logger="plad_jax.sampler"):
+    with caplog.at_level(logging.INFO, logger="plad_jax.generation.sampler"):
         sampler.generate_many(lm, prompts, desc="first", **kw)
         sampler.generate_many(lm, prompts, desc="again", **kw)
     first, again = (

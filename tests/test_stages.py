@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from plad_jax import config as config_mod
-from plad_jax import launch, methods, stages
+from plad_jax import launch, methods
+from plad_jax.pipeline import stages
 from tests import tiny_run
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import transformers
 from plad_jax import losses, methods
 from plad_jax import sharding as shd
 from plad_jax.models import from_pretrained, init_model, lora
-from plad_jax.train import (
+from plad_jax.training.step import (
     NonFiniteLossError,
     OptimizerConfig,
     TrainState,

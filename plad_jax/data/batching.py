@@ -35,24 +35,30 @@ KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "example_i
 
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
-    """The next batch to read: batch `index` of epoch `epoch`."""
+    """The next batch to read: batch `index` of epoch `epoch` (`index` batches of that epoch are
+    consumed). Saved with every checkpoint, so a resumed run reads the batch it would have read."""
 
     epoch: int = 0
     index: int = 0
 
+    def advance(self, steps_per_epoch: int) -> DataPosition:
+        index = self.index + 1
+        return DataPosition(self.epoch + index // steps_per_epoch, index % steps_per_epoch)
 
-def bucket_length(length: int, buckets: int | Sequence[int] = 64) -> int:
-    """`length` rounded up to a bucket.
 
-    An int `m`: powers of two from 8 up to `m`, then multiples of `m` (64 -> 8, 16, 32, 64, 128,
-    192, ...). A sequence: its smallest entry >= length (ValueError past the largest).
+def bucket_length(length: int, buckets: int | Sequence[int] = 64, minimum: int = 8) -> int:
+    """`length` rounded up to a bucket (training batches; the sampler's prompts too, with
+    `buckets=128, minimum=16`).
+
+    An int `m`: powers of two from `minimum` up to `m`, then multiples of `m` (64 -> 8, 16, 32, 64,
+    128, 192, ...). A sequence: its smallest entry >= length (ValueError past the largest).
     """
     if isinstance(buckets, int):
         if buckets < 1:
             raise ValueError(f"buckets={buckets} must be positive")
         if length > buckets:
             return -(-length // buckets) * buckets
-        size = min(8, buckets)
+        size = min(minimum, buckets)
         while size < length:
             size *= 2
         return min(size, buckets)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-
-class DataError(ValueError):
-    """Data that cannot be used (missing file, missing field, empty split, unknown task); one
-    line."""
+from plad_jax.errors import DataError  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,11 @@ import numpy as np
 from flax import nnx
 
 from plad_jax import sharding as shd
-from plad_jax.models import gguf_io, language_model
+from plad_jax.errors import CheckpointError  # noqa: F401 (re-exported)
+from plad_jax.models import language_model
+from plad_jax.models.io import gguf as gguf_io
+from plad_jax.models.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from plad_jax.models.language_model import LanguageModel
-from plad_jax.models.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
 # HF model_type -> (module, config class, model class). Families are imported on first use.
 FAMILIES = {
@@ -46,10 +48,6 @@ NO_TOKENIZER = (
     "the GGUF file has no tokenizer metadata; pass a tokenizer (a model's tokenizer "
     "directory) as well"
 )
-
-
-class CheckpointError(ValueError):
-    """A model directory or checkpoint that cannot be loaded; the message is one line."""
 
 
 def family(model_type: str):

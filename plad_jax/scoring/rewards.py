@@ -4,15 +4,15 @@
 
 - `RougeScorer`: ROUGE-L F1 of the response against the reference (the offline default; needs
   references). It measures closeness to the reference, so it is `reference_based`: scoring the
-  reference itself gives 1.0, and `plad_jax.evaluate` does not report a win rate *against* the
-  reference with it (only teacher-vs-student and per-model mean scores).
+  reference itself gives 1.0, and `plad_jax.scoring.evaluate` does not report a win rate *against*
+  the reference with it (only teacher-vs-student and per-model mean scores).
 - `HFRewardModel`: a `transformers` sequence-classification reward model, by default the paper's
   `OpenAssistant/reward-model-deberta-v3-large-v2`. The pair encoding is `tokenizer(prompt,
   response)` (question = prompt, answer = response) and the score is `logits[:, 0]`. Loads
   `safetensors` only, never remote code. Runs under PyTorch (on `device`), which the reward model
   scorer needs installed.
-- `JaxRewardModel` (defined beside the JAX reward model in `plad_jax.reward_model`, below this
-  module): wraps any `(prompts, responses) -> [N] scores` callable, so a JAX reward model (e.g.
+- `JaxRewardModel` (defined beside the JAX reward model in `plad_jax.scoring.reward_model`, below
+  this module): wraps any `(prompts, responses) -> [N] scores` callable, so a JAX reward model (e.g.
   PbKD's) plugs in.
 - `python`: a scorer written in Python and named by its import path `module:attr` (config
   `reward_model`); `attr` is called with no arguments and must return an object with `score`
@@ -32,19 +32,16 @@ from typing import Protocol
 import numpy as np
 
 from plad_jax.config import UserError
+from plad_jax.errors import RewardModelError  # noqa: F401 (re-exported)
 
 # part of this interface
-from plad_jax.reward_model import JaxRewardModel, RewardFn, load_scorer  # noqa: F401
+from plad_jax.scoring.reward_model import JaxRewardModel, RewardFn, load_scorer  # noqa: F401
 
 SCORER_KINDS = ("rouge", "reward_model", "jax_reward_model", "python")
 
 
-class RewardModelError(UserError):
-    """A reward model that cannot be loaded or used (missing, offline, no safetensors); one line."""
-
-
 class Scorer(Protocol):
-    """What `plad_jax.pairs.relabel` and `plad_jax.evaluate` call.
+    """What `plad_jax.data.pairs.relabel` and `plad_jax.scoring.evaluate` call.
 
     `name` labels reports; `reference_based` is True when the score is closeness to the reference
     (such a scorer cannot judge a response *against* the reference). Duck-typed scorers without
@@ -234,7 +231,7 @@ def _import_torch_transformers():
     return torch, transformers
 
 
-# -- JAX reward model: `plad_jax.reward_model.JaxRewardModel` (imported above) --------------------
+# -- JAX reward model: `plad_jax.scoring.reward_model.JaxRewardModel` (imported above) -------------
 
 
 # -- a scorer named by its import path -------------------------------------------------------------
@@ -283,7 +280,7 @@ def make_scorer(
 ) -> Scorer:
     """The scorer a config names: `rouge`, `reward_model` (a transformers model at `path`),
     `jax_reward_model`: the `reward_fn` callable when given, else the plad_jax reward model saved
-    at `path` (`plad_jax.reward_model.save`; PbKD writes one to `distill/reward_model/`), or
+    at `path` (`plad_jax.scoring.reward_model.save`; PbKD writes one to `distill/reward_model/`), or
     `python`: the scorer `path` = `module:attr` makes (`python_scorer`)."""
     if kind == "rouge":
         return RougeScorer()

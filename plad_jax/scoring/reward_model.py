@@ -31,10 +31,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from plad_jax import data
 from plad_jax import sharding as shd
 from plad_jax.losses import _masked_sum_count
+from plad_jax.losses.pbkd import bounded_reward, bradley_terry_nll
 from plad_jax.models import LanguageModel, from_pretrained
 from plad_jax.models.hf import CheckpointError
-from plad_jax.models.safetensors_io import SafetensorsFile, write_safetensors
-from plad_jax.pbkd import bounded_reward, bradley_terry_nll
+from plad_jax.models.io.safetensors import SafetensorsFile, write_safetensors
 
 F32 = jnp.float32
 HEAD_FILE = "reward_head.safetensors"
@@ -172,7 +172,7 @@ def load(path: str, *, dtype=jnp.float32, compute_dtype=None, mesh=None) -> Rewa
     if not os.path.exists(head_path):
         raise CheckpointError(
             f"{path}: no {HEAD_FILE} here, so it is not a saved plad_jax reward model "
-            f"(plad_jax.reward_model.save writes one)"
+            f"(plad_jax.scoring.reward_model.save writes one)"
         )
     backbone = from_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
     f = SafetensorsFile(head_path)
@@ -227,7 +227,8 @@ def as_scorer(
     batch_size: int = 32,
     name: str = "jax_reward_model",
 ):
-    """The reward model behind `plad_jax.rewards`' scorer interface (texts in, [N] scores out).
+    """The reward model behind `plad_jax.scoring.rewards`' scorer interface (texts in, [N] scores
+    out).
 
     Texts are encoded like training data (`data.encode_texts`: prompt cut from the left, response
     + EOS cut to `max_response_tokens`), batches are filled to `batch_size` rows with bucketed
@@ -264,7 +265,7 @@ def load_scorer(
     batch_size: int = 32,
     mesh=None,
 ):
-    """`as_scorer(load(path))`: a saved reward model as a `plad_jax.rewards` scorer.
+    """`as_scorer(load(path))`: a saved reward model as a `plad_jax.scoring.rewards` scorer.
 
     tokenizer: the one its backbone reads; None loads the tokenizer saved beside it (`save(...,
     tokenizer=...)`, which `pbkd_loop.run_pbkd` does for its final reward model).

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from plad_jax.rewards import is_reference_based, scorer_name, win_rate
+from plad_jax.scoring.rewards import is_reference_based, scorer_name, win_rate
 
 BUCKET_EDGES = (10, 20, 30, 40)
 BUCKETS = ("(0,10]", "(10,20]", "(20,30]", "(30,40]", ">40")

@@ -1,11 +1,13 @@
-"""Preference data for PbKD: (prompt, chosen, rejected) rows from the pair rows of `plad_jax.pairs`.
+"""Preference data for PbKD: (prompt, chosen, rejected) rows from the pair rows of
+`plad_jax.data.pairs`.
 
 A pair row holds one prompt with a teacher sample and a student sample. Its label says which is
 preferred, from one of two sources:
 
-- a scorer (`plad_jax.rewards`: ROUGE-L against the reference, a transformers reward model, or a
-  JAX reward model via `reward_model.as_scorer`): `label_pairs(rows, scorer)` scores every pair
-  with `pairs.relabel` (real_ratio 1) and prefers the student only where it scores strictly higher;
+- a scorer (`plad_jax.scoring.rewards`: ROUGE-L against the reference, a transformers reward model,
+  or a JAX reward model via `reward_model.as_scorer`): `label_pairs(rows, scorer)` scores every
+  pair with `pairs.relabel` (real_ratio 1) and prefers the student only where it scores strictly
+  higher;
 - pseudo-labels: the teacher is preferred (`chosen = "teacher"`, what `pairs.build_pairs` and the
   sample stage write); `label_pairs(rows, None)` keeps each row's stored label, so rows the sample
   stage already relabelled keep that label.
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from plad_jax import data, pairs
+from plad_jax import data
+from plad_jax.data import pairs
 
 
 def label_pairs(rows: Sequence[dict], scorer=None, *, seed: int = 0) -> tuple[list[dict], dict]:

@@ -26,14 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plad_jax import checkpointing as ckpt
-from plad_jax import data, evaluate, inputs, methods, pairs, rewards, sampler
+from plad_jax import data, methods
 from plad_jax import sharding as shd
 from plad_jax.config import Config, ConfigError, to_dict
-from plad_jax.loop import LossCurve, train_loop
+from plad_jax.data import pairs
+from plad_jax.generation import sampler
 from plad_jax.methods import Method
 from plad_jax.models import from_pretrained, hf, init_model, lora
-from plad_jax.train import (
+from plad_jax.pipeline import inputs
+from plad_jax.scoring import evaluate, rewards
+from plad_jax.training import checkpointing as ckpt
+from plad_jax.training.loop import LossCurve, train_loop
+from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,
     make_optimizer,
@@ -206,11 +210,11 @@ def _barrier(name: str):
 
 def check_inputs(ctx: Context, pending) -> None:
     """Before any work: every earlier stage, model, tokenizer, scorer and dataset that the pending
-    stages read (`plad_jax.inputs` derives the list from the config) is done, on this machine or
-    reachable. All that is missing goes into one ConfigError line naming the setting that reads it
-    and the `--set` that fixes it, so a run without network fails in seconds, not after hours of
-    teacher SFT. The check's own log lines (data loaded, ...) appear once it passes: a run that
-    cannot start prints its one line and nothing else."""
+    stages read (`plad_jax.pipeline.inputs` derives the list from the config) is done, on this
+    machine or reachable. All that is missing goes into one ConfigError line naming the setting that
+    reads it and the `--set` that fixes it, so a run without network fails in seconds, not after
+    hours of teacher SFT. The check's own log lines (data loaded, ...) appear once it passes: a run
+    that cannot start prints its one line and nothing else."""
     with _held_logs():
         _check_inputs(ctx, pending)
 
@@ -476,7 +480,7 @@ def train_model(
         order = data.epoch_order(num_examples, shuffle_seed=seed, epoch=epoch)
         rows = order[index * train_cfg.batch_size : (index + 1) * train_cfg.batch_size]
         batch = batch_fn(rows)
-        return dict(zip(batch, shd.shard_batch(ctx.mesh, *batch.values())))
+        return shd.place_batch(ctx.mesh, batch)
 
     to_full = (
         (lambda p: lora.combine(p, frozen[lora.FROZEN_KEY]))

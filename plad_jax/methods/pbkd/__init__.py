@@ -1,15 +1,15 @@
 """PbKD (our reconstruction of arXiv 2505.18952, METHODS.md section 3): `pbkd_cheap`,
 `pbkd_offline`, `pbkd_online`, `pbkd_mm`. Their hyper-parameters are the config's `pbkd` section
-(`plad_jax.pbkd_config.PbKDConfig`); each trains itself with `plad_jax.pbkd_loop.run_pbkd` (the
-two-player game, or for `pbkd_cheap` CE on teacher samples + lam * DPO on the pairs)."""
+(`plad_jax.config.pbkd.PbKDConfig`); each trains itself with `plad_jax.methods.pbkd.game.run_pbkd`
+(the two-player game, or for `pbkd_cheap` CE on teacher samples + lam * DPO on the pairs)."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 from plad_jax.config import ConfigError
+from plad_jax.config.pbkd import PbKDConfig
 from plad_jax.methods.base import Batches, Method, register
-from plad_jax.pbkd_config import PbKDConfig
 
 
 class PbKD(Method):
@@ -37,10 +37,10 @@ class PbKD(Method):
         if not self.cheap:
             raise ValueError(
                 f"method '{self.name}' alternates a reward model and the student with "
-                "fresh samples; run it with plad_jax.pbkd_loop.run_pbkd (per-player "
-                "losses: plad_jax.pbkd_objectives)"
+                "fresh samples; run it with plad_jax.methods.pbkd.game.run_pbkd (per-player "
+                "losses: plad_jax.methods.pbkd.objectives)"
             )
-        from plad_jax import pbkd_objectives
+        from plad_jax.methods.pbkd import objectives as pbkd_objectives
 
         combine = combine or pbkd_objectives.full_params
         return pbkd_objectives.cheap_objective(
@@ -66,7 +66,7 @@ class PbKD(Method):
         that scorer too (pseudo-labels when there is none)."""
         import jax
 
-        from plad_jax.pbkd_loop import run_pbkd
+        from plad_jax.methods.pbkd.game import run_pbkd
 
         mesh = student.mesh
         shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]

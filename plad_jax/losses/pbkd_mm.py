@@ -8,7 +8,7 @@ OUR RECONSTRUCTION of the paper's white-box variant (METHODS.md section 3). With
     g_h   = sum_a (p(a|s_h) - q(a|s_h)) Q(s_h, a)                 per-position gap
     R(y)  = sum_h [ Q(s_h, y_h) - sum_a p(a|s_h) Q(s_h, a) ]       sequence reward
                                                                   (for Bradley-Terry)
-    J(p, R) - J(q, R) = E_{y ~ q} sum_h g_h                         (derivation: `plad_jax.pbkd`)
+    J(p, R) - J(q, R) = E_{y ~ q} sum_h g_h                         (derivation: losses.pbkd)
 
 Memory. Every term is a sum over the vocabulary at every position, so a direct implementation
 holds several `[B, T, V]` arrays (softmaxes, products, and their cotangents in the backward pass).
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from plad_jax.losses import Metrics, _masked_sum_count, _metric, masked_mean
-from plad_jax.pbkd import (
+from plad_jax.losses.pbkd import (
     _rows_loss_metric,
     bounded_reward,
     bradley_terry_nll,

@@ -6,7 +6,7 @@ PbKD cuts the rows into T contiguous chunks: round 0 keeps chunk 0's stored stud
 initial student drew them), round t >= 1 replaces chunk t's student samples by fresh ones from the
 current student and labels them against the chunk's teacher samples; the set of round t is chunks
 0..t. Labels come from the scorer, or are the stored / pseudo labels (teacher preferred) without
-one (`plad_jax.preferences`).
+one (`plad_jax.data.preferences`).
 
 Each round's labelled rows are written once to `<workdir>/rounds/round-<t>/pairs-00000.parquet`
 (`pairs.write_pairs`, atomic) and read back on resume, so a restarted run trains on exactly the
@@ -21,7 +21,9 @@ import os
 import jax
 import numpy as np
 
-from plad_jax import data, pairs, preferences, sampler
+from plad_jax import data
+from plad_jax.data import pairs, preferences
+from plad_jax.generation import sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +146,8 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, index: int) -> np.ndar
 
 def make_batch(encoding: Encoding, rows) -> dict[str, np.ndarray]:
     """Host batch of the prompts, teacher samples and preference pair of `rows` (the keys of
-    `plad_jax.pbkd_objectives`; the loop adds the student samples, or for `pbkd_cheap` names the
-    teacher samples `response_*`)."""
+    `plad_jax.methods.pbkd.objectives`; the loop adds the student samples, or for `pbkd_cheap` names
+    the teacher samples `response_*`)."""
     t = data.make_batch(encoding.teacher, rows)
     c, r = data.make_batch(encoding.chosen, rows), data.make_batch(encoding.rejected, rows)
     return {

@@ -15,6 +15,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from plad_jax.errors import SafetensorsError  # noqa: F401 (re-exported)
+
 DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -31,10 +33,6 @@ DTYPES = {
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file that cannot be read as one."""
 
 
 class SafetensorsFile:

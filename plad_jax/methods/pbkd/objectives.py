@@ -22,10 +22,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from plad_jax import losses, pbkd, pbkd_mm
+from plad_jax import losses
+from plad_jax.config.pbkd import PbKDConfig
+from plad_jax.losses import pbkd, pbkd_mm
 from plad_jax.models.language_model import LanguageModel
-from plad_jax.pbkd_config import PbKDConfig
-from plad_jax.reward_model import RewardModel, real_pairs
+from plad_jax.scoring.reward_model import RewardModel, real_pairs
 
 
 def full_params(params, frozen):

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from plad_jax import backend
+from plad_jax.errors import NonFiniteLossError  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass
@@ -102,10 +103,6 @@ class TrainState:
             opt_state=opt_state,
             rng=jax.device_put(rng, replicated),
         )
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or Inf loss or gradient."""
 
 
 def check_finite(metrics, step: int):

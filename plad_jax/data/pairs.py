@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
-from plad_jax.data.example import DataError
+from plad_jax.errors import PairsError  # noqa: F401 (re-exported)
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -72,10 +72,6 @@ DEFAULTS = {
 }
 CHOICES = ("teacher", "student")
 SHARD_PATTERN = re.compile(r"pairs-(\d{5})\.parquet")
-
-
-class PairsError(DataError):
-    """Pair shards that are missing, unreadable or malformed; the message names the file."""
 
 
 def shard_name(process_index: int) -> str:
@@ -206,7 +202,7 @@ def _read_shard(path: epath.Path) -> list[dict]:
     if missing:
         raise PairsError(
             f"pair shard {path} lacks the columns {', '.join(missing)}; it was not written by "
-            f"plad_jax.pairs.write_pairs, rerun the sample stage"
+            f"plad_jax.data.pairs.write_pairs, rerun the sample stage"
         )
     try:
         table = table.select(list(PAIR_COLUMNS)).cast(PAIR_SCHEMA)

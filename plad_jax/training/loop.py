@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from plad_jax import checkpointing as ckpt
-from plad_jax.train import NonFiniteLossError, check_finite, reduce_metrics
+from plad_jax.training import checkpointing as ckpt
+from plad_jax.training.step import NonFiniteLossError, check_finite, reduce_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ Semantics of `generate` (the contract of DESIGN.md section 3):
 Compilation: prefill (with the first draw) and the decode loop (`lax.while_loop`, loop state a
 `DecodeState`, cache donated and updated in place) are two jitted functions. Their shapes are
 bucketed so a long job compiles a handful of programs: the prompt length is padded to
-`bucket_length` (powers of two up to 128, then multiples of 128), the batch to a multiple of the
+`prompt_bucket` (powers of two up to 128, then multiples of 128), the batch to a multiple of the
 mesh's batch shards (and to `pad_batch_to` when given); padded rows are dropped from the output.
 `max_new_tokens` and the sampling settings are part of the compiled program. (The families'
 caches keep values `[B, heads, slots, head_dim]` and keys the same or, for GQA on CPU, `[B,
@@ -75,6 +75,7 @@ from jax.sharding import PartitionSpec as P
 
 from plad_jax import backend
 from plad_jax import sharding as shd
+from plad_jax.data.batching import bucket_length
 
 logger = logging.getLogger(__name__)
 
@@ -570,11 +571,9 @@ def _decode_fn():
 # -- shapes, hosts and the public entry points -------------------------------------------------
 
 
-def bucket_length(n: int) -> int:
+def prompt_bucket(n: int) -> int:
     """Padded prompt length: powers of two from 16 up to 128, then multiples of 128."""
-    if n <= POW2_PROMPT_BUCKET_UP_TO:
-        return max(MIN_PROMPT_BUCKET, 1 << max(0, n - 1).bit_length())
-    return -(-n // POW2_PROMPT_BUCKET_UP_TO) * POW2_PROMPT_BUCKET_UP_TO
+    return bucket_length(n, POW2_PROMPT_BUCKET_UP_TO, minimum=MIN_PROMPT_BUCKET)
 
 
 def _agree_max(*values: int) -> tuple[int, ...]:
@@ -703,7 +702,7 @@ def generate(
 
     model = _StaticModel(lm)
     rows = max(ids.shape[0], pad_batch_to or 0, 1)
-    rows, length = _agree_max(rows, bucket_length(max(used, 1)))
+    rows, length = _agree_max(rows, prompt_bucket(max(used, 1)))
     if model.mesh is not None:  # this process's rows must split evenly over its batch shards
         local = _local_batch_shards(model.mesh)
         rows = -(-rows // local) * local

@@ -28,7 +28,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from plad_jax.models.hf import CheckpointError
+from plad_jax.data.batching import DataPosition
+from plad_jax.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +41,6 @@ class CheckpointConfig:
     every_steps: int = 500  # also saved at the last step and, on TPU pods, at a preemption notice
     keep: int = 2  # newest complete checkpoints kept on disk
     async_save: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class DataPosition:
-    """Where the data stream stands: `index` batches of epoch `epoch` have been consumed."""
-
-    epoch: int = 0
-    index: int = 0
-
-    def advance(self, steps_per_epoch: int) -> DataPosition:
-        index = self.index + 1
-        return DataPosition(self.epoch + index // steps_per_epoch, index % steps_per_epoch)
 
 
 def abstract_like(tree, shardings=None):

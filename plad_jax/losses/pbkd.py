@@ -17,7 +17,7 @@ Pieces:
   `dual_ascent` for `lam`;
 - student side: `leave_one_out_advantages`, `reinforce_loss` (KL-shaped reward), `cheap_loss`
   (`CE + lam * DPO`);
-- white-box moment matching (MM) lives in `plad_jax.pbkd_mm`.
+- white-box moment matching (MM) lives in `plad_jax.losses.pbkd_mm`.
 
 The MM identity (derived here, tested in tests/test_pbkd.py). Write `s_h = (x, y_<h)`, `V_p(s) =
 sum_a p(a|s) Q(s, a)` and the sequence reward `R(y) = sum_h [Q(s_h, y_h) - V_p(s_h)]`. Under the

@@ -1,6 +1,6 @@
 """What the pending stages of a run read from outside their own stage directory, derived from the
-config, so that the check before any work (`plad_jax.stages.check_inputs`) covers every model,
-tokenizer, scorer and earlier stage that any of them will load.
+config, so that the check before any work (`plad_jax.pipeline.stages.check_inputs`) covers every
+model, tokenizer, scorer and earlier stage that any of them will load.
 
 Some settings pull a reader into a stage that does not own it: `sft_teacher.select_best` scores
 each checkpoint with `eval.scorer` (so `eval.reward_model` is read while the teacher trains), a
@@ -18,7 +18,8 @@ from plad_jax import methods
 from plad_jax.config import Config
 
 # How a scorer's `reward_model` is found: an HF model (directory or hub id), a plad_jax reward
-# model saved by `plad_jax.reward_model.save` (a directory), or `module:attr`. rouge reads nothing.
+# model saved by `plad_jax.scoring.reward_model.save` (a directory), or `module:attr`. rouge reads
+# nothing.
 SCORER_SOURCES = {"reward_model": "hf", "jax_reward_model": "directory", "python": "python"}
 
 

@@ -19,6 +19,8 @@ import re
 
 import numpy as np
 
+from plad_jax.errors import GGUFError  # noqa: F401 (re-exported)
+
 # ggml types we dequantize (numpy, `gguf.quants`); anything else is refused by name.
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # GGUF architecture -> HF model_type (the families whose tensor names are mapped below).
@@ -40,10 +42,6 @@ _NAMES = [
     (r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"blk.\1.ffn_up.weight"),
     (r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"blk.\1.ffn_down.weight"),
 ]
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be read as a model we support; the message is one line."""
 
 
 def gguf_name(hf_name: str) -> str:

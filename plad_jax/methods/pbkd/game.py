@@ -18,7 +18,7 @@ variant.
   probabilities (white-box, shared vocabulary); the vocabulary sums run in `mm_chunk` blocks.
 
 Checkpoints. The whole game state (both players' `TrainState`s, `lam`, `NLL*`, the global step) is
-one Orbax checkpoint (`<workdir>/checkpoints`, `plad_jax.checkpointing`), saved every
+one Orbax checkpoint (`<workdir>/checkpoints`, `plad_jax.training.checkpointing`), saved every
 `train.checkpoint_every` steps and at the end of every phase. A step's data and its samples' seed
 are pure functions of the step number, and each round's preference rows are stored before the
 round trains, so a run killed anywhere, mid-round included, resumes where it stopped.
@@ -44,15 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plad_jax import checkpointing as ckpt
-from plad_jax import pbkd, pbkd_rounds, reward_model, sampler
-from plad_jax import pbkd_objectives as po
 from plad_jax import sharding as shd
-from plad_jax.loop import LossCurve, train_loop
+from plad_jax.config.pbkd import PbKDConfig
+from plad_jax.generation import sampler
+from plad_jax.losses import pbkd
 from plad_jax.methods.base import resolve
+from plad_jax.methods.pbkd import objectives as po
+from plad_jax.methods.pbkd import rounds as pbkd_rounds
 from plad_jax.models import from_pretrained, lora
-from plad_jax.pbkd_config import PbKDConfig
-from plad_jax.train import (
+from plad_jax.scoring import reward_model
+from plad_jax.training import checkpointing as ckpt
+from plad_jax.training.loop import LossCurve, train_loop
+from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,
     check_finite,
@@ -90,7 +93,8 @@ def run_pbkd(
       method: a `plad_jax.methods.PbKD` instance or the name of one (pbkd_cheap, pbkd_offline,
         pbkd_online, pbkd_mm); its flags pick the variant, `cfg` is its hyper-parameters.
       student: the initial (SFT) student, a `LanguageModel` (a LoRA model trains its adapters).
-      rows: pair rows of `plad_jax.pairs` (prompt, teacher and student texts, chosen, reference).
+      rows: pair rows of `plad_jax.data.pairs` (prompt, teacher and student texts, chosen,
+        reference).
       cfg: `PbKDConfig`. train: the distillation TrainConfig (see the module docstring).
       workdir: local directory for checkpoints, round data, curve and the final adversary.
       tokenizer: the student's tokenizer; every text (teacher samples included) is re-tokenized
@@ -98,8 +102,9 @@ def run_pbkd(
       max_prompt_tokens, max_response_tokens: encoding limits (`data.encode_texts`).
       teacher: the teacher `LanguageModel`, needed by `pbkd_mm` only (same vocabulary as the
           student).
-      scorer: labels the pairs (`plad_jax.rewards` interface); None keeps the rows' stored labels
-        (teacher preferred unless the sample stage relabelled them) and pseudo-labels fresh pairs.
+      scorer: labels the pairs (`plad_jax.scoring.rewards` interface); None keeps the rows'
+        stored labels (teacher preferred unless the sample stage relabelled them) and
+        pseudo-labels fresh pairs.
       seed: data order, sampling and adversary-head seed.
       programs: optional dict the caller keeps across calls: jitted steps are stored there under a
         key of everything they are compiled from (the loss settings, optimizers, schedule lengths,
@@ -183,24 +188,6 @@ def _model_key(lm):
         getattr(lm, "lora", None),
         getattr(lm, "remat", None),
     )
-
-
-def _place(mesh, batch: dict) -> dict:
-    """Host batch -> device arrays: this process's rows of a global batch, batch-sharded on the
-    mesh."""
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    if jax.process_count() == 1:  # shard_batch replicates a batch that does not divide the mesh
-        return dict(zip(batch, shd.shard_batch(mesh, *batch.values())))
-    return shd.global_batch(mesh, batch)
-
-
-def _local(mesh, batch: dict) -> dict:
-    """This process's rows of a global host batch (all of them on one process)."""
-    if mesh is None or jax.process_count() == 1:
-        return batch
-    rows = shd.process_batch_rows(mesh, len(next(iter(batch.values()))))
-    return {k: v[rows] for k, v in batch.items()}
 
 
 class _Run:
@@ -412,9 +399,9 @@ class _Run:
                 encoding,
                 pbkd_rounds.batch_rows(len(encoding), self.train.batch_size, self.seed, index),
             )
-            return _place(
+            return _placed(
                 self.mesh,
-                _local(
+                shd.local_rows(
                     self.mesh,
                     {**b, "response_ids": b["teacher_ids"], "response_mask": b["teacher_mask"]},
                 ),
@@ -658,10 +645,10 @@ class _Game:
         rows = pbkd_rounds.batch_rows(
             len(encoding), self.run_.train.batch_size, self.run_.seed + r, index
         )
-        return _local(self.run_.mesh, pbkd_rounds.make_batch(encoding, rows))
+        return shd.local_rows(self.run_.mesh, pbkd_rounds.make_batch(encoding, rows))
 
     def _warmup_step(self, encoding, r, index, step) -> dict:
-        batch = _place(self.run_.mesh, self._batch(encoding, r, index))
+        batch = _placed(self.run_.mesh, self._batch(encoding, r, index))
         self.state["adversary"], metrics = self.warm_step(
             self.state["adversary"], batch, self.warm_frozen()
         )
@@ -673,7 +660,7 @@ class _Game:
         batch = self._batch(encoding, r, index)
         # Each row samples from the stream of its place in the global batch: the same samples on any
         # number of processes.
-        positions = _local(run.mesh, {"row": np.arange(run.train.batch_size)})["row"]
+        positions = shd.local_rows(run.mesh, {"row": np.arange(run.train.batch_size)})["row"]
         generation = sampler.generate(
             run.student_lm(self.state["student"].params),
             batch["prompt_ids"],
@@ -684,7 +671,7 @@ class _Game:
             seed=(run.seed * 1_000_003 + step) % 2**31,
             sample_ids=positions,
         )
-        batch = _place(
+        batch = _placed(
             run.mesh, {**batch, "sample_ids": generation.tokens, "sample_mask": generation.mask}
         )
         self.state["adversary"], adv = self.adv_step(
@@ -726,7 +713,7 @@ class _Game:
             s, n = self.nll_fn(
                 self.state["adversary"].params,
                 self.warm_frozen(),
-                _place(run.mesh, _local(run.mesh, batch)),
+                _placed(run.mesh, shd.local_rows(run.mesh, batch)),
             )
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
@@ -743,3 +730,8 @@ class _Game:
                 os.path.join(run.workdir, "reward_model"),
                 tokenizer=run.tokenizer,
             )
+
+
+def _placed(mesh, batch: dict) -> dict:
+    """This process's rows of the global batch on the mesh."""
+    return shd.place_batch(mesh, batch, local=True)

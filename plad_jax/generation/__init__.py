@@ -1,0 +1,1 @@
+"""Generation: the jitted sampler and the batched text helpers."""

@@ -1,0 +1,1 @@
+"""Checkpoint file formats: safetensors and GGUF readers and writers."""

@@ -1,0 +1,1 @@
+"""The five-stage pipeline: input checks, the stages and the runner."""

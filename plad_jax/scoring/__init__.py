@@ -1,0 +1,1 @@
+"""Scoring: rewards (ROUGE, reward models, Python scorers) and the evaluation report."""

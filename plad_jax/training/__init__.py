@@ -1,0 +1,1 @@
+"""Training: the jitted train step, the resumable loop and Orbax checkpoints."""
