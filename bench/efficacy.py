@@ -1,7 +1,7 @@
 """Method efficacy: on tasks where the teacher is truly better, how much of the teacher-student gap
 does each distillation method close?
 
-What runs, per task and seed, in this process (`plad_jax.pipeline.stages.run`, so models compile
+What runs, per task and seed, in this process (`plad_jax.pipeline.runner.run`, so models compile
 once): sft_teacher, sft_student and sample once (teacher and initial student built from scratch,
 LLaMA style; full: teacher hidden 128 x 4 layers, student 48 x 2), then the run directory is forked
 per method and distill + eval run on the fork, so every method starts from the same initial student,
@@ -256,15 +256,15 @@ def enable_compile_cache(out: str) -> None:
 
 def run_stages(sets, run_dir, stages):
     from plad_jax import config as cfg
-    from plad_jax.pipeline import stages as pipeline
+    from plad_jax.pipeline import runner as pipeline
 
     config = cfg.resolve("demo", sets, run_dir=run_dir)
     pipeline.run(config, run_dir, stages)
 
 
 class SamplingMemo:
-    """Reuses `plad_jax.pipeline.stages.sample_responses` results for identical calls within this
-    process.
+    """Reuses `Context.sample_responses` (plad_jax.pipeline.context) results for identical calls
+    within this process.
 
     Every fork evaluates the same teacher and initial student on the same prompts with the same
     seed (greedy), and plad_real's fork resamples the shared pairs; those calls are pure functions
@@ -276,14 +276,16 @@ class SamplingMemo:
         self.cache, self.hits, self.misses = {}, 0, 0
 
     def __enter__(self):
-        from plad_jax.pipeline import stages
+        from plad_jax.pipeline.context import Context
 
-        self._stages, self._original = stages, stages.sample_responses
-        stages.sample_responses = self._sample
+        memo, self._original = self, Context.sample_responses
+        Context.sample_responses = lambda ctx, *args, **kwargs: memo._sample(ctx, *args, **kwargs)
         return self
 
     def __exit__(self, *exc):
-        self._stages.sample_responses = self._original
+        from plad_jax.pipeline.context import Context
+
+        Context.sample_responses = self._original
 
     def _sample(
         self,

@@ -31,7 +31,7 @@ _EXPORTS = {
     "validate": ("plad_jax.config", "validate"),
     "generate_text": ("plad_jax.generation.sampler", "generate_text"),
     "generate_many": ("plad_jax.generation.sampler", "generate_many"),
-    "run": ("plad_jax.pipeline.stages", "run"),
+    "run": ("plad_jax.pipeline.runner", "run"),
 }
 
 __all__ = sorted(_EXPORTS)

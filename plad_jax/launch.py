@@ -389,7 +389,7 @@ def _run(args) -> int:
     logging.getLogger("plad_jax").setLevel(
         logging.INFO if _process_index(distributed) == 0 else logging.WARNING
     )
-    from plad_jax.pipeline import stages as pipeline
+    from plad_jax.pipeline import runner as pipeline
     from plad_jax.training.step import NonFiniteLossError
 
     try:

@@ -714,13 +714,13 @@ def test_bad_distributed_environment_is_a_usage_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI in process (stages replaced by a recorder; plad_jax.pipeline.stages is written separately)
+# CLI in process (stages replaced by a recorder; plad_jax.pipeline.runner is written separately)
 
 
 @pytest.fixture
 def fake_stages(monkeypatch):
     calls = []
-    module = types.ModuleType("plad_jax.pipeline.stages")
+    module = types.ModuleType("plad_jax.pipeline.runner")
 
     def run(
         config, run_dir, stages, on_start=None
@@ -731,7 +731,7 @@ def fake_stages(monkeypatch):
     module.run = run
     import plad_jax
 
-    monkeypatch.setitem(sys.modules, "plad_jax.pipeline.stages", module)
+    monkeypatch.setitem(sys.modules, "plad_jax.pipeline.runner", module)
     monkeypatch.setattr(plad_jax, "stages", module, raising=False)
     for name in ("JAX_COORDINATOR_ADDRESS", "PLAD_JAX_DISTRIBUTED", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -792,7 +792,7 @@ def test_user_errors_from_the_stages_are_one_line_and_exit_2(tmp_path, fake_stag
     def boom(config, run_dir, stages, on_start=None):
         raise error
 
-    sys.modules["plad_jax.pipeline.stages"].run = boom
+    sys.modules["plad_jax.pipeline.runner"].run = boom
     assert launch.main(["--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert (
@@ -809,7 +809,7 @@ def test_bugs_keep_their_traceback(tmp_path, fake_stages):
     def bug(config, run_dir, stages, on_start=None):
         raise ZeroDivisionError("a bug")
 
-    sys.modules["plad_jax.pipeline.stages"].run = bug
+    sys.modules["plad_jax.pipeline.runner"].run = bug
     with pytest.raises(ZeroDivisionError):
         launch.main(["--run-dir", str(tmp_path / "run")])
 

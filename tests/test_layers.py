@@ -135,7 +135,7 @@ def test_the_checks_catch_what_they_look_for():
     assert (
         _layer("plad_jax.models.llama")
         < _layer("plad_jax.methods.pairs")
-        < _layer("plad_jax.pipeline.stages")
+        < _layer("plad_jax.pipeline.runner")
     )
     assert _layer("plad_jax.errors") < _layer("plad_jax.data.tasks")
 

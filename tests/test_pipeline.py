@@ -227,15 +227,15 @@ def test_bad_input_is_one_line_exit_2_and_the_run_directory_untouched(bad_inputs
 def test_the_input_checks_log_lines_are_printed_once_it_passes_and_dropped_when_it_fails(caplog):
     import logging
 
-    from plad_jax.pipeline import stages
+    from plad_jax.pipeline import runner
 
     log = logging.getLogger("plad_jax.data.demo")
     with caplog.at_level(logging.INFO, logger="plad_jax"):
-        with pytest.raises(ValueError), stages._held_logs():
+        with pytest.raises(ValueError), runner._held_logs():
             log.info("data loaded, then a missing reward model")
             raise ValueError("missing")
         assert caplog.records == []
-        with stages._held_logs():
+        with runner._held_logs():
             log.info("data loaded")
             assert caplog.records == []  # held while the check runs
         assert [r.getMessage() for r in caplog.records] == ["data loaded"]
@@ -264,7 +264,7 @@ def hh_sample_rows(tmp_path, *overrides):
     on into an invented next Human turn (in two different tokenizations of it)."""
     from plad_jax import config as config_mod
     from plad_jax.data import pairs
-    from plad_jax.pipeline import stages
+    from plad_jax.pipeline import context, sample
     from tests.test_sampler import STOP_SCRIPTS, byte_bpe_tokenizer, spell
 
     tmp_path.mkdir(exist_ok=True)
@@ -284,7 +284,7 @@ def hh_sample_rows(tmp_path, *overrides):
             *overrides,
         ],
     )
-    ctx = stages.Context(config, str(tmp_path / "run"))
+    ctx = context.Context(config, str(tmp_path / "run"))
     tok = byte_bpe_tokenizer()
     ctx._tokenizers = {"teacher": tok, "student": tok}
     models = {
@@ -292,7 +292,7 @@ def hh_sample_rows(tmp_path, *overrides):
         for i, role in enumerate(("teacher", "student"))
     }
     ctx.stage_model = lambda stage, role: models[role]
-    stages.sample_stage(ctx, str(tmp_path / "run" / "sample"))
+    sample.sample_stage(ctx, str(tmp_path / "run" / "sample"))
     return tok, pairs.read_pairs(str(tmp_path / "run" / "sample"))
 
 

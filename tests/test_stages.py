@@ -14,7 +14,7 @@ import pytest
 
 from plad_jax import config as config_mod
 from plad_jax import launch, methods
-from plad_jax.pipeline import stages
+from plad_jax.pipeline import context, train
 from tests import tiny_run
 
 pytestmark = pytest.mark.slow
@@ -127,7 +127,7 @@ def test_interrupted_distill_resumes_to_the_same_metrics(prepared, tmp_path, pat
     monkeypatch.chdir(
         tmp_path / "b"
     )  # the interrupted run and its resume use a relative run directory
-    real_step_factory = stages.make_train_step
+    real_step_factory = train.make_train_step
 
     def step_factory(*args, **kwargs):  # a train step that is "killed" during step 5
         step, calls = real_step_factory(*args, **kwargs), [0]
@@ -140,10 +140,10 @@ def test_interrupted_distill_resumes_to_the_same_metrics(prepared, tmp_path, pat
 
         return killed_at_five
 
-    monkeypatch.setattr(stages, "make_train_step", step_factory)
+    monkeypatch.setattr(train, "make_train_step", step_factory)
     assert main("run", *sets, stages_="distill,eval") == 130
     assert not os.path.exists(interrupted / "distill" / "DONE")
-    monkeypatch.setattr(stages, "make_train_step", real_step_factory)
+    monkeypatch.setattr(train, "make_train_step", real_step_factory)
     assert main("run", *sets, stages_="distill,eval") == 0
     assert read_json(interrupted / "distill" / "DONE") == read_json(straight / "distill" / "DONE")
     assert read_json(interrupted / "distill" / "DONE")["steps"] == 6
@@ -260,14 +260,14 @@ def test_lengths_past_a_position_table_are_one_error_before_any_work(tmp_path):
             "eval.max_new_tokens=32",
         ],
     )
-    ctx = stages.Context(config, str(tmp_path / "run"))
+    ctx = context.Context(config, str(tmp_path / "run"))
     with pytest.raises(
         ValueError,
         match="student: data.max_prompt_tokens 24 \\+ the longest response .* = 56 tokens "
         "exceeds the model's 48 positions",
     ):
         ctx.base_model("student")
-    ok = stages.Context(
+    ok = context.Context(
         config_mod.apply_overrides(config, ["eval.max_new_tokens=24"]), str(tmp_path / "run")
     )
     assert ok.base_model("student").max_positions == 48  # 24 + 24 fits

@@ -1,5 +1,5 @@
 """What the pending stages of a run read from outside their own stage directory, derived from the
-config, so that the check before any work (`plad_jax.pipeline.stages.check_inputs`) covers every
+config, so that the check before any work (`plad_jax.pipeline.runner.check_inputs`) covers every
 model, tokenizer, scorer and earlier stage that any of them will load.
 
 Some settings pull a reader into a stage that does not own it: `sft_teacher.select_best` scores

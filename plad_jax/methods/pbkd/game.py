@@ -229,7 +229,7 @@ class _Run:
         self.rounds = cfg.rounds if method.online else 1
         self.bounds = pbkd_rounds.chunk_bounds(len(self.rows), self.rounds)
         self.is_lora = isinstance(student, lora.LoRAModel)
-        if self.is_lora:  # adapters train, the base rides along frozen (as in stages.train_model)
+        if self.is_lora:  # adapters train, the base rides along frozen (as in pipeline.train)
             adapters, base = lora.split_trainable(student.params)
             self.trainable, self.combine = jax.tree.map(jnp.copy, adapters), lora.objective_combine
         else:
