@@ -21,7 +21,7 @@ CORE = [
     "rouge-score>=0.1.2",
     "matplotlib>=3.7",  # report plots, Agg canvas only (plad_jax.scoring.evaluate)
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (plad_jax.pipeline.train)
-    "tqdm>=4.60",  # progress bars (plad_jax.training.loop, plad_jax.generation.sampler)
+    "tqdm>=4.60",  # progress bars (plad_jax.training.trainer, plad_jax.generation.sampler)
     "gguf>=0.19,<0.20",  # GGUF read / write, numpy dequantization (plad_jax.models.io.gguf)
 ]
 

@@ -29,7 +29,7 @@ from plad_jax import methods
 from plad_jax import sharding as shd
 from plad_jax.models import from_pretrained
 from plad_jax.training import checkpointing as ckpt
-from plad_jax.training.loop import train_loop
+from plad_jax.training.trainer import train_loop
 from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,

@@ -21,7 +21,7 @@ from jax.sharding import SingleDeviceSharding
 from plad_jax import sharding as shd
 from plad_jax.models import CheckpointError, from_pretrained
 from plad_jax.training import checkpointing as ckpt
-from plad_jax.training.loop import train_loop
+from plad_jax.training.trainer import train_loop
 from plad_jax.training.step import (
     NonFiniteLossError,
     OptimizerConfig,

@@ -7,7 +7,7 @@
     eval         all three, test split -> eval/metrics.json, report.md, *.png, responses.jsonl
 
 A stage whose `DONE` marker exists is skipped; `DONE` is written last, with the stage's summary.
-Inside a stage, training resumes from its Orbax checkpoints (`loop.train_loop`), so a killed run
+Inside a stage, training resumes from its Orbax checkpoints (`training.trainer`), so a killed run
 restarts where it stopped. Hand-offs between stages are HF directories (`save_pretrained`), which
 transformers loads too.
 """

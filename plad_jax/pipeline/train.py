@@ -18,7 +18,6 @@ from plad_jax.methods import Method
 from plad_jax.models import lora
 from plad_jax.pipeline.context import Context, config_hash, write_json
 from plad_jax.training import checkpointing as ckpt
-from plad_jax.training.loop import LossCurve, train_loop
 from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,
@@ -26,12 +25,13 @@ from plad_jax.training.step import (
     make_train_step,
     state_shardings,
 )
+from plad_jax.training.trainer import Hook, LossCurve, Trainer
 
 logger = logging.getLogger(__name__)
 
 
-class BestCheckpoint:
-    """`on_checkpoint` hook of the training loop: scores the model at every checkpoint with
+class BestCheckpoint(Hook):
+    """A `Trainer` hook (`on_save`): scores the model at every checkpoint with
     `score_fn(lm) -> float` (higher is better) and keeps the best one as an HF directory.
 
     `<stage>/selection.json` maps step -> score; `<stage>/params/` holds the best model so far (the
@@ -55,7 +55,7 @@ class BestCheckpoint:
     def best_step(self) -> int | None:  # ties go to the earlier step
         return max(sorted(self.scores), key=self.scores.get) if self.scores else None
 
-    def __call__(self, step: int, state):
+    def on_save(self, step: int, state):
         if step in self.scores:
             return
         lm = self.model_at(state.params)
@@ -152,19 +152,12 @@ def train_model(
         BestCheckpoint(stage_dir, lambda p: lm.with_params(to_full(p)), select) if select else None
     )
     curve = LossCurve(os.path.join(stage_dir, f"curve{tag}.json"))
-    board = _board(ctx, os.path.basename(stage_dir) + tag)
-
-    def on_metrics(step, means):
-        curve.add(step, means["loss"])
-        if board is not None:
-            for name, value in means.items():
-                board.add_scalar(f"train/{name}", value, step)
-
+    board = TensorBoard(ctx.path("tb", os.path.basename(stage_dir) + tag))
     manager = ckpt.open_manager(
         os.path.join(stage_dir, f"checkpoints{tag}"),
         ckpt.CheckpointConfig(every_steps=train_cfg.checkpoint_every, keep=train_cfg.keep),
     )
-    state = train_loop(
+    state = Trainer(
         step,
         state,
         batches,
@@ -172,31 +165,40 @@ def train_model(
         total_steps=total,
         steps_per_epoch=steps_per_epoch,
         manager=manager,
-        log_every=train_cfg.log_every,
-        on_metrics=on_metrics,
-        progress=os.path.basename(stage_dir) + tag,
         config_hash=config_hash(to_dict(train_cfg), method.name, method.hparams_dict(), tag),
-        on_checkpoint=selector,
-    )
+        log_every=train_cfg.log_every,
+        hooks=[curve, board] + ([selector] if selector else []),
+        progress=os.path.basename(stage_dir) + tag,
+    ).run()
     manager.close()
-    if board is not None:
-        if selector is not None:
-            for step, score in sorted(selector.scores.items()):
-                board.add_scalar("validation/score", score, step)
-        board.close()
+    board.close(selector.scores if selector is not None else {})
     summary = {"steps": total, "final_loss": curve.final_loss}
     if selector is not None:
         return None, {**summary, **selector.summary()}
     return lm.with_params(to_full(state.params)), summary
 
 
-def _board(ctx: Context, name: str):
-    """A TensorBoard writer for `<run>/tb/<name>` on process 0 (None elsewhere)."""
-    if jax.process_index() != 0:
-        return None
-    from tensorboardX import SummaryWriter
+class TensorBoard(Hook):
+    """A `Trainer` hook: the logged means as `train/<name>` scalars in `<run>/tb/<stage>`, and the
+    validation scores at the end; written on process 0 only."""
 
-    return SummaryWriter(ctx.path("tb", name), flush_secs=30)
+    def __init__(self, directory: str):
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(directory, flush_secs=30)
+
+    def on_log(self, step: int, means: dict):
+        if self.writer is not None:
+            for name, value in means.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+    def close(self, validation_scores: dict):
+        if self.writer is not None:
+            for step, score in sorted(validation_scores.items()):
+                self.writer.add_scalar("validation/score", score, step)
+            self.writer.close()
 
 
 def sft_batches(encoded: data.EncodedExamples, batch_size: int):

@@ -5,7 +5,7 @@ variant.
                                 tokenizer=tok, max_prompt_tokens=512, max_response_tokens=64,
                                 teacher=teacher, scorer=None, seed=0)
 
-- `pbkd_cheap`: CE on teacher samples + lam * DPO on the pairs, one model (`loop.train_loop`).
+- `pbkd_cheap`: CE on teacher samples + lam * DPO on the pairs, one model (`training.trainer`).
 - `pbkd_offline`: a reward model (RM) is fitted to the preference pairs by Bradley-Terry for
   `rm_warmup_steps` steps, giving `NLL*`; then every step (1) samples k responses per prompt from
   the current student, (2) takes one RM step on `-gap + lam * NLL + c * mean(r^2)` and a dual-ascent
@@ -54,7 +54,6 @@ from plad_jax.methods.pbkd import rounds as pbkd_rounds
 from plad_jax.models import from_pretrained, lora
 from plad_jax.scoring import reward_model
 from plad_jax.training import checkpointing as ckpt
-from plad_jax.training.loop import LossCurve, train_loop
 from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,
@@ -64,6 +63,7 @@ from plad_jax.training.step import (
     reduce_metrics,
     state_shardings,
 )
+from plad_jax.training.trainer import LossCurve, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ class _Run:
             )
 
         curve, manager = self.curve(), self.manager()
-        state = train_loop(
+        state = Trainer(
             step,
             state,
             batches,
@@ -416,10 +416,10 @@ class _Run:
             total_steps=total,
             steps_per_epoch=max(total, 1),
             manager=manager,
-            log_every=self.train.log_every,
-            on_metrics=lambda s, m: curve.add(s, m["loss"]),
             config_hash=self.config_hash(),
-        )
+            log_every=self.train.log_every,
+            hooks=[curve],
+        ).run()
         manager.close()
         summary = {
             "method": self.method.name,
@@ -451,19 +451,34 @@ class _Game:
         adversary_state = _commit(
             TrainState.create(self.adversary.params, adversary_opt, seed=run.seed + 1), run.mesh
         )
-        self.state = {
+        self.state = {  # the game's own scalars; the players hold their train states
             "step": _replicated(0, run.mesh, jnp.int32),
-            "student": student_state,
-            "adversary": adversary_state,
             "lam": _replicated(cfg.lam_init, run.mesh),
             "nll_star": _replicated(0.0, run.mesh),
         }
         totals = (sum(self.game_steps), self.phases[-1][3])
-        self.warm_step, self.adv_step, self.student_step, self.nll_fn = run.compiled(
+        self.warm_step, adv_step, student_step, self.nll_fn = run.compiled(
             "game",
             totals,
             lambda: self._programs(student_opt, adversary_opt, student_state, adversary_state),
         )
+        # The two players: each a Trainer the game steps with its own batches (the adversary has
+        # two programs: the Bradley-Terry warm-up and its game step).
+        self.student_player = Trainer(student_step, student_state)
+        self.adversary_player = Trainer(adv_step, adversary_state)
+
+    def checkpoint_tree(self) -> dict:
+        """What a checkpoint holds: both players' train states and the game's scalars."""
+        return {
+            **self.state,
+            "student": self.student_player.state,
+            "adversary": self.adversary_player.state,
+        }
+
+    def load(self, tree: dict):
+        self.student_player.state = tree["student"]
+        self.adversary_player.state = tree["adversary"]
+        self.state = {k: v for k, v in tree.items() if k not in ("student", "adversary")}
 
     def _programs(self, student_opt, adversary_opt, student_state, adversary_state):
         """The jitted warm-up, adversary and student steps and the NLL evaluation."""
@@ -548,11 +563,11 @@ class _Game:
         run, state = self.run_, self.state
         if not run.method.white_box:
             return {"lam": state["lam"]}
-        student_params = run.combine(state["student"].params, run.student_frozen())
+        student_params = run.combine(self.student_player.state.params, run.student_frozen())
         return {"teacher": run.teacher_params, "student": student_params, "lam": state["lam"]}
 
     def student_frozen(self):
-        run, adversary = self.run_, self.state["adversary"].params
+        run, adversary = self.run_, self.adversary_player.state.params
         if run.method.white_box:
             return {**run.student_frozen(), "teacher": run.teacher_params, "qnet": adversary}
         return {**run.student_frozen(), "reference": run.reference, "rm": adversary}
@@ -561,10 +576,10 @@ class _Game:
     def run(self):
         run, manager = self.run_, self.run_.manager()
         restored = ckpt.restore_latest(
-            manager, ckpt.abstract_like(self.state), config_hash=run.config_hash()
+            manager, ckpt.abstract_like(self.checkpoint_tree()), config_hash=run.config_hash()
         )
         if restored is not None:
-            self.state = restored[0]
+            self.load(restored[0])
             logger.info(
                 "pbkd: resumed at step %d from %s", int(self.state["step"]), manager.directory
             )
@@ -573,7 +588,7 @@ class _Game:
             for r in range(run.rounds):
                 if int(self.state["step"]) >= self._round_end(r):
                     continue
-                encoding, stats = run.round_encoding(r, self.state["student"].params)
+                encoding, stats = run.round_encoding(r, self.student_player.state.params)
                 logger.info(
                     "pbkd round %d: %d preference pairs (%d prefer the student)",
                     r,
@@ -597,7 +612,7 @@ class _Game:
             **stats,
             **last,
         }
-        return run.student_lm(self.state["student"].params), summary
+        return run.student_lm(self.student_player.state.params), summary
 
     def _round_end(self, r: int) -> int:
         return max(p[3] for p in self.phases if p[0] == r)
@@ -620,7 +635,7 @@ class _Game:
                 ckpt.save(
                     manager,
                     step,
-                    self.state,
+                    self.checkpoint_tree(),
                     ckpt.DataPosition(r, index + 1),
                     metrics=metrics,
                     config_hash=self.run_.config_hash(),
@@ -649,9 +664,7 @@ class _Game:
 
     def _warmup_step(self, encoding, r, index, step) -> dict:
         batch = _placed(self.run_.mesh, self._batch(encoding, r, index))
-        self.state["adversary"], metrics = self.warm_step(
-            self.state["adversary"], batch, self.warm_frozen()
-        )
+        metrics = self.adversary_player.step(batch, self.warm_frozen(), step_fn=self.warm_step)
         check_finite(metrics, step)
         return {f"warmup_{k}": v for k, v in reduce_metrics(metrics).items() if k != "finite"}
 
@@ -662,7 +675,7 @@ class _Game:
         # number of processes.
         positions = shd.local_rows(run.mesh, {"row": np.arange(run.train.batch_size)})["row"]
         generation = sampler.generate(
-            run.student_lm(self.state["student"].params),
+            run.student_lm(self.student_player.state.params),
             batch["prompt_ids"],
             batch["prompt_mask"],
             max_new_tokens=cfg.max_new_tokens,
@@ -674,9 +687,7 @@ class _Game:
         batch = _placed(
             run.mesh, {**batch, "sample_ids": generation.tokens, "sample_mask": generation.mask}
         )
-        self.state["adversary"], adv = self.adv_step(
-            self.state["adversary"], batch, self.adversary_frozen()
-        )
+        adv = self.adversary_player.step(batch, self.adversary_frozen())
         check_finite(adv, step)
         adv = reduce_metrics(adv)
         self.state["lam"] = _replicated(
@@ -690,9 +701,7 @@ class _Game:
             ),
             run.mesh,
         )
-        self.state["student"], st = self.student_step(
-            self.state["student"], batch, self.student_frozen()
-        )
+        st = self.student_player.step(batch, self.student_frozen())
         check_finite(st, step)
         st = reduce_metrics(st)
         out = {f"adversary_{k}": v for k, v in adv.items() if k != "finite"}
@@ -711,7 +720,7 @@ class _Game:
             batch = pbkd_rounds.make_batch(encoding, rows)
             batch["prompt_mask"][real:] = 0  # repeated rows count as padding (`real_pairs`)
             s, n = self.nll_fn(
-                self.state["adversary"].params,
+                self.adversary_player.state.params,
                 self.warm_frozen(),
                 _placed(run.mesh, shd.local_rows(run.mesh, batch)),
             )
@@ -719,7 +728,7 @@ class _Game:
         return total / max(count, 1.0)
 
     def _save_adversary(self):
-        run, params = self.run_, self.state["adversary"].params
+        run, params = self.run_, self.adversary_player.state.params
         if run.method.white_box:
             self.adversary.with_params(params).save_pretrained(
                 os.path.join(run.workdir, "q_network")
