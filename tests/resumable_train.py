@@ -29,7 +29,6 @@ from plad_jax import methods
 from plad_jax import sharding as shd
 from plad_jax.models import from_pretrained
 from plad_jax.training import checkpointing as ckpt
-from plad_jax.training.trainer import train_loop
 from plad_jax.training.step import (
     OptimizerConfig,
     TrainState,
@@ -37,6 +36,7 @@ from plad_jax.training.step import (
     make_train_step,
     state_shardings,
 )
+from plad_jax.training.trainer import train_loop
 
 TOTAL_STEPS, EVERY, STEPS_PER_EPOCH, BATCH, VOCAB = 12, 3, 5, 8, 64
 

@@ -21,7 +21,6 @@ from jax.sharding import SingleDeviceSharding
 from plad_jax import sharding as shd
 from plad_jax.models import CheckpointError, from_pretrained
 from plad_jax.training import checkpointing as ckpt
-from plad_jax.training.trainer import train_loop
 from plad_jax.training.step import (
     NonFiniteLossError,
     OptimizerConfig,
@@ -29,6 +28,7 @@ from plad_jax.training.step import (
     make_optimizer,
     make_train_step,
 )
+from plad_jax.training.trainer import train_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20))

@@ -513,24 +513,14 @@ LOOP_CFG = dict(
 def run_method(method, workdir, student, tokenizer, programs, teacher=None, **overrides):
     from plad_jax.config import TrainConfig
     from plad_jax.config.pbkd import PbKDConfig
+    from plad_jax.methods.base import Setting
     from plad_jax.methods.pbkd.game import run_pbkd
 
     # checkpoints every 5 steps and at each phase end: online saves steps 1, 3, 4, 5 and 6
     train = TrainConfig(batch_size=2, learning_rate=1e-2, checkpoint_every=5, keep=1, log_every=1)
-    return run_pbkd(
-        method,
-        student,
-        pair_rows(),
-        PbKDConfig(**{**LOOP_CFG, **overrides}),
-        train,
-        str(workdir),
-        tokenizer=tokenizer,
-        max_prompt_tokens=8,
-        max_response_tokens=6,
-        teacher=teacher,
-        seed=3,
-        programs=programs,
-    )
+    setting = Setting(train, str(workdir), tokenizer, 8, 6, seed=3)
+    cfg = PbKDConfig(**{**LOOP_CFG, **overrides})
+    return run_pbkd(method, student, pair_rows(), cfg, setting, teacher=teacher, programs=programs)
 
 
 def leaves(lm):

@@ -70,6 +70,27 @@ class Batches:
 
 
 @dataclasses.dataclass(frozen=True)
+class Setting:
+    """What a method that trains itself (`Method.own_loop`) gets besides its models and pairs.
+
+    train: the distillation TrainConfig (batch size, epochs / max_steps, learning rate, ...).
+    workdir: a local directory for its checkpoints, curves and anything it saves.
+    tokenizer: the student's; every text it trains on is (re-)tokenized with it.
+    max_prompt_tokens, max_response_tokens: the encoding limits (`data.encode_texts`).
+    scorer: labels fresh pairs (`plad_jax.scoring.rewards` interface); None: pseudo-labels.
+    seed: data order, sampling and initialisation.
+    """
+
+    train: Any
+    workdir: str
+    tokenizer: Any
+    max_prompt_tokens: int
+    max_response_tokens: int
+    scorer: Any = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class NoHParams:
     """A method without hyper-parameters."""
 
@@ -129,20 +150,7 @@ class Method:
             f"{type(self).__name__} declares a reference but no reference_text"
         )
 
-    def train_own(
-        self,
-        student,
-        rows,
-        *,
-        teacher,
-        workdir,
-        train,
-        tokenizer,
-        max_prompt_tokens,
-        max_response_tokens,
-        scorer,
-        seed,
-    ):
+    def train_own(self, student, rows, setting: Setting, *, teacher=None):
         """`own_loop` methods: train `student` on the pair rows; (student, summary)."""
         raise NotImplementedError(f"{type(self).__name__} declares own_loop but no train_own")
 

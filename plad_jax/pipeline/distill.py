@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from plad_jax import methods
 from plad_jax.data import pairs
 from plad_jax.methods import Method
+from plad_jax.methods.base import Setting
 from plad_jax.pipeline.context import Context
 from plad_jax.pipeline.train import parts_batches, train_model
 
@@ -93,18 +94,16 @@ def own_loop_distill(ctx: Context, stage_dir: str, method: Method, student, teac
     pairs."""
     d = ctx.config.data
     scorer = ctx.scorer(ctx.config.pairs) if ctx.config.pairs.real_ratio > 0 else None
-    student, summary = method.train_own(
-        student,
-        rows,
-        teacher=teacher,
-        workdir=stage_dir,
+    setting = Setting(
         train=ctx.config.distill,
+        workdir=stage_dir,
         tokenizer=ctx.tokenizer("student"),
         max_prompt_tokens=d.max_prompt_tokens,
         max_response_tokens=d.max_response_tokens,
         scorer=scorer,
         seed=ctx.config.seed,
     )
+    student, summary = method.train_own(student, rows, setting, teacher=teacher)
     student.save_pretrained(os.path.join(stage_dir, "params"))
     return {"method": method.name, **summary, **export_gguf(ctx, student, stage_dir)}
 

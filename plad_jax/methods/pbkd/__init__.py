@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from plad_jax.config import ConfigError
 from plad_jax.config.pbkd import PbKDConfig
-from plad_jax.methods.base import Batches, Method, register
+from plad_jax.methods.base import Batches, Method, Setting, register
 
 
 class PbKD(Method):
@@ -47,20 +47,7 @@ class PbKD(Method):
             student, lam=self.hp.lam_init, beta=self.hp.dpo_beta, combine=combine
         )
 
-    def train_own(
-        self,
-        student,
-        rows,
-        *,
-        teacher,
-        workdir,
-        train,
-        tokenizer,
-        max_prompt_tokens,
-        max_response_tokens,
-        scorer,
-        seed,
-    ):
+    def train_own(self, student, rows, setting: Setting, *, teacher=None):
         """`run_pbkd`: the pairs are its offline preference data, labelled teacher > student unless
         `pairs.real_ratio` had a scorer relabel them; `pbkd_online` labels its fresh pairs with
         that scorer too (pseudo-labels when there is none)."""
@@ -68,7 +55,7 @@ class PbKD(Method):
 
         from plad_jax.methods.pbkd.game import run_pbkd
 
-        mesh = student.mesh
+        mesh, train = student.mesh, setting.train
         shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         if jax.process_count() > 1 and train.batch_size % shards:  # each process feeds its own rows
             raise ConfigError(
@@ -76,20 +63,7 @@ class PbKD(Method):
                 f"{shards} batch shards (mesh data x fsdp) for PbKD on "
                 f"{jax.process_count()} processes"
             )
-        return run_pbkd(
-            self,
-            student,
-            rows,
-            self.hp,
-            train,
-            workdir,
-            tokenizer=tokenizer,
-            max_prompt_tokens=max_prompt_tokens,
-            max_response_tokens=max_response_tokens,
-            teacher=teacher,
-            scorer=scorer,
-            seed=seed,
-        )
+        return run_pbkd(self, student, rows, self.hp, setting, teacher=teacher)
 
 
 @register

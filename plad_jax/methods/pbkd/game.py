@@ -1,9 +1,9 @@
 """PbKD training (our reconstruction of arXiv 2505.18952): one entry point, `run_pbkd`, for every
 variant.
 
-    student, summary = run_pbkd("pbkd_offline", student, rows, PbKDConfig(), train, workdir,
-                                tokenizer=tok, max_prompt_tokens=512, max_response_tokens=64,
-                                teacher=teacher, scorer=None, seed=0)
+    setting = Setting(train, workdir, tok, max_prompt_tokens=512, max_response_tokens=64)
+    student, summary = run_pbkd("pbkd_offline", student, rows, PbKDConfig(), setting,
+                                teacher=teacher)
 
 - `pbkd_cheap`: CE on teacher samples + lam * DPO on the pairs, one model (`training.trainer`).
 - `pbkd_offline`: a reward model (RM) is fitted to the preference pairs by Bradley-Terry for
@@ -48,7 +48,7 @@ from plad_jax import sharding as shd
 from plad_jax.config.pbkd import PbKDConfig
 from plad_jax.generation import sampler
 from plad_jax.losses import pbkd
-from plad_jax.methods.base import resolve
+from plad_jax.methods.base import Setting, resolve
 from plad_jax.methods.pbkd import objectives as po
 from plad_jax.methods.pbkd import rounds as pbkd_rounds
 from plad_jax.models import from_pretrained, lora
@@ -75,15 +75,9 @@ def run_pbkd(
     student,
     rows,
     cfg: PbKDConfig,
-    train,
-    workdir: str,
+    setting: Setting,
     *,
-    tokenizer,
-    max_prompt_tokens: int,
-    max_response_tokens: int,
     teacher=None,
-    scorer=None,
-    seed: int = 0,
     programs: dict | None = None,
 ):
     """Distil `student` with PbKD `method`; returns `(distilled student LanguageModel, summary
@@ -95,17 +89,16 @@ def run_pbkd(
       student: the initial (SFT) student, a `LanguageModel` (a LoRA model trains its adapters).
       rows: pair rows of `plad_jax.data.pairs` (prompt, teacher and student texts, chosen,
         reference).
-      cfg: `PbKDConfig`. train: the distillation TrainConfig (see the module docstring).
-      workdir: local directory for checkpoints, round data, curve and the final adversary.
-      tokenizer: the student's tokenizer; every text (teacher samples included) is re-tokenized
-        with it, and the RM / Q-network read the student's tokens.
-      max_prompt_tokens, max_response_tokens: encoding limits (`data.encode_texts`).
+      cfg: `PbKDConfig`.
+      setting: `methods.base.Setting`: the distillation TrainConfig (see the module docstring);
+        the workdir (checkpoints, round data, curve and the final adversary); the student's
+        tokenizer (every text, teacher samples included, is re-tokenized with it, and the RM /
+        Q-network read the student's tokens); the encoding limits; the scorer that labels the
+        pairs (None keeps the rows' stored labels, teacher preferred unless the sample stage
+        relabelled them, and pseudo-labels fresh pairs); the seed (data order, sampling and
+        adversary head).
       teacher: the teacher `LanguageModel`, needed by `pbkd_mm` only (same vocabulary as the
           student).
-      scorer: labels the pairs (`plad_jax.scoring.rewards` interface); None keeps the rows'
-        stored labels (teacher preferred unless the sample stage relabelled them) and
-        pseudo-labels fresh pairs.
-      seed: data order, sampling and adversary-head seed.
       programs: optional dict the caller keeps across calls: jitted steps are stored there under a
         key of everything they are compiled from (the loss settings, optimizers, schedule lengths,
         model structures and mesh), so a later call with the same key (a sweep, a run restarted in
@@ -126,22 +119,8 @@ def run_pbkd(
                 f"model, with the student's vocabulary (student {student.vocab_size}, teacher "
                 f"{None if teacher is None else teacher.vocab_size})"
             )
-    os.makedirs(workdir, exist_ok=True)
-    run = _Run(
-        method,
-        student,
-        rows,
-        cfg,
-        train,
-        workdir,
-        tokenizer,
-        max_prompt_tokens,
-        max_response_tokens,
-        teacher,
-        scorer,
-        seed,
-        programs,
-    )
+    os.makedirs(setting.workdir, exist_ok=True)
+    run = _Run(method, student, rows, cfg, setting, teacher, programs)
     return run.cheap() if method.cheap else run.game()
 
 
@@ -193,38 +172,18 @@ def _model_key(lm):
 class _Run:
     """The setup shared by the variants: models, schedule, data, checkpoints."""
 
-    def __init__(
-        self,
-        method,
-        student,
-        rows,
-        cfg,
-        train,
-        workdir,
-        tokenizer,
-        max_prompt_tokens,
-        max_response_tokens,
-        teacher,
-        scorer,
-        seed,
-        programs,
-    ):
-        self.programs = programs
-        self.method, self.student, self.rows, self.cfg, self.train = (
-            method,
-            student,
-            list(rows),
-            cfg,
-            train,
+    def __init__(self, method, student, rows, cfg, setting: Setting, teacher, programs):
+        self.programs, self.teacher = programs, teacher
+        self.method, self.student, self.rows, self.cfg = method, student, list(rows), cfg
+        s = setting
+        self.train, self.workdir, self.tokenizer, self.scorer, self.seed = (
+            s.train,
+            s.workdir,
+            s.tokenizer,
+            s.scorer,
+            s.seed,
         )
-        self.workdir, self.tokenizer, self.teacher, self.scorer, self.seed = (
-            workdir,
-            tokenizer,
-            teacher,
-            scorer,
-            seed,
-        )
-        self.max_prompt, self.max_response = max_prompt_tokens, max_response_tokens
+        self.max_prompt, self.max_response = s.max_prompt_tokens, s.max_response_tokens
         self.mesh = student.mesh
         self.rounds = cfg.rounds if method.online else 1
         self.bounds = pbkd_rounds.chunk_bounds(len(self.rows), self.rounds)
