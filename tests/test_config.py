@@ -419,6 +419,7 @@ def valid(*overrides) -> Config:
         ),
         (["data.test_size=2.5"], "data.test_size must be a count"),
         (["data.max_d0=0"], "data.max_d0 must be >= 1 or none"),
+        (["eval.calibration_samples=1"], "eval.calibration_samples must be 0 (off) or >= 2"),
         (["student.lora.dropout=1"], "student.lora.dropout must be in [0, 1)"),
         (["student.lora.targets="], "student.lora.targets must name at least one"),
         (["distill.method=dpo", "distill.beta=0"], "distill.beta must be positive for dpo"),

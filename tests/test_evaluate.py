@@ -211,3 +211,75 @@ def test_write_report_process_gate_and_no_curves(tmp_path):
     assert files == {"metrics.json", "report.md", "win_rate.png", "win_rate_by_length.png"}
     report = (tmp_path / "main" / "report.md").read_text()
     assert "training_curves" not in report and "n/a (mean score" in report
+
+
+# -- calibration (scoring.calibration) ---------------------------------------------------------
+
+
+def test_calibration_by_hand_with_k_2_and_a_tied_likelihood():
+    from plad_jax.scoring.calibration import calibration
+
+    loglik = [[-1.0, -0.5], [-0.5, -1.0], [-0.7, -0.7]]
+    reward = [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]
+    c = calibration(loglik, reward)
+    # rows 1 and 2 rank perfectly right and wrong (+1, -1); row 3's likelihoods tie: left out
+    assert c["spearman"] == 0.0 and c["spearman_prompts"] == 2
+    # most likely: reward 1, reward 0, and the tie averages the two (0.5)
+    assert c["best_of_k"] == pytest.approx(0.5) and c["random_of_k"] == pytest.approx(0.5)
+    assert c["best_of_k_gain"] == pytest.approx(0.0) and (c["k"], c["prompts"]) == (2, 3)
+
+
+def test_calibration_ties_take_average_ranks():
+    from scipy.stats import spearmanr
+
+    from plad_jax.scoring.calibration import calibration
+
+    # likelihood ranks 4, 1, 2.5, 2.5; reward ranks 3, 1, 3, 3: centred (1.5, -1.5, 0, 0) and
+    # (0.5, -1.5, 0.5, 0.5), so rho = 3 / sqrt(4.5 * 3) = sqrt(2/3)
+    loglik, reward = [[3.0, 1.0, 2.0, 2.0]], [[1.0, 0.0, 1.0, 1.0]]
+    c = calibration(loglik, reward)
+    assert c["spearman"] == pytest.approx((2 / 3) ** 0.5)
+    assert c["spearman"] == pytest.approx(spearmanr(loglik[0], reward[0]).statistic)
+    assert c["best_of_k"] == 1.0 and c["best_of_k_gain"] == pytest.approx(0.25)
+
+
+def test_calibration_constant_rewards_have_no_correlation_and_no_gain():
+    from plad_jax.scoring.calibration import calibration
+
+    c = calibration([[-1.0, -2.0, -3.0], [0.0, -1.0, -0.5]], [[0.3, 0.3, 0.3], [1.0, 1.0, 1.0]])
+    assert c["spearman"] is None and c["spearman_prompts"] == 0
+    assert c["best_of_k"] == pytest.approx(0.65) and c["best_of_k_gain"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="K >= 2"):
+        calibration([[0.0]], [[1.0]])
+
+
+def test_report_carries_the_calibration_table(tmp_path):
+    metrics = evaluate_responses(PROMPTS, RESPONSES, REFERENCES, GoodCounter(), teacher="A")
+    metrics["calibration"] = {
+        "k": 4,
+        "temperature": 0.7,
+        "models": {
+            "A": dict(
+                spearman=0.25,
+                spearman_prompts=3,
+                best_of_k=0.5,
+                random_of_k=0.4,
+                best_of_k_gain=0.1,
+                k=4,
+                prompts=4,
+            ),
+            "B": dict(
+                spearman=None,
+                spearman_prompts=0,
+                best_of_k=0.2,
+                random_of_k=0.2,
+                best_of_k_gain=0.0,
+                k=4,
+                prompts=4,
+            ),
+        },
+    }
+    write_report(tmp_path, metrics, {}, process_index=0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| model | Spearman | n | best of 4 | random | gain |" in report
+    assert "| A | 0.250 | 3 | 50.0 | 40.0 | 10.0 |" in report and "| B | n/a | 0 |" in report

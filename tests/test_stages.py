@@ -97,6 +97,27 @@ def test_every_method_runs_distill_and_eval(prepared, tmp_path, paths, method):
     assert len(rows) == metrics["n"] and set(rows[0]) == {"prompt", "reference", *metrics["models"]}
 
 
+def test_eval_measures_calibration_when_asked(prepared, tmp_path, paths):
+    """`eval.calibration_samples=3`: each model's calibration (scoring.calibration) in
+    metrics.json and report.md; the metrics the run had before are unchanged."""
+    run_dir = fork(prepared, tmp_path)
+    overrides = tiny_run.tiny_overrides(paths)
+    assert main(run_dir, *overrides, "eval.calibration_samples=3", stages_="distill,eval") == 0
+    metrics = read_json(run_dir / "eval" / "metrics.json")
+    calibration = metrics.pop("calibration")
+    assert calibration["k"] == 3 and set(calibration["models"]) == set(metrics["models"])
+    for c in calibration["models"].values():
+        assert c["prompts"] == metrics["n"] and 0 <= c["spearman_prompts"] <= metrics["n"]
+        assert c["spearman"] is None or -1 <= c["spearman"] <= 1
+        assert 0 <= c["best_of_k"] <= 1 and 0 <= c["random_of_k"] <= 1
+        assert c["best_of_k_gain"] == pytest.approx(c["best_of_k"] - c["random_of_k"])
+    assert "## Calibration" in (run_dir / "eval" / "report.md").read_text()
+    plain = fork(run_dir, tmp_path / "plain")  # the same distilled student, eval again without
+    shutil.rmtree(plain / "eval")
+    assert main(plain, *overrides, stages_="eval") == 0
+    assert read_json(plain / "eval" / "metrics.json") == metrics
+
+
 @pytest.mark.parametrize(
     "extra",
     [("distill.rounds=2",), ("pairs.real_ratio=0.5", "pairs.scorer=rouge")],

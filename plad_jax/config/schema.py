@@ -241,7 +241,10 @@ class EvalConfig:
     as `SampleConfig.stop` (also for `select_best`'s validation samples).
     scorer `python` (also for `pairs`): reward_model is `module:attr`, a Scorer class or factory
     (`plad_jax.scoring.rewards.python_scorer`), for programmatic rewards such as
-    bench/extraction.py's."""
+    bench/extraction.py's.
+    calibration_samples: K >= 2 samples per test prompt (at `sample.temperature`) for the
+    calibration metrics (`plad_jax.scoring.calibration`: does each model's own likelihood rank its
+    samples as the scorer does?); 0 = off."""
 
     scorer: Scorer = "reward_model"
     reward_model: str = DEFAULT_REWARD_MODEL
@@ -250,6 +253,7 @@ class EvalConfig:
     temperature: float = 0.0
     batch_size: int = 32
     stop: tuple[str, ...] | None = None
+    calibration_samples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

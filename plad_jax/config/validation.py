@@ -219,6 +219,11 @@ def _validate_eval(e: EvalConfig):
     _need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
     _need(e.temperature >= 0, f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
     _need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    _need(
+        e.calibration_samples == 0 or e.calibration_samples >= 2,
+        "eval.calibration_samples must be 0 (off) or >= 2 samples per prompt, got "
+        f"{e.calibration_samples}",
+    )
     _validate_stop(e.stop, "eval")
 
 

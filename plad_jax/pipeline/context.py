@@ -9,9 +9,11 @@ import json
 import logging
 import os
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from plad_jax import data, methods
+from plad_jax import data, losses, methods
 from plad_jax import sharding as shd
 from plad_jax.config import Config
 from plad_jax.generation import sampler
@@ -170,13 +172,15 @@ class Context:
         desc="sample",
         sample_ids=None,
         stop=(),
+        num_samples=1,
     ):
         """(texts, token id lists, sequence log-probs) of one sample per prompt
         (`sampler.generate_many`: batched by length, progress bar, tokens/s in the log). Prompts are
         encoded as for training.
         sample_ids: each prompt's index in its split, so that its sample is the same on any number
         of hosts (default: position in `prompts`). stop: strings a response ends before (its ids and
-        log-prob too: the text is exactly the decoded ids)."""
+        log-prob too: the text is exactly the decoded ids). num_samples: responses per prompt,
+        grouped by prompt."""
         cfg = self.config.sample
         tok = self.tokenizer(role)
         encoded = self.encode(role, prompts, [""] * len(prompts))
@@ -190,11 +194,38 @@ class Context:
             top_p=cfg.top_p,
             seed=seed,
             sample_ids=sample_ids,
+            num_samples=num_samples,
             desc=f"{desc} ({role})",
             stop=sampler.stop_strings(tok, stop),
         )
         texts = [tok.decode(s.ids, skip_special_tokens=True) for s in sampled]
         return texts, [s.ids for s in sampled], np.array([s.logprob for s in sampled], np.float32)
+
+    def loglikelihood(self, lm, role: str, prompts, texts) -> np.ndarray:
+        """Each response's length-normalised log-likelihood under `lm` [N] (teacher-forced,
+        temperature 1; tokens as training encodes them, EOS included), `eval.batch_size` rows at a
+        time."""
+        encoded, size = self.encode(role, prompts, texts), self.config.eval.batch_size
+        fn, out = _mean_logprob_fn(lm), []
+        for start in range(0, len(texts), size):
+            rows = range(start, min(start + size, len(texts)))
+            b = shd.place_batch(lm.mesh, data.make_batch(encoded, rows, num_rows=size))
+            keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+            out.append(np.asarray(fn(lm.params, *(b[k] for k in keys)))[: len(rows)])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _mean_logprob_fn(lm):
+    """Jitted: each row's mean response-token log-prob under `lm` (its output replicated, so
+    every process can read it)."""
+
+    def mean_logprob(params, prompt_ids, prompt_mask, response_ids, response_mask):
+        logps = lm.token_logprobs(params, prompt_ids, prompt_mask, response_ids, response_mask)[0]
+        return losses.sequence_logprobs(logps, response_mask, "mean")
+
+    if lm.mesh is None:
+        return jax.jit(mean_logprob)
+    return jax.jit(mean_logprob, out_shardings=NamedSharding(lm.mesh, PartitionSpec()))
 
 
 def write_json(path: str, obj):

@@ -7,10 +7,12 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 from plad_jax.data import pairs
 from plad_jax.pipeline.context import Context
 from plad_jax.scoring import evaluate
+from plad_jax.scoring.calibration import calibration
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +21,7 @@ def eval_stage(ctx: Context, stage_dir: str):
     cfg = ctx.config.eval
     examples = ctx.splits.test[: cfg.num_examples] if cfg.num_examples else ctx.splits.test
     prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
-    responses = {}
+    responses, calibrated, scorer = {}, {}, ctx.scorer(cfg)
     for name, stage, role in (
         ("teacher", "sft_teacher", "teacher"),
         ("initial student", "sft_student", "student"),
@@ -36,8 +38,15 @@ def eval_stage(ctx: Context, stage_dir: str):
             desc=f"eval {name}",
             stop=ctx.stop_strings(cfg),
         )
-    scorer = ctx.scorer(cfg)
+        if cfg.calibration_samples:
+            calibrated[name] = model_calibration(ctx, lm, role, prompts, refs, scorer, name)
     metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer, teacher="teacher")
+    if calibrated:
+        metrics["calibration"] = {
+            "k": cfg.calibration_samples,
+            "temperature": ctx.config.sample.temperature,
+            "models": calibrated,
+        }
     rows = pairs.read_pairs(ctx.path("sample"))
     metrics["teacher_student_win_rate"] = evaluate.teacher_student_win_rate(
         [r["teacher"] for r in rows],
@@ -75,3 +84,26 @@ def eval_stage(ctx: Context, stage_dir: str):
         name: {"win_rate": m.get("win_rate"), "mean_score": m.get("mean_score")}
         for name, m in metrics.get("models", {}).items()
     }
+
+
+def model_calibration(ctx: Context, lm, role: str, prompts, refs, scorer, name: str) -> dict:
+    """`scoring.calibration` of one model: K samples per test prompt at `sample.temperature`,
+    each scored against its reference and ranked by the model's own length-normalised
+    likelihood."""
+    k = ctx.config.eval.calibration_samples
+    texts, _, _ = ctx.sample_responses(
+        lm,
+        role,
+        prompts,
+        temperature=ctx.config.sample.temperature,
+        max_new_tokens=ctx.config.eval.max_new_tokens,
+        seed=ctx.config.seed + 1,
+        desc=f"calibration {name}",
+        stop=ctx.stop_strings(ctx.config.eval),
+        num_samples=k,
+    )
+    repeated = [p for p in prompts for _ in range(k)]
+    rewards = scorer.score(repeated, texts, [r for r in refs for _ in range(k)])
+    loglik = ctx.loglikelihood(lm, role, repeated, texts)
+    n = len(prompts)
+    return calibration(loglik.reshape(n, k), np.asarray(rewards, np.float64).reshape(n, k))

@@ -303,6 +303,7 @@ def _markdown(metrics: dict, plots: list[str]) -> str:
             for b in metrics["buckets"]
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _calibration_lines(metrics.get("calibration"), metrics["scorer"])
     titles = {
         "curves": "Training curves",
         "models": _upper_first(label),
@@ -311,6 +312,35 @@ def _markdown(metrics: dict, plots: list[str]) -> str:
     for plot in plots:
         lines += ["", f"## {titles[plot]}", "", f"![{titles[plot]}]({PLOTS[plot]})"]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_lines(calibration: dict | None, scorer: str) -> list[str]:
+    """The report's calibration table (`scoring.calibration`), when the run measured it."""
+    if not calibration:
+        return []
+    k = calibration["k"]
+    lines = [
+        "",
+        "## Calibration",
+        "",
+        (
+            f"{k} samples per test prompt at temperature {calibration['temperature']:g}. Spearman: "
+            f"rank correlation of the model's own length-normalised log-likelihood with the "
+            f"{scorer} of its samples, averaged over the prompts where both vary (n). Best of "
+            f"{k}: the {scorer} of the sample the model finds most likely; random: the mean "
+            f"{scorer} of the {k}; gain: best minus random (percent)."
+        ),
+        "",
+        f"| model | Spearman | n | best of {k} | random | gain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in calibration["models"].items():
+        rho = "n/a" if c["spearman"] is None else f"{c['spearman']:.3f}"
+        lines.append(
+            f"| {name} | {rho} | {c['spearman_prompts']} | {_pct(c['best_of_k'])} | "
+            f"{_pct(c['random_of_k'])} | {_pct(c['best_of_k_gain'])} |"
+        )
+    return lines
 
 
 def _figure(width=6.4, height=4.0):
