@@ -17,10 +17,12 @@ from plad_jax.data.batching import (
     batches,
     bucket_length,
     epoch_order,
+    epoch_rows,
     host_shard,
     iterate_batches,
     make_batch,
     num_batches,
+    stream_rows,
 )
 from plad_jax.data.demo import build_demo_tokenizer, demo_tokenizer_texts, docstring_examples
 from plad_jax.data.encoding import EncodedExamples, encode_examples, encode_texts, special_affixes
@@ -79,6 +81,8 @@ __all__ = [
     "encode_examples",
     "encode_texts",
     "epoch_order",
+    "epoch_rows",
+    "stream_rows",
     "host_shard",
     "iterate_batches",
     "load_splits",

@@ -68,6 +68,26 @@ def bucket_length(length: int, buckets: int | Sequence[int] = 64, minimum: int =
     return fitting[0]
 
 
+def epoch_rows(num_examples: int, batch_size: int, *, seed: int | None, epoch: int, index: int):
+    """Row indices of batch `index` of epoch `epoch`: the epoch's order read `batch_size` at a time
+    (what the pipeline's training steps read; the last batch of an epoch may be short)."""
+    order = epoch_order(num_examples, shuffle_seed=seed, epoch=epoch)
+    return order[index * batch_size : (index + 1) * batch_size]
+
+
+def stream_rows(num_rows: int, batch_size: int, *, seed: int, index: int) -> np.ndarray:
+    """Row indices of batch `index` of a shuffled stream of epochs read `batch_size` at a time
+    (PbKD's rounds).
+
+    Always a full batch (it runs into the next epoch's order, so the set may be smaller than a
+    batch); a pure function of its arguments, so a resumed run reads the same batches.
+    """
+    positions = np.arange(index * batch_size, (index + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, num_rows)
+    orders = {e: epoch_order(num_rows, shuffle_seed=seed, epoch=int(e)) for e in np.unique(epochs)}
+    return np.array([orders[e][o] for e, o in zip(epochs, offsets)], np.int64)
+
+
 def epoch_order(num_examples: int, *, shuffle_seed: int | None, epoch: int) -> np.ndarray:
     """Example indices in the order epoch `epoch` reads them."""
     index = np.arange(num_examples, dtype=np.int64)

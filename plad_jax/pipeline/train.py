@@ -138,8 +138,9 @@ def train_model(
     seed = ctx.config.seed
 
     def batches(epoch: int, index: int):
-        order = data.epoch_order(num_examples, shuffle_seed=seed, epoch=epoch)
-        rows = order[index * train_cfg.batch_size : (index + 1) * train_cfg.batch_size]
+        rows = data.epoch_rows(
+            num_examples, train_cfg.batch_size, seed=seed, epoch=epoch, index=index
+        )
         batch = batch_fn(rows)
         return shd.place_batch(ctx.mesh, batch)
 

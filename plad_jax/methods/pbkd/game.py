@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from plad_jax import data
 from plad_jax import sharding as shd
 from plad_jax.config.pbkd import PbKDConfig
 from plad_jax.generation import sampler
@@ -356,7 +357,7 @@ class _Run:
         def batches(epoch, index):
             b = pbkd_rounds.make_batch(
                 encoding,
-                pbkd_rounds.batch_rows(len(encoding), self.train.batch_size, self.seed, index),
+                data.stream_rows(len(encoding), self.train.batch_size, seed=self.seed, index=index),
             )
             return _placed(
                 self.mesh,
@@ -616,8 +617,8 @@ class _Game:
         return out
 
     def _batch(self, encoding, r: int, index: int) -> dict:
-        rows = pbkd_rounds.batch_rows(
-            len(encoding), self.run_.train.batch_size, self.run_.seed + r, index
+        rows = data.stream_rows(
+            len(encoding), self.run_.train.batch_size, seed=self.run_.seed + r, index=index
         )
         return shd.local_rows(self.run_.mesh, pbkd_rounds.make_batch(encoding, rows))
 

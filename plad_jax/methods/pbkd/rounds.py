@@ -130,20 +130,6 @@ def encode(tokenizer, rows, max_prompt_tokens: int, max_response_tokens: int) ->
     return Encoding(teacher, chosen, rejected)
 
 
-def batch_rows(num_rows: int, batch_size: int, seed: int, index: int) -> np.ndarray:
-    """Row indices of batch `index`: a shuffled stream of epochs read `batch_size` at a time.
-
-    Always a full batch (it runs into the next epoch's order, so the set may be smaller than a
-    batch); a pure function of its arguments, so a resumed run reads the same batches.
-    """
-    positions = np.arange(index * batch_size, (index + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, num_rows)
-    orders = {
-        e: data.epoch_order(num_rows, shuffle_seed=seed, epoch=int(e)) for e in np.unique(epochs)
-    }
-    return np.array([orders[e][o] for e, o in zip(epochs, offsets)], np.int64)
-
-
 def make_batch(encoding: Encoding, rows) -> dict[str, np.ndarray]:
     """Host batch of the prompts, teacher samples and preference pair of `rows` (the keys of
     `plad_jax.methods.pbkd.objectives`; the loop adds the student samples, or for `pbkd_cheap` names
