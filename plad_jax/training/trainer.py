@@ -140,11 +140,12 @@ class Trainer:
         self.state, metrics = (step_fn or self.step_fn)(
             self.state, batch, self.frozen if frozen is None else frozen
         )
-        self._speed.add(batch)
+        if self.log_every:  # what the log reports: tokens/s and metric means over its window
+            self._speed.add(batch)
+            self._window.add(metrics)
         self.check()  # the previous step, while this one runs
         self.unchecked = None if given else (step, self.position, metrics)
         self.position = self.position.advance(self.steps_per_epoch)
-        self._window.add(metrics)
         self._bar.update(1)
         if self.manager is not None and (
             step == self.total_steps or self.manager.should_save(step)
