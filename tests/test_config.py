@@ -730,10 +730,12 @@ def fake_stages(monkeypatch):
         calls.append((config, run_dir, stages))
 
     module.run = run
-    import plad_jax
+    import plad_jax.pipeline
 
+    # `from plad_jax.pipeline import runner` reads the package's attribute once the real module
+    # has been imported, so both are replaced
     monkeypatch.setitem(sys.modules, "plad_jax.pipeline.runner", module)
-    monkeypatch.setattr(plad_jax, "stages", module, raising=False)
+    monkeypatch.setattr(plad_jax.pipeline, "runner", module, raising=False)
     for name in ("JAX_COORDINATOR_ADDRESS", "PLAD_JAX_DISTRIBUTED", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(launch, "_on_cloud_tpu_vm", lambda: False)
