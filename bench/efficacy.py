@@ -300,6 +300,7 @@ class SamplingMemo:
         desc="sample",
         sample_ids=None,
         stop=(),
+        num_samples=1,
     ):
         import hashlib
 
@@ -327,6 +328,7 @@ class SamplingMemo:
             cfg.top_p,
             ctx.config.data.max_prompt_tokens,
             tuple(stop),
+            num_samples,
         )
         if key in self.cache:
             self.hits += 1
@@ -343,6 +345,7 @@ class SamplingMemo:
             desc=desc,
             sample_ids=sample_ids,
             stop=stop,
+            num_samples=num_samples,
         )
         self.cache[key] = out
         return out
