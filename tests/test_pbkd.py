@@ -578,10 +578,9 @@ def test_run_pbkd_end_to_end(method, student, tokenizer, programs, online_run, t
         assert np.all(
             np.abs(scorer.score(PROMPTS[:2], ["good", "bad"])) <= LOOP_CFG.get("r_max", 5.0)
         )
-        from plad_jax.scoring.rewards import (
-            make_scorer,  # eval.scorer=jax_reward_model with this directory
-        )
+        from plad_jax.scoring.rewards import make_scorer
 
+        # eval.scorer=jax_reward_model with this directory
         by_config = make_scorer("jax_reward_model", str(tmp_path / "reward_model"), 4)
         np.testing.assert_allclose(
             by_config.score(PROMPTS[:2], ["good", "bad"]),
@@ -610,9 +609,9 @@ def test_run_pbkd_online_grows_the_preference_set(online_run):
 def test_run_pbkd_resumes_after_a_crash_mid_round(
     online_run, student, tokenizer, programs, tmp_path, monkeypatch
 ):
-    from plad_jax.methods.pbkd import game as pbkd_loop
+    from plad_jax.methods.pbkd import game
 
-    real_step = pbkd_loop._Game._game_step
+    real_step = game._Game._game_step
 
     def crash_at_step_6(self, encoding, r, index, step):
         if (
@@ -621,7 +620,7 @@ def test_run_pbkd_resumes_after_a_crash_mid_round(
             raise KeyboardInterrupt("killed")
         return real_step(self, encoding, r, index, step)
 
-    monkeypatch.setattr(pbkd_loop._Game, "_game_step", crash_at_step_6)
+    monkeypatch.setattr(game._Game, "_game_step", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         run_method("pbkd_online", tmp_path, student, tokenizer, programs)
     import orbax.checkpoint as ocp
@@ -633,12 +632,10 @@ def test_run_pbkd_resumes_after_a_crash_mid_round(
         steps_run.append(step)
         return real_step(self, encoding, r, index, step)
 
-    monkeypatch.setattr(pbkd_loop._Game, "_game_step", counted)
+    monkeypatch.setattr(game._Game, "_game_step", counted)
+    monkeypatch.setattr(game._Game, "_warmup_step", lambda *a: pytest.fail("warm-up ran again"))
     monkeypatch.setattr(
-        pbkd_loop._Game, "_warmup_step", lambda *a: pytest.fail("warm-up ran again")
-    )
-    monkeypatch.setattr(
-        pbkd_loop.pbkd_rounds, "fresh_student_rows", lambda *a, **k: pytest.fail("sampled again")
+        game.pbkd_rounds, "fresh_student_rows", lambda *a, **k: pytest.fail("sampled again")
     )
     lm, summary = run_method("pbkd_online", tmp_path, student, tokenizer, programs)
     assert steps_run == [6]  # only what the checkpoint did not hold

@@ -97,6 +97,31 @@ def test_every_method_runs_distill_and_eval(prepared, tmp_path, paths, method):
     assert len(rows) == metrics["n"] and set(rows[0]) == {"prompt", "reference", *metrics["models"]}
 
 
+def test_context_loglikelihood_is_each_rows_mean_token_logprob(paths, tmp_path):
+    """`Context.loglikelihood` (chunked log-probs, batches of 3 with a filler row, rows of
+    different lengths) equals log_softmax of each row's own eager logits at its response tokens,
+    averaged over them."""
+    import jax
+    import numpy as np
+
+    config = config_mod.apply_overrides(
+        config_mod.load_config("tiny"), [*tiny_run.tiny_overrides(paths), "eval.batch_size=3"]
+    )
+    ctx = context.Context(config, str(tmp_path / "run"))
+    lm = ctx.base_model("student")
+    examples = ctx.splits.test[:5]
+    prompts = [e.prompt for e in examples]
+    texts = [" ".join(e.response.split()[: i + 1]) for i, e in enumerate(examples)]  # 1..5 words
+    got = ctx.loglikelihood(lm, "student", prompts, texts)
+    encoded = ctx.encode("student", prompts, texts)
+    assert len({len(r) for r in encoded.responses}) > 1  # padding is exercised
+    for i in range(len(prompts)):
+        p, r = (np.array([x[i]], np.int32) for x in (encoded.prompts, encoded.responses))
+        logits = np.asarray(lm.logits(p, np.ones_like(p), r, np.ones_like(r)))[0]
+        want = np.asarray(jax.nn.log_softmax(logits))[np.arange(r.shape[1]), r[0]].mean()
+        assert got[i] == pytest.approx(float(want), abs=1e-5)
+
+
 def test_eval_measures_calibration_when_asked(prepared, tmp_path, paths):
     """`eval.calibration_samples=3`: each model's calibration (scoring.calibration) in
     metrics.json and report.md; the metrics the run had before are unchanged."""
