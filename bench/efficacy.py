@@ -287,21 +287,7 @@ class SamplingMemo:
 
         Context.sample_responses = self._original
 
-    def _sample(
-        self,
-        ctx,
-        lm,
-        role,
-        prompts,
-        *,
-        temperature,
-        max_new_tokens,
-        seed,
-        desc="sample",
-        sample_ids=None,
-        stop=(),
-        num_samples=1,
-    ):
+    def _sample(self, ctx, lm, role, prompts, **kwargs):
         import hashlib
 
         import jax
@@ -314,39 +300,27 @@ class SamplingMemo:
         vocab = hashlib.sha256(
             json.dumps(sorted(ctx.tokenizer(role).get_vocab().items())).encode()
         ).hexdigest()
+        settings = tuple(  # every argument but the progress label, lists as tuples
+            (k, tuple(v) if isinstance(v, list | tuple) else v)
+            for k, v in sorted(kwargs.items())
+            if k != "desc"
+        )
         key = (
             digest.hexdigest(),
             type(lm).__name__,
             vocab,
             tuple(prompts),
-            temperature,
-            max_new_tokens,
-            seed,
-            None if sample_ids is None else tuple(sample_ids),
+            settings,
             cfg.batch_size,
             cfg.top_k,
             cfg.top_p,
             ctx.config.data.max_prompt_tokens,
-            tuple(stop),
-            num_samples,
         )
         if key in self.cache:
             self.hits += 1
             return self.cache[key]
         self.misses += 1
-        out = self._original(
-            ctx,
-            lm,
-            role,
-            prompts,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            desc=desc,
-            sample_ids=sample_ids,
-            stop=stop,
-            num_samples=num_samples,
-        )
+        out = self._original(ctx, lm, role, prompts, **kwargs)
         self.cache[key] = out
         return out
 

@@ -160,3 +160,34 @@ def test_summary_gap_noise_and_reproduction_check(tmp_path):
     # in: 4 rewards (teacher, initial student, up, flat) + 2 gaps (up, flat); within: all but flat's
     # two
     assert text.splitlines()[-1].startswith("4 of 6 means")
+
+
+def test_sampling_memo_answers_repeats_and_only_repeats(monkeypatch):
+    """The bench's memo of `Context.sample_responses`: the same call (whatever its progress label)
+    is answered from memory; another seed, prompt, setting or weight is sampled again."""
+    import types
+
+    import numpy as np
+
+    from plad_jax.config import Config
+    from plad_jax.pipeline.context import Context
+
+    calls = []
+    monkeypatch.setattr(
+        Context, "sample_responses", lambda ctx, lm, role, prompts, **kw: calls.append(kw) or kw
+    )
+    tok = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1})
+    ctx = types.SimpleNamespace(config=Config(), tokenizer=lambda role: tok)
+    lm = types.SimpleNamespace(params={"w": np.zeros(3, np.float32)})
+    other = types.SimpleNamespace(params={"w": np.ones(3, np.float32)})
+    with efficacy.SamplingMemo() as memo:
+        sample = lambda model, prompts=("p",), **kw: Context.sample_responses(
+            ctx, model, "student", list(prompts), **{"seed": 0, "sample_ids": [0], **kw}
+        )
+        first = sample(lm, desc="eval")
+        assert sample(lm, desc="validation") is first  # the label is not part of the call
+        sample(lm, seed=1)
+        sample(lm, prompts=("q",))
+        sample(lm, num_samples=2)
+        sample(other)
+    assert (memo.hits, memo.misses, len(calls)) == (1, 5, 5)
