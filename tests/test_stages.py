@@ -459,3 +459,20 @@ def test_two_processes_give_the_metrics_of_one(paths, tmp_path, extra):
     assert read_json(tmp_path / "two" / "eval" / "metrics.json") == read_json(
         tmp_path / "one" / "eval" / "metrics.json"
     )
+
+
+def test_eval_on_the_validation_split(prepared, tmp_path, paths):
+    """`eval.split=validation`: the models are evaluated on the validation prompts (for choosing
+    hyper-parameters without touching test), and metrics.json and report.md say which split."""
+    run_dir = fork(prepared, tmp_path)
+    overrides = tiny_run.tiny_overrides(paths)
+    assert main(run_dir, *overrides, "eval.split=validation", stages_="distill,eval") == 0
+    metrics = read_json(run_dir / "eval" / "metrics.json")
+    assert metrics["split"] == "validation"
+    rows = [json.loads(line) for line in (run_dir / "eval" / "responses.jsonl").open()]
+    config = config_mod.resolve("tiny", overrides, run_dir=str(run_dir))
+    splits = context.Context(config, str(run_dir)).splits
+    validation = [e.prompt for e in splits.validation[: len(rows)]]
+    assert [r["prompt"] for r in rows] == validation and metrics["n"] == len(rows)
+    assert not set(validation) & {e.prompt for e in splits.test}
+    assert f"{metrics['n']} validation prompts" in (run_dir / "eval" / "report.md").read_text()

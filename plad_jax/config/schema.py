@@ -244,7 +244,9 @@ class EvalConfig:
     bench/extraction.py's.
     calibration_samples: K >= 2 samples per test prompt (at `sample.temperature`) for the
     calibration metrics (`plad_jax.scoring.calibration`: does each model's own likelihood rank its
-    samples as the scorer does?); 0 = off."""
+    samples as the scorer does?); 0 = off.
+    split: the split evaluated. `test` for the figures one reports; `validation` to choose
+    hyper-parameters (a method's learning rate, say) without touching the test split."""
 
     scorer: Scorer = "reward_model"
     reward_model: str = DEFAULT_REWARD_MODEL
@@ -254,6 +256,7 @@ class EvalConfig:
     batch_size: int = 32
     stop: tuple[str, ...] | None = None
     calibration_samples: int = 0
+    split: Literal["test", "validation"] = "test"
 
 
 @dataclasses.dataclass(frozen=True)

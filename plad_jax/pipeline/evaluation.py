@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from plad_jax.data import pairs
+from plad_jax.errors import ConfigError
 from plad_jax.pipeline.context import Context
 from plad_jax.scoring import evaluate
 from plad_jax.scoring.calibration import calibration
@@ -19,7 +20,10 @@ logger = logging.getLogger(__name__)
 
 def eval_stage(ctx: Context, stage_dir: str):
     cfg = ctx.config.eval
-    examples = ctx.splits.test[: cfg.num_examples] if cfg.num_examples else ctx.splits.test
+    split = getattr(ctx.splits, cfg.split)
+    if not split:
+        raise ConfigError(f"eval.split={cfg.split}: the {cfg.split} split is empty")
+    examples = split[: cfg.num_examples] if cfg.num_examples else split
     prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
     responses, calibrated, scorer = {}, {}, ctx.scorer(cfg)
     for name, stage, role in (
@@ -41,6 +45,7 @@ def eval_stage(ctx: Context, stage_dir: str):
         if cfg.calibration_samples:
             calibrated[name] = model_calibration(ctx, lm, role, prompts, refs, scorer, name)
     metrics = evaluate.evaluate_responses(prompts, responses, refs, scorer, teacher="teacher")
+    metrics["split"] = cfg.split
     if calibrated:
         metrics["calibration"] = {
             "k": cfg.calibration_samples,

@@ -263,7 +263,8 @@ def _markdown(metrics: dict, plots: list[str]) -> str:
     lines = [
         "# Evaluation\n",
         (
-            f"{metrics['n']} test prompts; scorer: `{metrics['scorer']}`. Rates and ROUGE in "
+            f"{metrics['n']} {metrics.get('split', 'test')} prompts; scorer: "
+            f"`{metrics['scorer']}`. Rates and ROUGE in "
             "percent; win rates count ties as one half. T-S WR: how often the scorer prefers the "
             "teacher's response to this model's."
         ),
