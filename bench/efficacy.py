@@ -254,11 +254,12 @@ def enable_compile_cache(out: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_stages(sets, run_dir, stages):
+def run_stages(sets, run_dir, stages, preset="demo"):
     from plad_jax import config as cfg
+    from plad_jax import fetch
     from plad_jax.pipeline import runner as pipeline
 
-    config = cfg.resolve("demo", sets, run_dir=run_dir)
+    config = fetch.resolve_config(cfg.resolve(preset, sets, run_dir=run_dir))
     pipeline.run(config, run_dir, stages)
 
 
@@ -344,9 +345,18 @@ def exact_match_rate(task: str, eval_dir: str, model: str) -> float:
     return float((scores >= 1.0 - 1e-9).mean())
 
 
+def calibration_columns(metrics: dict, model: str) -> dict:
+    """The model's calibration (eval.calibration_samples): Spearman of its own likelihood with the
+    reward over its K samples per prompt, and the reward gained by picking its most likely sample;
+    empty when the run did not measure it."""
+    c = metrics.get("calibration", {}).get("models", {}).get(model)
+    return {"cal_spearman": c["spearman"], "cal_gain": c["best_of_k_gain"]} if c else {}
+
+
 def model_row(task, seed, method, eval_dir, model, seconds):
     with open(os.path.join(eval_dir, "metrics.json"), encoding="utf-8") as f:
-        m = json.load(f)["models"][model]
+        metrics = json.load(f)
+    m = metrics["models"][model]
     return {
         "task": task,
         "seed": seed,
@@ -359,6 +369,7 @@ def model_row(task, seed, method, eval_dir, model, seconds):
         "rougeL": m["rougeL"],
         "length": m["mean_length"],
         "seconds": seconds,
+        **calibration_columns(metrics, model),
     }
 
 
@@ -417,6 +428,7 @@ def run_task_seed(task, seed, size, out, task_files, methods, log):
 # -- summary ---------------------------------------------------------------------------------------
 
 METRICS = ("wr_ref", "reward", "ts_wr", "rouge1", "rouge2", "rougeL", "length", "gap_closed")
+CALIBRATION = ("cal_spearman", "cal_gain")  # real track: eval.calibration_samples
 
 
 def _mean_std(values):
@@ -449,8 +461,10 @@ def summarise(rows):
     for task, method in order:
         group = [r for r in rows if r["task"] == task and r["method"] == method]
         s = {"task": task, "method": method, "seeds": len(group)}
-        for key in METRICS + ("gain",):
+        for key in METRICS + ("gain",) + tuple(k for k in CALIBRATION if k in group[0]):
             s[key], s[key + "_std"] = _mean_std([r[key] for r in group])
+        if group[0].get("chosen"):
+            s["chosen"] = group[0]["chosen"]
         if method in ("teacher", "initial student"):
             s["beyond_noise"] = "-"
         elif len(group) < 2:
@@ -494,8 +508,13 @@ def table(summary) -> str:
         "gap closed",
         "beyond noise",
     )
+    extra = [k for k in CALIBRATION if any(k in s for s in summary)]
+    chosen = any(s.get("chosen") for s in summary)
+    head += tuple({"cal_spearman": "Spearman", "cal_gain": "best-of-K gain"}[k] for k in extra)
+    head += ("chosen",) if chosen else ()
     lines = []
     for s in summary:
+        cal = tuple(_fmt(s.get(k), s.get(k + "_std")) for k in extra)
         lines.append(
             (
                 s["task"],
@@ -510,6 +529,8 @@ def table(summary) -> str:
                 _fmt(s["gap_closed"], s["gap_closed_std"], digits=2),
                 s["beyond_noise"],
             )
+            + cal
+            + ((s.get("chosen", "-"),) if chosen else ())
         )
     return _render(head, lines)
 
@@ -593,7 +614,10 @@ def read_rows(path):
             "rougeL",
             "length",
             "seconds",
+            *CALIBRATION,
         ):
+            if key not in r:  # calibration: real-track rows only
+                continue
             r[key] = (
                 None
                 if r.get(key) in (None, "")
@@ -654,7 +678,16 @@ def report(out, rows, header, other=None):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 seed, few steps (CI)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/efficacy[-quick])")
+    parser.add_argument(
+        "--track",
+        choices=("scratch", "real"),
+        default="scratch",
+        help="scratch: models built from scratch (fast); real: SmolLM2-135M-Instruct and a "
+        "student cut from it, each method tuned on validation (bench/efficacy_real.py)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default runs/efficacy[-real][-quick])"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
     parser.add_argument(
         "--first-seed",
@@ -679,13 +712,13 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
-    out = os.path.abspath(
-        args.out or os.path.join("runs", "efficacy-quick" if args.quick else "efficacy")
-    )
+    name = "efficacy" + ("-real" if args.track == "real" else "") + ("-quick" if args.quick else "")
+    out = os.path.abspath(args.out or os.path.join("runs", name))
     seeds = range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3)))
     tasks = [t for t in args.tasks.split(",") if t]
     chosen = [m for m in args.methods.split(",") if m] if args.methods else None
-    unknown = [m for m in chosen or () if m not in METHODS] + [
+    known = METHODS if args.track == "scratch" else _real().REAL_METHODS
+    unknown = [m for m in chosen or () if m not in known] + [
         t for t in tasks if t not in ("extraction", "demo")
     ]
     if unknown:
@@ -707,6 +740,8 @@ def main(argv=None) -> int:
     def log(message):
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
 
+    if args.track == "real":
+        return main_real(args, out, seeds, tasks, chosen, log)
     if not args.quick:  # quick runs inside the test process: leave its jax config alone
         enable_compile_cache(out)
     task_files = prepare_extraction(out, size) if "extraction" in tasks else {}
@@ -733,6 +768,37 @@ def main(argv=None) -> int:
         f"seeds {len(seeds)}; teacher {size.teacher} vs student {size.student} (hidden, layers, "
         f"heads); device {device}; {total / 60:.1f} min wall, {cpu / 60:.1f} min CPU "
         f"(load average {os.getloadavg()[0]:.1f})",
+        args.compare,
+    )
+    return 0
+
+
+def _real():
+    from bench import efficacy_real
+
+    return efficacy_real
+
+
+def main_real(args, out, seeds, tasks, chosen, log) -> int:
+    """The real-weights track (bench/efficacy_real.py): ledger rows, then the same report."""
+    real = _real()
+    size = real.QUICK_REAL if args.quick else real.REAL
+    methods = chosen or (real.QUICK_REAL_METHODS if args.quick else tuple(real.REAL_METHODS))
+    if not args.quick:
+        enable_compile_cache(out)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    with SamplingMemo() as memo:
+        rows = real.run(out, quick=args.quick, seeds=seeds, tasks=tasks, methods=methods, log=log)
+    log(f"decoding calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
+    minutes = (time.perf_counter() - start) / 60
+    report(
+        out,
+        rows,
+        f"\nmethod efficacy, real track ({'quick' if args.quick else 'full'}): tasks "
+        f"{', '.join(tasks)}; seeds {len(seeds)}; student {size.depth} of "
+        f"{size.teacher_blocks} teacher blocks; D0 = D = {size.d0}; grid {real.GRID}; this "
+        f"process {minutes:.1f} min wall, {(time.process_time() - cpu0) / 60:.1f} min CPU "
+        f"(ledger rows measured earlier are not timed again; see their seconds)",
         args.compare,
     )
     return 0

@@ -6,6 +6,7 @@ the pipeline."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -191,3 +192,44 @@ def test_sampling_memo_answers_repeats_and_only_repeats(monkeypatch):
         sample(lm, num_samples=2)
         sample(other)
     assert (memo.hits, memo.misses, len(calls)) == (1, 5, 5)
+
+
+@pytest.mark.slow
+def test_real_track_quick_selects_on_validation_and_resumes_from_its_ledger(tmp_path):
+    """`--track real --quick` (a random GGUF teacher and a student cut from it): each method's
+    learning rate is chosen on validation before any test evaluation of it, only the chosen point
+    is tested, the table carries the chosen setting and calibration; a restart measures nothing
+    the ledger holds, and a row lost to a kill is measured again to the same numbers."""
+    from bench import efficacy_real
+
+    out = tmp_path / "real"
+    argv = ["--track", "real", "--quick", "--tasks", "extraction", "--out", str(out)]
+    assert efficacy.main(argv) == 0
+    ledger = out / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    grid = len(efficacy_real.GRID)
+    for method in efficacy_real.QUICK_REAL_METHODS:
+        mine = [r for r in rows if r["key"]["method"] == method]
+        splits = [r["key"]["split"] for r in mine]
+        assert splits == ["validation"] * grid + ["test"]  # selection first, then test only
+        rewards = [r["models"]["distilled student"]["reward"] for r in mine[:grid]]
+        chosen = max(range(grid), key=lambda i: (rewards[i], -i))
+        assert mine[-1]["key"]["point"] == chosen
+        assert mine[-1]["setting"] == efficacy_real.describe(method, chosen)
+    with open(out / "summary.csv", encoding="utf-8") as f:
+        summary = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(summary) == {"teacher", "initial student", *efficacy_real.QUICK_REAL_METHODS}
+    for s in summary.values():
+        assert 0 <= float(s["reward"]) <= 1 and s["cal_gain"] != ""
+    assert summary["kd"]["chosen"].startswith("kd_temperature=1.0 lr=")
+
+    ledger.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # killed mid-write
+    before = (out / "summary.csv").read_text()
+    assert efficacy.main(argv) == 0
+    again = [json.loads(line) for line in ledger.read_text().splitlines()[len(lines) - 1 :]]
+    assert [r["key"] for r in again] == [rows[-1]["key"]]  # only the lost row is measured
+    assert again[0]["models"] == {
+        name: {**m, "seconds": again[0]["seconds"]} for name, m in rows[-1]["models"].items()
+    }
+    assert (out / "summary.csv").read_text() == before
