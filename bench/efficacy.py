@@ -688,6 +688,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out", default=None, help="output folder (default runs/efficacy[-real][-quick])"
     )
+    parser.add_argument(
+        "--probe",
+        default=None,
+        metavar="DEPTHS",
+        help="real track: only the sizing probe, students of these depths (e.g. 6,8,12) against "
+        "the teacher on validation; writes probe.json",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
     parser.add_argument(
         "--first-seed",
@@ -783,9 +790,32 @@ def main_real(args, out, seeds, tasks, chosen, log) -> int:
     """The real-weights track (bench/efficacy_real.py): ledger rows, then the same report."""
     real = _real()
     size = real.QUICK_REAL if args.quick else real.REAL
-    methods = chosen or (real.QUICK_REAL_METHODS if args.quick else tuple(real.REAL_METHODS))
     if not args.quick:
         enable_compile_cache(out)
+    if args.probe:
+        depths = [int(d) for d in args.probe.split(",") if d]
+        rows = real.probe(out, depths, quick=args.quick, log=log)
+        with open(os.path.join(out, "probe.json"), "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+        print(
+            _render(
+                ("depth", "SFT steps", "SFT loss", "teacher", "student", "T-S WR %", "seconds"),
+                [
+                    (
+                        str(r["depth"]),
+                        str(r["student_steps"]),
+                        f"{r['student_loss']:.2f}",
+                        f"{r['teacher_reward']:.3f}",
+                        f"{r['student_reward']:.3f}",
+                        f"{100 * r['ts_wr']:.1f}",
+                        f"{r['seconds']:.0f}",
+                    )
+                    for r in rows
+                ],
+            )
+        )
+        return 0
+    methods = chosen or (real.QUICK_REAL_METHODS if args.quick else tuple(real.REAL_METHODS))
     start, cpu0 = time.perf_counter(), time.process_time()
     with SamplingMemo() as memo:
         rows = real.run(out, quick=args.quick, seeds=seeds, tasks=tasks, methods=methods, log=log)

@@ -317,6 +317,71 @@ class RealTrack:
         return rows
 
 
+def probe(out, depths, *, quick, log) -> list[dict]:
+    """The sizing probe: students of several depths cut from the teacher and SFT'd on D0 as the
+    track does (the teacher is the track's own shared one), each with the teacher's greedy answers
+    on the validation prompts: mean reward, T-S WR, the SFT loss and two answers to read."""
+    from plad_jax import config as cfg
+    from plad_jax import fetch
+    from plad_jax.pipeline.context import Context
+    from plad_jax.scoring import evaluate
+
+    size = QUICK_REAL if quick else REAL
+    data_path = extraction_data(out, size)
+    track = RealTrack("demo", size, out, teacher_path(out, quick, data_path), data_path, None, log)
+    shared, rows = track.shared(), []
+    for depth in depths:
+        run_dir = os.path.join(track.root, f"probe-depth{depth}")
+        src, dst = os.path.join(shared, "sft_teacher"), os.path.join(run_dir, "sft_teacher")
+        if not os.path.exists(dst):
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints*"))
+        layers = f"student.layers={json.dumps(list(even_blocks(depth, size.teacher_blocks)))}"
+        sets = track.sets(0) + [layers]
+        t0 = time.perf_counter()
+        eff.run_stages(sets, run_dir, ("sft_student",), preset=PRESET)
+        ctx = Context(fetch.resolve_config(cfg.resolve(PRESET, sets, run_dir=run_dir)), run_dir)
+        examples = ctx.splits.validation[: size.validation]
+        prompts, refs = [e.prompt for e in examples], [e.response for e in examples]
+        scorer, answers = ctx.scorer(ctx.config.eval), {}
+        for stage, role in (("sft_teacher", "teacher"), ("sft_student", "student")):
+            answers[role], _, _ = ctx.sample_responses(
+                ctx.stage_model(stage, role),
+                role,
+                prompts,
+                temperature=0.0,
+                max_new_tokens=ctx.config.eval.max_new_tokens,
+                seed=0,
+                desc=f"probe {role}",
+                stop=ctx.stop_strings(ctx.config.eval),
+            )
+        reward = {r: float(scorer.score(prompts, answers[r], refs).mean()) for r in answers}
+        with open(ctx.path("sft_student", "curve.json"), encoding="utf-8") as f:
+            curve = json.load(f)
+        rows.append(
+            {
+                "depth": depth,
+                "student_steps": curve[-1][0],
+                "student_loss": curve[-1][1],
+                "teacher_reward": reward["teacher"],
+                "student_reward": reward["student"],
+                "ts_wr": evaluate.teacher_student_win_rate(
+                    answers["teacher"], answers["student"], prompts, scorer, references=refs
+                ),
+                "seconds": time.perf_counter() - t0,
+                "examples": [
+                    {
+                        "reference": refs[i],
+                        "teacher": answers["teacher"][i],
+                        "student": answers["student"][i],
+                    }
+                    for i in range(2)
+                ],
+            }
+        )
+        log(f"probe depth {depth}: {json.dumps({k: v for k, v in rows[-1].items()})}")
+    return rows
+
+
 def reference_rows(ledger: Ledger, task: str, seeds) -> list[dict]:
     """Teacher and initial-student rows per seed, from any test evaluation of that seed."""
     rows = []
