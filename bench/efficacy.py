@@ -686,7 +686,10 @@ def main(argv=None) -> int:
         "student cut from it, each method tuned on validation (bench/efficacy_real.py)",
     )
     parser.add_argument(
-        "--out", default=None, help="output folder (default runs/efficacy[-real][-quick])"
+        "--out",
+        default=None,
+        help="output folder (default runs/efficacy[-quick]; the full real track: "
+        "bench/results/efficacy-real, whose ledger, probe and table are committed)",
     )
     parser.add_argument(
         "--probe",
@@ -721,6 +724,8 @@ def main(argv=None) -> int:
     size = QUICK if args.quick else FULL
     name = "efficacy" + ("-real" if args.track == "real" else "") + ("-quick" if args.quick else "")
     out = os.path.abspath(args.out or os.path.join("runs", name))
+    if args.track == "real" and not args.quick and not args.out:  # its ledger is committed: the
+        out = os.path.join(ROOT, "bench", "results", name)  # same command resumes in a new clone
     seeds = range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3)))
     tasks = [t for t in args.tasks.split(",") if t]
     chosen = [m for m in args.methods.split(",") if m] if args.methods else None
