@@ -71,8 +71,8 @@ class RealSize:
 
 # Full. Depth 12 of 30 (the sizing probe, bench/results/efficacy-real/probe.json: 6, 8 and 12
 # blocks after 3 epochs of D0, 48 steps, all reach ROUGE-L ~0.1 on validation against the teacher's
-# 0.276; 12 writes summaries of the right form ("Return a string for a string.") where 8 still
-# falls into repetitions ("Return a the Returns a a a a ..."), and it costs ~1.3x 8's time.
+# 0.276; 12 has the lowest SFT loss and writes summaries of the right form ("Return a string for a
+# string.") where 8 still falls into repetitions ("Return a the Returns a a a a ...").
 REAL = RealSize(
     depth=12,
     d0=256,
