@@ -25,6 +25,7 @@ from plad_jax.data import (
     DataPosition,
     EncodedExamples,
     Example,
+    GameBatch,
     PairBatch,
     SequenceBatch,
     batches,
@@ -589,6 +590,8 @@ def test_join_parts_makes_the_batch_a_method_declares():
     np.testing.assert_array_equal(pair.reference_ids, parts["chosen"].response_ids)
     assert len(jax.tree.leaves(pair)) == 10
     assert len(jax.tree.leaves(pair.replace(reference_ids=None, reference_mask=None))) == 8
+    game = join_parts({**parts, "rejected": parts["chosen"]}, GameBatch)
+    assert type(game) is GameBatch and game.sample_ids is None and len(jax.tree.leaves(game)) == 8
     with pytest.raises(TypeError):
         join_parts({"chosen": parts["chosen"], "pos": parts["response"]})
 

@@ -153,14 +153,14 @@ class ReferenceLogprobs:
     rejected: Array
 
 
-def join_parts(parts: dict[str, SequenceBatch]) -> SequenceBatch | PairBatch:
+def join_parts(parts: dict[str, SequenceBatch], cls: type[Batch] | None = None) -> Batch:
     """One batch of the same rows of several encodings (`make_batch` of each): the prompts of the
     first part, and the responses of each part as the field of its name, `response`, `chosen`,
-    `rejected` or `reference`. A `PairBatch` when there is a `chosen` part, else a
-    `SequenceBatch`."""
+    `rejected` or `reference`. Of type `cls`; by default a `PairBatch` when there is a `chosen`
+    part, else a `SequenceBatch`."""
     first = next(iter(parts.values()))
     fields = {}
     for name, part in parts.items():
         fields[f"{name}_ids"], fields[f"{name}_mask"] = part.response_ids, part.response_mask
-    cls = PairBatch if "chosen" in parts else SequenceBatch
+    cls = cls or (PairBatch if "chosen" in parts else SequenceBatch)
     return cls(prompt_ids=first.prompt_ids, prompt_mask=first.prompt_mask, **fields)

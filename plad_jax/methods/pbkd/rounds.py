@@ -133,15 +133,6 @@ def encode(tokenizer, rows, max_prompt_tokens: int, max_response_tokens: int) ->
 def make_batch(encoding: Encoding, rows) -> data.GameBatch:
     """Host `GameBatch` of the prompts, teacher samples (`response_*`) and preference pair of `rows`
     (the game adds the student samples; `pbkd_cheap` reads it as the `PairBatch` it is)."""
-    t = data.make_batch(encoding.teacher, rows)
-    c, r = data.make_batch(encoding.chosen, rows), data.make_batch(encoding.rejected, rows)
-    return data.GameBatch(
-        prompt_ids=t.prompt_ids,
-        prompt_mask=t.prompt_mask,
-        response_ids=t.response_ids,
-        response_mask=t.response_mask,
-        chosen_ids=c.response_ids,
-        chosen_mask=c.response_mask,
-        rejected_ids=r.response_ids,
-        rejected_mask=r.response_mask,
-    )
+    parts = {"response": encoding.teacher, "chosen": encoding.chosen, "rejected": encoding.rejected}
+    made = {name: data.make_batch(encoded, rows) for name, encoded in parts.items()}
+    return data.join_parts(made, data.GameBatch)
