@@ -538,7 +538,7 @@ def synthetic(n, seed=0, max_prompt=150, max_response=40):
 def test_batches_are_right_padded_bucketed_and_exact():
     enc = synthetic(37)
     out = list(batches(enc, 8, shuffle_seed=None, pad_id=0))
-    assert [b.num_rows for b in out] == [8, 8, 8, 8, 5]
+    assert [len(b.prompt_ids) for b in out] == [8, 8, 8, 8, 5]
     for b in out:
         assert type(b) is SequenceBatch and b.frozen_outputs is None and b.reference_ids is None
         assert len(jax.tree.leaves(b)) == 5  # prompt, response (ids, mask), example_index

@@ -1,5 +1,5 @@
-"""Typed batches: what a training step, a scorer or the sampler reads, one frozen dataclass per
-kind, instead of string-keyed dicts.
+"""Typed batches: what a training step or a scorer reads, one frozen dataclass per kind, instead
+of string-keyed dicts.
 
 Conventions, for every field below unless it says otherwise:
 
@@ -54,10 +54,6 @@ class Batch:
     reference_ids: Array | None = None
     reference_mask: Array | None = None
     frozen_outputs: Any = None
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.prompt_ids.shape[0])
 
     def num_tokens(self):
         """The real tokens of the batch: the sum of every mask (0-d array, not synced)."""
@@ -135,7 +131,8 @@ class GameBatch(PairBatch):
 class TeacherLogits:
     """`frozen_outputs` of the teacher-logit methods (kd, fdistill_*, minillm).
 
-    logits: [B, R, V] the frozen teacher's logits on `response_*` (position t predicts token t).
+    logits: [B, R, V] float32, the frozen teacher's logits on `response_*` (position t predicts
+        token t).
     """
 
     logits: Array

@@ -48,8 +48,8 @@ class SampleScores:
 
 @flax.struct.dataclass(kw_only=True)
 class MMLogits:
-    """`frozen_outputs` of the moment-matching steps ([N, R, V] float logits, position t predicting
-    token t of its rows); each step fills the fields it reads, the rest stay None.
+    """`frozen_outputs` of the moment-matching steps ([N, R, V] float32 logits, position t
+    predicting token t of its rows); each step fills the fields it reads, the rest stay None.
 
     teacher: [B*k, Rs, V] the teacher on the student samples.
     teacher_chosen, teacher_rejected: [B, Rc, V], [B, Rr, V] the teacher on y+ and y-.
