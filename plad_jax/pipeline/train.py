@@ -100,8 +100,7 @@ def train_model(
     tag: str = "",
     select=None,
 ):
-    """Train `lm` with `method`'s loss on `batch_fn(rows) -> batch` (a `plad_jax.data` batch);
-    returns (trained lm, summary).
+    """Train `lm` with `method`'s loss on `batch_fn(rows) -> batch`; returns (trained lm, summary).
 
     select: optional `score_fn(lm) -> float`; the model is then scored at every checkpoint, the best
     one (not the last) is written to `<stage>/params/`, and None is returned in place of the
