@@ -274,7 +274,7 @@ def train_torch(rec, dry) -> bool:
     import torch
     import transformers
 
-    from bench.train_step import make_batch, torch_step_timing
+    from bench.train_step import token_arrays, torch_step_timing
 
     s, config = sizes("train", dry), (TOY if dry else MODEL)
     rec.put("device", torch_info())
@@ -287,11 +287,11 @@ def train_torch(rec, dry) -> bool:
     rec.put("params", params)
     rec.put("attention", model.config._attn_implementation)
     args, cuda = SimpleNamespace(**s), torch_device() == "cuda"
-    batch = make_batch(args, config["vocab_size"])
+    arrays = token_arrays(args, config["vocab_size"])
     tokens = s["batch"] * (s["prompt"] + s["response"])
     flops = step_flops(config, params, s["batch"], s["prompt"], s["response"])
     timing = torch_step_timing(
-        model, "sft", batch, s["iters"], s["warmup"], autocast=torch.bfloat16, fused=cuda or None
+        model, "sft", arrays, s["iters"], s["warmup"], autocast=torch.bfloat16, fused=cuda or None
     )
     rec.put("sft_eager", summary(timing, tokens, flops, peak))
     if remaining() < (
@@ -303,7 +303,7 @@ def train_torch(rec, dry) -> bool:
     timing = torch_step_timing(
         model,
         "sft",
-        batch,
+        arrays,
         s["iters"],
         s["warmup"],
         autocast=torch.bfloat16,
@@ -452,7 +452,7 @@ def distill_jax(rec, dry) -> bool:
     params, length = lm.num_params(), s["prompt"] + s["response"]
     pairs = SimpleNamespace(**dict(s, batch=s["batch"] // 2))  # y+ and y- of B/2 pairs: B sequences
     timing = jax_step_timing(
-        lm, "plad_rank", make_batch(pairs, lm.vocab_size), s["iters"], s["warmup"]
+        lm, "plad_rank", make_batch(pairs, lm.vocab_size, "plad_rank"), s["iters"], s["warmup"]
     )
     flops = step_flops(config, params, s["batch"], s["prompt"], s["response"])
     rec.put("plad_rank", summary(timing, s["batch"] * length, flops, peak))

@@ -75,12 +75,6 @@ def make_checkpoint(quick: bool, path: str) -> int:
     return train_step.save_random_llama(QUICK if quick else MODEL, path)
 
 
-def make_batch(args, vocab: int) -> dict:
-    """The SFT part of `bench/train_step.py`'s batch: every token real."""
-    keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-    return {k: v for k, v in train_step.make_batch(args, vocab).items() if k in keys}
-
-
 # -- measuring -------------------------------------------------------------------------------------
 
 
@@ -143,20 +137,13 @@ def jax_worker(args) -> dict:
     remat = "none" if args.worker == "old" else args.worker
     lm = lora.add_lora(from_pretrained(args.path, remat=remat), lora.LoRAConfig(**LORA))
     adapters, base = lora.split_trainable(lm.params)
-    batch = {k: jax.numpy.asarray(v) for k, v in make_batch(args, lm.vocab_size).items()}
+    batch = jax.tree.map(jax.numpy.asarray, train_step.make_batch(args, lm.vocab_size))
     loss_fn, _ = methods.SFT().objective(lm, combine=lora.objective_combine)
     if args.worker == "old":
 
         def loss_fn(params, frozen, b, rng):  # the logits path: [B, R, V] logits, then the loss
-            logits, _ = lm.apply(
-                lora.objective_combine(params, frozen),
-                b["prompt_ids"],
-                b["prompt_mask"],
-                b["response_ids"],
-                b["response_mask"],
-                rng=rng,
-            )
-            return losses.sft_loss(logits, b["response_ids"], b["response_mask"])
+            logits, _ = lm.apply(lora.objective_combine(params, frozen), *b.inputs(), rng=rng)
+            return losses.sft_loss(logits, b.response_ids, b.response_mask)
 
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, total_steps=10**6))
     state, frozen = TrainState.create(adapters, optimizer), {lora.FROZEN_KEY: base}
@@ -212,14 +199,13 @@ def torch_worker(args) -> dict:
     optimizer = torch.optim.AdamW(
         trainable, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     )
-    b = {
-        k: torch.tensor(v, dtype=torch.long)
-        for k, v in make_batch(args, model.config.vocab_size).items()
-    }
-    ids, mask = (
-        torch.cat([b["prompt_ids"], b["response_ids"]], 1),
-        torch.cat([b["prompt_mask"], b["response_mask"]], 1),
+    # The SFT part of bench/train_step.py's batch, every token real.
+    prompt, response = (
+        torch.tensor(x, dtype=torch.long)
+        for x in train_step.token_arrays(args, model.config.vocab_size)[:2]
     )
+    ids = torch.cat([prompt, response], 1)
+    mask = torch.ones_like(ids)
     losses_seen = []
 
     def run_step():
@@ -229,8 +215,8 @@ def torch_worker(args) -> dict:
             .logits[:, :-1]
             .float()
         )
-        logp = torch.log_softmax(logits, -1).gather(-1, b["response_ids"][..., None])[..., 0]
-        real = b["response_mask"].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, response[..., None])[..., 0]
+        real = torch.ones_like(response).float()
         loss = -(logp * real).sum() / real.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -90,23 +90,40 @@ def save_random_llama(fields: dict, path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_batch(args, vocab: int) -> dict:
-    """Every token real (masks all 1); y- differs from y+."""
+def token_arrays(args, vocab: int):
+    """(prompt [B, P], response, y+, y- [B, R]) int32 ids, every token real; y- differs from y+.
+    Both frameworks read these (the torch workers without importing JAX)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     ids = lambda length: rng.integers(3, vocab, (args.batch, length)).astype(np.int32)
-    ones = lambda length: np.ones((args.batch, length), np.int32)
-    return {
-        "prompt_ids": ids(args.prompt),
-        "prompt_mask": ones(args.prompt),
-        "response_ids": ids(args.response),
-        "response_mask": ones(args.response),
-        "pos_ids": ids(args.response),
-        "pos_mask": ones(args.response),
-        "neg_ids": ids(args.response),
-        "neg_mask": ones(args.response),
-    }
+    return ids(args.prompt), ids(args.response), ids(args.response), ids(args.response)
+
+
+def make_batch(args, vocab: int, step_name: str = "sft"):
+    """plad_jax's batch of `token_arrays` for a step (masks all 1): a `PairBatch` of y+ and y- for
+    plad_rank, else the `SequenceBatch` of the prompt and response."""
+    import numpy as np
+
+    from plad_jax.data import PairBatch, SequenceBatch
+
+    prompt, response, chosen, rejected = token_arrays(args, vocab)
+    ones = np.ones_like
+    if step_name != "plad_rank":
+        return SequenceBatch(
+            prompt_ids=prompt,
+            prompt_mask=ones(prompt),
+            response_ids=response,
+            response_mask=ones(response),
+        )
+    return PairBatch(
+        prompt_ids=prompt,
+        prompt_mask=ones(prompt),
+        chosen_ids=chosen,
+        chosen_mask=ones(chosen),
+        rejected_ids=rejected,
+        rejected_mask=ones(rejected),
+    )
 
 
 def time_steps(run_step, iters: int) -> list[float]:
@@ -143,8 +160,9 @@ def torch_matmul_peak(n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, teacher=None) -> dict:
-    """Compile and time plad_jax's train step (`step_name` = an objective method) on `batch`.
+def jax_step_timing(lm, step_name: str, batch, iters: int, warmup: int, teacher=None) -> dict:
+    """Compile and time plad_jax's train step (`step_name` = an objective method) on `batch`
+    (`make_batch`).
 
     teacher: a frozen LanguageModel for the teacher-logit methods (kd, ...), run inside the step.
     Returns compile_s, first_step_s (first step after compile), step_s (median) and first_loss.
@@ -160,7 +178,7 @@ def jax_step_timing(lm, step_name: str, batch: dict, iters: int, warmup: int, te
         reduce_metrics,
     )
 
-    batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    batch = jax.tree.map(jax.numpy.asarray, batch)
     method = methods.get(step_name, **({"beta": BETA} if step_name == "plad_rank" else {}))
     loss_fn, frozen_fn = method.objective(lm, teacher=teacher)
     frozen = {"teacher": teacher.params} if teacher is not None else {}
@@ -197,7 +215,7 @@ def jax_worker(args) -> dict:
 
     peak = jax_matmul_peak(args.matmul)
     lm = from_pretrained(args.path)
-    batch = make_batch(args, lm.vocab_size)
+    batch = make_batch(args, lm.vocab_size, args.step)
     timing = jax_step_timing(lm, args.step, batch, args.iters, args.warmup)
     device = jax.devices()[0]
     return {
@@ -214,7 +232,7 @@ def jax_worker(args) -> dict:
 def torch_step_timing(
     model,
     step_name: str,
-    batch: dict,
+    tokens: tuple,
     iters: int,
     warmup: int,
     *,
@@ -222,7 +240,8 @@ def torch_step_timing(
     fused=None,
     compiled=False,
 ) -> dict:
-    """Time transformers + torch AdamW on the same step as `jax_step_timing` (sft or plad_rank).
+    """Time transformers + torch AdamW on the same step as `jax_step_timing` (sft or plad_rank),
+    on the `token_arrays` `tokens` (every token real).
 
     autocast: a torch dtype for `torch.autocast` on the model's device (bf16 compute over the
     model's fp32 master weights), None for plain fp32. fused: AdamW's fused kernel (CUDA).
@@ -242,8 +261,10 @@ def torch_step_timing(
         weight_decay=0.0,
         fused=fused,
     )
-    b = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
-    r = b["response_ids"].shape[1]
+    prompt, response, chosen, rejected = (
+        torch.tensor(x, dtype=torch.long, device=device) for x in tokens
+    )
+    ones, r = torch.ones_like, response.shape[1]
     cast = contextlib.nullcontext
     if autocast:
         cast = lambda: torch.autocast(device.type, dtype=autocast)  # noqa: E731
@@ -257,19 +278,15 @@ def torch_step_timing(
 
     def loss_fn():
         if step_name == "sft":
-            logp = response_logprobs(
-                b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"]
-            )
-            mask = b["response_mask"].float()
+            logp = response_logprobs(prompt, ones(prompt), response, ones(response))
+            mask = ones(response).float()
             return -(logp * mask).sum() / mask.sum()
-        n = b["pos_ids"].shape[0]  # y+ and y- in one forward over 2B rows, as plad_jax does
+        n = chosen.shape[0]  # y+ and y- in one forward over 2B rows, as plad_jax does
+        both = torch.cat([chosen, rejected])
         logp = response_logprobs(
-            torch.cat([b["prompt_ids"]] * 2),
-            torch.cat([b["prompt_mask"]] * 2),
-            torch.cat([b["pos_ids"], b["neg_ids"]]),
-            torch.cat([b["pos_mask"], b["neg_mask"]]),
+            torch.cat([prompt] * 2), torch.cat([ones(prompt)] * 2), both, ones(both)
         )
-        mask = torch.cat([b["pos_mask"], b["neg_mask"]]).float()
+        mask = ones(both).float()
         seq = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # length-normalised
         return torch.relu(BETA - seq[:n] + seq[n:]).mean()
 
@@ -304,8 +321,8 @@ def torch_worker(args) -> dict:
     from bench.checkpoint import load_torch
 
     model = load_torch(args.path)
-    batch = make_batch(args, model.config.vocab_size)
-    timing = torch_step_timing(model, args.step, batch, args.iters, args.warmup)
+    tokens = token_arrays(args, model.config.vocab_size)
+    timing = torch_step_timing(model, args.step, tokens, args.iters, args.warmup)
     return {
         "device": cpu_name(),
         "device_kind": "cpu",

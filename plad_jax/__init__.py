@@ -4,7 +4,8 @@ The public API, importable from the package (each name is loaded on first use, s
 stays light and `python -m plad_jax.launch` sets up JAX before anything heavy is imported):
 
     models     LanguageModel, from_pretrained, init_model, add_lora, LoRAConfig, merge_lora
-    methods    Method, Batches, register, get_method (= methods.get)
+    methods    Method, Batches, register, get_method (= methods.get), SequenceBatch, PairBatch
+               (the typed batches a method's loss reads: `plad_jax.data.batch`)
     config     Config, load_config, apply_overrides, validate
     sampling   generate_text, generate_many
     pipeline   run (the five stages on a Config and a run directory)
@@ -25,6 +26,8 @@ _EXPORTS = {
     "Batches": ("plad_jax.methods", "Batches"),
     "register": ("plad_jax.methods", "register"),
     "get_method": ("plad_jax.methods", "get"),
+    "SequenceBatch": ("plad_jax.data.batch", "SequenceBatch"),
+    "PairBatch": ("plad_jax.data.batch", "PairBatch"),
     "Config": ("plad_jax.config", "Config"),
     "load_config": ("plad_jax.config", "load_config"),
     "apply_overrides": ("plad_jax.config", "apply_overrides"),

@@ -239,9 +239,10 @@ def global_batch(mesh: Mesh | None, local_arrays):
     return jax.tree.map(place, local_arrays)
 
 
-def place_batch(mesh: Mesh | None, batch: dict, *, local: bool = False) -> dict:
-    """A host batch (dict of arrays) as device arrays, batch-sharded over (data, fsdp): the one
-    placement every training step's input goes through.
+def place_batch(mesh: Mesh | None, batch, *, local: bool = False):
+    """A host batch (a `plad_jax.data` batch, or any pytree of arrays sharing their leading axis)
+    as device arrays, batch-sharded over (data, fsdp): the one placement every training step's
+    input goes through. The tree keeps its type; only its arrays move.
 
     `local=False`: every process passes the whole global batch and copies only the rows its
     devices hold (`shard_batch`; a batch that does not divide data*fsdp is replicated).
@@ -250,16 +251,17 @@ def place_batch(mesh: Mesh | None, batch: dict, *, local: bool = False) -> dict:
     same.
     """
     if mesh is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
+        return jax.tree.map(jnp.asarray, batch)
     if local and jax.process_count() > 1:
         return global_batch(mesh, batch)
-    return dict(zip(batch, shard_batch(mesh, *batch.values())))
+    leaves, tree = jax.tree.flatten(batch)
+    return jax.tree.unflatten(tree, shard_batch(mesh, *leaves))
 
 
-def local_rows(mesh: Mesh | None, batch: dict) -> dict:
-    """This process's rows (`process_batch_rows`) of a global host batch; all of them on one
-    process."""
+def local_rows(mesh: Mesh | None, batch):
+    """This process's rows (`process_batch_rows`) of a global host batch (any pytree of arrays
+    sharing their leading axis); all of them on one process."""
     if mesh is None or jax.process_count() == 1:
         return batch
-    rows = process_batch_rows(mesh, len(next(iter(batch.values()))))
-    return {k: v[rows] for k, v in batch.items()}
+    rows = process_batch_rows(mesh, len(jax.tree.leaves(batch)[0]))
+    return jax.tree.map(lambda v: v[rows], batch)

@@ -33,21 +33,23 @@ def mesh_name(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def global_sft_batch(step: int) -> dict[str, np.ndarray]:
-    """The whole right-padded batch of step `step` (every process builds it; each feeds only its
-    rows).
+def global_sft_batch(step: int):
+    """The whole right-padded `SequenceBatch` of step `step` (every process builds it; each feeds
+    only its rows).
 
     Built here rather than with tests.helpers, which imports torch: the workers stay light.
     """
+    from plad_jax.data import SequenceBatch
+
     rng = np.random.default_rng(step)
     pm = (np.arange(max(PROMPT_LENS))[None] < np.asarray(PROMPT_LENS)[:, None]).astype(np.int32)
     rm = (np.arange(max(RESPONSE_LENS))[None] < np.asarray(RESPONSE_LENS)[:, None]).astype(np.int32)
-    return {
-        "prompt_ids": rng.integers(3, VOCAB, pm.shape).astype(np.int32) * pm,
-        "prompt_mask": pm,
-        "response_ids": rng.integers(3, VOCAB, rm.shape).astype(np.int32) * rm,
-        "response_mask": rm,
-    }
+    return SequenceBatch(
+        prompt_ids=rng.integers(3, VOCAB, pm.shape).astype(np.int32) * pm,
+        prompt_mask=pm,
+        response_ids=rng.integers(3, VOCAB, rm.shape).astype(np.int32) * rm,
+        response_mask=rm,
+    )
 
 
 def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool = False) -> dict:
@@ -84,7 +86,7 @@ def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool =
     rows = shd.process_batch_rows(mesh, ROWS)
     out = {"rows": [rows.start, rows.stop], "loss": [], "grad_norm": []}
     for i in range(steps):
-        local = {name: array[rows] for name, array in global_sft_batch(i).items()}
+        local = jax.tree.map(lambda array: array[rows], global_sft_batch(i))
         state, metrics = step(state, shd.global_batch(mesh, local), {})
         check_finite(metrics, i)
         reduced = reduce_metrics(metrics)
@@ -93,7 +95,7 @@ def sft_run(model_dir: str, mesh_shape, steps: int = STEPS, eager_logits: bool =
     if not eager_logits:
         return out
     batch = global_sft_batch(0)
-    logits = lm.with_params(state.params).logits(*batch.values())
+    logits = lm.with_params(state.params).logits(*batch.inputs())
     abs_sum = jax.jit(lambda x: abs(x).sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))
     out["logits_abs_sum"] = float(abs_sum(logits))
     return out
@@ -116,7 +118,7 @@ def sample_run(model_dir: str, mesh_shape=MESHES[0]) -> dict:
 
     lm = from_pretrained(model_dir, mesh=shd.make_mesh(tuple(mesh_shape)))
     batch = global_sft_batch(0)
-    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    ids, mask = batch.prompt_ids, batch.prompt_mask
     me, count = jax.process_index(), jax.process_count()
     rows = np.array_split(np.arange(ROWS), count)[me]
     greedy = sampler.generate(lm, ids[rows], mask[rows], max_new_tokens=NEW_TOKENS, temperature=0.0)

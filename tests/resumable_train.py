@@ -20,13 +20,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from plad_jax import methods
 from plad_jax import sharding as shd
+from plad_jax.data import SequenceBatch
 from plad_jax.models import from_pretrained
 from plad_jax.training import checkpointing as ckpt
 from plad_jax.training.step import (
@@ -51,8 +51,8 @@ def batch_at(mesh, epoch: int, index: int):
         rng.integers(3, VOCAB, pm.shape).astype(np.int32) * pm,
         rng.integers(3, VOCAB, rm.shape).astype(np.int32) * rm,
     )
-    names = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-    return dict(zip(names, shd.shard_batch(mesh, *(jnp.asarray(a) for a in (pi, pm, ri, rm)))))
+    batch = SequenceBatch(prompt_ids=pi, prompt_mask=pm, response_ids=ri, response_mask=rm)
+    return shd.place_batch(mesh, batch)
 
 
 def main():

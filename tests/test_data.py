@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +25,9 @@ from plad_jax.data import (
     DataPosition,
     EncodedExamples,
     Example,
+    GameBatch,
+    PairBatch,
+    SequenceBatch,
     batches,
     bucket_length,
     build_demo_tokenizer,
@@ -35,8 +39,10 @@ from plad_jax.data import (
     epoch_order,
     host_shard,
     iterate_batches,
+    join_parts,
     load_splits,
     load_task,
+    make_batch,
     split_examples,
     split_hh_transcript,
     tf_pipeline,
@@ -532,34 +538,62 @@ def synthetic(n, seed=0, max_prompt=150, max_response=40):
 def test_batches_are_right_padded_bucketed_and_exact():
     enc = synthetic(37)
     out = list(batches(enc, 8, shuffle_seed=None, pad_id=0))
-    assert [len(b["prompt_ids"]) for b in out] == [8, 8, 8, 8, 5]
+    assert [len(b.prompt_ids) for b in out] == [8, 8, 8, 8, 5]
     for b in out:
-        assert set(b) == {
-            "prompt_ids",
-            "prompt_mask",
-            "response_ids",
-            "response_mask",
-            "example_index",
-        }
-        assert all(v.dtype == np.int32 for v in b.values())
-        width = max(len(enc.prompts[i]) for i in b["example_index"])
-        assert b["prompt_ids"].shape[1] == bucket_length(width)
-        for row, i in enumerate(b["example_index"]):
+        assert type(b) is SequenceBatch and b.frozen_outputs is None and b.reference_ids is None
+        assert len(jax.tree.leaves(b)) == 5  # prompt, response (ids, mask), example_index
+        assert all(v.dtype == np.int32 for v in jax.tree.leaves(b))
+        width = max(len(enc.prompts[i]) for i in b.example_index)
+        assert b.prompt_ids.shape[1] == bucket_length(width)
+        for row, i in enumerate(b.example_index):
             p, r = enc.prompts[i], enc.responses[i]
-            np.testing.assert_array_equal(b["prompt_ids"][row, : len(p)], p)
-            assert b["prompt_mask"][row].tolist() == [1] * len(p) + [0] * (
-                b["prompt_mask"].shape[1] - len(p)
+            np.testing.assert_array_equal(b.prompt_ids[row, : len(p)], p)
+            assert b.prompt_mask[row].tolist() == [1] * len(p) + [0] * (
+                b.prompt_mask.shape[1] - len(p)
             )
-            np.testing.assert_array_equal(b["response_ids"][row, : len(r)], r)
-            assert (
-                b["response_mask"][row].sum() == len(r)
-                and not b["response_ids"][row, len(r) :].any()
-            )
-    assert np.concatenate([b["example_index"] for b in out]).tolist() == list(range(37))
+            np.testing.assert_array_equal(b.response_ids[row, : len(r)], r)
+            assert b.response_mask[row].sum() == len(r) and not b.response_ids[row, len(r) :].any()
+        assert int(b.num_tokens()) == sum(
+            len(enc.prompts[i]) + len(enc.responses[i]) for i in b.example_index
+        )
+    assert np.concatenate([b.example_index for b in out]).tolist() == list(range(37))
     assert len(list(batches(enc, 8, drop_last=True))) == 4
     filled = list(batches(enc, 8, fill_last=True))[-1]
-    assert filled["example_index"].tolist() == [32, 33, 34, 35, 36, -1, -1, -1]
-    assert not filled["prompt_mask"][5:].any() and not filled["response_mask"][5:].any()
+    assert filled.example_index.tolist() == [32, 33, 34, 35, 36, -1, -1, -1]
+    assert not filled.prompt_mask[5:].any() and not filled.response_mask[5:].any()
+
+
+def assert_same_batch(a, b):
+    """Same type, same fields set, same arrays."""
+    assert type(a) is type(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_join_parts_makes_the_batch_a_method_declares():
+    """A response part alone is a SequenceBatch; with chosen and rejected parts a PairBatch whose
+    prompts are the first part's and whose fields hold each part's responses; unset fields are no
+    leaves (placement and micro-batching never see them)."""
+    enc = synthetic(6)
+    other = EncodedExamples(enc.prompts, [r[:1] for r in enc.responses])
+    parts = {name: make_batch(e, range(4)) for name, e in (("response", enc), ("chosen", other))}
+    alone = join_parts({"response": parts["response"]})
+    assert type(alone) is SequenceBatch and alone.example_index is None
+    np.testing.assert_array_equal(alone.response_ids, parts["response"].response_ids)
+    pair = join_parts({**parts, "rejected": parts["response"], "reference": parts["chosen"]})
+    assert type(pair) is PairBatch
+    np.testing.assert_array_equal(pair.prompt_ids, parts["response"].prompt_ids)
+    np.testing.assert_array_equal(pair.chosen_ids, parts["chosen"].response_ids)
+    np.testing.assert_array_equal(pair.chosen_mask, [[1] + [0] * 7] * 4)
+    np.testing.assert_array_equal(pair.rejected_ids, parts["response"].response_ids)
+    np.testing.assert_array_equal(pair.reference_ids, parts["chosen"].response_ids)
+    assert len(jax.tree.leaves(pair)) == 10
+    assert len(jax.tree.leaves(pair.replace(reference_ids=None, reference_mask=None))) == 8
+    game = join_parts({**parts, "rejected": parts["chosen"]}, GameBatch)
+    assert type(game) is GameBatch and game.sample_ids is None and len(jax.tree.leaves(game)) == 8
+    with pytest.raises(TypeError):
+        join_parts({"chosen": parts["chosen"], "pos": parts["response"]})
 
 
 def test_epoch_order_is_pinned_deterministic_and_a_permutation():
@@ -575,8 +609,7 @@ def test_epoch_order_is_pinned_deterministic_and_a_permutation():
     first = list(batches(enc, 16, shuffle_seed=1, epoch=2))
     again = list(batches(enc, 16, shuffle_seed=1, epoch=2))
     for a, b in zip(first, again, strict=True):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+        assert_same_batch(a, b)
 
 
 def test_resuming_from_a_position_equals_continuing():
@@ -591,8 +624,7 @@ def test_resuming_from_a_position_equals_continuing():
         assert len(resumed) == 15 - stop - 1
         for (a, pa_), (b, pb) in zip(straight[stop + 1 :], resumed, strict=True):
             assert pa_ == pb
-            for k in a:
-                np.testing.assert_array_equal(a[k], b[k])
+            assert_same_batch(a, b)
     assert (
         list(iterate_batches(enc, 9, shuffle_seed=4, position=DataPosition(2, 5), num_epochs=3))
         == []
@@ -605,10 +637,12 @@ def test_host_shards_cover_every_row_once(hosts):
     for batch in batches(enc, 16, shuffle_seed=0):
         shards = [host_shard(batch, i, hosts) for i in range(hosts)]
         assert all(
-            s["prompt_ids"].shape == (16 // hosts, batch["prompt_ids"].shape[1]) for s in shards
+            type(s) is SequenceBatch
+            and s.prompt_ids.shape == (16 // hosts, batch.prompt_ids.shape[1])
+            for s in shards
         )
-        for k in batch:
-            np.testing.assert_array_equal(np.concatenate([s[k] for s in shards]), batch[k])
+        joined = jax.tree.map(lambda *parts: np.concatenate(parts), *shards)
+        assert_same_batch(joined, batch)
     with pytest.raises(ValueError, match="multiple of the process count"):
         host_shard(next(batches(enc, 6)), 0, 4)
 
@@ -825,8 +859,7 @@ def test_tf_pipeline_yields_the_numpy_batches(demo_tokenizer_dir, demo_examples)
         shuffle_seed=3,
         epoch=1,
     )
-    got = list(got.as_numpy_iterator())
+    got = list(tf_pipeline.as_batches(got))
     assert len(got) == len(expected)
     for a, b in zip(expected, got):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+        assert_same_batch(a, b)

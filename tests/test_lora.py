@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from plad_jax import methods
 from plad_jax import sharding as shd
+from plad_jax.data import SequenceBatch
 from plad_jax.models import LanguageModel, from_pretrained, lora
 from plad_jax.training.step import (
     OptimizerConfig,
@@ -361,9 +362,8 @@ def test_training_moves_adapters_only(built, logits):
 
     loss_fn, frozen_fn = methods.SFT().objective(lm, combine=lora.objective_combine)
     step = make_train_step(loss_fn, optimizer, frozen_fn=frozen_fn)
-    batch = dict(
-        zip(("prompt_ids", "prompt_mask", "response_ids", "response_mask"), map(jnp.asarray, BATCH))
-    )
+    pi, pm, ri, rm = map(jnp.asarray, BATCH)
+    batch = SequenceBatch(prompt_ids=pi, prompt_mask=pm, response_ids=ri, response_mask=rm)
     seen = []
     for _ in range(5):
         state, metrics = step(state, batch, {lora.FROZEN_KEY: base})

@@ -191,11 +191,18 @@ def test_process_batch_rows_single_process():
         shd.process_batch_rows(mesh, 6)
 
 
-def test_global_batch_equals_shard_batch_in_one_process():
+def test_global_batch_and_place_batch_equal_shard_batch_in_one_process():
+    """A typed batch keeps its type through placement, each array where `shard_batch` puts it."""
     mesh = shd.make_mesh((2, 2, 2))
     batch = worker.global_sft_batch(0)
-    placed = shd.global_batch(mesh, batch)
-    for name, array in batch.items():
-        (expected,) = shd.shard_batch(mesh, array)
-        assert placed[name].sharding == expected.sharding
-        np.testing.assert_array_equal(np.asarray(placed[name]), array)
+    for placed in (
+        shd.global_batch(mesh, batch),
+        shd.place_batch(mesh, batch),
+        shd.place_batch(mesh, batch, local=True),
+    ):
+        assert type(placed) is type(batch) and placed.example_index is None
+        for got, array in zip(jax.tree.leaves(placed), jax.tree.leaves(batch), strict=True):
+            (expected,) = shd.shard_batch(mesh, array)
+            assert got.sharding == expected.sharding
+            np.testing.assert_array_equal(np.asarray(got), array)
+    assert shd.local_rows(mesh, batch) is batch

@@ -429,14 +429,8 @@ def test_bradley_terry_training_on_separable_pairs_reduces_nll(student, tokenize
     prefs = preferences.preference_rows(pair_rows())  # chosen: "... good", rejected: "... bad"
     chosen, rejected = preferences.encode_preferences(tokenizer, prefs, 8, 6)
     c, r = data.make_batch(chosen, range(len(prefs))), data.make_batch(rejected, range(len(prefs)))
-    batch = {
-        "prompt_ids": c["prompt_ids"],
-        "prompt_mask": c["prompt_mask"],
-        "pos_ids": c["response_ids"],
-        "pos_mask": c["response_mask"],
-        "neg_ids": r["response_ids"],
-        "neg_mask": r["response_mask"],
-    }
+    batch = data.join_parts({"chosen": c, "rejected": r})
+    assert isinstance(batch, data.PairBatch) and batch.response_ids is None
     optimizer = make_optimizer(OptimizerConfig(learning_rate=3e-2, total_steps=100))
     step = make_train_step(reward_model.bt_loss_fn(rm), optimizer)
     state = TrainState.create(jax.tree.map(jnp.copy, rm.params), optimizer)
@@ -459,8 +453,7 @@ def test_reward_model_save_load_and_scorer(student, tokenizer, tmp_path):
     assert again.r_max == 3.0
     responses = ["the cat good", "bad", "dog ran", "park"]
     enc = data.encode_texts(tokenizer, PROMPTS[:4], responses, 8, 6)
-    b = data.make_batch(enc, range(4))
-    batch = (b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+    batch = data.make_batch(enc, range(4)).inputs()
     score = jax.jit(lambda p, *x: rm.apply(p, *x))  # both models have one structure
     direct = np.asarray(score(rm.params, *batch))
     np.testing.assert_allclose(score(again.params, *batch), direct, rtol=1e-6, atol=1e-7)

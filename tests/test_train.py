@@ -10,6 +10,7 @@ import transformers
 
 from plad_jax import losses, methods
 from plad_jax import sharding as shd
+from plad_jax.data import PairBatch, SequenceBatch
 from plad_jax.models import from_pretrained, init_model, lora
 from plad_jax.training.step import (
     NonFiniteLossError,
@@ -45,20 +46,20 @@ def model_dir(tmp_path_factory):
 
 def sft_batch(seed=0):
     pi, pm, ri, rm = padded_batch(seed, VOCAB, LENS_P, LENS_R)
-    return {"prompt_ids": pi, "prompt_mask": pm, "response_ids": ri, "response_mask": rm}
+    return SequenceBatch(prompt_ids=pi, prompt_mask=pm, response_ids=ri, response_mask=rm)
 
 
 def pair_batch(seed=0):
     pi, pm, yp, mp = padded_batch(seed, VOCAB, LENS_P, LENS_R)
     _, _, yn, mn = padded_batch(seed + 1, VOCAB, LENS_P, LENS_R[::-1])
-    return {
-        "prompt_ids": pi,
-        "prompt_mask": pm,
-        "pos_ids": yp,
-        "pos_mask": mp,
-        "neg_ids": yn,
-        "neg_mask": mn,
-    }
+    return PairBatch(
+        prompt_ids=pi,
+        prompt_mask=pm,
+        chosen_ids=yp,
+        chosen_mask=mp,
+        rejected_ids=yn,
+        rejected_mask=mn,
+    )
 
 
 def test_schedule_warmup_then_linear_decay():
@@ -74,12 +75,11 @@ def run_steps(lm, method, n=3, mesh=None, grad_accum=1, batch_fn=sft_batch):
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
     state = TrainState.create(lm.params, optimizer)
     step = make_train_step(loss_fn, optimizer, grad_accum=grad_accum, frozen_fn=frozen_fn)
+    frozen = {"reference": jax.tree.map(jnp.copy, lm.params)} if method == "dpo" else {}
     losses_seen = []
     for i in range(n):
-        batch = {k: jnp.asarray(v) for k, v in batch_fn(i).items()}
-        if mesh is not None:
-            batch = dict(zip(batch, shd.shard_batch(mesh, *batch.values())))
-        state, metrics = step(state, batch, {})
+        batch = shd.place_batch(mesh, batch_fn(i))
+        state, metrics = step(state, batch, frozen)
         check_finite(metrics, i)
         losses_seen.append(reduce_metrics(metrics)["loss"])
     return np.array(losses_seen), jax.tree.map(np.asarray, state.params)
@@ -94,13 +94,25 @@ def test_grad_accumulation_equals_one_big_batch(model_dir):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
+def test_frozen_outputs_are_split_with_their_rows(model_dir):
+    """DPO's reference log-probs (`batch.frozen_outputs`, computed once before the gradient) go
+    into the micro-batches with the rows they belong to: at the reference every pair's margin is
+    0 (loss log 2), and accumulation equals the one big batch."""
+    loss1, params1 = run_steps(from_pretrained(model_dir), "dpo", n=2, batch_fn=pair_batch)
+    loss2, params2 = run_steps(
+        from_pretrained(model_dir), "dpo", n=2, grad_accum=4, batch_fn=pair_batch
+    )
+    assert loss1[0] == pytest.approx(np.log(2.0), rel=1e-6)
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params2)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
 def test_sft_loss_decreases_and_matches_direct_loss(model_dir):
     lm = from_pretrained(model_dir)
     batch = sft_batch(0)
-    logits = lm.logits(
-        batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
-    )
-    direct, _ = losses.sft_loss(logits, batch["response_ids"], batch["response_mask"])
+    logits = lm.logits(*batch.inputs())
+    direct, _ = losses.sft_loss(logits, batch.response_ids, batch.response_mask)
     seen, _ = run_steps(lm, "sft", n=6, batch_fn=lambda i: sft_batch(0))
     assert seen[0] == pytest.approx(float(direct), rel=1e-6)
     assert seen[-1] < seen[0]
@@ -179,17 +191,10 @@ def sft_value_and_grad(lm, trainable, combine, logits_path: bool):
     if logits_path:
 
         def loss_fn(params, frozen, b, rng):
-            logits, _ = lm.apply(
-                combine(params, frozen),
-                b["prompt_ids"],
-                b["prompt_mask"],
-                b["response_ids"],
-                b["response_mask"],
-                rng=rng,
-            )
-            return losses.sft_loss(logits, b["response_ids"], b["response_mask"])
+            logits, _ = lm.apply(combine(params, frozen), *b.inputs(), rng=rng)
+            return losses.sft_loss(logits, b.response_ids, b.response_mask)
 
-    batch = {k: jnp.asarray(v) for k, v in sft_batch().items()}
+    batch = jax.tree.map(jnp.asarray, sft_batch())
     fn = jax.jit(jax.value_and_grad(lambda p, f: loss_fn(p, f, batch, jax.random.key(3))[0]))
     return fn(*trainable)
 
@@ -237,12 +242,12 @@ def compiled_temp_bytes(layers: int, remat: str, batch=2, prompt=120, response=8
     trainable, frozen = lora.split_trainable(lm.params)
     loss_fn, _ = methods.SFT().objective(lm, combine=lora.combine)
     ids = lambda n: jnp.asarray(np.random.default_rng(n).integers(0, VOCAB, (batch, n)), jnp.int32)
-    b = {
-        "prompt_ids": ids(prompt),
-        "prompt_mask": jnp.ones((batch, prompt), jnp.int32),
-        "response_ids": ids(response),
-        "response_mask": jnp.ones((batch, response), jnp.int32),
-    }
+    b = SequenceBatch(
+        prompt_ids=ids(prompt),
+        prompt_mask=jnp.ones((batch, prompt), jnp.int32),
+        response_ids=ids(response),
+        response_mask=jnp.ones((batch, response), jnp.int32),
+    )
     grad = jax.jit(jax.grad(lambda p, f: loss_fn(p, f, b, jax.random.key(3))[0]))
     return grad.lower(trainable, frozen).compile().memory_analysis().temp_size_in_bytes
 

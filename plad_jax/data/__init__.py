@@ -6,12 +6,22 @@ batches.
     encoded = encode_examples(tokenizer, splits.d0, 512, 64)  # ids; prompts cut from the left,
                                                               # counted
     for batch, position in iterate_batches(encoded, 32, shuffle_seed=0):
-        ...                                                   # save `position` to resume exactly
+        ...                                                   # a SequenceBatch (`batch.py`);
+                                                              # save `position` to resume exactly
 
 Tasks: `tldr`, `hh`, `jsonl`, `csv`, `parquet`, `demo` (offline; `demo.py`). Bad data raises
 `DataError` (a `ValueError`) with a one-line message.
 """
 
+from plad_jax.data.batch import (
+    Batch,
+    GameBatch,
+    PairBatch,
+    ReferenceLogprobs,
+    SequenceBatch,
+    TeacherLogits,
+    join_parts,
+)
 from plad_jax.data.batching import (
     DataPosition,
     batches,
@@ -68,11 +78,17 @@ def load_splits(
 
 __all__ = [
     "TASKS",
+    "Batch",
     "DataError",
     "DataPosition",
     "EncodedExamples",
     "Example",
+    "GameBatch",
+    "PairBatch",
+    "ReferenceLogprobs",
+    "SequenceBatch",
     "Splits",
+    "TeacherLogits",
     "batches",
     "bucket_length",
     "build_demo_tokenizer",
@@ -85,6 +101,7 @@ __all__ = [
     "stream_rows",
     "host_shard",
     "iterate_batches",
+    "join_parts",
     "load_splits",
     "load_task",
     "make_batch",

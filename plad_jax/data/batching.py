@@ -1,12 +1,9 @@
 """Batches of encoded examples: right-padded int32 arrays with bucketed lengths, deterministic
 order.
 
-A batch is a dict of numpy arrays:
-
-    prompt_ids, prompt_mask       [B, P]  int32, right-padded, mask 1 = real token
-    response_ids, response_mask   [B, R]  int32, right-padded
-    example_index                 [B]     int32, the row's index into the encoded examples (-1:
-                                          filler row)
+A batch is a `SequenceBatch` (`plad_jax.data.batch`) of NumPy arrays: `prompt_ids`,
+`prompt_mask` [B, P], `response_ids`, `response_mask` [B, R] (int32, right-padded, mask 1 = real
+token) and `example_index` [B] (the row's index into the encoded examples, -1: filler row).
 
 `P` and `R` are the longest prompt / response of the batch rounded up by `bucket_length`, so a
 long run compiles a handful of shapes. The order of an epoch is a pure function of
@@ -26,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
 
+from plad_jax.data.batch import SequenceBatch
 from plad_jax.data.encoding import EncodedExamples
-
-KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "example_index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +112,7 @@ def batches(
     buckets: int | Sequence[int] = 64,
     pad_id: int = 0,
     fill_last: bool = False,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[SequenceBatch]:
     """The batches of one epoch, from batch `start` on.
 
     Without `drop_last` the last batch is short, or, with `fill_last`, filled to `batch_size` with
@@ -145,7 +142,7 @@ def iterate_batches(
     drop_last: bool = True,
     buckets: int | Sequence[int] = 64,
     pad_id: int = 0,
-) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
+) -> Iterator[tuple[SequenceBatch, DataPosition]]:
     """(batch, position after it) from `position` on, epoch after epoch (`num_epochs` in all, None =
     forever)."""
     per_epoch = num_batches(len(encoded), batch_size, drop_last)
@@ -180,7 +177,7 @@ def make_batch(
     buckets: int | Sequence[int] = 64,
     pad_id: int = 0,
     num_rows: int | None = None,
-) -> dict[str, np.ndarray]:
+) -> SequenceBatch:
     """One right-padded batch of the given example indices (plus filler rows up to `num_rows`)."""
     rows = [int(r) for r in rows]
     num_rows = len(rows) if num_rows is None else num_rows
@@ -194,20 +191,19 @@ def make_batch(
     )
     index = np.full((num_rows,), -1, np.int32)
     index[: len(rows)] = rows
-    return {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "response_ids": response_ids,
-        "response_mask": response_mask,
-        "example_index": index,
-    }
+    return SequenceBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        example_index=index,
+    )
 
 
-def host_shard(
-    batch: dict[str, np.ndarray], process_index: int, process_count: int
-) -> dict[str, np.ndarray]:
-    """This host's contiguous block of rows: rows `[i * B / n, (i + 1) * B / n)` of every array."""
-    size = len(next(iter(batch.values())))
+def host_shard(batch, process_index: int, process_count: int):
+    """This host's contiguous block of rows: rows `[i * B / n, (i + 1) * B / n)` of every array of
+    a batch (any pytree of arrays sharing their leading axis)."""
+    size = len(jax.tree.leaves(batch)[0])
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
     if size % process_count:
@@ -216,9 +212,8 @@ def host_shard(
             f"make the batch size a multiple of the process count"
         )
     per_host = size // process_count
-    return {
-        k: v[process_index * per_host : (process_index + 1) * per_host] for k, v in batch.items()
-    }
+    rows = slice(process_index * per_host, (process_index + 1) * per_host)
+    return jax.tree.map(lambda v: v[rows], batch)
 
 
 def _pad(

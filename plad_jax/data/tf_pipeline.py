@@ -2,7 +2,9 @@
 
 Install with `pip install -e ".[tf]"`. For a SentencePiece model wrapped the LLaMA way (the demo
 tokenizer, LLaMA-1/2), `tf_batches` yields the batches `batching.batches(encode_examples(...))`
-yields: same ids, same order for the same `(shuffle_seed, epoch)`, same bucketed shapes.
+yields: same ids, same order for the same `(shuffle_seed, epoch)`, same bucketed shapes. A tf.data
+element cannot be a dataclass, so the dataset's elements are dicts of the `SequenceBatch` fields;
+`as_batches(dataset)` gives the `SequenceBatch`es themselves.
 
 Why the ids agree: the transformers tokenizer (`legacy=False`, Metaspace `prepend_scheme="first"`)
 does not add SentencePiece's word-start marker to a text that already starts with a space, while
@@ -15,10 +17,11 @@ one case that differs.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from plad_jax.data.batch import SequenceBatch
 from plad_jax.data.batching import bucket_length, epoch_order, num_batches
 from plad_jax.data.encoding import EncodedExamples, assemble
 
@@ -73,8 +76,8 @@ def tf_batches(
     drop_last: bool = False,
     buckets: int | Sequence[int] = 64,
 ):
-    """A `tf.data.Dataset` of one epoch's batches (dicts of int32 tensors, the keys of
-    `batching.batches`)."""
+    """A `tf.data.Dataset` of one epoch's batches: dicts of int32 tensors named as the fields of
+    the `SequenceBatch`es `batching.batches` yields (`as_batches` makes them those)."""
     tf, tf_text = _require_tf()
     prefix, suffix = [int(i) for i in prompt_prefix], [int(i) for i in prompt_suffix]
     room = max_prompt_tokens - len(prefix) - len(suffix)
@@ -129,6 +132,12 @@ def tf_batches(
         .batch(batch_size, drop_remainder=drop_last)
         .map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     )
+
+
+def as_batches(dataset) -> Iterator[SequenceBatch]:
+    """The `SequenceBatch`es (NumPy arrays) of a `tf_batches` dataset, in its order."""
+    for element in dataset.as_numpy_iterator():
+        yield SequenceBatch(**element)
 
 
 def _strip_one_space(text: str) -> str:

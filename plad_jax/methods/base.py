@@ -5,6 +5,7 @@ on the class, so the pipeline, the config and the CLI never compare method names
 
     batches          `Batches`: what its training batches hold (targets, teacher or student samples,
                      a mix of both, preference pairs, a reference text), built by the pipeline
+                     as a `SequenceBatch` or, with pairs, a `PairBatch` (`plad_jax.data.batch`)
     HParams          its hyper-parameters, a frozen dataclass whose `validate()` raises one-line
                      errors; `section` names a config section that holds them whole (PbKD: `pbkd`)
     frozen_models    which frozen models its step reads: "teacher" (the SFT teacher's params in
@@ -14,8 +15,9 @@ on the class, so the pipeline, the config and the CLI never compare method names
     relabels         whether `pairs.real_ratio` (scorer-relabelled pairs) applies
     own_loop         whether it trains itself (`train_own`, PbKD's game) instead of the shared loop
 
-and it implements `frozen(frozen, batch) -> dict` (models run outside the gradient) and
-`loss(params, frozen, batch, rng) -> (loss, metrics)`, or `train_own`. `objective(student, ...)`
+and it implements `frozen(frozen, batch) -> outputs` (models run outside the gradient; the step
+puts the outputs in `batch.frozen_outputs`) and `loss(params, frozen, batch, rng) -> (loss,
+metrics)`, or `train_own`. `objective(student, ...)`
 binds it to models for `train.make_train_step`.
 
 `resolve("plad_rank")` finds a registered class; `resolve("my_module:MyMethod")` imports one
@@ -40,13 +42,15 @@ _REGISTRY: dict[str, type[Method]] = {}
 @dataclasses.dataclass(frozen=True)
 class Batches:
     """What a method's training batches hold; the pipeline builds them from the pair rows, every
-    text re-tokenized by the student. All arrays right-padded, mask 1 = real token:
+    text re-tokenized by the student, as the typed batches of `plad_jax.data.batch` (each field's
+    shape and padding documented there):
 
-        prompt_ids, prompt_mask [B, P]           always
-        response_ids, response_mask [B, R]       `responses`: one row per pair row and source;
-                                                 several sources are concatenated (a mix)
-        pos_ids, pos_mask, neg_ids, neg_mask     `pairs`: chosen and rejected response
-        ref_ids, ref_mask [B, F]                 `reference`: `Method.reference_text(row)`
+        prompt_ids, prompt_mask [B, P]              always
+        response_ids, response_mask [B, R]          `responses`: one row per pair row and source;
+                                                    several sources are concatenated (a mix)
+        chosen_ids, chosen_mask, rejected_ids,      `pairs`: y+ and y-; the batch is then a
+          rejected_mask                             `PairBatch`, else a `SequenceBatch`
+        reference_ids, reference_mask [B, F]        `reference`: `Method.reference_text(row)`
 
     responses: sources among "target" (the human reference of D), "teacher" and "student" (the
     sampled responses)."""
@@ -135,17 +139,18 @@ class Method:
         if check is not None:
             check()
 
-    def frozen(self, frozen, batch) -> dict:
-        """What frozen models compute for a batch, outside the gradient (teacher logits, reference
-        log-probs); merged into the batch. Only called when `frozen_models` is not empty."""
-        return {}
+    def frozen(self, frozen, batch):
+        """What frozen models compute for a batch, outside the gradient (`TeacherLogits`,
+        `ReferenceLogprobs`, or a dataclass of the method's own); the step puts it in
+        `batch.frozen_outputs`. Only called when `frozen_models` is not empty."""
+        return None
 
     def loss(self, params, frozen, batch, rng):
         """(scalar loss, metrics as (sum, count) pairs) of the trainable `params`."""
         raise NotImplementedError(f"{type(self).__name__} defines no loss")
 
     def reference_text(self, row: dict) -> str:
-        """The `ref_*` text of a pair row (`batches.reference`)."""
+        """The `reference_*` text of a pair row (`batches.reference`)."""
         raise NotImplementedError(
             f"{type(self).__name__} declares a reference but no reference_text"
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from plad_jax import losses
+from plad_jax.data import SequenceBatch, TeacherLogits
 from plad_jax.methods.base import Batches, Method, register
 
 
@@ -20,31 +21,21 @@ class KDHParams:
 
 
 class _TeacherLogits(Method):
-    """Student and teacher logits on `response_*`; `divergence(student, teacher, mask)`."""
+    """Student and teacher logits on a `SequenceBatch`'s responses; `divergence(student, teacher,
+    mask)`."""
 
     frozen_models = ("teacher",)
     shared_vocabulary = True
 
-    def frozen(self, frozen, batch):
-        logits, _ = self.teacher.apply(
-            frozen["teacher"],
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["response_ids"],
-            batch["response_mask"],
-        )
-        return {"teacher_logits": logits}
+    def frozen(self, frozen, batch: SequenceBatch) -> TeacherLogits:
+        logits, _ = self.teacher.apply(frozen["teacher"], *batch.inputs())
+        return TeacherLogits(logits=logits)
 
-    def loss(self, params, frozen, batch, rng):
+    def loss(self, params, frozen, batch: SequenceBatch, rng):
         logits, _ = self.student.apply(
-            self.student_params(params, frozen),
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["response_ids"],
-            batch["response_mask"],
-            rng=rng,
+            self.student_params(params, frozen), *batch.inputs(), rng=rng
         )
-        return self.divergence(logits, batch["teacher_logits"], batch["response_mask"])
+        return self.divergence(logits, batch.frozen_outputs.logits, batch.response_mask)
 
     def divergence(self, logits, teacher_logits, mask):
         raise NotImplementedError

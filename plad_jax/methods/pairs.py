@@ -12,6 +12,7 @@ from typing import Literal
 import jax.numpy as jnp
 
 from plad_jax import losses
+from plad_jax.data import PairBatch, ReferenceLogprobs
 from plad_jax.methods.base import Batches, Method, register
 
 
@@ -72,30 +73,31 @@ class DPOHParams:
             )
 
 
-def pair_forward(lm, params, batch, rng=None):
+def pair_forward(lm, params, batch: PairBatch, rng=None):
     """Per-token log-probs, argmax hits, hidden states and masks of y+ and y-, from one forward
     over a 2B batch (`LanguageModel.token_logprobs`: no [2B, R, V] logits are kept)."""
-    r = max(batch["pos_ids"].shape[1], batch["neg_ids"].shape[1])
+    r = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, r - x.shape[1])))  # noqa: E731
-    prompt = jnp.concatenate([batch["prompt_ids"]] * 2)
-    prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
-    ids = jnp.concatenate([pad(batch["pos_ids"]), pad(batch["neg_ids"])])
-    mask = jnp.concatenate([pad(batch["pos_mask"]), pad(batch["neg_mask"])])
+    prompt = jnp.concatenate([batch.prompt_ids] * 2)
+    prompt_mask = jnp.concatenate([batch.prompt_mask] * 2)
+    ids = jnp.concatenate([pad(batch.chosen_ids), pad(batch.rejected_ids)])
+    mask = jnp.concatenate([pad(batch.chosen_mask), pad(batch.rejected_mask)])
     logps, hits, hidden = lm.token_logprobs(params, prompt, prompt_mask, ids, mask, rng=rng)
-    b = batch["pos_ids"].shape[0]
+    b = batch.chosen_ids.shape[0]
     halves = lambda rows: tuple(x[rows] for x in (logps, hits, hidden, mask))  # noqa: E731
     return halves(slice(None, b)), halves(slice(b, None))
 
 
 class PairMethod(Method):
-    """A loss on the sequence log-probs of y+ and y- (`pair_loss`), plus `alpha * CE(y+)`."""
+    """A loss on the sequence log-probs of a `PairBatch`'s y+ and y- (`pair_loss`), plus
+    `alpha * CE(y+)`."""
 
     HParams = PairHParams
     batches = Batches(pairs=True)
     iterative = True
     relabels = True
 
-    def loss(self, params, frozen, batch, rng):
+    def loss(self, params, frozen, batch: PairBatch, rng):
         params = self.student_params(params, frozen)
         pos, neg = pair_forward(self.student, params, batch, rng)
         loss, metrics = self.pair_loss(params, batch, pos, neg)
@@ -147,12 +149,12 @@ class PladMargin(PairMethod):
     def pair_loss(self, params, batch, pos, neg):
         logp_pos, logp_neg = self.seq_logps(pos, neg)
         _, ref_hidden = self.student.apply(
-            params, batch["prompt_ids"], batch["prompt_mask"], batch["ref_ids"], batch["ref_mask"]
+            params, batch.prompt_ids, batch.prompt_mask, batch.reference_ids, batch.reference_mask
         )
 
         def score(hidden, mask):
             return losses.ngram_span_score(
-                hidden, mask, ref_hidden, batch["ref_mask"], self.hp.span_max_n
+                hidden, mask, ref_hidden, batch.reference_mask, self.hp.span_max_n
             )
 
         return losses.margin_calibration(
@@ -179,16 +181,17 @@ class DPO(PairMethod):
     HParams = DPOHParams
     frozen_models = ("reference",)
 
-    def frozen(self, frozen, batch):
+    def frozen(self, frozen, batch: PairBatch) -> ReferenceLogprobs:
         pos, neg = pair_forward(self.student, frozen["reference"], batch)
         ref_pos, ref_neg = self.seq_logps(pos, neg, "sum")
-        return {"ref_pos": ref_pos, "ref_neg": ref_neg}
+        return ReferenceLogprobs(chosen=ref_pos, rejected=ref_neg)
 
     def pair_loss(self, params, batch, pos, neg):
+        reference = batch.frozen_outputs
         return losses.dpo_loss(
             *self.seq_logps(pos, neg, "sum"),
-            batch["ref_pos"],
-            batch["ref_neg"],
+            reference.chosen,
+            reference.rejected,
             self.hp.beta,
             self.hp.label_smoothing,
         )

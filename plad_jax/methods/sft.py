@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from plad_jax import losses
+from plad_jax.data import SequenceBatch
 from plad_jax.methods.base import Batches, Method, register
 
 
 class _CrossEntropy(Method):
-    """Token-level CE on `response_*` (from the chunked log-prob path: no [B, R, V] logits kept)."""
+    """Token-level CE on a `SequenceBatch`'s responses (from the chunked log-prob path: no
+    [B, R, V] logits kept)."""
 
-    def loss(self, params, frozen, batch, rng):
+    def loss(self, params, frozen, batch: SequenceBatch, rng):
         logps, hits, _ = self.student.token_logprobs(
-            self.student_params(params, frozen),
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["response_ids"],
-            batch["response_mask"],
-            rng=rng,
+            self.student_params(params, frozen), *batch.inputs(), rng=rng
         )
-        return losses.sft_loss_tokens(logps, hits, batch["response_mask"])
+        return losses.sft_loss_tokens(logps, hits, batch.response_mask)
 
 
 @register

@@ -210,8 +210,7 @@ class Context:
         for start in range(0, len(texts), size):
             rows = range(start, min(start + size, len(texts)))
             b = shd.place_batch(lm.mesh, data.make_batch(encoded, rows, num_rows=size))
-            keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-            out.append(np.asarray(fn(lm.params, *(b[k] for k in keys)))[: len(rows)])
+            out.append(np.asarray(fn(lm.params, *b.inputs()))[: len(rows)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

@@ -112,15 +112,17 @@ def method_batches(ctx: Context, method: Method, rows, batch_size: int):
     """(batch_fn, number of rows) of the student's batches for `method`, from the pairs, as its
     `Method.batches` declares them (texts re-tokenized by the student)."""
     spec, prompts = method.batches, [r["prompt"] for r in rows]
-    parts = {}  # batch key prefix -> encoding; every part's rows share their prompts
+    parts = {}  # batch field (`data.join_parts`) -> encoding; every part's rows share their prompts
     if spec.responses:  # several sources: the rows of each, one after the other (a mix)
         texts = [text for source in spec.responses for text in _texts(rows, source)]
         parts["response"] = ctx.encode("student", prompts * len(spec.responses), texts)
     if spec.pairs:
-        parts["pos"] = ctx.encode("student", prompts, _texts(rows, "chosen"))
-        parts["neg"] = ctx.encode("student", prompts, _texts(rows, "rejected"))
+        parts["chosen"] = ctx.encode("student", prompts, _texts(rows, "chosen"))
+        parts["rejected"] = ctx.encode("student", prompts, _texts(rows, "rejected"))
     if spec.reference:
-        parts["ref"] = ctx.encode("student", prompts, [method.reference_text(r) for r in rows])
+        parts["reference"] = ctx.encode(
+            "student", prompts, [method.reference_text(r) for r in rows]
+        )
     return parts_batches(parts, batch_size), len(next(iter(parts.values())))
 
 

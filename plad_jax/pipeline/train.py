@@ -203,21 +203,17 @@ class TensorBoard(Hook):
 
 
 def sft_batches(encoded: data.EncodedExamples, batch_size: int):
-    """Batches of (prompt, response) rows of one encoding."""
+    """`SequenceBatch`es of (prompt, response) rows of one encoding."""
     return parts_batches({"response": encoded}, batch_size)
 
 
 def parts_batches(parts: dict, batch_size: int):
-    """Batches of the same rows of several encodings: `<prefix>_ids` / `<prefix>_mask` of each
-    part's responses, and the prompts (the first part's)."""
+    """Batches of the same rows of several encodings (`data.join_parts`: the field named by each
+    part's key holds its responses, the prompts are the first part's)."""
 
     def batch_fn(rows):
-        batch = {}
-        for prefix, encoded in parts.items():
-            b = data.make_batch(encoded, rows, num_rows=batch_size)
-            if not batch:
-                batch.update(prompt_ids=b["prompt_ids"], prompt_mask=b["prompt_mask"])
-            batch.update({f"{prefix}_ids": b["response_ids"], f"{prefix}_mask": b["response_mask"]})
-        return batch
+        return data.join_parts(
+            {name: data.make_batch(enc, rows, num_rows=batch_size) for name, enc in parts.items()}
+        )
 
     return batch_fn

@@ -105,30 +105,29 @@ def from_backbone(
 # -- Bradley-Terry training ------------------------------------------------------------------------
 
 
-def pair_rewards(rm: RewardModel, params, batch) -> tuple[jax.Array, jax.Array]:
-    """([B], [B]) rewards of `pos_*` and `neg_*` responses to `prompt_*`, in one 2B forward."""
-    r = max(batch["pos_ids"].shape[1], batch["neg_ids"].shape[1])
+def pair_rewards(rm: RewardModel, params, batch: data.PairBatch) -> tuple[jax.Array, jax.Array]:
+    """([B], [B]) rewards of the chosen and rejected responses, in one 2B forward."""
+    r = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, r - x.shape[1])))
     both = rm.apply(
         params,
-        jnp.concatenate([batch["prompt_ids"]] * 2),
-        jnp.concatenate([batch["prompt_mask"]] * 2),
-        jnp.concatenate([pad(batch["pos_ids"]), pad(batch["neg_ids"])]),
-        jnp.concatenate([pad(batch["pos_mask"]), pad(batch["neg_mask"])]),
+        jnp.concatenate([batch.prompt_ids] * 2),
+        jnp.concatenate([batch.prompt_mask] * 2),
+        jnp.concatenate([pad(batch.chosen_ids), pad(batch.rejected_ids)]),
+        jnp.concatenate([pad(batch.chosen_mask), pad(batch.rejected_mask)]),
     )
-    b = batch["pos_ids"].shape[0]
+    b = batch.chosen_ids.shape[0]
     return both[:b], both[b:]
 
 
-def real_pairs(batch) -> jax.Array:
+def real_pairs(batch: data.Batch) -> jax.Array:
     """[B] bool: rows with a real prompt (filler rows of a padded batch have none)."""
-    return jnp.any(batch["prompt_mask"].astype(bool), axis=1)
+    return jnp.any(batch.prompt_mask.astype(bool), axis=1)
 
 
 def bt_loss_fn(rm: RewardModel, c: float = 0.0):
     """`loss_fn(params, frozen, batch, rng)` for `train.make_train_step`: Bradley-Terry NLL of
-    (pos preferred over neg) + `c * mean(r^2)`. Batch keys: prompt_ids/mask, pos_ids/mask,
-    neg_ids/mask.
+    (chosen preferred over rejected) + `c * mean(r^2)` on a `PairBatch`.
     Metrics: `loss`, `nll` (the BT NLL alone), `accuracy`, `margin`."""
 
     def loss_fn(params, frozen, batch, rng):
@@ -247,10 +246,7 @@ def as_scorer(
         batch = data.make_batch(
             encoded, range(len(prompts)), num_rows=batch_size, pad_id=rm.backbone.pad_token_id
         )
-        arrays = shd.shard_batch(
-            mesh,
-            *(batch[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")),
-        )
+        arrays = shd.shard_batch(mesh, *batch.inputs())
         return np.asarray(score(params, *arrays))[: len(prompts)]
 
     return JaxRewardModel(reward_fn, batch_size=batch_size, name=name)

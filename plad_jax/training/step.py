@@ -6,10 +6,13 @@ A loss function has the signature
 
 where `params` are the trainable leaves (the whole model, or only LoRA adapters), `frozen` is any
 pytree the loss reads but never differentiates (LoRA base weights, a teacher, a reference model),
-and `metrics` maps names to `(sum, count)` pairs with `metrics["loss"]` the pair whose ratio is the
-loss. Models that the loss only reads through their outputs (teacher logits for KD, reference
-log-probs for DPO) are better run by a `frozen_fn(frozen, batch) -> dict` that the step calls
-before, and outside, `value_and_grad`; its outputs are merged into the batch.
+`batch` is a pytree of arrays with a leading batch axis (a `plad_jax.data` batch: `SequenceBatch`,
+`PairBatch`, ...), and `metrics` maps names to `(sum, count)` pairs with `metrics["loss"]` the pair
+whose ratio is the loss. Models that the loss only reads through their outputs (teacher logits for
+KD, reference log-probs for DPO) are better run by a `frozen_fn(frozen, batch) -> outputs` that the
+step calls before, and outside, `value_and_grad`; the step puts its outputs (under stop_gradient)
+in the batch's `frozen_outputs` (`batch.replace(frozen_outputs=...)`), so they are split into
+micro-batches with the rows they belong to.
 
 Gradient accumulation splits the batch into `grad_accum` micro-batches and sums gradients
 weighted by each micro-batch's count, so the update equals the one-big-batch update exactly (a
@@ -171,7 +174,7 @@ def make_train_step(
     def step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if frozen_fn is not None:
-            batch = {**batch, **jax.lax.stop_gradient(frozen_fn(frozen, batch))}
+            batch = batch.replace(frozen_outputs=jax.lax.stop_gradient(frozen_fn(frozen, batch)))
         grads, metrics = _accumulate(loss_fn, state.params, frozen, batch, rng, grad_accum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

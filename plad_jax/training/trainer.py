@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from plad_jax.data.batch import Batch
 from plad_jax.training import checkpointing as ckpt
 from plad_jax.training.step import NonFiniteLossError, check_finite, reduce_metrics
 
@@ -328,19 +329,17 @@ def _log(step: int, means: dict, speed: str = ""):
 
 
 class _Speed:
-    """Steps/s, tokens/s (the batch's non-padding tokens: the sum of its `*mask` arrays, counted on
-    the device) and the ETA over each log window; the first window includes compilation and says
-    so."""
+    """Steps/s, tokens/s (the batch's non-padding tokens: `Batch.num_tokens`, the sum of its masks,
+    counted on the device) and the ETA over each log window; the first window includes compilation
+    and says so."""
 
     def __init__(self, step: int, total_steps: int):
         self.step, self.total = step, total_steps
         self.started, self.tokens, self.first = time.perf_counter(), 0, True
 
     def add(self, batch):
-        if isinstance(batch, dict):
-            for key, value in batch.items():
-                if str(key).endswith("mask"):
-                    self.tokens = self.tokens + jnp.sum(value, dtype=jnp.int32)
+        if isinstance(batch, Batch):
+            self.tokens = self.tokens + batch.num_tokens()
 
     def report(self, step: int) -> str:
         now = time.perf_counter()

@@ -355,17 +355,11 @@ class _Run:
         frozen = {**self.student_frozen(), "reference": self.reference}
 
         def batches(epoch, index):
-            b = pbkd_rounds.make_batch(
-                encoding,
-                data.stream_rows(len(encoding), self.train.batch_size, seed=self.seed, index=index),
+            rows = data.stream_rows(
+                len(encoding), self.train.batch_size, seed=self.seed, index=index
             )
-            return _placed(
-                self.mesh,
-                shd.local_rows(
-                    self.mesh,
-                    {**b, "response_ids": b["teacher_ids"], "response_mask": b["teacher_mask"]},
-                ),
-            )
+            b = pbkd_rounds.make_batch(encoding, rows)  # response_*: the teacher samples
+            return _placed(self.mesh, shd.local_rows(self.mesh, b))
 
         curve, manager = self.curve(), self.manager()
         state = Trainer(
@@ -467,7 +461,8 @@ class _Game:
         )
 
         def nll(params, frozen, batch):
-            batch = {**batch, **(warm_frozen(frozen, batch) if warm_frozen else {})}
+            if warm_frozen is not None:
+                batch = batch.replace(frozen_outputs=warm_frozen(frozen, batch))
             return warm_loss(params, frozen, batch, None)[1]["nll"]
 
         return warm_step, adv_step, student_step, jax.jit(nll)
@@ -616,7 +611,7 @@ class _Game:
             self.state["nll_star"] = _replicated(self._nll(encoding), self.run_.mesh)
         return out
 
-    def _batch(self, encoding, r: int, index: int) -> dict:
+    def _batch(self, encoding, r: int, index: int) -> data.GameBatch:
         rows = data.stream_rows(
             len(encoding), self.run_.train.batch_size, seed=self.run_.seed + r, index=index
         )
@@ -633,11 +628,11 @@ class _Game:
         batch = self._batch(encoding, r, index)
         # Each row samples from the stream of its place in the global batch: the same samples on any
         # number of processes.
-        positions = shd.local_rows(run.mesh, {"row": np.arange(run.train.batch_size)})["row"]
+        positions = shd.local_rows(run.mesh, np.arange(run.train.batch_size))
         generation = sampler.generate(
             run.student_lm(self.student_player.state.params),
-            batch["prompt_ids"],
-            batch["prompt_mask"],
+            batch.prompt_ids,
+            batch.prompt_mask,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             num_samples=cfg.num_samples,
@@ -645,7 +640,7 @@ class _Game:
             sample_ids=positions,
         )
         batch = _placed(
-            run.mesh, {**batch, "sample_ids": generation.tokens, "sample_mask": generation.mask}
+            run.mesh, batch.replace(sample_ids=generation.tokens, sample_mask=generation.mask)
         )
         adv = self.adversary_player.step(batch, self.adversary_frozen())
         check_finite(adv, step)
@@ -678,7 +673,7 @@ class _Game:
                 np.arange(start, start + size), start + real - 1
             )  # full batch: one program
             batch = pbkd_rounds.make_batch(encoding, rows)
-            batch["prompt_mask"][real:] = 0  # repeated rows count as padding (`real_pairs`)
+            batch.prompt_mask[real:] = 0  # repeated rows count as padding (`real_pairs`)
             s, n = self.nll_fn(
                 self.adversary_player.state.params,
                 self.warm_frozen(),
@@ -701,6 +696,6 @@ class _Game:
             )
 
 
-def _placed(mesh, batch: dict) -> dict:
+def _placed(mesh, batch: data.GameBatch) -> data.GameBatch:
     """This process's rows of the global batch on the mesh."""
     return shd.place_batch(mesh, batch, local=True)

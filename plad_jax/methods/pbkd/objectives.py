@@ -3,30 +3,65 @@
 
 `pbkd.py` and `pbkd_mm.py` hold the math on arrays; this file wires it to models, like
 `plad_jax.methods` does for the other methods. One PbKD step is two train steps, one per player, on
-the same batch (dicts of right-padded int arrays):
+the same `GameBatch` (`plad_jax.data.batch`: every field's shape and padding):
 
-    prompt_ids, prompt_mask        [B, P]    the prompts
-    teacher_ids, teacher_mask      [B, Rt]   the teacher's sample per prompt (student tokenizer)
-    pos_ids, pos_mask, neg_ids, neg_mask [B, R]  the preference pair per prompt (chosen, rejected)
-    sample_ids, sample_mask        [B*k, Rs] k fresh student samples per prompt, rows grouped by
-                                             prompt (rows b*k ... b*k + k - 1), EOS included
+    prompt_ids, prompt_mask          [B, P]    the prompts
+    response_ids, response_mask      [B, Rt]   the teacher's sample per prompt (student tokenizer)
+    chosen_*, rejected_*             [B, R]    the preference pair per prompt
+    sample_ids, sample_mask          [B*k, Rs] k fresh student samples per prompt, rows grouped by
+                                               prompt (rows b*k ... b*k + k - 1), EOS included
 
-The frozen side of each step (in `frozen`): the other player's params, the reference (initial
-student) for the KL term, the teacher for `pbkd_mm`, and `lam`, the current multiplier (in
-`frozen`, not the batch, so micro-batching never splits it and a new value never recompiles).
-Frozen models run in `frozen_fn`, before and outside `value_and_grad`.
+(`pbkd_cheap` reads a `PairBatch`: no samples.) The frozen side of each step (in `frozen`): the
+other player's params, the reference (initial student) for the KL term, the teacher for `pbkd_mm`,
+and `lam`, the current multiplier (in `frozen`, not the batch, so micro-batching never splits it
+and a new value never recompiles). Frozen models run in `frozen_fn`, before and outside
+`value_and_grad`; their outputs (`SampleScores`, `MMLogits`, `ReferenceLogprobs`) reach the loss
+as `batch.frozen_outputs`.
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from plad_jax import losses
 from plad_jax.config.pbkd import PbKDConfig
+from plad_jax.data import GameBatch, PairBatch, ReferenceLogprobs
 from plad_jax.losses import pbkd, pbkd_mm
 from plad_jax.models.language_model import LanguageModel
 from plad_jax.scoring.reward_model import RewardModel, real_pairs
+
+
+@flax.struct.dataclass(kw_only=True)
+class SampleScores:
+    """`frozen_outputs` of the REINFORCE student's step, one value per student sample.
+
+    reference_logp: [B*k] float32, each sample's summed log-prob under the reference (the
+        initial student), for the KL term.
+    reward: [B*k] float32, the reward model's bounded reward of each sample.
+    """
+
+    reference_logp: jax.Array
+    reward: jax.Array
+
+
+@flax.struct.dataclass(kw_only=True)
+class MMLogits:
+    """`frozen_outputs` of the moment-matching steps ([N, R, V] float32 logits, position t
+    predicting token t of its rows); each step fills the fields it reads, the rest stay None.
+
+    teacher: [B*k, Rs, V] the teacher on the student samples.
+    teacher_chosen, teacher_rejected: [B, Rc, V], [B, Rr, V] the teacher on y+ and y-.
+    student: [B*k, Rs, V] the current student on its samples (the Q-network's step).
+    q_values: [B*k, Rs, V] the frozen Q-network's raw outputs on the samples (the student's step).
+    """
+
+    teacher: jax.Array | None = None
+    teacher_chosen: jax.Array | None = None
+    teacher_rejected: jax.Array | None = None
+    student: jax.Array | None = None
+    q_values: jax.Array | None = None
 
 
 def full_params(params, frozen):
@@ -64,31 +99,26 @@ def joined(parts):
     return arrays, split
 
 
-def _part(batch, name: str):
-    """(prompt ids, prompt mask, `name`_ids, `name`_mask) of a batch."""
-    return batch["prompt_ids"], batch["prompt_mask"], batch[f"{name}_ids"], batch[f"{name}_mask"]
-
-
-def _samples(batch, k: int):
+def _samples(batch: GameBatch, k: int):
     """(prompt ids, prompt mask, sample ids, sample mask) of the B*k student samples."""
     return (
-        jnp.repeat(batch["prompt_ids"], k, axis=0),
-        jnp.repeat(batch["prompt_mask"], k, axis=0),
-        batch["sample_ids"],
-        batch["sample_mask"],
+        jnp.repeat(batch.prompt_ids, k, axis=0),
+        jnp.repeat(batch.prompt_mask, k, axis=0),
+        batch.sample_ids,
+        batch.sample_mask,
     )
 
 
-def _sample_rows(batch) -> jax.Array:
+def _sample_rows(batch: GameBatch) -> jax.Array:
     """[B*k] bool: real samples (a sample always holds at least its first token)."""
-    return jnp.any(batch["sample_mask"].astype(bool), axis=1)
+    return jnp.any(batch.sample_mask.astype(bool), axis=1)
 
 
-def _student_logits(cfg: PbKDConfig, lm: LanguageModel, params, batch, rng):
+def _student_logits(cfg: PbKDConfig, lm: LanguageModel, params, batch: GameBatch, rng):
     """Student logits on its k samples per prompt [B*k, Rs, V], and on the teacher samples
     [B, Rt, V] when the CE anchor is on (else None), from one forward pass."""
     parts = [_samples(batch, cfg.num_samples)] + (
-        [_part(batch, "teacher")] if cfg.alpha_ce > 0 else []
+        [batch.response_inputs()] if cfg.alpha_ce > 0 else []
     )
     arrays, split = joined(parts)
     logits = split(lm.apply(params, *arrays, rng=rng)[0])
@@ -99,7 +129,7 @@ def _teacher_ce(cfg: PbKDConfig, teacher_logits, batch, loss, metrics):
     """`loss + alpha_ce * CE(teacher samples)` when alpha_ce > 0 (the anchor)."""
     if cfg.alpha_ce <= 0:
         return loss, metrics
-    ce, ce_metrics = losses.sft_loss(teacher_logits, batch["teacher_ids"], batch["teacher_mask"])
+    ce, ce_metrics = losses.sft_loss(teacher_logits, batch.response_ids, batch.response_mask)
     return loss + cfg.alpha_ce * ce, {**metrics, "ce_teacher": ce_metrics["loss"]}
 
 
@@ -117,7 +147,12 @@ def reward_model_objective(cfg: PbKDConfig, rm: RewardModel):
         del rng
         real = real_pairs(batch)
         arrays, split = joined(
-            [_part(batch, "teacher"), _samples(batch, k), _part(batch, "pos"), _part(batch, "neg")]
+            [
+                batch.response_inputs(),
+                _samples(batch, k),
+                batch.chosen_inputs(),
+                batch.rejected_inputs(),
+            ]
         )
         r_teacher, r_student, r_pos, r_neg = split(rm.apply(params, *arrays))
         return pbkd.reward_model_loss(
@@ -142,28 +177,24 @@ def reinforce_objective(
     anchor).
 
     frozen: `{"reference": initial student params (full), "rm": reward model params}` (+ LoRA base).
-    Returns `(loss_fn, frozen_fn)`; frozen_fn adds `ref_logp` and `sample_reward` ([B*k]).
+    Returns `(loss_fn, frozen_fn)`; frozen_fn gives the samples' `SampleScores`.
     """
     k = cfg.num_samples
 
-    def frozen_fn(frozen, batch):
+    def frozen_fn(frozen, batch: GameBatch) -> SampleScores:
         samples = _samples(batch, k)
         ref_logits, _ = student.apply(frozen["reference"], *samples)
-        ref_logp = losses.sequence_logprobs(
-            losses.token_logprobs(ref_logits, samples[2]), samples[3], "sum"
-        )
-        return {"ref_logp": ref_logp, "sample_reward": rm.apply(frozen["rm"], *samples)}
+        ref_logp = _sum_logp(ref_logits, samples[2], samples[3])
+        return SampleScores(reference_logp=ref_logp, reward=rm.apply(frozen["rm"], *samples))
 
-    def loss_fn(params, frozen, batch, rng):
+    def loss_fn(params, frozen, batch: GameBatch, rng):
         logits, teacher_logits = _student_logits(cfg, student, combine(params, frozen), batch, rng)
-        logp = losses.sequence_logprobs(
-            losses.token_logprobs(logits, batch["sample_ids"]), batch["sample_mask"], "sum"
-        )
-        shape = (-1, k)
+        logp = _sum_logp(logits, batch.sample_ids, batch.sample_mask)
+        shape, scores = (-1, k), batch.frozen_outputs
         loss, metrics = pbkd.reinforce_loss(
             logp.reshape(shape),
-            batch["sample_reward"].reshape(shape),
-            batch["ref_logp"].reshape(shape),
+            scores.reward.reshape(shape),
+            scores.reference_logp.reshape(shape),
             cfg.beta_kl,
             _sample_rows(batch).reshape(shape),
         )
@@ -181,33 +212,33 @@ def _mm_terms(cfg, teacher_logits, student_logits, q_raw, ids):
     )
 
 
-def _mm_pair_terms(cfg, batch, q_pos, q_neg):
+def _mm_pair_terms(cfg, batch: GameBatch, q_pos, q_neg):
     """MM terms of the chosen and the rejected responses (student slot = teacher: R needs only p and
     Q)."""
-    out = []
-    for side, q_raw in (("pos", q_pos), ("neg", q_neg)):
-        teacher = batch[f"teacher_logits_{side}"]
-        out.append(_mm_terms(cfg, teacher, teacher, q_raw, batch[f"{side}_ids"]))
-    return out
+    logits = batch.frozen_outputs
+    return [
+        _mm_terms(cfg, logits.teacher_chosen, logits.teacher_chosen, q_pos, batch.chosen_ids),
+        _mm_terms(cfg, logits.teacher_rejected, logits.teacher_rejected, q_neg, batch.rejected_ids),
+    ]
 
 
-def _groups(batch, k: int, *, pairs: bool, samples: bool):
+def _groups(batch: GameBatch, k: int, *, pairs: bool, samples: bool):
     return ([_samples(batch, k)] if samples else []) + (
-        [_part(batch, "pos"), _part(batch, "neg")] if pairs else []
+        [batch.chosen_inputs(), batch.rejected_inputs()] if pairs else []
     )
 
 
 def mm_teacher_fn(teacher: LanguageModel, k: int, *, pairs: bool = True, samples: bool = True):
-    """frozen_fn part: teacher logits on the samples and/or the pairs (`frozen["teacher"]`), one
-    forward."""
+    """frozen_fn part: `MMLogits` of the teacher (`frozen["teacher"]`) on the samples and/or the
+    pairs, one forward."""
 
-    def frozen_fn(frozen, batch):
+    def frozen_fn(frozen, batch: GameBatch) -> MMLogits:
         arrays, split = joined(_groups(batch, k, pairs=pairs, samples=samples))
         logits = split(teacher.apply(frozen["teacher"], *arrays)[0])
-        names = (["teacher_logits"] if samples else []) + (
-            ["teacher_logits_pos", "teacher_logits_neg"] if pairs else []
+        names = (["teacher"] if samples else []) + (
+            ["teacher_chosen", "teacher_rejected"] if pairs else []
         )
-        return dict(zip(names, logits))
+        return MMLogits(**dict(zip(names, logits)))
 
     return frozen_fn
 
@@ -224,8 +255,8 @@ def mm_bt_objective(cfg: PbKDConfig, qnet: LanguageModel, teacher: LanguageModel
         del frozen, rng
         arrays, split = joined(_groups(batch, cfg.num_samples, pairs=True, samples=False))
         chosen, rejected = _mm_pair_terms(cfg, batch, *split(qnet.apply(params, *arrays)[0]))
-        r_w = pbkd_mm.mm_sequence_reward(chosen, batch["pos_mask"])
-        r_l = pbkd_mm.mm_sequence_reward(rejected, batch["neg_mask"])
+        r_w = pbkd_mm.mm_sequence_reward(chosen, batch.chosen_mask)
+        r_l = pbkd_mm.mm_sequence_reward(rejected, batch.rejected_mask)
         real = real_pairs(batch)
         nll, metrics = pbkd.bradley_terry_nll(r_w, r_l, real)
         reg = losses.masked_mean(jnp.square(jnp.stack([r_w, r_l])), jnp.stack([real, real]))
@@ -250,25 +281,24 @@ def mm_q_objective(
     k = cfg.num_samples
     teacher_fn = mm_teacher_fn(teacher, k)
 
-    def frozen_fn(frozen, batch):
+    def frozen_fn(frozen, batch: GameBatch) -> MMLogits:
         student_logits, _ = student.apply(frozen["student"], *_samples(batch, k))
-        return {**teacher_fn(frozen, batch), "student_logits": student_logits}
+        return teacher_fn(frozen, batch).replace(student=student_logits)
 
-    def loss_fn(params, frozen, batch, rng):
+    def loss_fn(params, frozen, batch: GameBatch, rng):
         del rng
         arrays, split = joined(_groups(batch, k, pairs=True, samples=True))
         q_samples, q_pos, q_neg = split(qnet.apply(params, *arrays)[0])
-        terms = _mm_terms(
-            cfg, batch["teacher_logits"], batch["student_logits"], q_samples, batch["sample_ids"]
-        )
+        logits = batch.frozen_outputs
+        terms = _mm_terms(cfg, logits.teacher, logits.student, q_samples, batch.sample_ids)
         chosen, rejected = _mm_pair_terms(cfg, batch, q_pos, q_neg)
         return pbkd_mm.mm_q_loss(
             terms,
-            batch["sample_mask"],
+            batch.sample_mask,
             chosen,
-            batch["pos_mask"],
+            batch.chosen_mask,
             rejected,
-            batch["neg_mask"],
+            batch.rejected_mask,
             frozen["lam"],
             cfg.c_reg,
         )
@@ -290,16 +320,17 @@ def mm_student_objective(
     k = cfg.num_samples
     teacher_fn = mm_teacher_fn(teacher, k, pairs=False)
 
-    def frozen_fn(frozen, batch):
+    def frozen_fn(frozen, batch: GameBatch) -> MMLogits:
         q_raw, _ = qnet.apply(frozen["qnet"], *_samples(batch, k))
-        return {**teacher_fn(frozen, batch), "q_values": q_raw}
+        return teacher_fn(frozen, batch).replace(q_values=q_raw)
 
-    def loss_fn(params, frozen, batch, rng):
+    def loss_fn(params, frozen, batch: GameBatch, rng):
         logits, teacher_logits = _student_logits(cfg, student, combine(params, frozen), batch, rng)
+        frozen_logits = batch.frozen_outputs
         terms = _mm_terms(
-            cfg, batch["teacher_logits"], logits, batch["q_values"], batch["sample_ids"]
+            cfg, frozen_logits.teacher, logits, frozen_logits.q_values, batch.sample_ids
         )
-        loss, metrics = pbkd_mm.mm_student_loss(terms, batch["sample_mask"], k)
+        loss, metrics = pbkd_mm.mm_student_loss(terms, batch.sample_mask, k)
         return _teacher_ce(cfg, teacher_logits, batch, loss, metrics)
 
     return loss_fn, frozen_fn
@@ -309,41 +340,48 @@ def mm_student_objective(
 
 
 def cheap_objective(student: LanguageModel, *, lam: float, beta: float, combine=full_params):
-    """`pbkd.cheap_loss` for a batch of prompt, `response_*` (teacher samples) and `pos_*`/`neg_*`.
+    """`pbkd.cheap_loss` for a `PairBatch` whose `response_*` are the teacher samples.
 
     frozen: `{"reference": initial student params}` (+ LoRA base). Returns `(loss_fn, frozen_fn)`;
-    frozen_fn adds the reference's `ref_pos`, `ref_neg` ([B] summed log-probs).
+    frozen_fn gives the reference's `ReferenceLogprobs` of y+ and y- ([B] summed log-probs).
     """
 
-    def logits_of(params, batch, names, rng=None):
-        arrays, split = joined([_part(batch, name) for name in names])
+    def logits_of(params, parts, rng=None):
+        arrays, split = joined(parts)
         return split(student.apply(params, *arrays, rng=rng)[0])
 
-    def seq_logp(logits, batch, name):
-        return losses.sequence_logprobs(
-            losses.token_logprobs(logits, batch[f"{name}_ids"]), batch[f"{name}_mask"], "sum"
+    def pair_logps(pos_logits, neg_logits, batch: PairBatch):
+        return (
+            _sum_logp(pos_logits, batch.chosen_ids, batch.chosen_mask),
+            _sum_logp(neg_logits, batch.rejected_ids, batch.rejected_mask),
         )
 
-    def frozen_fn(frozen, batch):
-        pos, neg = logits_of(frozen["reference"], batch, ("pos", "neg"))
-        return {"ref_pos": seq_logp(pos, batch, "pos"), "ref_neg": seq_logp(neg, batch, "neg")}
+    def frozen_fn(frozen, batch: PairBatch) -> ReferenceLogprobs:
+        pair = [batch.chosen_inputs(), batch.rejected_inputs()]
+        chosen, rejected = pair_logps(*logits_of(frozen["reference"], pair), batch)
+        return ReferenceLogprobs(chosen=chosen, rejected=rejected)
 
-    def loss_fn(params, frozen, batch, rng):
-        logits, pos_logits, neg_logits = logits_of(
-            combine(params, frozen), batch, ("response", "pos", "neg"), rng
-        )
-        ce, ce_metrics = losses.sft_loss(logits, batch["response_ids"], batch["response_mask"])
-        pos, neg = seq_logp(pos_logits, batch, "pos"), seq_logp(neg_logits, batch, "neg")
+    def loss_fn(params, frozen, batch: PairBatch, rng):
+        parts = [batch.response_inputs(), batch.chosen_inputs(), batch.rejected_inputs()]
+        logits, pos_logits, neg_logits = logits_of(combine(params, frozen), parts, rng)
+        ce, ce_metrics = losses.sft_loss(logits, batch.response_ids, batch.response_mask)
+        pos, neg = pair_logps(pos_logits, neg_logits, batch)
+        reference = batch.frozen_outputs
         return pbkd.cheap_loss(
             ce,
             ce_metrics,
             pos,
             neg,
-            batch["ref_pos"],
-            batch["ref_neg"],
+            reference.chosen,
+            reference.rejected,
             lam=lam,
             beta=beta,
             mask=real_pairs(batch),
         )
 
     return loss_fn, frozen_fn
+
+
+def _sum_logp(logits, ids, mask):
+    """[N] summed log-probs of `ids` under `logits` [N, R, V]."""
+    return losses.sequence_logprobs(losses.token_logprobs(logits, ids), mask, "sum")

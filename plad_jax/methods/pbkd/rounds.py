@@ -130,19 +130,9 @@ def encode(tokenizer, rows, max_prompt_tokens: int, max_response_tokens: int) ->
     return Encoding(teacher, chosen, rejected)
 
 
-def make_batch(encoding: Encoding, rows) -> dict[str, np.ndarray]:
-    """Host batch of the prompts, teacher samples and preference pair of `rows` (the keys of
-    `plad_jax.methods.pbkd.objectives`; the loop adds the student samples, or for `pbkd_cheap` names
-    the teacher samples `response_*`)."""
-    t = data.make_batch(encoding.teacher, rows)
-    c, r = data.make_batch(encoding.chosen, rows), data.make_batch(encoding.rejected, rows)
-    return {
-        "prompt_ids": t["prompt_ids"],
-        "prompt_mask": t["prompt_mask"],
-        "teacher_ids": t["response_ids"],
-        "teacher_mask": t["response_mask"],
-        "pos_ids": c["response_ids"],
-        "pos_mask": c["response_mask"],
-        "neg_ids": r["response_ids"],
-        "neg_mask": r["response_mask"],
-    }
+def make_batch(encoding: Encoding, rows) -> data.GameBatch:
+    """Host `GameBatch` of the prompts, teacher samples (`response_*`) and preference pair of `rows`
+    (the game adds the student samples; `pbkd_cheap` reads it as the `PairBatch` it is)."""
+    parts = {"response": encoding.teacher, "chosen": encoding.chosen, "rejected": encoding.rejected}
+    made = {name: data.make_batch(encoded, rows) for name, encoded in parts.items()}
+    return data.join_parts(made, data.GameBatch)
