@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from plad_jax import launch
 from plad_jax import sharding as shd
 from plad_jax.models import CheckpointError, from_pretrained, lora
+from plad_jax.models.io import gguf as gguf_io
 from plad_jax.models.io.gguf import GGUFFile
 from tests.helpers import (
     PROMPT_LENS,
@@ -287,6 +288,26 @@ def test_tokenizer_from_gguf_metadata(tmp_path, tokenizer):
     for text in TEXTS[:4]:
         assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert (tok.eos_token_id, tok.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def test_a_gguf_is_parsed_once_per_process_until_it_changes(tmp_path, tokenizer):
+    """Every stage and role opens the same file: the parsed file and tokenizer are reused, each
+    caller gets its own tokenizer, and a file rewritten in place is read again."""
+    from plad_jax.models import hf
+
+    path = write_gguf(
+        tiny_model("llama_tied", len(tokenizer)), tmp_path / "m.gguf", "F32", tokenizer
+    )
+    assert gguf_io.open_file(path) is gguf_io.open_file(str(tmp_path / "." / "m.gguf"))
+    first, second = hf.load_tokenizer(path), hf.load_tokenizer(path)
+    assert first is not second
+    first.pad_token = first.eos_token  # a caller's change stays its own
+    assert second.pad_token_id == tokenizer.pad_token_id
+    assert hf.load_tokenizer(path).pad_token_id == tokenizer.pad_token_id
+    before = gguf_io.open_file(path)
+    write_gguf(tiny_model("llama_tied", len(tokenizer), layers=3), path, "F32", tokenizer)
+    after = gguf_io.open_file(path)
+    assert after is not before and after.hf_config()["num_hidden_layers"] == 3
 
 
 # -- students cut from a checkpoint's blocks -------------------------------------------------------

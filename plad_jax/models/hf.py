@@ -8,7 +8,9 @@ no device or host ever holds a whole unsharded copy. Pickle checkpoints are refu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -189,7 +191,7 @@ class GGUFWeights:
 
     def __init__(self, path: str):
         try:
-            self.file = gguf_io.GGUFFile(path)
+            self.file = gguf_io.open_file(path)
         except gguf_io.GGUFError as e:
             raise CheckpointError(str(e)) from None
 
@@ -234,7 +236,18 @@ def load_tokenizer(source: str):
         return AutoTokenizer.from_pretrained(source)
     if not GGUFWeights(gguf_path).file.has_tokenizer:
         raise CheckpointError(f"{gguf_path}: {NO_TOKENIZER}")
-    folder, name = os.path.split(gguf_path)
+    # a copy: the caller may set attributes on its tokenizer; the cached one stays as read
+    return copy.deepcopy(_gguf_tokenizer(*gguf_io.file_key(gguf_path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: str, size: int, mtime_ns: int):
+    """A GGUF file's tokenizer, built once per process while the file is unchanged (transformers
+    rebuilds the vocabulary and merges from the metadata: tens of seconds for SmolLM2's)."""
+    from transformers import AutoTokenizer
+
+    del size, mtime_ns  # the cache key only
+    folder, name = os.path.split(path)
     return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
 
 

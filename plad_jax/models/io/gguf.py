@@ -14,6 +14,7 @@ therefore reads the GGUF row that permutation put it at.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -78,6 +79,28 @@ def _open_reader(path: str):
     except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, TypeError) as e:
         problem = "truncated or corrupt" if os.path.getsize(path) else "empty"
         raise GGUFError(f"{path}: {problem} GGUF file ({type(e).__name__}: {e})") from None
+
+
+def file_key(path: str) -> tuple:
+    """(real path, size, modification time): a file rewritten in place gets a new key."""
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
+
+
+def open_file(path: str) -> GGUFFile:
+    """The `GGUFFile` of `path`, parsed once per process while the file is unchanged.
+
+    Parsing the metadata is the slow part (SmolLM2's 49k-token vocabulary and merges: seconds),
+    and a pipeline run opens the same file for every stage and role (config, checks, weights,
+    tokenizer). The reader only memory-maps the file and is never written to, so sharing it is
+    safe."""
+    return _open_cached(*file_key(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    del size, mtime_ns  # the cache key only
+    return GGUFFile(path)
 
 
 def _qk_order(rows: int, heads: int) -> np.ndarray:
