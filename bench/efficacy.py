@@ -264,14 +264,14 @@ def run_stages(sets, run_dir, stages, preset="demo"):
 
 
 class SamplingMemo:
-    """Reuses `Context.sample_responses` (plad_jax.pipeline.context) results for identical calls
-    within this process.
+    """Reuses `Context.sample_responses` and `Context.loglikelihood` (plad_jax.pipeline.context)
+    results for identical calls within this process.
 
     Every fork evaluates the same teacher and initial student on the same prompts with the same
-    seed (greedy), and plad_real's fork resamples the shared pairs; those calls are pure functions
-    of (weights, prompts, settings, seed), so the bench answers repeats from memory instead of
-    decoding again. The key holds a digest of every weight, so a model that differs in one value
-    misses."""
+    seed (greedy, and the calibration samples with their likelihoods), and plad_real's fork
+    resamples the shared pairs; those calls are pure functions of (weights, inputs, settings,
+    seed), so the bench answers repeats from memory instead of decoding again. The key holds a
+    digest of every weight, so a model that differs in one value misses."""
 
     def __init__(self):
         self.cache, self.hits, self.misses = {}, 0, 0
@@ -279,16 +279,20 @@ class SamplingMemo:
     def __enter__(self):
         from plad_jax.pipeline.context import Context
 
-        memo, self._original = self, Context.sample_responses
+        memo = self
+        self._original = Context.sample_responses, Context.loglikelihood
         Context.sample_responses = lambda ctx, *args, **kwargs: memo._sample(ctx, *args, **kwargs)
+        Context.loglikelihood = lambda ctx, *args: memo._loglikelihood(ctx, *args)
         return self
 
     def __exit__(self, *exc):
         from plad_jax.pipeline.context import Context
 
-        Context.sample_responses = self._original
+        Context.sample_responses, Context.loglikelihood = self._original
 
-    def _sample(self, ctx, lm, role, prompts, **kwargs):
+    @staticmethod
+    def _model_key(ctx, lm, role) -> tuple:
+        """The weights (a digest of every leaf), model class, tokenizer and prompt limit."""
         import hashlib
 
         import jax
@@ -297,33 +301,47 @@ class SamplingMemo:
         digest = hashlib.sha256()
         for leaf in jax.tree.leaves(lm.params):
             digest.update(np.asarray(leaf).tobytes())
-        cfg = ctx.config.sample
         vocab = hashlib.sha256(
             json.dumps(sorted(ctx.tokenizer(role).get_vocab().items())).encode()
         ).hexdigest()
+        return digest.hexdigest(), type(lm).__name__, vocab, ctx.config.data.max_prompt_tokens
+
+    def _remember(self, key, compute):
+        if key in self.cache:
+            self.hits += 1
+            return self.cache[key]
+        self.misses += 1
+        self.cache[key] = out = compute()
+        return out
+
+    def _sample(self, ctx, lm, role, prompts, **kwargs):
+        cfg = ctx.config.sample
         settings = tuple(  # every argument but the progress label, lists as tuples
             (k, tuple(v) if isinstance(v, list | tuple) else v)
             for k, v in sorted(kwargs.items())
             if k != "desc"
         )
         key = (
-            digest.hexdigest(),
-            type(lm).__name__,
-            vocab,
+            "sample",
+            self._model_key(ctx, lm, role),
             tuple(prompts),
             settings,
             cfg.batch_size,
             cfg.top_k,
             cfg.top_p,
-            ctx.config.data.max_prompt_tokens,
         )
-        if key in self.cache:
-            self.hits += 1
-            return self.cache[key]
-        self.misses += 1
-        out = self._original(ctx, lm, role, prompts, **kwargs)
-        self.cache[key] = out
-        return out
+        return self._remember(key, lambda: self._original[0](ctx, lm, role, prompts, **kwargs))
+
+    def _loglikelihood(self, ctx, lm, role, prompts, texts):
+        key = (
+            "loglikelihood",
+            self._model_key(ctx, lm, role),
+            tuple(prompts),
+            tuple(texts),
+            ctx.config.data.max_response_tokens,
+            ctx.config.eval.batch_size,
+        )
+        return self._remember(key, lambda: self._original[1](ctx, lm, role, prompts, texts))
 
 
 def fork(base: str, run_dir: str, resample: bool):
@@ -767,7 +785,7 @@ def main(argv=None) -> int:
                     os.path.join(out, "efficacy.csv"), rows
                 )  # a partial run keeps what it measured
                 memo.cache.clear()  # the next seed's models differ
-    log(f"decoding calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
+    log(f"decoding and likelihood calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
     total, cpu = time.perf_counter() - start, time.process_time()
     device = (
         f"{jax.devices()[0].platform} x{jax.device_count()} "
@@ -824,7 +842,7 @@ def main_real(args, out, seeds, tasks, chosen, log) -> int:
     start, cpu0 = time.perf_counter(), time.process_time()
     with SamplingMemo() as memo:
         rows = real.run(out, quick=args.quick, seeds=seeds, tasks=tasks, methods=methods, log=log)
-    log(f"decoding calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
+    log(f"decoding and likelihood calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
     minutes = (time.perf_counter() - start) / 60
     report(
         out,

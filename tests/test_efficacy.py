@@ -164,8 +164,9 @@ def test_summary_gap_noise_and_reproduction_check(tmp_path):
 
 
 def test_sampling_memo_answers_repeats_and_only_repeats(monkeypatch):
-    """The bench's memo of `Context.sample_responses`: the same call (whatever its progress label)
-    is answered from memory; another seed, prompt, setting or weight is sampled again."""
+    """The bench's memo of `Context.sample_responses` and `Context.loglikelihood`: the same call
+    (whatever its progress label) is answered from memory; another seed, prompt, text, setting or
+    weight is computed again."""
     import types
 
     import numpy as np
@@ -176,6 +177,11 @@ def test_sampling_memo_answers_repeats_and_only_repeats(monkeypatch):
     calls = []
     monkeypatch.setattr(
         Context, "sample_responses", lambda ctx, lm, role, prompts, **kw: calls.append(kw) or kw
+    )
+    monkeypatch.setattr(
+        Context,
+        "loglikelihood",
+        lambda ctx, lm, role, prompts, texts: calls.append((prompts, texts)) or np.zeros(1),
     )
     tok = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1})
     ctx = types.SimpleNamespace(config=Config(), tokenizer=lambda role: tok)
@@ -191,7 +197,15 @@ def test_sampling_memo_answers_repeats_and_only_repeats(monkeypatch):
         sample(lm, prompts=("q",))
         sample(lm, num_samples=2)
         sample(other)
-    assert (memo.hits, memo.misses, len(calls)) == (1, 5, 5)
+        likelihood = lambda model, texts=("a",): Context.loglikelihood(
+            ctx, model, "student", ["p"], list(texts)
+        )
+        scores = likelihood(lm)
+        assert likelihood(lm) is scores
+        likelihood(lm, texts=("b",))
+        likelihood(other)
+    assert (memo.hits, memo.misses, len(calls)) == (2, 8, 8)
+    assert len([c for c in calls if isinstance(c, tuple)]) == 3  # the likelihood calls
 
 
 @pytest.mark.slow
