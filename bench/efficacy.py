@@ -306,6 +306,10 @@ class SamplingMemo:
         ).hexdigest()
         return digest.hexdigest(), type(lm).__name__, vocab, ctx.config.data.max_prompt_tokens
 
+    @property
+    def calls(self) -> int:
+        return self.hits + self.misses
+
     def _remember(self, key, compute):
         if key in self.cache:
             self.hits += 1
@@ -785,7 +789,7 @@ def main(argv=None) -> int:
                     os.path.join(out, "efficacy.csv"), rows
                 )  # a partial run keeps what it measured
                 memo.cache.clear()  # the next seed's models differ
-    log(f"decoding and likelihood calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
+    log(f"decoding and likelihood calls answered from memory: {memo.hits} of {memo.calls}")
     total, cpu = time.perf_counter() - start, time.process_time()
     device = (
         f"{jax.devices()[0].platform} x{jax.device_count()} "
@@ -842,7 +846,7 @@ def main_real(args, out, seeds, tasks, chosen, log) -> int:
     start, cpu0 = time.perf_counter(), time.process_time()
     with SamplingMemo() as memo:
         rows = real.run(out, quick=args.quick, seeds=seeds, tasks=tasks, methods=methods, log=log)
-    log(f"decoding and likelihood calls answered from memory: {memo.hits} of {memo.hits + memo.misses}")
+    log(f"decoding and likelihood calls answered from memory: {memo.hits} of {memo.calls}")
     minutes = (time.perf_counter() - start) / 60
     report(
         out,
