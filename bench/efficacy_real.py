@@ -222,8 +222,13 @@ class Ledger:
         return self.rows.get(self.key(**key, config=config))
 
     def add(self, key: dict, config: str, models: dict, setting: str, seconds: float):
-        row = {"key": key, "config": config, "setting": setting, "seconds": seconds}
-        row["models"] = models
+        row = {
+            "key": key,
+            "config": config,
+            "setting": setting,
+            "seconds": seconds,
+            "models": models,
+        }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

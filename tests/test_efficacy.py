@@ -252,15 +252,15 @@ def test_real_track_quick_selects_on_validation_and_resumes_from_its_ledger(tmp_
 def test_real_ledger_uses_only_rows_of_its_own_configuration(tmp_path):
     """A ledger row is reused only under the fingerprint (sizes, a method's settings) it was
     measured with; rows of another configuration stay in the file, unused."""
+    import dataclasses
+
     from bench import efficacy_real as real
 
     path = str(tmp_path / "ledger.jsonl")
     key = dict(task="extraction", seed=0, method="sft", point=0, split="validation")
     size = real.QUICK_REAL
     ours = real.fingerprint(size, real.grid_point("sft", 0))
-    other = real.fingerprint(
-        real.dataclasses.replace(size, d0=size.d0 + 1), real.grid_point("sft", 0)
-    )
+    other = real.fingerprint(dataclasses.replace(size, d0=size.d0 + 1), real.grid_point("sft", 0))
     assert ours != other and ours != real.fingerprint(size, real.grid_point("sft", 1))
     real.Ledger(path).add(key, other, {"m": 1}, "lr=1", 1.0)
     ledger = real.Ledger(path)
