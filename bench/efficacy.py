@@ -775,7 +775,13 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
 
     if args.track == "real":
-        return main_real(args, out, seeds, tasks, chosen, log)
+        from plad_jax.errors import UserError
+
+        try:
+            return main_real(args, out, seeds, tasks, chosen, log)
+        except UserError as e:  # one line; every ledger row already written stays
+            print(f"efficacy: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
     if not args.quick:  # quick runs inside the test process: leave its jax config alone
         enable_compile_cache(out)
     task_files = prepare_extraction(out, size) if "extraction" in tasks else {}

@@ -18,7 +18,12 @@ are never evaluated before a setting is chosen.
 
 Every evaluation is one ledger row (`ledger.jsonl`: task, seed, method, grid point, split and the
 metrics), appended and flushed as soon as it is measured; a killed run started again with the same
-`--out` skips every row the ledger holds, so the run spans sessions. The teacher's and the initial
+`--out` skips every row the ledger holds, so the run spans sessions. The shared SFT models are
+retrained when a new machine resumes (their folders are not committed), and XLA compiles for the
+host's CPU, so another CPU can train different ones from the same settings: `shared.json` records
+a digest of the models each task's rows were measured with and the host that trained them, and a
+resume whose models differ stops with a one-line error instead of mixing the two. The teacher's
+and the initial
 student's evaluations are answered from the sampling memo of `bench/efficacy.py` after their first
 fork (greedy decoding and calibration samples are pure functions of weights, prompts and seed).
 
@@ -31,13 +36,16 @@ resumes from its ledger and writes sane numbers, not which method wins.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import platform
 import shutil
 import time
 
 from bench import efficacy as eff
 from bench import extraction
+from plad_jax.errors import UserError
 
 PRESET = "docstrings_smollm2"
 SMOLLM2 = "fetch:smollm2-135m-instruct"
@@ -126,8 +134,6 @@ QUICK_REAL_METHODS = ("kd", "plad_rank_ce")
 def fingerprint(*parts) -> str:
     """A short digest of what a measurement depends on (sizes, grid, a method's settings): ledger
     rows and run folders of another configuration are never reused."""
-    import hashlib
-
     text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts])
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -189,11 +195,75 @@ def _link(src: str, dst: str):
         shutil.copy2(src, dst)
 
 
+class SharedModelsError(UserError):
+    """This host trained shared SFT models other than those the ledger's rows were measured with."""
+
+
+def host() -> str:
+    """The CPU this process runs on, as XLA compiles for it: model name, family and model
+    numbers, AVX-512 or not, cores."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                info.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    model = info.get("model name") or platform.processor() or platform.machine()
+    ident = f"family {info['cpu family']} model {info['model']}, " if "cpu family" in info else ""
+    isa = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+    return f"{model} ({ident}{isa}, {os.cpu_count()} cores)"
+
+
+def models_digest(run_dir: str, stages=("sft_teacher", "sft_student")) -> str:
+    """sha256 over every file of the stages' saved weights (`<stage>/params`), in path order."""
+    digest = hashlib.sha256()
+    for stage in stages:
+        params = os.path.join(run_dir, stage, "params")
+        for name in sorted(os.listdir(params)):
+            digest.update(f"{stage}/{name}".encode())
+            with open(os.path.join(params, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_shared_models(out: str, name: str, task: str, digest: str, ledger) -> None:
+    """Record in `out/shared.json` which shared SFT models (`digest`) task folder `name` is
+    measured with; if the ledger already holds rows of `task` measured with other models, raise
+    SharedModelsError (the file and the ledger are left as they are)."""
+    path = os.path.join(out, "shared.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        record = {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SharedModelsError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+    mine, seen = {"digest": digest, "host": host()}, record.get(name)
+    if seen is not None and seen.get("digest") == digest:
+        return
+    if seen is not None and any(k[0] == task for k in ledger.rows):
+        raise SharedModelsError(
+            f"{path}: the {task} rows of ledger.jsonl were measured with shared SFT models "
+            f"{seen.get('digest')} trained on {seen.get('host')}; this host ({mine['host']}) "
+            f"trained {digest} from the same settings (XLA compiles for the host's CPU), so "
+            f"these rows cannot be extended: resume on a host like the first, or delete the "
+            f"{task} rows from ledger.jsonl to measure the task again"
+        )
+    record[name] = mine
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 class Ledger:
     """`ledger.jsonl` under the output folder: one row per (task, seed, method, point, split),
     appended and fsync'ed as soon as it is measured; a restarted run skips what it holds. Each row
-    carries the `fingerprint` of the sizes and the method's settings it was measured with; a row
-    of another configuration stays in the file but is never used."""
+    carries the `fingerprint` of the sizes and the method's settings it was measured with (a row
+    of another configuration stays in the file but is never used) and the host that measured it."""
 
     def __init__(self, path: str):
         self.path, self.rows = path, {}
@@ -227,6 +297,7 @@ class Ledger:
             "config": config,
             "setting": setting,
             "seconds": seconds,
+            "host": host(),
             "models": models,
         }
         with open(self.path, "a", encoding="utf-8") as f:
@@ -252,7 +323,7 @@ class RealTrack:
         self.task, self.size, self.out, self.teacher = task, size, out, teacher
         self.data_path, self.ledger, self.log = data_path, ledger, log
         self.root = os.path.join(out, "runs", f"{task}-{fingerprint(size)}")
-        self.bases = {}
+        self.bases, self.checked = {}, False
 
     def sets(self, seed: int) -> list[str]:
         return base_overrides(self.task, self.size, seed, self.teacher, self.data_path)
@@ -270,6 +341,10 @@ class RealTrack:
         if seed in self.bases:
             return self.bases[seed]
         shared, run_dir = self.shared(), os.path.join(self.root, f"seed{seed}", "base")
+        if not self.checked:  # the rows about to be added must be measured with the ledger's models
+            name, digest = os.path.basename(self.root), models_digest(shared)
+            check_shared_models(self.out, name, self.task, digest, self.ledger)
+            self.checked = True
         for stage in ("sft_teacher", "sft_student", "tokenizer"):
             src, dst = os.path.join(shared, stage), os.path.join(run_dir, stage)
             if os.path.isdir(src) and not os.path.exists(dst):

@@ -209,7 +209,7 @@ def test_sampling_memo_answers_repeats_and_only_repeats(monkeypatch):
 
 
 @pytest.mark.slow
-def test_real_track_quick_selects_on_validation_and_resumes_from_its_ledger(tmp_path):
+def test_real_track_quick_selects_on_validation_and_resumes_from_its_ledger(tmp_path, capsys):
     """`--track real --quick` (a random GGUF teacher and a student cut from it): each method's
     learning rate is chosen on validation before any test evaluation of it, only the chosen point
     is tested, the table carries the chosen setting and calibration; a restart measures nothing
@@ -247,6 +247,57 @@ def test_real_track_quick_selects_on_validation_and_resumes_from_its_ledger(tmp_
         name: {**m, "seconds": again[0]["seconds"]} for name, m in rows[-1]["models"].items()
     }
     assert (out / "summary.csv").read_text() == before
+    assert all(r["host"] == efficacy_real.host() for r in rows)
+
+    # A resume whose shared SFT models differ from the rows' (another CPU trained them): one
+    # line, exit 2, the ledger untouched and the missing row not measured against other models.
+    record = json.loads((out / "shared.json").read_text())
+    (name,) = record
+    assert record[name]["host"] == efficacy_real.host()
+    record[name]["digest"] = "0" * 16
+    (out / "shared.json").write_text(json.dumps(record))
+    kept = "\n".join(ledger.read_text().splitlines()[:-1]) + "\n"
+    ledger.write_text(kept)
+    capsys.readouterr()
+    assert efficacy.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("efficacy: error: ") and "\n" not in err
+    assert "0000000000000000" in err and "ledger.jsonl" in err
+    assert ledger.read_text() == kept
+
+
+def test_shared_models_digest_and_check(tmp_path):
+    """`shared.json` records the shared SFT models a task's rows are measured with; the same
+    models pass, other models raise while the ledger holds rows of the task and are recorded
+    once it holds none; the digest changes with any byte of the weights."""
+    from bench import efficacy_real as real
+
+    run = tmp_path / "shared"
+    for stage in ("sft_teacher", "sft_student"):
+        (run / stage / "params").mkdir(parents=True)
+        (run / stage / "params" / "model.safetensors").write_bytes(b"weights " + stage.encode())
+    digest = real.models_digest(str(run))
+    (run / "sft_student" / "params" / "model.safetensors").write_bytes(b"weights sft_studenT")
+    other = real.models_digest(str(run))
+    assert digest != other and len(digest) == 16
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ledger = real.Ledger(str(out / "ledger.jsonl"))
+    real.check_shared_models(str(out), "extraction-x", "extraction", digest, ledger)
+    record = json.loads((out / "shared.json").read_text())
+    assert record == {"extraction-x": {"digest": digest, "host": real.host()}}
+    key = dict(task="extraction", seed=0, method="sft", point=0, split="test")
+    ledger.add(key, "cfg", {"m": 1}, "lr=1", 1.0)
+    real.check_shared_models(str(out), "extraction-x", "extraction", digest, ledger)  # same: ok
+    with pytest.raises(real.SharedModelsError, match=f"{digest}.*{other}"):
+        real.check_shared_models(str(out), "extraction-x", "extraction", other, ledger)
+    assert json.loads((out / "shared.json").read_text()) == record  # left as it was
+    real.check_shared_models(str(out), "demo-x", "demo", other, ledger)  # no demo rows: recorded
+    assert json.loads((out / "shared.json").read_text())["demo-x"]["digest"] == other
+    (out / "shared.json").write_text("{not json")
+    with pytest.raises(real.SharedModelsError, match="not valid JSON"):
+        real.check_shared_models(str(out), "demo-x", "demo", other, ledger)
 
 
 def test_real_ledger_uses_only_rows_of_its_own_configuration(tmp_path):
