@@ -23,9 +23,9 @@ retrained when a new machine resumes (their folders are not committed), and XLA 
 host's CPU, so another CPU can train different ones from the same settings: `shared.json` records
 a digest of the models each task's rows were measured with and the host that trained them, and a
 resume whose models differ stops with a one-line error instead of mixing the two. The teacher's
-and the initial
-student's evaluations are answered from the sampling memo of `bench/efficacy.py` after their first
-fork (greedy decoding and calibration samples are pure functions of weights, prompts and seed).
+and the initial student's evaluations are answered from the sampling memo of `bench/efficacy.py`
+after their first fork (greedy decoding and calibration samples are pure functions of weights,
+prompts and seed).
 
 `--quick` runs the same code on a random 4-block LLaMA teacher written as a GGUF with a byte-level
 BPE tokenizer trained on the task's text (the real file's format and path through `fetch`-style
