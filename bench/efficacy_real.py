@@ -248,7 +248,7 @@ def check_shared_models(out: str, name: str, task: str, digest: str, ledger) -> 
         raise SharedModelsError(
             f"{path}: the {task} rows of ledger.jsonl were measured with shared SFT models "
             f"{seen.get('digest')} trained on {seen.get('host')}; this host ({mine['host']}) "
-            f"trained {digest} from the same settings (XLA compiles for the host's CPU), so "
+            f"trained {digest} from the same settings (XLA's CPU code can differ by host), so "
             f"these rows cannot be extended: resume on a host like the first, or delete the "
             f"{task} rows from ledger.jsonl to measure the task again"
         )
